@@ -1,0 +1,29 @@
+# The two set-up commands of the README: `make test` and `make demo`.
+# Both create .venv when missing, install torch 2.13.0 first when torch is absent
+# (an unpinned torch would pull several GB of CUDA packages), then the package.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.gradroute-installed
+
+.PHONY: install test demo bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[all]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(VENV)/bin/gradroute demo
+
+bench: $(STAMP)
+	$(PY) benchmarks/routing_overhead.py
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

@@ -1,0 +1,59 @@
+"""Command line: ``gradroute run <experiment> [flags]``, ``gradroute demo``."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import experiments
+
+
+def _add_common(p: argparse.ArgumentParser, name: str) -> None:
+    p.add_argument("--out", type=Path, default=Path("runs") / name,
+                   help="output folder for metrics.json and figures (default: runs/%(default)s)")
+    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="gradroute", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run_p = sub.add_parser("run", help="run one experiment", add_help=False)
+    run_p.add_argument("experiment", nargs="?", help="one of: " + ", ".join(sorted(experiments.EXPERIMENTS)))
+    run_p.add_argument("-h", "--help", action="store_true")
+
+    demo_p = sub.add_parser("demo", help="a short routed-training demo that prints what it shows")
+    _add_common(demo_p, "demo")
+    demo_p.add_argument("--steps", type=int, default=300)
+    demo_p.add_argument("--seed", type=int, default=0)
+
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "demo":
+        args = demo_p.parse_args(argv[1:])
+        from .demo import run as run_demo
+
+        run_demo(args)
+        return 0
+
+    if args.command == "run":
+        if args.experiment is None:
+            run_p.print_help()
+            print("\nexperiments: " + ", ".join(sorted(experiments.EXPERIMENTS)))
+            return 0 if args.help else 2
+        try:
+            module = experiments.get(args.experiment)
+        except ValueError as e:
+            parser.error(str(e))
+        exp_p = argparse.ArgumentParser(prog=f"gradroute run {args.experiment}",
+                                        description=getattr(module, "DESCRIPTION", None))
+        _add_common(exp_p, args.experiment)
+        module.add_arguments(exp_p)
+        exp_args = exp_p.parse_args(rest + (["--help"] if args.help else []))
+        module.run(exp_args)
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

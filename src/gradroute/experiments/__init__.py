@@ -1,0 +1,32 @@
+"""Experiments runnable as ``gradroute run <name>``.
+
+Each experiment is one module exposing::
+
+    DESCRIPTION: str
+    def add_arguments(parser: argparse.ArgumentParser) -> None   # its own flags
+    def run(args: argparse.Namespace) -> dict                    # writes args.out/metrics.json
+
+The CLI adds ``--out`` (output folder) and ``--device`` (auto|cpu|cuda) to every experiment.
+Modules are imported lazily so ``gradroute --help`` stays fast.
+"""
+from __future__ import annotations
+
+import importlib
+
+EXPERIMENTS = {
+    # name -> module path
+    "mnist": "gradroute.experiments.mnist",
+    "gridworld": "gradroute.experiments.gridworld",
+}
+
+
+def get(name: str):
+    if name not in EXPERIMENTS:
+        import difflib
+
+        close = difflib.get_close_matches(name, EXPERIMENTS, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(
+            f"unknown experiment {name!r}; known: {', '.join(sorted(EXPERIMENTS)) or 'none'}.{hint}"
+        )
+    return importlib.import_module(EXPERIMENTS[name])
