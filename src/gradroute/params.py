@@ -1,0 +1,288 @@
+"""Parameter routing (the SGTM-style variant): route data to *parameters* instead of activations.
+
+A region ``theta_forget`` of parameters is designated (rows/columns of linear weights, MLP
+units, attention heads). Then, per data point (example or token):
+
+- **forget**: only ``theta_forget`` receives gradient; gradient still flows *through* every
+  other parameter to reach ``theta_forget`` in earlier layers, but those parameters are not
+  updated by this data point;
+- **zero** (confidently retain, optional): the forward pass runs with ``theta_forget`` set to 0,
+  so this data point neither uses nor updates it;
+- everything else (unlabelled / retain): updates all parameters, as in ordinary training.
+
+Mixed batches are handled without a Python loop over examples: each parameter-owning module
+splits its rows into the (at most three) groups. Linear layers (``nn.Linear``, HF ``Conv1D``)
+use one fused autograd function whose weight gradient is ``g_n^T x_n + M * g_f^T x_f +
+(1 - M) * g_z^T x_z`` (one matmul's worth of work); other modules (embeddings, norms) run once
+per group. The result equals "backward each group separately, mask, sum" (tested).
+
+    router = gr.ParamRouter(model, gr.unit_masks(model, new_units))
+    with router(forget=is_forget):          # bool (B,) or (B, T)
+        model(x, y)[1].backward()
+    router.ablate()                          # after training: theta_forget = 0
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Mapping
+
+import torch
+import torch.nn as nn
+from torch.func import functional_call
+
+from .adapters import Pattern, find_modules, is_linear, linear_masks, out_axis, unwrap
+from .core import route
+from .masks import region_mask
+from .surgery import Units, unit_masks
+
+Region = Mapping[str, torch.Tensor]  # parameter name -> bool mask broadcastable to the parameter
+
+
+def linear_region(model: nn.Module, pattern: Pattern, out_units=None, in_units=None) -> dict[str, torch.Tensor]:
+    """``theta_forget`` masks for the linear layers matching ``pattern``: the rows of ``out_units``
+    (with their biases) and/or the columns of ``in_units`` (slice, indices or bool mask)."""
+    if out_units is None and in_units is None:
+        raise ValueError("linear_region() needs out_units and/or in_units")
+    region = {}
+    for name, lin in find_modules(model, pattern, kind="linear layer"):
+        if not is_linear(lin):
+            raise TypeError(f"{name} is a {type(lin).__name__}, not a linear layer")
+        ax = out_axis(lin)
+        o = None if out_units is None else region_mask(out_units, lin.weight.shape[ax], lin.weight.device)
+        i = None if in_units is None else region_mask(in_units, lin.weight.shape[1 - ax], lin.weight.device)
+        w, b = linear_masks(lin, o, i)
+        region[f"{name}.weight"] = w
+        if b is not None:
+            region[f"{name}.bias"] = b
+    return region
+
+
+def _as_param_region(model: nn.Module, region) -> dict[str, torch.Tensor]:
+    if isinstance(region, Units):
+        region = unit_masks(model, region)
+    out: dict[str, torch.Tensor] = {}
+    for key, val in region.items():
+        if isinstance(val, tuple):  # {linear name: (weight_mask, bias_mask)} as from unit_masks()
+            w, b = val
+            out[f"{key}.weight"] = w
+            if b is not None:
+                out[f"{key}.bias"] = b
+        else:
+            out[key] = val
+    return out
+
+
+class _GroupedLinear(torch.autograd.Function):
+    """y = x W^T + b per row, with per-row-group weight-gradient masks (see module docstring).
+
+    W is the *logical* (out, in) weight (a transposed view for Conv1D); M, Mb are bool masks of
+    theta_forget (or None: empty region); f and z index the forget and zero rows.
+    """
+
+    @staticmethod
+    def forward(ctx, x, W, b, M, Mb, f, z, n):
+        y = torch.nn.functional.linear(x, W, b)
+        if z.numel():
+            Wm = W * M if M is not None else None
+            if Wm is not None:
+                corr = torch.nn.functional.linear(x[z], Wm, None if b is None or Mb is None else b * Mb)
+                y.index_add_(0, z, -corr)
+        ctx.save_for_backward(x, W, M, Mb, f, z, n)
+        ctx.has_bias = b is not None
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x, W, M, Mb, f, z, n = ctx.saved_tensors
+        gx = gW = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = g @ W
+            if z.numel() and M is not None:
+                gx.index_add_(0, z, -(g[z] @ (W * M)))
+        if ctx.needs_input_grad[1]:
+            gn, xn = (g, x) if n.numel() == g.shape[0] else (g[n], x[n])
+            gW = gn.t() @ xn
+            if f.numel() and M is not None:
+                gW += (g[f].t() @ x[f]) * M
+            if z.numel():
+                gz = g[z].t() @ x[z]
+                gW += gz if M is None else gz * ~M
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = (g if n.numel() == g.shape[0] else g[n]).sum(0)
+            if f.numel() and Mb is not None:
+                gb += g[f].sum(0) * Mb
+            if z.numel():
+                gz = g[z].sum(0)
+                gb += gz if Mb is None else gz * ~Mb
+        return gx, gW, gb, None, None, None, None, None
+
+
+class ParamRouter:
+    """Parameter routing for ``model`` with ``theta_forget`` given by ``region``.
+
+    ``region``: a :class:`~gradroute.surgery.Units` (MLP units / heads), ``{parameter name: bool
+    mask}`` (mask broadcastable to the parameter; see :func:`linear_region`), or ``{linear module
+    name: (weight_mask, bias_mask)}`` as returned by :func:`~gradroute.surgery.unit_masks`.
+
+    Every parameter of the model must live in a leaf module (a module without parameterised
+    children); linear layers get the fused path, others (embeddings, norms) run per group.
+    """
+
+    def __init__(self, model: nn.Module, region):
+        self.model = model
+        root = unwrap(model)
+        named = dict(root.named_parameters(remove_duplicate=False))
+        masks = _as_param_region(model, region)
+        if not masks:
+            raise ValueError("parameter routing needs a non-empty theta_forget region")
+        self.masks: dict[nn.Parameter, torch.Tensor] = {}
+        for pname, m in masks.items():
+            if pname not in named:
+                import difflib
+
+                close = difflib.get_close_matches(pname, list(named), n=4)
+                raise ValueError(f"region names unknown parameter {pname!r}"
+                                 + (f"; close names: {', '.join(close)}" if close else ""))
+            p = named[pname]
+            m = torch.as_tensor(m, dtype=torch.bool, device=p.device)
+            try:
+                m = m.expand_as(p)
+            except RuntimeError:
+                raise ValueError(f"mask for {pname} has shape {tuple(m.shape)}, which does not broadcast "
+                                 f"to the parameter's shape {tuple(p.shape)}") from None
+            self.masks[p] = self.masks[p] | m if p in self.masks else m
+        # the modules owning parameters directly, each wrapped while routing is active
+        self.owners: list[tuple[str, nn.Module]] = []
+        uncovered = []
+        for name, mod in root.named_modules():
+            own = list(mod.parameters(recurse=False))
+            if not own:
+                continue
+            if any(True for c in mod.children() for _ in c.parameters()):
+                uncovered += [f"{name}.{n}" for n, _ in mod.named_parameters(recurse=False)]
+                continue
+            self.owners.append((name, mod))
+        if uncovered:
+            raise TypeError("parameter routing needs every parameter inside a leaf module; these are owned "
+                            f"by modules with parameterised children: {', '.join(uncovered[:8])}")
+        self._state: dict | None = None
+
+    # ------------------------------------------------------------------ public API
+    def __call__(self, forget: torch.Tensor | None = None, zero: torch.Tensor | None = None):
+        """Context manager: inside it, forward passes route per data point.
+
+        ``forget``: bool per example ``(B,)`` or per token ``(B, T)``: these update only
+        ``theta_forget``. ``zero``: same shape: these run with ``theta_forget`` zeroed (and so
+        never update it). Unmarked data updates everything. Backward may run inside or after.
+        """
+        return self._activate(forget, zero)
+
+    @torch.no_grad()
+    def ablate(self) -> None:
+        """Set ``theta_forget`` to zero in place (after training)."""
+        for p, m in self.masks.items():
+            p.masked_fill_(m, 0)
+
+    def num_forget_params(self) -> int:
+        return int(sum(m.sum() for m in self.masks.values()))
+
+    # ------------------------------------------------------------------ machinery
+    @contextlib.contextmanager
+    def _activate(self, forget, zero):
+        ref = forget if forget is not None else zero
+        if ref is None:
+            raise ValueError("pass forget= and/or zero= (bool per example or per token)")
+        forget = torch.zeros_like(ref, dtype=torch.bool) if forget is None else torch.as_tensor(forget).bool()
+        zero = torch.zeros_like(ref, dtype=torch.bool) if zero is None else torch.as_tensor(zero).bool()
+        if forget.shape != zero.shape:
+            raise ValueError(f"forget mask {tuple(forget.shape)} and zero mask {tuple(zero.shape)} differ in shape")
+        if forget.ndim == 0:
+            raise ValueError("forget/zero masks need at least a batch dimension")
+        self._state = {"forget": forget, "zero": zero & ~forget}
+        patched = []
+        try:
+            for name, mod in self.owners:
+                mod.forward = self._make_forward(name, mod)
+                patched.append(mod)
+            yield self
+        finally:
+            for mod in patched:
+                del mod.forward
+            self._state = None
+
+    def _rows(self, name: str, x: torch.Tensor):
+        """Row groups (f, z, n) of ``x`` flattened over the mask's leading dims."""
+        lead = self._state["forget"].shape
+        if tuple(x.shape[: len(lead)]) != tuple(lead):
+            raise ValueError(f"parameter routing: {name} received input of shape {tuple(x.shape)}, whose leading "
+                             f"dims do not match the routing masks' shape {tuple(lead)}")
+        f = self._state["forget"].to(x.device).reshape(-1)
+        z = self._state["zero"].to(x.device).reshape(-1)
+        idx = torch.arange(f.numel(), device=x.device)
+        return idx[f], idx[z], idx[~(f | z)]
+
+    def _make_forward(self, name: str, mod: nn.Module):
+        original = type(mod).forward.__get__(mod)
+        lead_ndim = self._state["forget"].ndim
+        if is_linear(mod):
+            conv = out_axis(mod) == 1
+            wm = self.masks.get(mod.weight)
+            bm = self.masks.get(mod.bias) if mod.bias is not None else None
+
+            def forward(x, *args, **kwargs):
+                f, z, n = self._rows(name, x)
+                if not f.numel() and not z.numel():
+                    return original(x, *args, **kwargs)
+                mid = x.shape[lead_ndim:-1]
+                reps = math.prod(mid)
+                if reps != 1:  # expand per-example groups over positions
+                    base = lambda r: (r.view(-1, 1) * reps + torch.arange(reps, device=x.device)).flatten()
+                    f, z, n = base(f), base(z), base(n)
+                W = mod.weight.t() if conv else mod.weight
+                M = None if wm is None else (wm.t() if conv else wm)
+                y = _GroupedLinear.apply(x.reshape(-1, x.shape[-1]), W, mod.bias, M, bm, f, z, n)
+                return y.view(*x.shape[:-1], y.shape[-1])
+            return forward
+
+        pmasks = {pn: self.masks.get(p) for pn, p in mod.named_parameters(recurse=False)}
+        params = dict(mod.named_parameters(recurse=False))
+
+        busy = [False]  # functional_call re-enters forward: run the original then
+
+        def forward(x, *args, **kwargs):
+            if busy[0]:
+                return original(x, *args, **kwargs)
+            f, z, n = self._rows(name, x)
+            if not f.numel() and not z.numel():
+                return original(x, *args, **kwargs)
+            lead = x.shape[:lead_ndim]
+            xs = x.reshape(-1, *x.shape[lead_ndim:])
+            parts, order = [], []
+            for rows, kind in ((n, "n"), (f, "f"), (z, "z")):
+                if not rows.numel():
+                    continue
+                if kind == "n":
+                    out = original(xs[rows], *args, **kwargs)
+                else:
+                    eff = {}
+                    for pn, p in params.items():
+                        m = pmasks[pn]
+                        if kind == "f":
+                            eff[pn] = p.detach() if m is None else route(p, m.to(p.dtype))
+                        else:
+                            eff[pn] = p if m is None else p * (~m).to(p.dtype)
+                    busy[0] = True
+                    try:
+                        out = functional_call(mod, eff, (xs[rows], *args), kwargs)
+                    finally:
+                        busy[0] = False
+                parts.append(out)
+                order.append(rows)
+            y = torch.cat(parts)
+            perm = torch.cat(order)
+            inv = torch.empty_like(perm)
+            inv[perm] = torch.arange(perm.numel(), device=perm.device)
+            return y[inv].view(*lead, *y.shape[1:])
+        return forward
