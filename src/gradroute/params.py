@@ -213,15 +213,22 @@ class ParamRouter:
             self._state = None
 
     def _rows(self, name: str, x: torch.Tensor):
-        """Row groups (f, z, n) of ``x`` flattened over the mask's leading dims."""
-        lead = self._state["forget"].shape
-        if tuple(x.shape[: len(lead)]) != tuple(lead):
-            raise ValueError(f"parameter routing: {name} received input of shape {tuple(x.shape)}, whose leading "
-                             f"dims do not match the routing masks' shape {tuple(lead)}")
+        """``x`` and its row groups (f, z, n), flattened over the masks' leading dims.
+
+        An input shared by all data points along size-1 leading dims (position ids of shape
+        ``(1, T)``) is expanded, so each data point's use of the parameters is routed.
+        """
+        lead = tuple(self._state["forget"].shape)
+        have = tuple(x.shape[: len(lead)])
+        if have != lead:
+            if x.ndim < len(lead) or any(a not in (1, b) for a, b in zip(have, lead)):
+                raise ValueError(f"parameter routing: {name} received input of shape {tuple(x.shape)}, whose "
+                                 f"leading dims do not match the routing masks' shape {lead}")
+            x = x.expand(*lead, *x.shape[len(lead):])
         f = self._state["forget"].to(x.device).reshape(-1)
         z = self._state["zero"].to(x.device).reshape(-1)
         idx = torch.arange(f.numel(), device=x.device)
-        return idx[f], idx[z], idx[~(f | z)]
+        return x, idx[f], idx[z], idx[~(f | z)]
 
     def _make_forward(self, name: str, mod: nn.Module):
         original = type(mod).forward.__get__(mod)
@@ -232,7 +239,7 @@ class ParamRouter:
             bm = self.masks.get(mod.bias) if mod.bias is not None else None
 
             def forward(x, *args, **kwargs):
-                f, z, n = self._rows(name, x)
+                x, f, z, n = self._rows(name, x)
                 if not f.numel() and not z.numel():
                     return original(x, *args, **kwargs)
                 mid = x.shape[lead_ndim:-1]
@@ -254,7 +261,7 @@ class ParamRouter:
         def forward(x, *args, **kwargs):
             if busy[0]:
                 return original(x, *args, **kwargs)
-            f, z, n = self._rows(name, x)
+            x, f, z, n = self._rows(name, x)
             if not f.numel() and not z.numel():
                 return original(x, *args, **kwargs)
             lead = x.shape[:lead_ndim]

@@ -111,7 +111,7 @@ class GPT(nn.Module):
         B, T = idx.shape
         if T > self.config.n_ctx:
             raise ValueError(f"sequence length {T} exceeds the model's context {self.config.n_ctx}")
-        pos = torch.arange(T, device=idx.device)
+        pos = torch.arange(T, device=idx.device).unsqueeze(0)  # (1, T): shared by the batch
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
             x = block(x)
