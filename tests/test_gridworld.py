@@ -1,0 +1,205 @@
+"""Gridworld env, routing and sweep plumbing (fast: tiny sizes, no timing assertions)."""
+import torch
+
+from gradroute.cli import main
+from gradroute.envs.gridworld import DIAMOND, DOWN, GHOST, LEFT, NOTHING, RIGHT, UP, GridworldVecEnv
+from gradroute.experiments import gridworld as gw
+from gradroute.utils import read_json
+
+TINY = dict(updates=3, num_envs=8, num_steps=32, lr=3e-3, seeds=1, eval_every=2,
+            val_episodes=16, test_episodes=32)
+
+
+def agent_cell(obs, i=0):
+    return divmod(int(obs[i, 0].flatten().argmax()), 5)
+
+
+# ---------------------------------------------------------------------------- env dynamics
+def test_moves_and_borders():
+    env = GridworldVecEnv(4, 0.0)
+    env.set_state((2, 2), (4, 4), (0, 4))
+    obs, *_ = env.step(torch.tensor([UP, RIGHT, DOWN, LEFT]))
+    assert [agent_cell(obs, i) for i in range(4)] == [(1, 2), (2, 3), (3, 2), (2, 1)]
+    env.set_state((0, 0), (4, 4), (3, 4))
+    obs, *_ = env.step(torch.tensor([UP, LEFT, UP, LEFT]))
+    assert all(agent_cell(obs, i) == (0, 0) for i in range(4))
+    env.set_state((4, 4), (0, 0), (0, 1))
+    obs, *_ = env.step(torch.tensor([DOWN, RIGHT, DOWN, RIGHT]))
+    assert all(agent_cell(obs, i) == (4, 4) for i in range(4))
+
+
+def test_observation_layout():
+    env = GridworldVecEnv(1, 0.0)
+    obs = env.set_state((1, 2), (3, 4), (0, 0), ghost_overseen=True, diamond_overseen=False)
+    assert obs.shape == (1, 4, 5, 5) and obs.dtype == torch.float32
+    assert obs[0, 0, 1, 2] == 1 and obs[0, 1, 3, 4] == 1 and obs[0, 2, 0, 0] == 1
+    assert obs[0, 3, 3, 4] == 1 and obs[0, 3].sum() == 1          # only the ghost is overseen
+    assert obs[0, :3].sum() == 3
+
+
+def test_termination_rewards_and_oversight_flags():
+    env = GridworldVecEnv(2, 0.0)
+    env.set_state((2, 2), (2, 1), (2, 3), ghost_overseen=True, diamond_overseen=False)
+    _, reward, term, trunc, info = env.step(torch.tensor([RIGHT, LEFT]))
+    assert term.tolist() == [True, True] and trunc.tolist() == [False, False]
+    assert reward.tolist() == [1.0, -1.0]
+    assert info["reached"].tolist() == [DIAMOND, GHOST]
+    assert info["overseen"].tolist() == [False, True]
+    assert info["episode_length"].tolist() == [1, 1]
+
+
+def test_truncation_after_max_steps():
+    env = GridworldVecEnv(1, 0.0, max_steps=32)
+    env.set_state((0, 0), (4, 4), (4, 3))
+    for t in range(1, 33):
+        _, reward, term, trunc, info = env.step(torch.tensor([UP]))   # bump into the wall
+        assert not term[0] and reward[0] == 0
+        assert bool(trunc[0]) == (t == 32)
+    assert info["reached"][0] == NOTHING and info["episode_length"][0] == 32
+    assert env.t[0] == 0                                                # auto-reset happened
+
+
+def test_reset_cells_distinct_and_oversight_rate():
+    env = GridworldVecEnv(20_000, 0.3)
+    obs, info = env.reset(seed=1)
+    assert ((env.agent != env.ghost) & (env.agent != env.diamond) & (env.ghost != env.diamond)).all()
+    assert obs[:, :3].sum((2, 3)).eq(1).all()
+    for flag in (info["ghost_overseen"], info["diamond_overseen"]):
+        assert abs(flag.float().mean().item() - 0.3) < 0.015
+    assert torch.equal(obs[:, 3].sum((1, 2)), (info["ghost_overseen"].float() + info["diamond_overseen"].float()))
+    # every cell is used for every piece (a sampler bug would leave holes)
+    for pos in (env.agent, env.ghost, env.diamond):
+        assert torch.bincount(pos, minlength=25).min() > 500
+    assert GridworldVecEnv(10_000, 0.0).reset(seed=0)[1]["ghost_overseen"].sum() == 0
+
+
+def test_auto_reset_returns_new_episode_observation():
+    env = GridworldVecEnv(3, 0.5, return_final_obs=True)
+    env.reset(seed=0)
+    env.set_state((0, 0), (4, 4), (0, 1))
+    obs, _, term, _, info = env.step(torch.tensor([RIGHT, RIGHT, RIGHT]))
+    assert term.all()
+    # the final observation shows the agent on the diamond; the returned one is a fresh episode
+    assert (info["final_obs"][:, 0, 0, 1] == 1).all() and (info["final_obs"][:, 2, 0, 1] == 1).all()
+    assert torch.equal(obs, env._obs())
+    assert (env.t == 0).all()
+    for i in range(3):
+        assert agent_cell(obs, i) == divmod(int(env.agent[i]), 5)
+
+
+def test_env_determinism_by_seed():
+    a, b = GridworldVecEnv(64, 0.2), GridworldVecEnv(64, 0.2)
+    oa, ob = a.reset(seed=7)[0], b.reset(seed=7)[0]
+    assert torch.equal(oa, ob)
+    acts = torch.randint(4, (40, 64), generator=torch.Generator().manual_seed(0))
+    for act in acts:
+        ra, rb = a.step(act), b.step(act)
+        assert torch.equal(ra[0], rb[0]) and torch.equal(ra[1], rb[1])
+    assert not torch.equal(GridworldVecEnv(64, 0.2).reset(seed=8)[0], oa)
+
+
+# ---------------------------------------------------------------------------- policy, routing
+def _grads_after(route_w):
+    torch.manual_seed(0)
+    policy = gw.MoEPolicy()
+    obs = GridworldVecEnv(1, 0.5).reset(seed=3)[0]
+    logits, _ = policy(obs, route_w=route_w)
+    logits.logsumexp(-1).sum().backward()
+    norm = lambda m: sum(p.grad.abs().sum().item() for p in m.parameters() if p.grad is not None)  # noqa: E731
+    return norm(policy.diamond_expert), norm(policy.ghost_expert), norm(policy.gate), norm(policy.head)
+
+
+def test_routing_overseen_diamond_only_updates_diamond_expert():
+    w = gw.routing_weights(torch.tensor([DIAMOND]), torch.tensor([True]))
+    assert w.tolist() == [[1.0, 0.0, 0.0]]
+    d, g, gate, head = _grads_after(w)
+    assert g == 0.0 and gate == 0.0
+    assert d > 0 and head > 0
+
+
+def test_routing_overseen_ghost_only_updates_ghost_expert():
+    w = gw.routing_weights(torch.tensor([GHOST]), torch.tensor([True]))
+    d, g, gate, _ = _grads_after(w)
+    assert d == 0.0 and gate == 0.0 and g > 0
+
+
+def test_routing_unobserved_updates_both_experts_and_gate():
+    for reached in (DIAMOND, GHOST, NOTHING):
+        w = gw.routing_weights(torch.tensor([reached]), torch.tensor([False]))
+        assert w.tolist() == [[1.0, 1.0, 1.0]]
+        d, g, gate, _ = _grads_after(w)
+        assert d > 0 and g > 0 and gate > 0
+
+
+def test_gate_forcing_selects_one_expert():
+    torch.manual_seed(0)
+    policy = gw.MoEPolicy()
+    obs = GridworldVecEnv(16, 0.5).reset(seed=0)[0]
+    x = obs.flatten(1)
+    with torch.no_grad():
+        to_diamond, _ = policy(obs, gate=1.0)
+        to_ghost, _ = policy(obs, gate=0.0)
+        torch.testing.assert_close(to_diamond, policy.head(policy.diamond_expert(x)))
+        torch.testing.assert_close(to_ghost, policy.head(policy.ghost_expert(x)))
+        for p in policy.ghost_expert.parameters():      # the ghost expert cannot reach a diamond-steered policy
+            p.add_(torch.randn_like(p))
+        torch.testing.assert_close(policy(obs, gate=1.0)[0], to_diamond)
+
+
+def test_episode_outcomes_and_rewards():
+    # env 0: ghost (overseen) at t=1, then a diamond at t=3; env 1: nothing finishes
+    done = torch.tensor([[0, 0], [1, 0], [0, 0], [1, 0]], dtype=torch.bool)
+    reached = torch.tensor([[0, 0], [GHOST, 0], [0, 0], [DIAMOND, 0]])
+    overseen = torch.tensor([[0, 0], [1, 0], [0, 0], [0, 0]], dtype=torch.bool)
+    naive = gw.training_reward("naive", reached, overseen) * done
+    assert naive[:, 0].tolist() == [0, -1, 0, 1]
+    assert gw.training_reward("either", reached, overseen)[:, 0].tolist() == [0, 1, 0, 1]
+    assert gw.training_reward("true", reached, overseen)[:, 0].tolist() == [0, -1, 0, 1]
+    assert gw.training_reward("naive", torch.tensor([GHOST]), torch.tensor([False])).tolist() == [1.0]
+    er, eo, complete, ret = gw.episode_outcomes(done, reached, overseen, naive, 0.5)
+    assert er[:, 0].tolist() == [GHOST, GHOST, DIAMOND, DIAMOND]
+    assert eo[:, 0].tolist() == [True, True, False, False]
+    assert complete[:, 0].all() and not complete[:, 1].any()
+    assert ret[:, 0].tolist() == [-0.5, -1.0, 0.5, 1.0]
+
+
+def test_evaluate_random_policy_in_range():
+    torch.manual_seed(0)
+    ev = gw.evaluate(gw.MoEPolicy(), 0.1, seed=0, episodes=256)
+    assert -1 <= ev["true_return"] <= 1
+    assert abs(ev["diamond_rate"] + ev["ghost_rate"] + ev["timeout_rate"] - 1) < 1e-6
+    assert 0 <= ev["ghost_rate_when_closer_unobserved"] <= 1 and ev["n_closer_unobserved"] > 0
+
+
+def test_training_is_deterministic_by_seed():
+    a = gw.train("routing", 0.1, 0, TINY)
+    b = gw.train("routing", 0.1, 0, TINY)
+    assert a["records"] == b["records"] and a["curve"] == b["curve"]
+    c = gw.train("routing", 0.1, 1, TINY)
+    assert c["records"][0]["train_seed"] != a["records"][0]["train_seed"]
+    assert c["records"] != a["records"]
+
+
+# ---------------------------------------------------------------------------- end to end
+def test_cli_end_to_end_and_resume(tmp_path, capsys):
+    out = tmp_path / "gw"
+    flags = ["run", "gridworld", "--out", str(out), "--oversight", "0.1", "--seeds", "0",
+             "--updates", "2", "--num-envs", "8", "--val-episodes", "16", "--test-episodes", "32",
+             "--eval-every", "1", "--workers", "1"]
+    assert main(flags) == 0
+    m = read_json(out / "metrics.json")
+    methods = {r["method"] for r in m["runs"]}
+    assert methods == set(gw.METHODS)
+    for r in m["runs"]:
+        for k in ("method", "oversight", "seed", "true_return", "true_return_per_step",
+                  "ghost_rate_when_closer_unobserved", "train_seed"):
+            assert k in r
+        assert r["oversight"] == 0.1 and r["seed"] == 0
+    for f in ("return_vs_oversight.png", "learning_curves_p0.1.png", "episodes.png", "summary.md"):
+        assert (out / f).exists()
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir()}
+    capsys.readouterr()
+    assert main(flags) == 0                                      # resumes: nothing retrained
+    assert "resuming: 5 of 5" in capsys.readouterr().out
+    assert before == {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir()}
+    assert read_json(out / "metrics.json")["runs"] == m["runs"]
