@@ -1,4 +1,5 @@
 """Gridworld env, routing and sweep plumbing (fast: tiny sizes, no timing assertions)."""
+import pytest
 import torch
 
 from gradroute.cli import main
@@ -8,6 +9,15 @@ from gradroute.utils import read_json
 
 TINY = dict(updates=3, num_envs=8, num_steps=32, lr=3e-3, seeds=1, eval_every=2,
             val_episodes=16, test_episodes=32)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # tiny matmuls: a second OpenMP thread only spins, and badly so on a shared machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def agent_cell(obs, i=0):
