@@ -117,3 +117,18 @@ def test_weight_moved_to_input_device_and_int_weights():
     x = torch.randn(2, 3, requires_grad=True)
     gr.route(x, torch.tensor([[1], [0]])).sum().backward()  # integer tensor weight
     assert torch.equal(x.grad, torch.tensor([[1.0] * 3, [0.0] * 3]))
+
+
+def test_route_factored_equals_materialised_weight():
+    torch.manual_seed(0)
+    x, up = torch.randn(3, 4, 5), torch.randn(3, 4, 5)
+    for select in (torch.tensor([True, False, True]), torch.rand(3, 4)):
+        row = torch.tensor([1.0, 1.0, -0.75, -0.75, 0.0])
+        a = x.clone().requires_grad_(True)
+        (gr.route_factored(a, select, row, default=1.0) * up).sum().backward()
+        s = select.float().view(*select.shape, *([1] * (3 - select.ndim)))
+        assert torch.allclose(a.grad, (1.0 + s * (row - 1.0)) * up)
+    with pytest.raises(ValueError, match="units"):
+        gr.route_factored(x.requires_grad_(), torch.ones(3), torch.ones(4))
+    with pytest.raises(ValueError, match="leading shape"):
+        gr.route_factored(x, torch.ones(4), torch.ones(5))

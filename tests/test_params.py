@@ -49,7 +49,7 @@ def check_equal(model, ids, router, forget, zero):
         assert torch.allclose(ours[n], ref[n], atol=1e-5, rtol=1e-4), n
 
 
-@pytest.mark.parametrize("groups", ["mixed", "forget_only", "with_zero", "none"])
+@pytest.mark.parametrize("groups", ["mixed", "forget_only", "with_zero", "contiguous", "none"])
 def test_matches_separate_backward_reference_ours(tiny_gpt, groups):
     units = gr.expand_mlp(tiny_gpt, "transformer.h.*.mlp", 4)
     with torch.no_grad():
@@ -58,8 +58,8 @@ def test_matches_separate_backward_reference_ours(tiny_gpt, groups):
     router = gr.ParamRouter(tiny_gpt, units)
     ids = torch.randint(0, 64, (6, 8))
     forget = {"mixed": [1, 0, 1, 0, 0, 0], "forget_only": [1] * 6, "with_zero": [1, 0, 0, 1, 0, 0],
-              "none": [0] * 6}[groups]
-    zero = [0, 0, 1, 0, 1, 0] if groups == "with_zero" else [0] * 6
+              "contiguous": [1, 1, 0, 0, 0, 0], "none": [0] * 6}[groups]
+    zero = {"with_zero": [0, 0, 1, 0, 1, 0], "contiguous": [0, 0, 0, 0, 1, 1]}.get(groups, [0] * 6)
     check_equal(tiny_gpt, ids, router, torch.tensor(forget).bool(), torch.tensor(zero).bool())
 
 

@@ -6,7 +6,7 @@
         model(ids).loss.backward()
 """
 from .adapters import UnknownModuleError, find_modules
-from .core import route, route_reference
+from .core import route, route_factored, route_reference
 from .hooks import routing
 from .masks import example_weights, label_subset, region_mask, region_weights, token_mask
 from .params import ParamRouter, linear_region
@@ -16,7 +16,7 @@ from .surgery import (Units, ablate, contract, expand_attention, expand_mlp, rou
 __version__ = "0.1.0"
 
 __all__ = [
-    "route", "route_reference", "routing", "find_modules", "UnknownModuleError",
+    "route", "route_factored", "route_reference", "routing", "find_modules", "UnknownModuleError",
     "region_mask", "region_weights", "example_weights", "token_mask", "label_subset",
     "ParamRouter", "linear_region",
     "Units", "expand_mlp", "expand_attention", "select_units", "unit_masks", "ablate", "contract",

@@ -91,6 +91,44 @@ def route(x: torch.Tensor, weight: Weight) -> torch.Tensor:
     raise TypeError(f"routing weight must be a number or a tensor, got {type(weight).__name__}")
 
 
+class _RouteFactored(torch.autograd.Function):
+    """Gradient scaled by ``default + s * (r - default)``: ``s`` per data point, ``r`` per unit."""
+
+    @staticmethod
+    def forward(x, s, r, default: float):
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, s, r, default = inputs
+        ctx.save_for_backward(s, r)
+        ctx.default = default
+
+    @staticmethod
+    def backward(ctx, grad):
+        s, r = ctx.saved_tensors
+        w = ctx.default + s * (r - ctx.default)
+        return (grad * w).to(grad.dtype), None, None, None
+
+
+def route_factored(x: torch.Tensor, select: torch.Tensor, row: torch.Tensor, default: float = 1.0) -> torch.Tensor:
+    """``route(x, default + select ⊗ (row - default))`` without materialising the weight.
+
+    ``select`` (bool or float in [0, 1]) has the leading shape of a data point, e.g. ``(B,)`` or
+    ``(B, T)``; ``row`` has one weight per unit (``x.shape[-1]``). Only these two small tensors are
+    kept for backward, so routing a wide layer costs no activation-sized memory.
+    """
+    if row.ndim != 1 or row.shape[0] != x.shape[-1]:
+        raise ValueError(f"row of shape {tuple(row.shape)} does not match the {x.shape[-1]} units of {tuple(x.shape)}")
+    if select.ndim >= x.ndim or tuple(x.shape[: select.ndim]) != tuple(select.shape):
+        raise ValueError(f"select of shape {tuple(select.shape)} is not a leading shape of {tuple(x.shape)}")
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return x
+    s = select.detach().to(device=x.device, dtype=torch.float32)
+    s = s.view(*s.shape, *([1] * (x.ndim - s.ndim)))
+    return _RouteFactored.apply(x, s, row.detach().to(device=x.device, dtype=torch.float32), float(default))
+
+
 def route_reference(x: torch.Tensor, weight: Weight) -> torch.Tensor:
     """The paper's formula ``w * x + (1 - w) * stopgrad(x)``; slower, kept as a reference."""
     return weight * x + (1 - weight) * x.detach()

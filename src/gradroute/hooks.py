@@ -22,9 +22,11 @@ def _route_value(value, weight_spec: SpecValue, name: str):
     else:
         raise TypeError(f"cannot route {name}: it produced {type(value).__name__}; expected a tensor or "
                         "a tuple whose first element is the hidden-state tensor")
-    weight = weight_spec(hidden) if callable(weight_spec) else weight_spec
     try:
-        routed = route(hidden, weight)
+        if hasattr(weight_spec, "route"):  # a routing object (e.g. memory-light region routing)
+            routed = weight_spec.route(hidden)
+        else:
+            routed = route(hidden, weight_spec(hidden) if callable(weight_spec) else weight_spec)
     except ValueError as e:
         raise ValueError(f"routing {name}: {e}") from None
     if hidden is value:

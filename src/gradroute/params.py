@@ -73,6 +73,26 @@ def _as_param_region(model: nn.Module, region) -> dict[str, torch.Tensor]:
     return out
 
 
+def _take(t: torch.Tensor, rows) -> torch.Tensor:
+    """Rows of ``t``: ``rows`` is a slice (a view, no copy) or an index tensor."""
+    return t[rows] if isinstance(rows, slice) else t.index_select(0, rows)
+
+
+def _compact(idx: torch.Tensor, total: int):
+    """A slice when ``idx`` is one contiguous run (no gather needed), else ``idx`` itself."""
+    k = idx.numel()
+    if k == 0:
+        return slice(0, 0)
+    if k == total:
+        return slice(0, total)
+    first, last = int(idx[0]), int(idx[-1])
+    return slice(first, last + 1) if last - first + 1 == k else idx
+
+
+def _size(rows) -> int:
+    return rows.stop - rows.start if isinstance(rows, slice) else rows.numel()
+
+
 class _GroupedLinear(torch.autograd.Function):
     """y = x W^T + b per row, with per-row-group weight-gradient masks (see module docstring).
 
@@ -81,42 +101,48 @@ class _GroupedLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, W, b, M, Mb, f, z, n):
+    def forward(ctx, x, W, b, M, Mb, rows):
+        f, z, n = rows
         y = torch.nn.functional.linear(x, W, b)
-        if z.numel():
-            Wm = W * M if M is not None else None
-            if Wm is not None:
-                corr = torch.nn.functional.linear(x[z], Wm, None if b is None or Mb is None else b * Mb)
+        if _size(z) and M is not None:
+            corr = torch.nn.functional.linear(_take(x, z), W * M, None if b is None or Mb is None else b * Mb)
+            if isinstance(z, slice):
+                y[z] -= corr
+            else:
                 y.index_add_(0, z, -corr)
-        ctx.save_for_backward(x, W, M, Mb, f, z, n)
-        ctx.has_bias = b is not None
+        ctx.save_for_backward(x, W, M, Mb)
+        ctx.rows, ctx.has_bias = rows, b is not None
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        x, W, M, Mb, f, z, n = ctx.saved_tensors
+        x, W, M, Mb = ctx.saved_tensors
+        f, z, n = ctx.rows
         gx = gW = gb = None
         if ctx.needs_input_grad[0]:
             gx = g @ W
-            if z.numel() and M is not None:
-                gx.index_add_(0, z, -(g[z] @ (W * M)))
+            if _size(z) and M is not None:
+                corr = _take(g, z) @ (W * M)
+                if isinstance(z, slice):
+                    gx[z] -= corr
+                else:
+                    gx.index_add_(0, z, -corr)
         if ctx.needs_input_grad[1]:
-            gn, xn = (g, x) if n.numel() == g.shape[0] else (g[n], x[n])
-            gW = gn.t() @ xn
-            if f.numel() and M is not None:
-                gW += (g[f].t() @ x[f]) * M
-            if z.numel():
-                gz = g[z].t() @ x[z]
+            gW = _take(g, n).t() @ _take(x, n) if _size(n) else torch.zeros_like(W)
+            if _size(f) and M is not None:
+                gW += (_take(g, f).t() @ _take(x, f)) * M
+            if _size(z):
+                gz = _take(g, z).t() @ _take(x, z)
                 gW += gz if M is None else gz * ~M
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = (g if n.numel() == g.shape[0] else g[n]).sum(0)
-            if f.numel() and Mb is not None:
-                gb += g[f].sum(0) * Mb
-            if z.numel():
-                gz = g[z].sum(0)
+            gb = _take(g, n).sum(0)
+            if _size(f) and Mb is not None:
+                gb += _take(g, f).sum(0) * Mb
+            if _size(z):
+                gz = _take(g, z).sum(0)
                 gb += gz if Mb is None else gz * ~Mb
-        return gx, gW, gb, None, None, None, None, None
+        return gx, gW, gb, None, None, None
 
 
 class ParamRouter:
@@ -230,6 +256,19 @@ class ParamRouter:
         idx = torch.arange(f.numel(), device=x.device)
         return x, idx[f], idx[z], idx[~(f | z)]
 
+    def _linear_rows(self, f, z, n, reps: int, device):
+        """Row groups of a linear layer's flattened input (positions expanded), as slices when
+        contiguous; cached for the pass, since every layer sees the same layout."""
+        key = (reps, str(device))
+        cache = self._state.setdefault("rows", {})
+        if key not in cache:
+            total = (f.numel() + z.numel() + n.numel()) * reps
+            if reps != 1:  # per-example groups cover all positions of the example
+                expand = lambda r: (r.view(-1, 1) * reps + torch.arange(reps, device=device)).flatten()
+                f, z, n = expand(f), expand(z), expand(n)
+            cache[key] = tuple(_compact(r, total) for r in (f, z, n))
+        return cache[key]
+
     def _make_forward(self, name: str, mod: nn.Module):
         original = type(mod).forward.__get__(mod)
         lead_ndim = self._state["forget"].ndim
@@ -242,14 +281,10 @@ class ParamRouter:
                 x, f, z, n = self._rows(name, x)
                 if not f.numel() and not z.numel():
                     return original(x, *args, **kwargs)
-                mid = x.shape[lead_ndim:-1]
-                reps = math.prod(mid)
-                if reps != 1:  # expand per-example groups over positions
-                    base = lambda r: (r.view(-1, 1) * reps + torch.arange(reps, device=x.device)).flatten()
-                    f, z, n = base(f), base(z), base(n)
+                rows = self._linear_rows(f, z, n, math.prod(x.shape[lead_ndim:-1]), x.device)
                 W = mod.weight.t() if conv else mod.weight
                 M = None if wm is None else (wm.t() if conv else wm)
-                y = _GroupedLinear.apply(x.reshape(-1, x.shape[-1]), W, mod.bias, M, bm, f, z, n)
+                y = _GroupedLinear.apply(x.reshape(-1, x.shape[-1]), W, mod.bias, M, bm, rows)
                 return y.view(*x.shape[:-1], y.shape[-1])
             return forward
 
@@ -270,8 +305,9 @@ class ParamRouter:
             for rows, kind in ((n, "n"), (f, "f"), (z, "z")):
                 if not rows.numel():
                     continue
+                part = xs.index_select(0, rows)
                 if kind == "n":
-                    out = original(xs[rows], *args, **kwargs)
+                    out = original(part, *args, **kwargs)
                 else:
                     eff = {}
                     for pn, p in params.items():
@@ -282,7 +318,7 @@ class ParamRouter:
                             eff[pn] = p if m is None else p * (~m).to(p.dtype)
                     busy[0] = True
                     try:
-                        out = functional_call(mod, eff, (xs[rows], *args), kwargs)
+                        out = functional_call(mod, eff, (part, *args), kwargs)
                     finally:
                         busy[0] = False
                 parts.append(out)
@@ -291,5 +327,5 @@ class ParamRouter:
             perm = torch.cat(order)
             inv = torch.empty_like(perm)
             inv[perm] = torch.arange(perm.numel(), device=perm.device)
-            return y[inv].view(*lead, *y.shape[1:])
+            return y.index_select(0, inv).view(*lead, *y.shape[1:])
         return forward

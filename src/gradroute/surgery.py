@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from .adapters import (Pattern, attention_parts, find_modules, in_features, linear_masks, out_axis,
                        mlp_parts, resize_linear, unwrap)
+from .core import route_factored
 from .hooks import routing
 from .masks import region_mask, region_weights
 
@@ -231,9 +232,26 @@ def route_units(model: nn.Module, units: Units, select: torch.Tensor, inside: fl
         else:
             p = attention_parts(block, name)
             n, region, reader = p.n_heads * p.head_dim, _head_rows(_idx(idx), p.head_dim), p.o
-        w = region_weights(select, region, n, inside=inside, outside=outside, default=default)
-        spec[f"{name}.{reader}"] = _broadcast_over_middle(w)
+        if isinstance(outside, torch.Tensor):  # per-data-point strengths: materialise the weight
+            w = region_weights(select, region, n, inside=inside, outside=outside, default=default)
+            spec[f"{name}.{reader}"] = _broadcast_over_middle(w)
+        else:  # memory-light: keep only select and the per-unit row for backward
+            row = region_weights(torch.ones(()), region, n, inside=inside, outside=outside, default=default)
+            spec[f"{name}.{reader}"] = _Factored(select, row, default)
     return routing(model, spec, on="input")
+
+
+class _Factored:
+    """A routing-spec value applying :func:`~gradroute.core.route_factored` (see ``hooks``)."""
+
+    def __init__(self, select, row, default):
+        s = torch.as_tensor(select)
+        if s.dtype != torch.bool and s.numel() and (s.min() < 0 or s.max() > 1):
+            raise ValueError("select must be bool or a float in [0, 1]")
+        self.select, self.row, self.default = s, row, default
+
+    def route(self, hidden: torch.Tensor) -> torch.Tensor:
+        return route_factored(hidden, self.select, self.row, self.default)
 
 
 def _broadcast_over_middle(w: torch.Tensor):

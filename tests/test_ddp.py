@@ -1,0 +1,78 @@
+"""Routing inside DistributedDataParallel: 2 gloo processes give the single-process gradients."""
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import gradroute as gr
+from gradroute.models import GPT, GPTConfig
+
+
+def make_model():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, n_ctx=16, n_layer=2, n_head=2, d_model=16, d_mlp=32))
+    units = gr.expand_mlp(model, "transformer.h.*.mlp", 4)
+    return model, units
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 64, (4, 8), generator=g)
+    forget = torch.tensor([True, False, False, True])
+    return ids, forget
+
+
+def step(model, units, ids, forget, mode):
+    if mode == "activation":
+        with gr.route_units(model, units, forget, outside=-0.75):
+            loss = model(ids, ids)[1]
+            loss.backward()
+    else:
+        router = gr.ParamRouter(model, units)
+        with router(forget=forget):
+            loss = model(ids, ids)[1]
+            loss.backward()
+
+
+def worker(rank, port, path, mode):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    try:
+        model, units = make_model()
+        ddp = DDP(model)
+        ids, forget = batch()
+        sl = slice(2 * rank, 2 * rank + 2)
+        step(ddp, units, ids[sl], forget[sl], mode)
+        if rank == 0:
+            torch.save({n: p.grad for n, p in model.named_parameters()}, path)
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_both(tmp_path, mode):
+    path = tmp_path / f"{mode}.pt"
+    mp.spawn(worker, args=(free_port(), str(path), mode), nprocs=2, join=True)
+    ddp_grads = torch.load(path)
+    model, units = make_model()
+    ids, forget = batch()
+    step(model, units, ids, forget, mode)
+    for n, p in model.named_parameters():
+        assert torch.allclose(ddp_grads[n], p.grad, atol=1e-6), n
+
+
+def test_activation_routing_under_ddp(tmp_path):
+    run_both(tmp_path, "activation")
+
+
+def test_parameter_routing_under_ddp(tmp_path):
+    run_both(tmp_path, "param")
