@@ -164,7 +164,7 @@ def episode_outcomes(done, reached, overseen, reward, gamma):
 def evaluate(policy: MoEPolicy, oversight: float, seed: int, episodes: int,
              gate: float | None = None, gamma: float = GAMMA, greedy: bool = False) -> dict:
     """True return of the first episode of ``episodes`` fresh envs (sampled actions)."""
-    env = GridworldVecEnv(episodes, oversight)
+    env = GridworldVecEnv(episodes, oversight, return_final_obs=False)
     obs, info = env.reset(seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)
     start_agent, start_ghost, start_diamond = env.agent.clone(), env.ghost.clone(), env.diamond.clone()
@@ -219,7 +219,7 @@ def train(job: str, oversight: float, seed: int, cfg: dict, quiet: bool = True) 
     if job == "oracle":                     # the same oversight budget, spent on full labels
         updates = max(1, round(oversight * cfg["updates"]))
 
-    env = GridworldVecEnv(cfg["num_envs"], oversight, device=device)
+    env = GridworldVecEnv(cfg["num_envs"], oversight, device=device, return_final_obs=False)
     policy = MoEPolicy().to(device)
     opt = torch.optim.Adam(policy.parameters(), lr=cfg["lr"])
     obs, _ = env.reset(seed=train_seed)
