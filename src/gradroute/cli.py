@@ -1,4 +1,4 @@
-"""Command line: ``gradroute run <experiment> [flags]``, ``gradroute demo``."""
+"""Command line: ``gradroute run <experiment> [flags]``, ``gradroute reproduce``, ``gradroute demo``."""
 from __future__ import annotations
 
 import argparse
@@ -28,7 +28,14 @@ def main(argv: list[str] | None = None) -> int:
     demo_p.add_argument("--steps", type=int, default=300)
     demo_p.add_argument("--seed", type=int, default=0)
 
+    rep_p = sub.add_parser("reproduce", help="run every experiment and write report.md / report.html")
+    from . import reproduce
+
+    reproduce.add_arguments(rep_p)
+
     args, rest = parser.parse_known_args(argv)
+    if args.command == "reproduce":
+        return reproduce.main(rep_p.parse_args(argv[1:]))
     if args.command == "demo":
         args = demo_p.parse_args(argv[1:])
         from .demo import run as run_demo

@@ -1,0 +1,266 @@
+"""``gradroute reproduce``: run every experiment and write one report, side by side with the paper.
+
+Each experiment runs into ``OUT/<name>/`` with its own flags for the chosen profile, and
+``OUT/<name>/done.json`` marks it finished (with wall time, command and machine), so an
+interrupted run resumes where it stopped: finished experiments are not redone, and experiments
+that resume their own sub-runs (MNIST settings, gridworld and LM sweeps) keep their partial work.
+
+An experiment module takes part in the report by defining ``summarize(out_dir) -> dict`` with:
+
+    title, claim (text), paper (text), verdict ("reproduced" | "partly" | "not"), detail (text),
+    table ({"header": [...], "rows": [[...], ...]}), figures ([file names in out_dir])
+
+``OUT/report.md`` and ``OUT/report.html`` (self-contained: figures embedded) are rewritten from
+what is on disk after every run, so a partial report exists even after an interruption.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from . import experiments
+from .utils import read_json, write_json
+
+PROFILES = ("quick", "paper")
+
+# name -> extra flags per profile. `quick` keeps the whole reproduction within ~30 minutes on
+# 2 CPU cores: where an experiment's own quick profile is longer, a subset is named here.
+PLAN: dict[str, dict[str, list[str]]] = {
+    "mnist": {"quick": [], "paper": ["--setting", "all", "--seeds", "20"]},
+    "gridworld": {"quick": [], "paper": []},
+    "lm-unlearning": {"quick": [], "paper": []},
+    "steering": {"quick": [], "paper": []},
+    "token-routing": {"quick": [], "paper": []},
+}
+
+
+def available() -> list[str]:
+    """Experiments of the plan that exist in this installation, in plan order."""
+    return [n for n in PLAN if n in experiments.EXPERIMENTS and _importable(n)]
+
+
+def _importable(name: str) -> bool:
+    try:
+        experiments.get(name)
+        return True
+    except ImportError:
+        return False
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", default="quick", help="quick (CPU, ~30 min) or paper (paper settings; GPU, hours)")
+    p.add_argument("--out", type=Path, default=Path("runs/reproduce"), help="output folder (default: %(default)s)")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="run only these experiments")
+    p.add_argument("--redo", nargs="+", metavar="NAME", default=[], help="run these again even if finished")
+    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda")
+
+
+def _check_out(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise SystemExit(f"gradroute reproduce: cannot write to --out {out}: {e.strerror or e}")
+
+
+def machine() -> str:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, {gpu}, torch {torch.__version__}"
+
+
+def is_done(exp_dir: Path) -> bool:
+    """Finished: done.json and metrics.json both present and valid. A corrupt file raises
+    ValueError naming it (the caller reports it and leaves it untouched)."""
+    done, metrics = exp_dir / "done.json", exp_dir / "metrics.json"
+    if not done.exists():
+        return False
+    read_json(done)
+    if not metrics.exists():
+        return False
+    read_json(metrics)
+    return True
+
+
+def run_one(name: str, profile: str, out: Path, device: str) -> dict:
+    module = experiments.get(name)
+    argv = ["--profile", profile, *PLAN[name][profile]]
+    parser = argparse.ArgumentParser(prog=f"gradroute run {name}")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--device", default="auto")
+    module.add_arguments(parser)
+    exp_dir = out / name
+    args = parser.parse_args([*argv, "--out", str(exp_dir), "--device", device])
+    command = shlex.join(["gradroute", "run", name, *argv, "--out", str(exp_dir), "--device", device])
+    t0 = time.time()
+    module.run(args)
+    record = {"experiment": name, "profile": profile, "command": command,
+              "wall_s": round(time.time() - t0, 1), "machine": machine(),
+              "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    write_json(exp_dir / "done.json", record)
+    return record
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.profile not in PROFILES:
+        raise SystemExit(f"gradroute reproduce: unknown profile {args.profile!r}; choose from {', '.join(PROFILES)}")
+    names = available()
+    for n in (args.only or []) + args.redo:
+        if n not in names:
+            raise SystemExit(f"gradroute reproduce: unknown experiment {n!r}; available: {', '.join(names)}")
+    if args.only:
+        names = [n for n in names if n in args.only]
+    _check_out(args.out)
+    failures = {}
+    print(f"gradroute reproduce --profile {args.profile}: {', '.join(names)} -> {args.out}", flush=True)
+    for i, name in enumerate(names, 1):
+        exp_dir = args.out / name
+        try:
+            if name not in args.redo and is_done(exp_dir):
+                print(f"[{i}/{len(names)}] {name}: already finished, skipped", flush=True)
+                continue
+        except ValueError as e:
+            failures[name] = str(e)
+            print(f"[{i}/{len(names)}] {name}: {e}", file=sys.stderr, flush=True)
+            continue
+        print(f"[{i}/{len(names)}] {name}: running", flush=True)
+        try:
+            rec = run_one(name, args.profile, args.out, args.device)
+            print(f"[{i}/{len(names)}] {name}: done in {rec['wall_s']:.0f} s", flush=True)
+        except Exception as e:  # one experiment failing must not lose the others
+            failures[name] = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+        write_report(args.out, names, args.profile)
+    paths = write_report(args.out, names, args.profile)
+    print(f"report: {paths[0]} and {paths[1]}")
+    if failures:
+        for n, msg in failures.items():
+            print(f"FAILED {n}: {msg}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ----------------------------------------------------------------------------- report
+
+def collect(out: Path, names: list[str]) -> list[dict]:
+    sections = []
+    for name in names:
+        exp_dir = out / name
+        sec = {"name": name, "status": "not run", "figures": []}
+        try:
+            if is_done(exp_dir):
+                sec["status"] = "finished"
+                sec["done"] = read_json(exp_dir / "done.json")
+                module = experiments.get(name)
+                if hasattr(module, "summarize"):
+                    sec.update(module.summarize(exp_dir))
+                else:
+                    sec.update(title=name, verdict="not assessed",
+                               detail="this experiment has no summary yet; see metrics.json",
+                               figures=sorted(p.name for p in exp_dir.glob("*.png")))
+        except ValueError as e:
+            sec["status"], sec["detail"] = "corrupt result", str(e)
+        sections.append(sec)
+    return sections
+
+
+def _md_table(table: dict) -> str:
+    head, rows = table["header"], table["rows"]
+    fmt = lambda c: f"{c:.3f}" if isinstance(c, float) else str(c)
+    lines = ["| " + " | ".join(map(str, head)) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(fmt(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_report(out: Path, names: list[str], profile: str) -> tuple[Path, Path]:
+    sections = collect(out, names)
+    md = [f"# gradroute: reproduction report ({profile} profile)\n",
+          f"Machine: {machine()}. Generated {time.strftime('%Y-%m-%d %H:%M:%S')}.\n",
+          "| experiment | verdict | wall time |", "|---|---|---|"]
+    for s in sections:
+        wall = f"{s['done']['wall_s']:.0f} s" if "done" in s else "-"
+        md.append(f"| {s.get('title', s['name'])} | {s.get('verdict', s['status'])} | {wall} |")
+    for s in sections:
+        md.append(f"\n## {s.get('title', s['name'])}\n")
+        if s["status"] != "finished":
+            md.append(f"**{s['status']}**. {s.get('detail', '')}\n")
+            continue
+        for key, label in (("claim", "Claim"), ("paper", "Paper")):
+            if s.get(key):
+                md.append(f"**{label}:** {s[key]}\n")
+        md.append(f"**Verdict: {s.get('verdict')}.** {s.get('detail', '')}\n")
+        if s.get("table"):
+            md.append(_md_table(s["table"]) + "\n")
+        for f in s.get("figures", []):
+            md.append(f"![{f}]({s['name']}/{f})\n")
+        d = s["done"]
+        md.append(f"Command: `{d['command']}`; wall time {d['wall_s']:.0f} s; finished {d['finished']}.\n")
+    md_path = out / "report.md"
+    md_path.write_text("\n".join(md))
+    html_path = out / "report.html"
+    html_path.write_text(_html(sections, profile, out))
+    return md_path, html_path
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:.3em .6em;text-align:right}
+th{background:#eee}td:first-child{text-align:left}img{max-width:100%;border:1px solid #ddd;margin:.5em 0}
+.reproduced{color:#176317;font-weight:bold}.partly{color:#9a6700;font-weight:bold}.not{color:#b42318;font-weight:bold}
+code{background:#f4f4f4;padding:.1em .3em}"""
+
+# sets data-images="loaded/total" on <body> once the page has loaded (checked by the HTML test)
+_IMG_CHECK = """<script>window.addEventListener('load',()=>{const im=[...document.images];
+document.body.dataset.images=im.filter(i=>i.complete&&i.naturalWidth>0).length+'/'+im.length;});</script>"""
+
+
+def _html(sections: list[dict], profile: str, out: Path) -> str:
+    e = html.escape
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>gradroute reproduction ({e(profile)})</title>"
+             f"<style>{_CSS}</style>{_IMG_CHECK}</head><body>",
+             f"<h1>gradroute: reproduction report ({e(profile)} profile)</h1>",
+             f"<p>Machine: {e(machine())}. Generated {e(time.strftime('%Y-%m-%d %H:%M:%S'))}.</p>",
+             "<table><tr><th>experiment</th><th>verdict</th><th>wall time</th></tr>"]
+    for s in sections:
+        v = s.get("verdict", s["status"])
+        wall = f"{s['done']['wall_s']:.0f} s" if "done" in s else "-"
+        parts.append(f"<tr><td>{e(s.get('title', s['name']))}</td><td class='{e(v.split()[0])}'>{e(v)}</td>"
+                     f"<td>{wall}</td></tr>")
+    parts.append("</table>")
+    for s in sections:
+        parts.append(f"<h2>{e(s.get('title', s['name']))}</h2>")
+        if s["status"] != "finished":
+            parts.append(f"<p><b>{e(s['status'])}</b>. {e(s.get('detail', ''))}</p>")
+            continue
+        for key, label in (("claim", "Claim"), ("paper", "Paper")):
+            if s.get(key):
+                parts.append(f"<p><b>{label}:</b> {e(s[key])}</p>")
+        v = s.get("verdict", "")
+        parts.append(f"<p><b>Verdict: <span class='{e(v.split()[0] if v else '')}'>{e(v)}</span>.</b> "
+                     f"{e(s.get('detail', ''))}</p>")
+        if s.get("table"):
+            t = s["table"]
+            fmt = lambda c: f"{c:.3f}" if isinstance(c, float) else str(c)
+            parts.append("<table><tr>" + "".join(f"<th>{e(str(h))}</th>" for h in t["header"]) + "</tr>")
+            parts += ["<tr>" + "".join(f"<td>{e(fmt(c))}</td>" for c in r) + "</tr>" for r in t["rows"]]
+            parts.append("</table>")
+        for f in s.get("figures", []):
+            data = base64.b64encode((out / s["name"] / f).read_bytes()).decode()
+            parts.append(f"<figure><img alt='{e(f)}' src='data:image/png;base64,{data}'><figcaption>{e(f)}"
+                         "</figcaption></figure>")
+        d = s["done"]
+        parts.append(f"<p>Command: <code>{e(d['command'])}</code>; wall time {d['wall_s']:.0f} s; "
+                     f"finished {e(d['finished'])}; {e(d['machine'])}.</p>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
