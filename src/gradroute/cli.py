@@ -10,7 +10,7 @@ from . import experiments
 
 def _add_common(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--out", type=Path, default=Path("runs") / name,
-                   help="output folder for metrics.json and figures (default: runs/%(default)s)")
+                   help="output folder for metrics.json and figures (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda")
 
 
