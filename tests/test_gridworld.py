@@ -213,3 +213,20 @@ def test_cli_end_to_end_and_resume(tmp_path, capsys):
     assert "resuming: 5 of 5" in capsys.readouterr().out
     assert before == {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir()}
     assert read_json(out / "metrics.json")["runs"] == m["runs"]
+
+
+def test_report_section_from_metrics(tmp_path):
+    from gradroute.experiments import gridworld as gw
+    from gradroute.utils import write_json
+
+    summary = {m: {"0.05": {"mean": v, "lo": v, "hi": v, "n": 1}, "0.3": {"mean": v + 0.1, "lo": v, "hi": v, "n": 1}}
+               for m, v in (("routing", 0.5), ("naive", 0.1), ("filtering", 0.0))}
+    write_json(tmp_path / "metrics.json", {"summary": summary, "claims": gw.check_claims(summary),
+                                           "config": {"updates": 10, "num_envs": 4, "num_steps": 32}})
+    sec = gw.report(tmp_path)
+    assert sec["verdict"] == "reproduced"  # 0.5 beats both at 5%, and 0.5 >= 0.2 / 0.1 at 30%
+    assert sec["table"]["rows"][0][:2] == ["routing", 0.5]
+    summary["routing"]["0.05"]["mean"] = -1.0
+    write_json(tmp_path / "metrics.json", {"summary": summary, "claims": gw.check_claims(summary),
+                                           "config": {"updates": 10, "num_envs": 4, "num_steps": 32}})
+    assert gw.report(tmp_path)["verdict"] == "not"

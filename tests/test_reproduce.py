@@ -27,14 +27,14 @@ def fake_module(name, calls, fail_first=False):
         savefig(fig, args.out / "curve.png")
         write_json(args.out / "metrics.json", {"value": 0.5, "profile": args.profile})
 
-    def summarize(out):
+    def report(out):
         m = json.loads((out / "metrics.json").read_text())
         return {"title": f"Fake {name}", "claim": "value is one half", "paper": "0.5",
                 "verdict": "reproduced" if m["value"] == 0.5 else "not", "detail": f"measured {m['value']}",
                 "table": {"header": ["quantity", "ours", "paper"], "rows": [["value", m["value"], 0.5]]},
                 "figures": ["curve.png"]}
 
-    mod.add_arguments, mod.run, mod.summarize = add_arguments, run, summarize
+    mod.add_arguments, mod.run, mod.report = add_arguments, run, report
     return mod
 
 

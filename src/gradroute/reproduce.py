@@ -5,7 +5,7 @@ Each experiment runs into ``OUT/<name>/`` with its own flags for the chosen prof
 interrupted run resumes where it stopped: finished experiments are not redone, and experiments
 that resume their own sub-runs (MNIST settings, gridworld and LM sweeps) keep their partial work.
 
-An experiment module takes part in the report by defining ``summarize(out_dir) -> dict`` with:
+An experiment module takes part in the report by defining ``report(out_dir) -> dict`` with:
 
     title, claim (text), paper (text), verdict ("reproduced" | "partly" | "not"), detail (text),
     table ({"header": [...], "rows": [[...], ...]}), figures ([file names in out_dir])
@@ -164,8 +164,8 @@ def collect(out: Path, names: list[str]) -> list[dict]:
                 sec["status"] = "finished"
                 sec["done"] = read_json(exp_dir / "done.json")
                 module = experiments.get(name)
-                if hasattr(module, "summarize"):
-                    sec.update(module.summarize(exp_dir))
+                if hasattr(module, "report"):
+                    sec.update(module.report(exp_dir))
                 else:
                     sec.update(title=name, verdict="not assessed",
                                detail="this experiment has no summary yet; see metrics.json",

@@ -526,3 +526,34 @@ def draw_episodes(policy: MoEPolicy, path: Path, title: str = "") -> None:
         ax.set_title(f"{name}: {outcome}", fontsize=9)
     fig.suptitle(f"One greedy episode per policy ({title}); ghost closer, unobserved", fontsize=9)
     savefig(fig, path)
+
+
+def report(out: Path) -> dict:
+    """This experiment's section of ``gradroute reproduce``'s report (claim, table, verdict)."""
+    m = read_json(Path(out) / "metrics.json")
+    summary, claims = m["summary"], m["claims"]
+    ps = sorted({p for d in summary.values() for p in d}, key=float)
+    rows = [[meth, *[summary[meth][p]["mean"] if p in summary[meth] else "" for p in ps]]
+            for meth in METHODS if meth in summary]
+    rows.append(["third-party re-run (paper setup)", *[{"0.05": 0.49, "0.1": 0.54, "0.3": 0.60}.get(p, "") for p in ps]])
+    held = [k for k, c in claims.items() if c["holds_on_means"]]
+    # all checks hold: reproduced; at least half: partly; fewer: not
+    verdict = ("reproduced" if claims and len(held) == len(claims)
+               else "partly" if claims and 2 * len(held) >= len(claims) else "not")
+    cfg = m["config"]
+    steps = cfg["updates"] * cfg["num_envs"] * cfg["num_steps"]
+    return {
+        "title": "Scalable oversight in a gridworld (paper section 6)",
+        "claim": "The routed MoE policy steered to the diamond expert beats naive training and data "
+                 "filtering at oversight p <= 5%, and at 5% matches the baselines at ~30%.",
+        "paper": "Routing clearly nontrivial at 1% oversight; at 5% it matches baselines given 6x more "
+                 "oversight; a third-party re-run measured ~0.49 / 0.54 / 0.60 mean return at 5 / 10 / 30%.",
+        "verdict": verdict,
+        "detail": (f"{len(held)} of {len(claims)} claim checks hold on means ({', '.join(held) or 'none'}). "
+                   f"Trained for {steps:,} env steps per run ({cfg['updates']} updates), against the paper's "
+                   f"{20000 * 512 * 32:,}: the paper profile (`--profile paper`) was not run here. "
+                   "Table: mean true discounted return per episode over seeds."),
+        "table": {"header": ["method", *[f"p={p}" for p in ps]], "rows": rows},
+        "figures": [f for f in ("return_vs_oversight.png", "learning_curves_p0.1.png", "episodes.png")
+                    if (Path(out) / f).exists()],
+    }
