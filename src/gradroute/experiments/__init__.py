@@ -17,6 +17,7 @@ EXPERIMENTS = {
     # name -> module path
     "mnist": "gradroute.experiments.mnist",
     "gridworld": "gradroute.experiments.gridworld",
+    "lm-unlearning": "gradroute.experiments.lm_unlearning",
 }
 
 

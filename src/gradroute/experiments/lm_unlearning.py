@@ -1,0 +1,432 @@
+"""Language-model unlearning under partial labels (paper section 3, plus parameter routing).
+
+A small GPT is trained on children's stories; stories matching the forget rule (tree, forest,
+woodland...) are the forget set, of which only a fraction p is labelled. Six methods:
+base, data filtering, ERA (expand, route, ablate), parameter routing (SGTM-style), RMU and
+DEMix. Each is evaluated on held-out retain and forget stories, with the keyword tokens
+excluded (absorption), and under a retraining attack (fine-tuning on n forget stories; the
+minimum forget loss reached).
+
+    gradroute run lm-unlearning --out runs/lm                       # quick profile, whole sweep
+    gradroute run lm-unlearning --profile paper --out runs/lm_paper  # the paper's sizes
+    gradroute run lm-unlearning --methods base era --fractions 0.5 --seeds 0
+    torchrun --nproc_per_node=2 -m gradroute.cli run lm-unlearning --workers 1 ...   # DDP
+
+Shared data per seed: the same label subset (nested across p) and the same batch order for
+every method. Base training does not depend on p: it is trained once per seed and its record
+repeated for each p; so is filtering at p = 0 and RMU at p = 0 (no labelled data: both are the
+base model). Results go to ``--out``: runs/*.json per training run (resumable: finished runs
+are skipped, interrupted ones continue from their checkpoint), metrics.json, summary.md,
+samples.md and figures.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import gradroute as gr
+from gradroute.lm import methods as M
+from gradroute.lm.corpus import load_corpus, split_counts
+from gradroute.lm.data import Stories, encode_stories
+from gradroute.lm.evaluate import SAMPLE_PROMPT, evaluate, retraining_attack, sample
+from gradroute.lm.tokenizer import get_tokenizer
+from gradroute.lm.train import TrainConfig, init_distributed, rank_world
+from gradroute.utils import (markdown_table, mean_ci, plt, progress, read_json, resolve_device, savefig,
+                             set_seed, write_json)
+
+DESCRIPTION = ("LM unlearning under partial labels: base, data filtering, ERA, parameter routing, "
+               "RMU and DEMix on children's stories, with a retraining attack.")
+
+FRACTIONS = [0.0, 0.1, 0.25, 0.5, 1.0]
+PROFILES = {
+    # fits the whole sweep (6 methods x 5 fractions x 2 seeds) in < 20 min on 2 CPU cores
+    "quick": dict(
+        corpus=dict(n_train=3000, n_eval=128, n_attack=64, n_val=32),
+        tokenizer="bpe", vocab_size=1024,
+        model=dict(n_ctx=96, n_layer=2, n_head=4, d_model=64, d_mlp=256),
+        train=dict(steps=100, lr=3e-3, warmup=10, ckpt_every=50), batch_size=24,
+        method=dict(expand=32, l1=1e-4, coherence_steps=8, coherence_lr=3e-4, rmu_steps=30, rmu_lr=3e-3),
+        attack=dict(sizes=[1, 4, 16, 64], steps=16, repeats=1, lr=3e-4, eval_every=4, batch_size=8, n_eval=32),
+        seeds=2),
+    # the paper's sizes (TinyStories-28M shape, 5000 steps of 80 stories, GPT-2/Neo vocabulary)
+    "paper": dict(
+        corpus=dict(n_train=200_000, n_eval=1000, n_attack=256, n_val=256),
+        tokenizer="gpt2", vocab_size=50257,
+        model=dict(n_ctx=256, n_layer=8, n_head=16, d_model=512, d_mlp=2048),
+        train=dict(steps=5000, lr=5e-4, warmup=100, ckpt_every=500), batch_size=80,
+        method=dict(expand=64, l1=1e-4, coherence_steps=40, coherence_lr=5e-5, rmu_steps=500, rmu_lr=5e-4),
+        attack=dict(sizes=[1, 4, 16, 64], steps=40, repeats=5, lr=5e-5, eval_every=1, batch_size=None, n_eval=256),
+        seeds=5),
+}
+TRAIN_STREAM, EVAL_STREAM = 0, 1    # generated corpus: seeds of the training and held-out streams
+
+
+# ------------------------------------------------------------------------------------------
+# data (built once per process)
+# ------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=2)
+def _prepare(cfg_key: str):
+    import json
+
+    cfg = json.loads(cfg_key)
+    c = cfg["corpus"]
+    train_texts = load_corpus(cfg["source"], c["n_train"], seed=TRAIN_STREAM)
+    # held-out stories: a different generated stream, or the stories after the training ones
+    if cfg["source"] == "generated":
+        held = load_corpus("generated", 12 * c["n_eval"] + 10 * (c["n_attack"] + c["n_val"]), seed=EVAL_STREAM)
+    else:
+        held = load_corpus(cfg["source"], 10 * (c["n_eval"] + c["n_attack"] + c["n_val"]), start=c["n_train"])
+    tok = get_tokenizer(cfg["tokenizer"], texts=train_texts, vocab_size=cfg["vocab_size"])
+    n_ctx = cfg["model"]["n_ctx"]
+    train = encode_stories(tok, train_texts, n_ctx)
+    seen = set(train_texts)
+    held = [t for t in dict.fromkeys(held) if t not in seen]          # disjoint from training
+    h = encode_stories(tok, held, n_ctx)
+    f_idx, r_idx = h.forget.nonzero().flatten(), (~h.forget).nonzero().flatten()
+    need_f, need_r = c["n_eval"] + c["n_attack"], c["n_eval"] + c["n_val"]
+    if len(f_idx) < need_f or len(r_idx) < need_r:
+        raise ValueError(f"held-out corpus too small: {len(f_idx)} forget / {len(r_idx)} retain stories, "
+                         f"need {need_f} / {need_r}")
+    sets = {"retain": h.subset(r_idx[:c["n_eval"]]), "retain_val": h.subset(r_idx[c["n_eval"]:need_r]),
+            "forget": h.subset(f_idx[:c["n_eval"]]), "attack_pool": h.subset(f_idx[c["n_eval"]:need_f])}
+    return tok, train, sets, split_counts(train_texts)
+
+
+def _cfg_key(cfg: dict) -> str:
+    import json
+
+    return json.dumps({k: cfg[k] for k in ("source", "corpus", "tokenizer", "vocab_size", "model")}, sort_keys=True)
+
+
+# ------------------------------------------------------------------------------------------
+# one training run
+# ------------------------------------------------------------------------------------------
+def _run_path(out: Path, method: str, p, seed: int) -> Path:
+    return out / "runs" / (f"{method}_s{seed}.json" if p is None else f"{method}_p{p:g}_s{seed}.json")
+
+
+def run_one(method: str, p: float | None, seed: int, cfg: dict, out: Path, device: str = "cpu") -> dict:
+    """Train ``method`` at labelled fraction ``p`` (None for base) with ``seed``; evaluate,
+    attack, sample; write ``out/runs/<run>.json`` (rank 0) and return it."""
+    t0 = time.time()
+    tok, train_data, sets, _ = _prepare(_cfg_key(cfg))
+    set_seed(seed)
+    labelled = gr.label_subset(train_data.forget, p or 0.0, torch.Generator().manual_seed(seed))
+    data = train_data.with_labels(labelled)
+    mspec = dict(cfg["model"], vocab_size=tok.vocab_size, arch=cfg.get("arch", "gpt"))
+    name = _run_path(out, method, p, seed).stem
+    setup = M.Setup(model=mspec, train=TrainConfig(**cfg["train"]), data=data, batch_size=cfg["batch_size"],
+                    seed=seed, method=M.MethodConfig(**cfg["method"]), retain_val=sets["retain_val"],
+                    out_dir=out / "ckpt" / name, resume=True, device=device)
+    if method == "rmu":
+        base = M.make_model(mspec, seed)
+        base.load_state_dict(torch.load(out / "models" / f"base_s{seed}.pt", weights_only=True))
+        model, info = M.train_rmu(setup, base)
+    else:
+        model, info = M.TRAINERS[method](setup)
+    model.to(device)
+    rank, _ = rank_world()
+    result = {"method": method, "labelled_fraction": p, "seed": seed, "config": cfg,
+              "labelled_stories": int(labelled.sum()), "forget_stories": int(train_data.forget.sum())}
+    ev = evaluate(model, sets["retain"], sets["forget"])
+    samples = {"final": sample(model, tok, SAMPLE_PROMPT, seed=seed)}
+    if "before_ablation" in info:
+        pre = info["before_ablation"].to(device)
+        ev.update({f"{k}_before_ablation": v for k, v in evaluate(pre, sets["retain"], sets["forget"]).items()})
+        samples["before_ablation"] = sample(pre, tok, SAMPLE_PROMPT, seed=seed)
+    a = cfg["attack"]
+    attack = retraining_attack(model, sets["attack_pool"], sets["forget"].subset(slice(0, a["n_eval"])),
+                               sizes=a["sizes"], steps=a["steps"], repeats=a["repeats"], lr=a["lr"],
+                               eval_every=a["eval_every"], batch_size=a["batch_size"], seed=seed, device=device)
+    result.update(ev)
+    result["forget_loss_after_attack"] = attack["min"]
+    for n, v in attack["min_by_n"].items():
+        result[f"forget_loss_after_attack_n{n}"] = v
+    result["attack_curves"] = attack["curves"]
+    result["samples"] = samples
+    tl = info.get("train", {})
+    result["train_loss_final"] = tl["history"][-1]["loss"] if tl.get("history") else None
+    result["train_wall_s"] = tl.get("wall_s")
+    result["wall_s"] = time.time() - t0
+    for k in ("forget_params", "stories_dropped", "layer", "skipped"):
+        if k in info:
+            result[k] = info[k]
+    if rank == 0:
+        if method == "base":
+            (out / "models").mkdir(parents=True, exist_ok=True)
+            torch.save(model.state_dict(), out / "models" / f"base_s{seed}.pt")
+        write_json(_run_path(out, method, p, seed), result)
+    return result
+
+
+def _worker(method, p, seed, cfg, out, device):
+    torch.set_num_threads(1)
+    os.environ["GRADROUTE_QUIET"] = "1"
+    return run_one(method, p, seed, cfg, Path(out), device)
+
+
+# ------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="quick",
+                        help="quick (default: whole sweep in < 20 min on 2 cores) or paper (paper sizes)")
+    parser.add_argument("--methods", nargs="+", choices=M.METHODS, default=list(M.METHODS))
+    parser.add_argument("--fractions", nargs="+", type=float, default=FRACTIONS,
+                        help="labelled fractions p of the forget stories (default: %(default)s)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: range(profile seeds)")
+    parser.add_argument("--corpus", default="generated",
+                        help="generated (default, offline), tinystories (HF hub, needs `datasets`) or a "
+                             "path to a .txt/.jsonl file of stories")
+    parser.add_argument("--tokenizer", choices=["bpe", "gpt2"], default=None, help="override the profile")
+    parser.add_argument("--arch", choices=["gpt", "hf-gpt2"], default="gpt",
+                        help="our GPT (default) or a Hugging Face GPT-2 of the same shape")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (override the profile)")
+    parser.add_argument("--attack-steps", type=int, default=None, help="override the profile")
+    parser.add_argument("--attack-repeats", type=int, default=None, help="override the profile")
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                        help="parallel training processes on CPU (1 = in this process; forced under torchrun)")
+
+
+def build_config(args: argparse.Namespace) -> dict:
+    cfg = copy.deepcopy(PROFILES[args.profile])
+    cfg["profile"], cfg["source"], cfg["arch"] = args.profile, args.corpus, args.arch
+    if args.tokenizer:
+        cfg["tokenizer"] = args.tokenizer
+    if args.steps is not None:
+        if args.steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {args.steps}")
+        cfg["train"]["steps"] = args.steps
+        cfg["train"]["warmup"] = min(cfg["train"]["warmup"], args.steps // 10)
+    for flag, key in (("attack_steps", "steps"), ("attack_repeats", "repeats")):
+        v = getattr(args, flag)
+        if v is not None:
+            if v < 1:
+                raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
+            cfg["attack"][key] = v
+    bad = [p for p in args.fractions if not 0.0 <= p <= 1.0]
+    if bad:
+        raise ValueError(f"--fractions must be in [0, 1], got {bad}")
+    return cfg
+
+
+def jobs_for(methods, fractions, seeds) -> list[tuple[str, float | None, int]]:
+    """Training runs needed: base once per seed (also for filtering/RMU at p = 0), the rest per p."""
+    jobs = []
+    need_base = any(m == "base" or m == "rmu" or (m == "filtering" and 0.0 in fractions) for m in methods)
+    for s in seeds:
+        if need_base:
+            jobs.append(("base", None, s))
+        for p in fractions:
+            for m in methods:
+                if m == "base" or (m in ("filtering", "rmu") and p == 0.0):
+                    continue
+                jobs.append((m, p, s))
+    return jobs
+
+
+def run(args: argparse.Namespace) -> dict:
+    t0 = time.time()
+    cfg = build_config(args)
+    rank, world = init_distributed()
+    device = str(resolve_device(args.device))
+    out = Path(args.out)
+    seeds = args.seeds if args.seeds is not None else list(range(cfg["seeds"]))
+    fractions = sorted(set(args.fractions))
+    jobs = jobs_for(args.methods, fractions, seeds)
+    _, train_data, _, counts = _prepare(_cfg_key(cfg))     # build tokenizer + data once, before workers
+    if rank == 0:
+        print(f"corpus: {counts['stories']} training stories, {counts['forget']} match the forget rule "
+              f"({100 * counts['forget_fraction']:.1f}%)")
+    results, todo = {}, []
+    for key in jobs:
+        path = _run_path(out, *key)
+        if path.exists():
+            prev = read_json(path)
+            if prev.get("config") == cfg:
+                results[key] = prev
+                continue
+            print(f"recomputing {path.name}: it was made with different settings")
+        todo.append(key)
+    if results and rank == 0:
+        print(f"resuming: {len(results)} of {len(jobs)} runs already in {out / 'runs'}")
+    workers = 1 if world > 1 or device != "cpu" else max(1, args.workers)
+    # base runs first: RMU starts from them
+    phases = [[k for k in todo if k[0] == "base"], [k for k in todo if k[0] != "base"]]
+    bar = progress(total=len(todo), desc="lm-unlearning runs", **({} if rank == 0 else {"disable": True}))
+    for phase in phases:
+        if workers == 1 or not phase:
+            for key in phase:
+                results[key] = run_one(*key, cfg, out, device)
+                bar.update(1)
+            continue
+        with ProcessPoolExecutor(min(workers, len(phase)), mp_context=get_context("spawn")) as ex:
+            futs = {ex.submit(_worker, *key, cfg, str(out), device): key for key in phase}
+            for f in as_completed(futs):
+                results[futs[f]] = f.result()
+                bar.update(1)
+    bar.close()
+    if rank != 0:
+        return {}
+    runs = records(results, args.methods, fractions, seeds)
+    summary = summarize(runs)
+    metrics = {"experiment": "lm-unlearning", "profile": args.profile, "config": cfg, "seeds": seeds,
+               "fractions": fractions, "methods": list(args.methods), "corpus": counts,
+               "runs": runs, "summary": summary, "claims": check_claims(summary),
+               "wall_time_s": time.time() - t0, "world_size": world,
+               "train_wall_s_total": sum(r.get("wall_s", 0) for r in results.values())}
+    write_json(out / "metrics.json", metrics)
+    (out / "summary.md").write_text(summary_tables(summary))
+    (out / "samples.md").write_text(samples_md(results))
+    make_figures(out, summary, results)
+    print(summary_tables(summary))
+    print(f"wrote {out / 'metrics.json'} ({metrics['wall_time_s']:.0f} s)")
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------
+# reporting
+# ------------------------------------------------------------------------------------------
+RECORD_KEYS = ("retain_loss", "forget_loss", "forget_loss_no_keywords", "forget_loss_after_attack")
+
+
+def records(results: dict, methods, fractions, seeds) -> list[dict]:
+    """Flat records, one per (method, p, seed); base (and filtering / RMU at p = 0) repeat the
+    base run's numbers."""
+    out = []
+    for s in seeds:
+        for p in fractions:
+            for m in methods:
+                key = ("base", None, s) if m == "base" or (m in ("filtering", "rmu") and p == 0.0) else (m, p, s)
+                r = results[key]
+                rec = {"method": m, "labelled_fraction": p, "seed": s}
+                rec.update({k: v for k, v in r.items() if isinstance(v, (int, float)) and k not in ("seed",)
+                            and k != "labelled_fraction"})
+                rec["from_run"] = _run_path(Path("."), *key).stem
+                out.append(rec)
+    return out
+
+
+def summarize(runs: list[dict]) -> dict:
+    out: dict = {}
+    for r in runs:
+        d = out.setdefault(r["method"], {}).setdefault(f"{r['labelled_fraction']:g}", {})
+        for k in RECORD_KEYS:
+            d.setdefault(k, []).append(r[k])
+    return {m: {p: {k: mean_ci(v) for k, v in d.items()} for p, d in sorted(ps.items(), key=lambda kv: float(kv[0]))}
+            for m, ps in out.items()}
+
+
+def check_claims(summary: dict) -> dict:
+    """The issue's claims, checked on seed means."""
+    claims = {}
+    get = lambda m, p, k: summary.get(m, {}).get(p, {}).get(k, {}).get("mean")
+    ps = sorted({p for d in summary.values() for p in d}, key=float)
+    for m in ("era", "param_routing"):
+        for p in [p for p in ps if 0 < float(p) <= 0.5]:
+            a, f = get(m, p, "forget_loss_after_attack"), get("filtering", p, "forget_loss_after_attack")
+            if a is not None and f is not None:
+                claims[f"{m} > filtering on robust unlearning at p={p}"] = {
+                    "holds": a > f, m: a, "filtering": f,
+                    "retain_cost_vs_filtering": get(m, p, "retain_loss") - get("filtering", p, "retain_loss")}
+    if "1" in ps:
+        vals = {m: get(m, "1", "forget_loss_after_attack") for m in summary if m != "base"}
+        vals = {m: v for m, v in vals.items() if v is not None}
+        if "filtering" in vals:
+            claims["filtering most robust at p=1"] = {"holds": vals["filtering"] >= max(vals.values()), **vals}
+    if "era" in summary and "param_routing" in summary:
+        wins = {}
+        for p in [p for p in ps if float(p) > 0]:
+            e = (get("era", p, "forget_loss_after_attack"), get("era", p, "retain_loss"))
+            q = (get("param_routing", p, "forget_loss_after_attack"), get("param_routing", p, "retain_loss"))
+            if None not in e + q:
+                wins[p] = {"param_routing_dominates": q[0] >= e[0] and q[1] <= e[1],
+                           "era_dominates": e[0] >= q[0] and e[1] <= q[1],
+                           "era": {"robust_forget": e[0], "retain": e[1]},
+                           "param_routing": {"robust_forget": q[0], "retain": q[1]}}
+        claims["param_routing better trade-off than era"] = {
+            "holds": bool(wins) and all(w["param_routing_dominates"] for w in wins.values()), "by_p": wins}
+    return claims
+
+
+def summary_tables(summary: dict) -> str:
+    ps = sorted({p for d in summary.values() for p in d}, key=float)
+    text = []
+    for key, title in (("retain_loss", "Retain loss (nats/token; lower = less alignment tax)"),
+                       ("forget_loss", "Forget loss after unlearning (higher = more unlearned)"),
+                       ("forget_loss_no_keywords", "Forget loss, keyword tokens excluded (absorption)"),
+                       ("forget_loss_after_attack", "Forget loss after the retraining attack, minimum reached "
+                                                    "(higher = more robust)")):
+        rows = []
+        for m in [m for m in M.METHODS if m in summary]:
+            cells = []
+            for p in ps:
+                c = summary[m].get(p, {}).get(key)
+                cells.append("" if c is None else f"{c['mean']:.3f} ± {c['hi'] - c['mean']:.3f}")
+            rows.append([m, *cells])
+        text.append(f"### {title}\n\nmean ± 95% CI half-width over seeds, per labelled fraction p\n\n"
+                    + markdown_table(["method", *[f"p={p}" for p in ps]], rows))
+    return "\n".join(text)
+
+
+def samples_md(results: dict) -> str:
+    lines = [f"# Samples from \"{SAMPLE_PROMPT}\"\n"]
+    for (m, p, s), r in sorted(results.items(), key=lambda kv: (kv[0][2], M.METHODS.index(kv[0][0]), kv[0][1] or 0)):
+        if s != min(k[2] for k in results):
+            continue
+        tag = f"{m}" + ("" if p is None else f", p={p:g}") + f", seed {s}"
+        for k, v in r["samples"].items():
+            lines.append(f"- **{tag}** ({k.replace('_', ' ')}): {v}")
+    return "\n".join(lines) + "\n"
+
+
+def make_figures(out: Path, summary: dict, results: dict) -> None:
+    pyplot = plt()
+    fig, axes = pyplot.subplots(1, 3, figsize=(14, 4))
+    for ax, (key, title) in zip(axes, (("forget_loss", "Unlearning: forget loss"),
+                                       ("forget_loss_after_attack", "Robust unlearning: forget loss after attack"),
+                                       ("retain_loss", "Retain loss"))):
+        for m in [m for m in M.METHODS if m in summary]:
+            ps = sorted(summary[m], key=float)
+            x = [float(p) for p in ps]
+            y = [summary[m][p][key]["mean"] for p in ps]
+            ax.plot(x, y, marker="o", label=m)
+            ax.fill_between(x, [summary[m][p][key]["lo"] for p in ps], [summary[m][p][key]["hi"] for p in ps],
+                            alpha=0.12)
+        ax.set_xlabel("labelled fraction p of forget stories")
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel("loss (nats/token)")
+    axes[0].legend(fontsize=8)
+    savefig(fig, out / "unlearning_vs_labelled_fraction.png")
+
+    # relearning curves at the p closest to 0.5, mean over seeds, one panel per attack size
+    ps = sorted({k[1] for k in results if k[1] is not None})
+    if not ps:
+        return
+    p0 = min(ps, key=lambda p: abs(p - 0.5))
+    sizes = sorted({int(n) for r in results.values() for n in r["attack_curves"]})
+    fig, axes = pyplot.subplots(1, len(sizes), figsize=(4 * len(sizes), 3.6), squeeze=False)
+    for ax, n in zip(axes[0], sizes):
+        for m in M.METHODS:
+            keys = [k for k in results if (k[0] == m and k[1] == p0) or (m == "base" and k[0] == "base")]
+            curves = [results[k]["attack_curves"].get(str(n), results[k]["attack_curves"].get(n)) for k in keys]
+            curves = [c for c in curves if c]
+            if not curves:
+                continue
+            L = min(len(c) for c in curves)
+            ax.plot([c[0] for c in curves[0][:L]], np.mean([[c[1] for c in cv[:L]] for cv in curves], 0), label=m)
+        ax.set_title(f"retraining on n={n} forget stories", fontsize=9)
+        ax.set_xlabel("attack step")
+    axes[0][0].set_ylabel(f"forget loss (p={p0:g}, mean over seeds)")
+    axes[0][0].legend(fontsize=7)
+    savefig(fig, out / "relearning_curves.png")

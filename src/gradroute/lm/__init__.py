@@ -1,0 +1,11 @@
+"""Language-model pieces shared by the LM experiments (unlearning, steering, token routing).
+
+    corpus.py     procedural children's stories, the forget keyword rule, real-corpus loaders
+    tokenizer.py  BPE trained on a corpus (cached) or GPT-2's BPE, both offline
+    data.py       stories -> padded token rows with labels, seeded paired batch order
+    train.py      THE training loop (AdamW, warmup + cosine, clip, eval, JSONL log, checkpoints,
+                  resume, DDP under torchrun), with per-batch hooks for routing
+    methods.py    unlearning methods on top of gradroute (base, filtering, ERA, parameter
+                  routing, RMU, DEMix)
+    evaluate.py   losses on held-out stories, keyword-excluded loss, retraining attack, samples
+"""

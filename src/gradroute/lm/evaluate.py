@@ -1,0 +1,114 @@
+"""Evaluation: losses on held-out stories (also with the forget keywords' tokens excluded, to
+measure absorption), the retraining attack, and samples from a prompt."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .data import IGNORE, BatchOrder, Stories, full_batches
+from .tokenizer import Tokenizer
+from .train import TrainConfig, logits, token_losses, train
+
+SAMPLE_PROMPT = "Once upon a time, Timmy went to the forest"
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, data: Stories, exclude_keywords: bool = False, batch_size: int = 64) -> float:
+    """Mean next-token loss (nats/token) over the target tokens of ``data``; with
+    ``exclude_keywords`` the targets that are (part of) a forget keyword are left out."""
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    dev = next(model.parameters()).device
+    for b in full_batches(data, batch_size):
+        keep = b.y != IGNORE
+        if exclude_keywords:
+            keep &= ~b.keyword
+        losses = token_losses(model, b.x.to(dev), b.y.to(dev)).cpu()
+        total += float(losses[keep].sum())
+        count += int(keep.sum())
+    model.train(was)
+    if count == 0:
+        raise ValueError("no target tokens to evaluate")
+    return total / count
+
+
+def evaluate(model: nn.Module, retain: Stories, forget: Stories) -> dict:
+    """``retain_loss``, ``forget_loss`` and ``forget_loss_no_keywords`` (forget stories, the six
+    keywords' tokens excluded)."""
+    return {"retain_loss": mean_loss(model, retain), "forget_loss": mean_loss(model, forget),
+            "forget_loss_no_keywords": mean_loss(model, forget, exclude_keywords=True)}
+
+
+def retraining_attack(model: nn.Module, pool: Stories, forget_eval: Stories, sizes=(1, 4, 16, 64),
+                      steps: int = 40, repeats: int = 5, lr: float = 5e-5, eval_every: int = 1,
+                      batch_size: int | None = None, seed: int = 0, device: str = "cpu") -> dict:
+    """Fine-tune copies of ``model`` on ``n`` forget stories drawn from ``pool`` (all ``n`` in
+    every step, or ``batch_size`` of them in turn; constant ``lr``) for ``steps`` steps, ``repeats`` times per ``n``; the forget
+    loss on ``forget_eval`` is measured before and every ``eval_every`` steps. ``pool`` must be
+    disjoint from ``forget_eval`` (checked on token rows).
+
+    Returns ``min`` (lowest forget loss reached by any attack, the starting point included),
+    ``min_by_n`` (per n, mean over repeats of each attack's minimum) and ``curves`` (per n, the
+    mean curve ``[[step, loss], ...]``)."""
+    if steps < 1 or repeats < 1 or eval_every < 1:
+        raise ValueError("steps, repeats and eval_every must be >= 1")
+    sizes = [int(n) for n in sizes]
+    if not sizes or min(sizes) < 1 or max(sizes) > len(pool):
+        raise ValueError(f"attack sizes {sizes} must be in [1, {len(pool)}] (the attack pool's size)")
+    if _overlap(pool, forget_eval):
+        raise ValueError("the attack pool shares stories with the evaluation stories; they must be disjoint")
+    ev = lambda m: {"forget_loss": mean_loss(m, forget_eval)}
+    overall, by_n, curves = float("inf"), {}, {}
+    for n in sizes:
+        mins, runs = [], []
+        for r in range(repeats):
+            g = torch.Generator().manual_seed(seed * 7919 + n * 131 + r)
+            d = pool.subset(torch.randperm(len(pool), generator=g)[:n])
+            order = BatchOrder(d, min(n, batch_size or n), seed + r)
+            m = copy.deepcopy(model)
+            cfg = TrainConfig(steps=steps, lr=lr, min_lr=lr, warmup=0, eval_every=eval_every, desc=f"attack n={n}")
+            log = train(m, order, cfg, eval_fn=ev, distributed=False, device=device)
+            curve = [(e["step"], e["forget_loss"]) for e in log["evals"]]
+            runs.append(curve)
+            mins.append(min(v for _, v in curve))
+        overall = min(overall, min(mins))
+        by_n[n] = float(np.mean(mins))
+        curves[n] = [[s, float(np.mean([c[i][1] for c in runs]))] for i, (s, _) in enumerate(runs[0])]
+    return {"min": overall, "min_by_n": by_n, "curves": curves}
+
+
+def _overlap(a: Stories, b: Stories) -> bool:
+    rows = {tuple(r.tolist()) for r in b.x}
+    return any(tuple(r.tolist()) in rows for r in a.x)
+
+
+@torch.no_grad()
+def sample(model: nn.Module, tok: Tokenizer, prompt: str = SAMPLE_PROMPT, max_new: int = 40,
+           temperature: float = 0.8, seed: int = 0) -> str:
+    """A continuation of ``prompt`` (seeded sampling; ``temperature=0`` is greedy)."""
+    was = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    ids = torch.tensor([tok.encode(prompt)], device=dev)
+    n_ctx = _context(model)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    for _ in range(max_new):
+        last = logits(model, ids[:, -n_ctx:])[0, -1].float().cpu()
+        if temperature <= 0:
+            nxt = int(last.argmax())
+        else:
+            nxt = int(torch.multinomial(torch.softmax(last / temperature, -1), 1, generator=g))
+        if nxt == tok.eot_id:
+            break
+        ids = torch.cat([ids, torch.tensor([[nxt]], device=dev)], 1)
+    model.train(was)
+    return tok.decode(ids[0].tolist())
+
+
+def _context(model: nn.Module) -> int:
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "n_ctx", None) or getattr(cfg, "n_positions", None) or 1024

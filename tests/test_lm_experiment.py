@@ -1,0 +1,69 @@
+"""`gradroute run lm-unlearning` end to end on a tiny profile; resume; records; bad flags."""
+import json
+
+import pytest
+
+from gradroute.cli import main
+from gradroute.experiments import lm_unlearning as E
+
+TINY = dict(
+    corpus=dict(n_train=120, n_eval=8, n_attack=4, n_val=4),
+    tokenizer="bpe", vocab_size=300,
+    model=dict(n_ctx=48, n_layer=2, n_head=2, d_model=16, d_mlp=32),
+    train=dict(steps=2, lr=1e-2, warmup=1, ckpt_every=1), batch_size=8,
+    method=dict(expand=4, coherence_steps=1, rmu_steps=1),
+    attack=dict(sizes=[1, 4], steps=2, repeats=1, lr=1e-3, eval_every=1, batch_size=None, n_eval=4),
+    seeds=1)
+
+
+@pytest.fixture
+def tiny(monkeypatch, tmp_path):
+    monkeypatch.setitem(E.PROFILES, "tiny", TINY)
+    monkeypatch.setenv("GRADROUTE_CACHE", str(tmp_path / "cache"))
+
+
+def test_end_to_end_and_resume(tiny, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["run", "lm-unlearning", "--profile", "tiny", "--out", str(out), "--fractions", "0", "1",
+            "--workers", "1", "--device", "cpu"]
+    assert main(argv) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert len(m["runs"]) == 6 * 2
+    for r in m["runs"]:
+        assert {"method", "labelled_fraction", "seed", "retain_loss", "forget_loss",
+                "forget_loss_after_attack", "forget_loss_no_keywords"} <= set(r)
+        assert r["forget_loss_after_attack"] <= r["forget_loss"] + 1e-9
+    by = {(r["method"], r["labelled_fraction"]): r for r in m["runs"]}
+    assert by[("filtering", 0.0)]["forget_loss"] == by[("base", 0.0)]["forget_loss"]   # p=0: nothing dropped
+    assert "era_p1_s0" in by[("era", 1.0)]["from_run"]
+    for f in ("summary.md", "samples.md", "unlearning_vs_labelled_fraction.png", "relearning_curves.png"):
+        assert (out / f).is_file(), f
+    assert "Timmy went to the forest" in (out / "samples.md").read_text()
+    capsys.readouterr()
+    assert main(argv) == 0                                      # resume: every run is already there
+    assert "resuming: 9 of 9 runs" in capsys.readouterr().out
+
+
+def test_jobs_share_base():
+    jobs = E.jobs_for(["base", "filtering", "rmu", "era"], [0.0, 0.5], [0, 1])
+    assert jobs.count(("base", None, 0)) == 1
+    assert ("filtering", 0.0, 0) not in jobs and ("era", 0.0, 0) in jobs and ("rmu", 0.5, 1) in jobs
+    assert E.jobs_for(["era"], [0.5], [0]) == [("era", 0.5, 0)]
+
+
+@pytest.mark.parametrize("flags,msg", [(["--fractions", "1.5"], "fractions"), (["--steps", "0"], "steps"),
+                                       (["--attack-steps", "0"], "attack-steps")])
+def test_bad_flags(tiny, tmp_path, flags, msg):
+    with pytest.raises(ValueError, match=msg):
+        main(["run", "lm-unlearning", "--profile", "tiny", "--out", str(tmp_path), *flags])
+
+
+def test_claims_are_computed_from_summary():
+    mk = lambda a, r: {"forget_loss_after_attack": {"mean": a}, "retain_loss": {"mean": r}}
+    summary = {"filtering": {"0.5": mk(2.0, 1.0), "1": mk(3.0, 1.0)},
+               "era": {"0.5": mk(2.5, 1.2), "1": mk(2.8, 1.2)},
+               "param_routing": {"0.5": mk(2.6, 1.1), "1": mk(2.9, 1.1)}}
+    c = E.check_claims(summary)
+    assert c["era > filtering on robust unlearning at p=0.5"]["holds"]
+    assert c["filtering most robust at p=1"]["holds"]
+    assert c["param_routing better trade-off than era"]["holds"]

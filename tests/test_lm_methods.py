@@ -1,0 +1,196 @@
+"""Each unlearning method on a tiny model: routing gradients, ablation, RMU's loss direction."""
+import copy
+
+import pytest
+import torch
+
+import gradroute as gr
+from gradroute.lm import methods as M
+from gradroute.lm.data import BatchOrder, Stories
+from gradroute.lm.evaluate import evaluate, mean_loss, retraining_attack, sample
+from gradroute.lm.train import TrainConfig, token_losses
+
+V, T, D_MLP = 40, 12, 32
+SPEC = dict(vocab_size=V, n_ctx=T, n_layer=2, n_head=2, d_model=16, d_mlp=D_MLP)
+
+
+def stories(n=32, seed=0) -> Stories:
+    """Token 7 only occurs in forget stories (its 'keyword'); every third story is forget."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(8, V, (n, T), generator=g)
+    forget = torch.arange(n) % 3 == 0
+    x[forget, 3] = 7
+    y = torch.roll(x, -1, 1)
+    y[:, -1] = -100
+    return Stories(x, y, y == 7, forget, forget.clone())
+
+
+def setup(**kw) -> M.Setup:
+    mc = M.MethodConfig(expand=4, coherence_steps=2, rmu_steps=3, **kw)
+    return M.Setup(model=dict(SPEC), train=TrainConfig(steps=3, lr=1e-2, warmup=1), data=stories(), batch_size=8,
+                   seed=0, method=mc, retain_val=stories(6, seed=1))
+
+
+def test_token_strength():
+    s = M.token_strength(stories(), V, ratio=10.0)
+    assert s[7] == 1.0 and s.min() >= 0 and s.max() <= 1
+    assert (s[8:] < 1).all()
+    with pytest.raises(ValueError, match="ratio"):
+        M.token_strength(stories(), V, ratio=1.0)
+
+
+@pytest.mark.parametrize("name", ["base", "filtering", "era", "param_routing", "demix"])
+def test_methods_train_and_remove_what_they_add(name):
+    model, info = M.TRAINERS[name](setup())
+    assert model.transformer.h[0].mlp.c_fc.out_features == D_MLP      # expansions contracted away
+    ev = evaluate(model, stories(6, seed=2), stories(6, seed=3))
+    assert all(v > 0 for v in ev.values())
+    if "before_ablation" in info:
+        pre = info["before_ablation"]
+        assert pre.transformer.h[0].mlp.c_fc.out_features == D_MLP + 4
+
+
+def test_era_gradients_follow_the_paper_weights():
+    """Forget tokens at full strength: original units of routed blocks get -0.75 x the unrouted
+    gradient, new units 1 x; the block's output weights are downstream and unaffected."""
+    model, _ = M.make_model(SPEC, 0), None
+    new = gr.expand_mlp(model, M.MLP_PATTERN, 4)
+    d = stories()
+    x, y = d.x[:4], d.y[:4]
+    sel = torch.ones(4, T)
+    grads = []
+    for routed in (False, True):
+        model.zero_grad()
+        ctx = gr.route_units(model, new, sel, inside=1.0, outside=-0.75) if routed else torch.enable_grad()
+        with ctx:
+            token_losses(model, x, y).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    plain, era = grads
+    w = "transformer.h.1.mlp.c_fc.weight"                 # last block: nothing routed downstream of it
+    assert torch.allclose(era[w][:D_MLP], -0.75 * plain[w][:D_MLP], atol=1e-6)
+    assert torch.allclose(era[w][D_MLP:], plain[w][D_MLP:], atol=1e-6)
+    assert torch.allclose(era["transformer.h.1.mlp.c_proj.weight"], plain["transformer.h.1.mlp.c_proj.weight"])
+
+
+def test_era_ablated_units_are_exactly_zero():
+    model = M.make_model(SPEC, 0)
+    new = gr.expand_mlp(model, M.MLP_PATTERN, 4)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+    gr.ablate(model, new)
+    for lin, (wm, bm) in gr.unit_masks(model, new).items():
+        mod = model.get_submodule(lin)
+        assert mod.weight[wm].abs().sum() == 0 and (bm is None or mod.bias[bm].abs().sum() == 0)
+
+
+def test_param_routing_forget_rows_update_only_theta_forget():
+    model = M.make_model(SPEC, 0)
+    new = gr.expand_mlp(model, M.MLP_PATTERN, 4)
+    router = gr.ParamRouter(model, new)
+    masks = {f"{k}.weight": w for k, (w, b) in gr.unit_masks(model, new).items()}
+    d = stories()
+    with router(forget=torch.ones(4, dtype=torch.bool)):
+        token_losses(model, d.x[:4], d.y[:4]).sum().backward()
+    inside = 0.0
+    for n, p in model.named_parameters():
+        if n in masks:
+            assert p.grad[~masks[n]].abs().sum() == 0, n
+            inside += float(p.grad[masks[n]].abs().sum())
+        elif p.grad is not None:
+            assert p.grad.abs().sum() == 0, n
+    assert inside > 0
+
+
+def test_demix_experts_are_separated():
+    model = M.make_model(SPEC, 0)
+    expert = gr.expand_mlp(model, M.MLP_PATTERN, D_MLP)
+    with torch.no_grad():
+        for blk in model.transformer.h:
+            blk.mlp.c_proj.weight.add_(0.05)        # the new expert starts with zero output weights
+    d = stories()
+    for use_second in (True, False):
+        model.zero_grad()
+        with M.expert_select(model, expert.index, torch.full((4,), use_second)):
+            token_losses(model, d.x[:4], d.y[:4]).sum().backward()
+        g = model.transformer.h[0].mlp.c_fc.weight.grad
+        unused = g[:D_MLP] if use_second else g[D_MLP:]
+        used = g[D_MLP:] if use_second else g[:D_MLP]
+        assert unused.abs().sum() == 0 and used.abs().sum() > 0
+
+
+def test_rmu_control_vector_and_loss_direction():
+    c = M.rmu_control_vector(16, 100.0, seed=3)
+    assert torch.equal(c, M.rmu_control_vector(16, 100.0, seed=3)) and c.norm() == pytest.approx(100.0)
+    base = M.make_model(SPEC, 0)
+    s = setup(rmu_c=10.0)
+    s.method.rmu_steps = 15
+    block, trained = M.rmu_layer_names(base, 0)
+    assert trained == ["transformer.h.0.mlp.c_proj"]
+    control = M.rmu_control_vector(16, 10.0, s.seed)
+    b = M._Mixed(s.data, 8, 0)(0)
+    frozen = copy.deepcopy(base)
+
+    def dist_to_targets(m):
+        out = {}
+        with torch.no_grad(), M.capture_output(m, block, out):
+            m(b.x)
+        f = b.labelled
+        return float((out["h"][f] - control).norm(dim=-1).mean()), out["h"][~f]
+    d0, _ = dist_to_targets(base)
+    model, info = M.train_rmu(s, base)
+    d1, retain_h = dist_to_targets(model)
+    assert d1 < d0                                      # forget activations moved towards c * u
+    assert info["trained"] == ["transformer.h.0.mlp.c_proj"]
+    for (n, p), q in zip(model.named_parameters(), frozen.parameters()):
+        if n != "transformer.h.0.mlp.c_proj.weight":
+            assert torch.equal(p, q), n                 # only the chosen weights move
+    loss = M.rmu_loss(model, frozen, block, control, 200.0, b)
+    assert loss > 0
+    with pytest.raises(ValueError, match="rmu_layer"):
+        M.rmu_layer_names(base, 5)
+
+
+def test_rmu_without_labels_is_base():
+    s = setup()
+    s.data = s.data.with_labels(torch.zeros(len(s.data), dtype=torch.bool))
+    base = M.make_model(SPEC, 0)
+    model, info = M.train_rmu(s, base)
+    assert "skipped" in info and all(torch.equal(a, b) for a, b in zip(model.parameters(), base.parameters()))
+
+
+def test_attack_lowers_forget_loss_and_checks_disjointness():
+    model = M.make_model(SPEC, 0)
+    d = stories(40)
+    f = d.subset(d.forget)
+    pool, ev = f.subset(slice(0, 6)), f.subset(slice(6, None))
+    res = retraining_attack(model, pool, ev, sizes=(1, 4), steps=4, repeats=2, lr=1e-2, eval_every=2)
+    assert set(res["min_by_n"]) == {1, 4} and [s for s, _ in res["curves"][4]] == [0, 2, 4]
+    assert res["min"] <= min(res["min_by_n"].values()) and res["min"] < mean_loss(model, ev)
+    with pytest.raises(ValueError, match="disjoint"):
+        retraining_attack(model, pool, pool, sizes=(1,), steps=1, repeats=1)
+    with pytest.raises(ValueError, match="attack sizes"):
+        retraining_attack(model, pool, ev, sizes=(7,), steps=1, repeats=1)
+
+
+def test_mean_loss_excludes_keywords_and_sample_runs():
+    model = M.make_model(SPEC, 0)
+    d = stories()
+    assert mean_loss(model, d, exclude_keywords=True) != mean_loss(model, d)
+
+    class Tok:
+        eot_id = 0
+        encode = staticmethod(lambda s: [9, 10, 11])
+        decode = staticmethod(lambda ids: " ".join(map(str, ids)))
+    out = sample(model, Tok, "x", max_new=5, seed=1)
+    assert out.startswith("9 10 11") and out == sample(model, Tok, "x", max_new=5, seed=1)
+
+
+def test_make_model_archs():
+    m = M.make_model(dict(SPEC, arch="hf-gpt2"), 0)
+    x = stories().x[:2]
+    assert token_losses(m, x, x).shape == (2, T)
+    with pytest.raises(ValueError, match="unknown arch"):
+        M.make_model(dict(SPEC, arch="rnn"), 0)
+    with pytest.raises(ValueError, match="route_layers"):
+        M.train_era(setup(route_layers=5))
