@@ -67,3 +67,12 @@ def test_claims_are_computed_from_summary():
     assert c["era > filtering on robust unlearning at p=0.5"]["holds"]
     assert c["filtering most robust at p=1"]["holds"]
     assert c["param_routing better trade-off than era"]["holds"]
+
+
+def test_report_section(tiny, tmp_path):
+    out = tmp_path / "o"
+    main(["run", "lm-unlearning", "--profile", "tiny", "--out", str(out), "--fractions", "0.5", "1",
+          "--methods", "filtering", "era", "param_routing", "--workers", "1", "--device", "cpu"])
+    r = E.report(out)
+    assert r["verdict"] in ("reproduced", "partly", "not") and len(r["table"]["rows"]) == 6
+    assert r["figures"] == ["unlearning_vs_labelled_fraction.png", "relearning_curves.png"]

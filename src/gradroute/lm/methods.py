@@ -186,6 +186,21 @@ def _coherence(setup: Setup, model, tag: str) -> dict:
     return train(model, order, cfg, eval_fn=ev, distributed=False, device=setup.device)
 
 
+def era_loss(routed: gr.Units, strength: torch.Tensor, outside: float = -0.75, l1: float = 1e-4):
+    """ERA's ``loss_fn``: on labelled rows, target token ``t`` routes with strength
+    ``strength[t]`` (original units of ``routed`` blocks get ``1 + s * (outside - 1)``, new
+    units 1); plus ``l1`` times the summed |MLP activations| of every block."""
+    def loss_fn(net, b: Batch):
+        y = b.y.clamp_min(0)
+        select = strength[y] * (b.labelled.unsqueeze(1) & (b.y != IGNORE))
+        acts: list = []
+        with gr.route_units(net, routed, select, inside=1.0, outside=outside), \
+                mlp_activation_l1(net, b.y != IGNORE, acts):
+            loss = token_losses(net, b.x, b.y).sum()
+        return loss + l1 * torch.stack(acts).sum() if l1 else loss
+    return loss_fn
+
+
 def train_era(setup: Setup):
     mc = setup.method
     model = make_model(setup.model, setup.seed)
@@ -196,16 +211,7 @@ def train_era(setup: Setup):
         raise ValueError(f"route_layers must be in [1, {len(blocks)}], got {k}")
     routed = _sub_units(new, blocks[:k])
     strength = token_strength(setup.data, setup.model["vocab_size"], mc.era_ratio).to(setup.device)
-
-    def loss_fn(net, b: Batch):
-        y = b.y.clamp_min(0)
-        select = strength[y] * (b.labelled.unsqueeze(1) & (b.y != IGNORE))
-        acts: list = []
-        with gr.route_units(net, routed, select, inside=1.0, outside=mc.era_outside), \
-                mlp_activation_l1(net, b.y != IGNORE, acts):
-            loss = token_losses(net, b.x, b.y).sum()
-        return loss + mc.l1 * torch.stack(acts).sum() if mc.l1 else loss
-
+    loss_fn = era_loss(routed, strength, mc.era_outside, mc.l1)
     log = _run_train(setup, model, BatchOrder(setup.data, setup.batch_size, setup.seed), loss_fn)
     pre = copy.deepcopy(model)
     gr.ablate(model, new)
@@ -218,17 +224,20 @@ def train_era(setup: Setup):
 # ------------------------------------------------------------------------------------------
 # parameter routing
 # ------------------------------------------------------------------------------------------
+def param_routing_loss(router: gr.ParamRouter):
+    """Parameter routing's ``loss_fn``: labelled rows update only ``theta_forget``."""
+    def loss_fn(net, b: Batch):
+        with router(forget=b.labelled):
+            return token_losses(net, b.x, b.y).sum()
+    return loss_fn
+
+
 def train_param_routing(setup: Setup):
     mc = setup.method
     model = make_model(setup.model, setup.seed)
     new = gr.expand_mlp(model, MLP_PATTERN, mc.expand)
     router = gr.ParamRouter(model, new)
-
-    def loss_fn(net, b: Batch):
-        with router(forget=b.labelled):
-            return token_losses(net, b.x, b.y).sum()
-
-    log = _run_train(setup, model, BatchOrder(setup.data, setup.batch_size, setup.seed), loss_fn)
+    log = _run_train(setup, model, BatchOrder(setup.data, setup.batch_size, setup.seed), param_routing_loss(router))
     pre = copy.deepcopy(model)
     router.ablate()
     gr.contract(model, new)

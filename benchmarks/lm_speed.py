@@ -1,0 +1,114 @@
+"""Training speed of the LM unlearning methods, measured side by side in one run.
+
+Times one optimizer step (forward, backward, clip, AdamW) of our GPT with the loss functions
+the experiment trains with: base (plain LM loss), ERA (activation routing on the first blocks +
+L1, +k MLP units) and parameter routing (SGTM-style, +k MLP units), on real story batches with
+a fraction of labelled forget rows (put first, as the training loop does). Steps are interleaved
+(base, era, param, base, ...) so machine load hits all alike; medians. Reports training tokens/s
+(target tokens) and each routed step's time relative to base. Last line: JSON.
+
+    .venv/bin/python benchmarks/lm_speed.py                 # quick-profile model size
+    .venv/bin/python benchmarks/lm_speed.py --size paper --steps 5
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+import gradroute as gr
+from gradroute.lm import methods as M
+from gradroute.lm.corpus import generate_stories
+from gradroute.lm.data import BatchOrder, encode_stories
+from gradroute.lm.tokenizer import train_bpe
+from gradroute.lm.train import TrainConfig, lm_loss, make_optimizer
+
+SIZES = {"quick": dict(n_ctx=96, n_layer=2, n_head=4, d_model=64, d_mlp=256, expand=32, batch=24, vocab=1024),
+         "medium": dict(n_ctx=128, n_layer=4, n_head=4, d_model=256, d_mlp=1024, expand=64, batch=32, vocab=2048),
+         "paper": dict(n_ctx=256, n_layer=8, n_head=16, d_model=512, d_mlp=2048, expand=64, batch=80, vocab=4096)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", choices=sorted(SIZES), default="quick")
+    ap.add_argument("--steps", type=int, default=15, help="timed steps per method (after 2 warm-up steps)")
+    ap.add_argument("--labelled", type=float, default=0.1, help="fraction of batch rows that are labelled forget")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    if args.steps < 1 or not 0 <= args.labelled <= 1:
+        ap.error("--steps must be >= 1 and --labelled in [0, 1]")
+    torch.set_num_threads(args.threads)
+    z = SIZES[args.size]
+    texts = generate_stories(2000, seed=0)
+    tok = train_bpe(texts, z["vocab"])
+    data = encode_stories(tok, texts, z["n_ctx"])
+    n_lab = round(args.labelled * z["batch"])
+    order = BatchOrder(data, z["batch"], seed=0)
+    spec = dict(vocab_size=tok.vocab_size, n_ctx=z["n_ctx"], n_layer=z["n_layer"], n_head=z["n_head"],
+                d_model=z["d_model"], d_mlp=z["d_mlp"])
+    cfg = TrainConfig(steps=1)
+
+    def setup(kind):
+        model = M.make_model(spec, 0).to(args.device)
+        if kind == "base":
+            return model, lm_loss
+        new = gr.expand_mlp(model, M.MLP_PATTERN, z["expand"])
+        if kind == "era":
+            blocks = [n for n, _ in gr.find_modules(model, M.MLP_PATTERN, kind="MLP")]
+            k = max(1, round(len(blocks) * 5 / 8))
+            routed = gr.Units("mlp", {b: new.index[b] for b in blocks[:k]}, {b: new.n_units[b] for b in blocks[:k]})
+            strength = M.token_strength(data.with_labels(data.forget), tok.vocab_size).to(args.device)
+            return model, M.era_loss(routed, strength)
+        return model, M.param_routing_loss(gr.ParamRouter(model, new))
+
+    kinds = ["base", "era", "param_routing"]
+    runs = {}
+    for k in kinds:
+        model, loss_fn = setup(k)
+        runs[k] = (model, loss_fn, make_optimizer(list(model.named_parameters()), cfg))
+    times = {k: [] for k in kinds}
+    tokens = []
+    for step in range(args.steps + 2):
+        b = order.batch_at(step)
+        lab = torch.zeros(len(b.labelled), dtype=torch.bool)
+        lab[:n_lab] = True                                    # labelled rows first
+        b.labelled = lab
+        b = b.to(args.device)
+        for k in kinds:
+            model, loss_fn, opt = runs[k]
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            loss = loss_fn(model, b) / b.n_tokens
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            if step >= 2:
+                times[k].append(time.perf_counter() - t)
+        if step >= 2:
+            tokens.append(b.n_tokens)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    tok_per_step = statistics.mean(tokens)
+    res = {"size": args.size, "batch": z["batch"], "n_ctx": z["n_ctx"], "labelled_rows": n_lab,
+           "threads": args.threads, "device": args.device, "steps": args.steps,
+           "params_base": sum(p.numel() for p in runs["base"][0].parameters()),
+           "step_ms": {k: 1000 * v for k, v in med.items()},
+           "train_tokens_per_s": {k: tok_per_step / v for k, v in med.items()},
+           "overhead_vs_base": {k: med[k] / med["base"] for k in kinds if k != "base"}}
+    print(f"{args.size}: batch {z['batch']} x {z['n_ctx']} ({tok_per_step:.0f} target tokens), "
+          f"{n_lab} labelled rows, {args.threads} thread(s)")
+    for k in kinds:
+        print(f"  {k:14s} {1000 * med[k]:8.1f} ms/step  {tok_per_step / med[k]:9.0f} tokens/s  "
+              f"x{med[k] / med['base']:.2f} vs base")
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
