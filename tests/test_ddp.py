@@ -18,10 +18,11 @@ def make_model():
     return model, units
 
 
-def batch():
+def batch(forget_first=False):
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 64, (4, 8), generator=g)
-    forget = torch.tensor([True, False, False, True])
+    # forget_first: rank 0's rows are all forget, so its non-region parameters get zero gradient
+    forget = torch.tensor([True, True, False, False] if forget_first else [True, False, False, True])
     return ids, forget
 
 
@@ -37,14 +38,14 @@ def step(model, units, ids, forget, mode):
             loss.backward()
 
 
-def worker(rank, port, path, mode):
+def worker(rank, port, path, mode, forget_first=False):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
     try:
         model, units = make_model()
         ddp = DDP(model)
-        ids, forget = batch()
+        ids, forget = batch(forget_first)
         sl = slice(2 * rank, 2 * rank + 2)
         step(ddp, units, ids[sl], forget[sl], mode)
         if rank == 0:
@@ -59,12 +60,12 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run_both(tmp_path, mode):
+def run_both(tmp_path, mode, forget_first=False):
     path = tmp_path / f"{mode}.pt"
-    mp.spawn(worker, args=(free_port(), str(path), mode), nprocs=2, join=True)
+    mp.spawn(worker, args=(free_port(), str(path), mode, forget_first), nprocs=2, join=True)
     ddp_grads = torch.load(path)
     model, units = make_model()
-    ids, forget = batch()
+    ids, forget = batch(forget_first)
     step(model, units, ids, forget, mode)
     for n, p in model.named_parameters():
         assert torch.allclose(ddp_grads[n], p.grad, atol=1e-6), n
@@ -76,3 +77,8 @@ def test_activation_routing_under_ddp(tmp_path):
 
 def test_parameter_routing_under_ddp(tmp_path):
     run_both(tmp_path, "param")
+
+
+def test_parameter_routing_under_ddp_with_an_all_forget_rank(tmp_path):
+    # plain DDP (find_unused_parameters=False): every parameter must stay in each rank's graph
+    run_both(tmp_path, "param", forget_first=True)

@@ -313,7 +313,7 @@ class ParamRouter:
                     for pn, p in params.items():
                         m = pmasks[pn]
                         if kind == "f":
-                            eff[pn] = p.detach() if m is None else route(p, m.to(p.dtype))
+                            eff[pn] = route(p, 0.0) if m is None else route(p, m.to(p.dtype))  # stays in the graph (DDP)
                         else:
                             eff[pn] = p if m is None else p * (~m).to(p.dtype)
                     busy[0] = True

@@ -169,8 +169,9 @@ def train(model: nn.Module, batch_at: Callable[[int], Batch], cfg: TrainConfig, 
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        # routing can leave parameters without gradient on a rank (e.g. a shard of only forget rows
-        # under parameter routing): let DDP reduce them as zeros
+        # a method can leave parameters out of a rank's graph (DEMix: the expert of a label absent
+        # from this rank's shard); let DDP reduce them as zeros. (Parameter routing keeps every
+        # parameter in the graph, so it would not need this.)
         net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
 
     out = Path(out_dir) if out_dir is not None else None
