@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from .adapters import (Pattern, attention_parts, find_modules, in_features, linear_masks, out_axis,
+from .adapters import (Pattern, attention_parts, find_modules, linear_masks, out_axis,
                        mlp_parts, resize_linear, unwrap)
 from .core import route_factored
 from .hooks import routing

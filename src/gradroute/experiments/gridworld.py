@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import math
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 
 from gradroute import route
 from gradroute.envs.gridworld import DIAMOND, GHOST, GridworldVecEnv, manhattan
+from gradroute.sweep import run_jobs, split_finished
 from gradroute.utils import (markdown_table, mean_ci, plt, progress, read_json, resolve_device,
                              savefig, set_seed, write_json)
 
@@ -310,9 +310,7 @@ def _job_path(out: Path, job: str, p: float, seed: int) -> Path:
     return out / "runs" / f"{job}_p{p:g}_s{seed}.json"
 
 
-def _worker(job, p, seed, cfg, out):
-    torch.set_num_threads(1)
-    os.environ["GRADROUTE_QUIET"] = "1"
+def _run_job(job, p, seed, cfg, out):
     res = train(job, p, seed, cfg)
     state = res.pop("state_dict")
     if state is not None:
@@ -354,32 +352,11 @@ def run(args: argparse.Namespace) -> dict:
     jobs_wanted = sorted({METHOD_JOB[m] for m in args.methods}, key=list(JOB_METHODS).index)
     jobs = [(j, p, s) for p in args.oversight for s in seeds for j in jobs_wanted]
 
-    results, todo = {}, []
-    for key in jobs:
-        path = _job_path(out, *key)
-        if path.exists():
-            prev = read_json(path)
-            if prev.get("config") == cfg:
-                results[key] = prev
-                continue
-            print(f"recomputing {path.name}: it was made with different settings")
-        todo.append(key)
-    if len(results):
-        print(f"resuming: {len(results)} of {len(jobs)} runs already in {out / 'runs'}")
+    results, todo = split_finished(jobs, lambda *k: _job_path(out, *k), cfg)
     # long jobs first, so the parallel workers finish together
     todo.sort(key=lambda k: (k[0] == "oracle", -k[1] if k[0] == "oracle" else 0))
-    bar = progress(total=len(todo), desc="gridworld runs")
-    if args.workers <= 1 or len(todo) <= 1:
-        for key in todo:
-            results[key] = _worker(*key, cfg, str(out))
-            bar.update(1)
-    else:
-        with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as ex:
-            futs = {ex.submit(_worker, *key, cfg, str(out)): key for key in todo}
-            for f in as_completed(futs):
-                results[futs[f]] = f.result()
-                bar.update(1)
-    bar.close()
+    results.update(run_jobs(todo, functools.partial(_run_job, cfg=cfg, out=str(out)), args.workers,
+                            desc="gridworld runs"))
 
     wanted = set(args.methods)
     runs = [r for key in jobs for r in results[key]["records"] if r["method"] in wanted]

@@ -26,9 +26,6 @@ import copy
 import functools
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -37,11 +34,12 @@ import torch
 import gradroute as gr
 from gradroute.lm import methods as M
 from gradroute.lm.corpus import load_corpus, split_counts
-from gradroute.lm.data import Stories, encode_stories
+from gradroute.lm.data import encode_stories
 from gradroute.lm.evaluate import SAMPLE_PROMPT, evaluate, retraining_attack, sample
 from gradroute.lm.tokenizer import get_tokenizer
 from gradroute.lm.train import TrainConfig, init_distributed, rank_world
-from gradroute.utils import (markdown_table, mean_ci, plt, progress, read_json, resolve_device, savefig,
+from gradroute.sweep import run_jobs, split_finished
+from gradroute.utils import (markdown_table, mean_ci, plt, read_json, resolve_device, savefig,
                              set_seed, write_json)
 
 DESCRIPTION = ("LM unlearning under partial labels: base, data filtering, ERA, parameter routing, "
@@ -169,12 +167,6 @@ def run_one(method: str, p: float | None, seed: int, cfg: dict, out: Path, devic
     return result
 
 
-def _worker(method, p, seed, cfg, out, device):
-    torch.set_num_threads(1)
-    os.environ["GRADROUTE_QUIET"] = "1"
-    return run_one(method, p, seed, cfg, Path(out), device)
-
-
 # ------------------------------------------------------------------------------------------
 # CLI
 # ------------------------------------------------------------------------------------------
@@ -248,34 +240,13 @@ def run(args: argparse.Namespace) -> dict:
     if rank == 0:
         print(f"corpus: {counts['stories']} training stories, {counts['forget']} match the forget rule "
               f"({100 * counts['forget_fraction']:.1f}%)")
-    results, todo = {}, []
-    for key in jobs:
-        path = _run_path(out, *key)
-        if path.exists():
-            prev = read_json(path)
-            if prev.get("config") == cfg:
-                results[key] = prev
-                continue
-            print(f"recomputing {path.name}: it was made with different settings")
-        todo.append(key)
-    if results and rank == 0:
-        print(f"resuming: {len(results)} of {len(jobs)} runs already in {out / 'runs'}")
+    results, todo = split_finished(jobs, lambda *k: _run_path(out, *k), cfg, verbose=rank == 0)
     workers = 1 if world > 1 or device != "cpu" else max(1, args.workers)
+    job = functools.partial(run_one, cfg=cfg, out=out, device=device)
     # base runs first: RMU starts from them
-    phases = [[k for k in todo if k[0] == "base"], [k for k in todo if k[0] != "base"]]
-    bar = progress(total=len(todo), desc="lm-unlearning runs", **({} if rank == 0 else {"disable": True}))
-    for phase in phases:
-        if workers == 1 or not phase:
-            for key in phase:
-                results[key] = run_one(*key, cfg, out, device)
-                bar.update(1)
-            continue
-        with ProcessPoolExecutor(min(workers, len(phase)), mp_context=get_context("spawn")) as ex:
-            futs = {ex.submit(_worker, *key, cfg, str(out), device): key for key in phase}
-            for f in as_completed(futs):
-                results[futs[f]] = f.result()
-                bar.update(1)
-    bar.close()
+    for phase, desc in (([k for k in todo if k[0] == "base"], "lm-unlearning base runs"),
+                        ([k for k in todo if k[0] != "base"], "lm-unlearning runs")):
+        results.update(run_jobs(phase, job, workers, desc=desc, show=rank == 0))
     if rank != 0:
         return {}
     runs = records(results, args.methods, fractions, seeds)
