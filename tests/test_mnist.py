@@ -198,3 +198,23 @@ def test_resume_reuses_finished_runs(tmp_path, capsys):
     assert "reused" in capsys.readouterr().out
     assert again["certificate_5to9_half"] == first["certificate_5to9_half"]
     assert again["setting"] == "data-filtering"
+
+
+def test_report_section_verdicts(tmp_path):
+    from gradroute.experiments import mnist as mn
+    from gradroute.utils import write_json
+
+    def summary(r59, r04):
+        stat = lambda v: {"mean": v, "lo": v, "hi": v, "n": 1}
+        return {"certificate_5to9_half.loss_0to4": stat(0.3), "certificate_5to9_half.loss_5to9": stat(0.3 / r59),
+                "certificate_5to9_half.ratio": stat(r59), "certificate_0to4_half.ratio": stat(r04),
+                "wall_s": stat(1.0)}
+
+    def verdict(s):
+        write_json(tmp_path / "metrics.json", {"summary": s, "data": "test", "figures": {}})
+        return mn.report(tmp_path)
+
+    sec = verdict({"routing": summary(4.0, 3.5), "data-filtering": summary(1.0, 1.0)})
+    assert sec["verdict"] == "reproduced" and [r[0] for r in sec["table"]["rows"]] == [1, 8]
+    assert verdict({"routing": summary(3.1, 2.9), "data-filtering": summary(1.0, 1.0)})["verdict"] == "partly"
+    assert verdict({"routing": summary(2.0, 2.0), "data-filtering": summary(3.0, 3.0)})["verdict"] == "not"

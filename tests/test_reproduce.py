@@ -43,7 +43,7 @@ def fakes(monkeypatch):
     calls = []
     mods = {"alpha": fake_module("alpha", calls), "beta": fake_module("beta", calls, fail_first=True)}
     monkeypatch.setattr(experiments, "EXPERIMENTS", {n: f"fake_{n}" for n in mods})
-    monkeypatch.setattr(reproduce, "PLAN", {n: {"quick": [], "paper": []} for n in mods})
+    monkeypatch.setattr(reproduce, "PLAN", {prof: {n: ("quick", []) for n in mods} for prof in reproduce.PROFILES})
     for n, m in mods.items():
         monkeypatch.setitem(sys.modules, f"fake_{n}", m)
     return calls

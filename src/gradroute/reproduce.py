@@ -31,22 +31,43 @@ import torch
 from . import experiments
 from .utils import read_json, write_json
 
-PROFILES = ("quick", "paper")
+PROFILES = ("demo", "quick", "paper")
 
-# name -> extra flags per profile. `quick` keeps the whole reproduction within ~30 minutes on
-# 2 CPU cores: where an experiment's own quick profile is longer, a subset is named here.
-PLAN: dict[str, dict[str, list[str]]] = {
-    "mnist": {"quick": [], "paper": ["--setting", "all", "--seeds", "20"]},
-    "gridworld": {"quick": [], "paper": []},
-    "lm-unlearning": {"quick": [], "paper": []},
-    "steering": {"quick": [], "paper": []},
-    "token-routing": {"quick": [], "paper": []},
+# profile -> experiment -> (the experiment's own --profile, extra flags).
+# quick: the whole reproduction in about 30 minutes on 2 CPU cores (where an experiment's own
+#   quick profile is a longer sweep, a subset is named here).
+# demo: every experiment at toy length (about 5-10 minutes): the report's pipeline end to end,
+#   numbers not meant to reproduce anything.
+# paper: the paper's settings (hours; meant for a GPU).
+PLAN: dict[str, dict[str, tuple[str, list[str]]]] = {
+    "demo": {
+        "mnist": ("quick", ["--setting", "1,8", "--epochs", "15", "--certificate-epochs", "5", "--threads", "1"]),
+        "gridworld": ("quick", ["--oversight", "0.05", "0.3", "--seeds", "0", "--updates", "40"]),
+        "lm-unlearning": ("quick", ["--fractions", "0.5", "1.0", "--seeds", "0", "--steps", "60",
+                                    "--attack-repeats", "1"]),
+        "steering": ("quick", []),
+        "token-routing": ("quick", []),
+    },
+    "quick": {
+        "mnist": ("quick", ["--setting", "1,8", "--threads", "1"]),
+        "gridworld": ("quick", ["--oversight", "0.01", "0.05", "0.1", "0.3"]),
+        "lm-unlearning": ("quick", ["--fractions", "0.1", "0.5", "1.0"]),
+        "steering": ("quick", []),
+        "token-routing": ("quick", []),
+    },
+    "paper": {
+        "mnist": ("paper", ["--setting", "all", "--seeds", "20"]),
+        "gridworld": ("paper", []),
+        "lm-unlearning": ("paper", []),
+        "steering": ("paper", []),
+        "token-routing": ("paper", []),
+    },
 }
 
 
 def available() -> list[str]:
     """Experiments of the plan that exist in this installation, in plan order."""
-    return [n for n in PLAN if n in experiments.EXPERIMENTS and _importable(n)]
+    return [n for n in PLAN["quick"] if n in experiments.EXPERIMENTS and _importable(n)]
 
 
 def _importable(name: str) -> bool:
@@ -58,7 +79,11 @@ def _importable(name: str) -> bool:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--profile", default="quick", help="quick (CPU, ~30 min) or paper (paper settings; GPU, hours)")
+    p.add_argument("--profile", default="quick",
+                   help="demo (toy lengths, ~5-10 min), quick (default; ~30 min on 2 CPU cores) or paper "
+                        "(paper settings; hours, meant for a GPU)")
+    p.add_argument("--mnist-dir", type=Path, default=None,
+                   help="MNIST IDX folder for the mnist experiment (e.g. the real 10k test set as held-out data)")
     p.add_argument("--out", type=Path, default=Path("runs/reproduce"), help="output folder (default: %(default)s)")
     p.add_argument("--only", nargs="+", metavar="NAME", help="run only these experiments")
     p.add_argument("--redo", nargs="+", metavar="NAME", default=[], help="run these again even if finished")
@@ -93,9 +118,12 @@ def is_done(exp_dir: Path) -> bool:
     return True
 
 
-def run_one(name: str, profile: str, out: Path, device: str) -> dict:
+def run_one(name: str, profile: str, out: Path, device: str, mnist_dir: Path | None = None) -> dict:
     module = experiments.get(name)
-    argv = ["--profile", profile, *PLAN[name][profile]]
+    exp_profile, flags = PLAN[profile][name]
+    argv = ["--profile", exp_profile, *flags]
+    if name == "mnist" and mnist_dir is not None:
+        argv += ["--data-dir", str(mnist_dir)]
     parser = argparse.ArgumentParser(prog=f"gradroute run {name}")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--device", default="auto")
@@ -136,7 +164,7 @@ def main(args: argparse.Namespace) -> int:
             continue
         print(f"[{i}/{len(names)}] {name}: running", flush=True)
         try:
-            rec = run_one(name, args.profile, args.out, args.device)
+            rec = run_one(name, args.profile, args.out, args.device, getattr(args, "mnist_dir", None))
             print(f"[{i}/{len(names)}] {name}: done in {rec['wall_s']:.0f} s", flush=True)
         except Exception as e:  # one experiment failing must not lose the others
             failures[name] = f"{type(e).__name__}: {e}"
