@@ -1,4 +1,5 @@
 # The two set-up commands of the README: `make test` and `make demo`.
+# `make demo` runs every experiment at toy length and writes runs/demo/report.{md,html}.
 # Both create .venv when missing, install torch 2.13.0 first when torch is absent
 # (an unpinned torch would pull several GB of CUDA packages), then the package.
 PYTHON ?= python3
@@ -19,8 +20,11 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# the real MNIST test set, used as held-out data when this checkout sits beside shared/
+MNIST_DIR := $(wildcard ../shared/data/mnist)
+
 demo: $(STAMP)
-	$(VENV)/bin/gradroute demo
+	$(VENV)/bin/gradroute reproduce --profile demo --out runs/demo $(if $(MNIST_DIR),--mnist-dir $(MNIST_DIR))
 
 bench: $(STAMP)
 	$(PY) benchmarks/routing_overhead.py
