@@ -6,7 +6,7 @@ import torch
 
 import gradroute as gr
 from gradroute.lm import methods as M
-from gradroute.lm.data import BatchOrder, Stories
+from gradroute.lm.data import Stories
 from gradroute.lm.evaluate import evaluate, mean_loss, retraining_attack, sample
 from gradroute.lm.train import TrainConfig, token_losses
 

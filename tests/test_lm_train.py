@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 
 import gradroute as gr
 from gradroute.lm.data import Batch, BatchOrder, Stories
-from gradroute.lm.train import TrainConfig, lm_loss, token_losses, train
+from gradroute.lm.train import TrainConfig, token_losses, train
 from gradroute.models import GPT, GPTConfig
 
 V, T = 32, 12

@@ -162,9 +162,9 @@ def generate_story(seed: int, index: int, topic_fraction: float = 0.22, keyword_
             lines.append(fill(rng.choice(FOREST_KW)))
         lines.append(fill(rng.choice(FOREST_DIALOGUE)))
     else:
-        lines.append(fill(rng.choice([f"{{A}} went to {{place}} with {{B}}.",
-                                      f"{{A}} and {{fam}} visited {{place}}.",
-                                      f"{{A}} wanted to go to {{place}} to play."])))
+        lines.append(fill(rng.choice(["{A} went to {place} with {B}.",
+                                      "{A} and {fam} visited {place}.",
+                                      "{A} wanted to go to {place} to play."])))
         lines += [fill(s) for s in rng.sample(EVENTS, rng.randint(2, 3))]
         if rng.random() < incidental_fraction:
             lines.insert(rng.randint(3, len(lines)), fill(rng.choice(INCIDENTAL_TREE)))

@@ -19,8 +19,6 @@ checkpoint holds the model, the optimizer and the RNG state, so an interrupted r
 """
 from __future__ import annotations
 
-import contextlib
-import copy
 import json
 import math
 import os
