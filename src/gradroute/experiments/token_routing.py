@@ -1,0 +1,325 @@
+"""Token-routed unlearning with absorption (paper section 5, the "virology" experiment).
+
+A handful of forget-topic tokens (default 16, chosen by a documented score, not by hand: the
+smoothed per-token frequency ratio between forget-rule and other training stories, among
+tokens seen at least ``min_count`` times there) are routed *as prediction targets* to a block
+of MLP units (units 0..k-1) in the early blocks: wherever the next token is a routed token, the
+gradient through the other units of those MLPs is 0. Nothing else is routed; no story labels
+are used in training. Then, for the routed model and an unrouted control trained identically:
+
+1. ablate those units *completely* (their input rows and biases and their output columns:
+   ``gradroute.ablate``), fine-tune briefly on general stories;
+2. the same fine-tune on the intact model (the paired reference);
+3. a retraining attack on 2 topic stories (several draws) for both;
+4. loss increase (ablated minus intact) on held-out topic stories, on the same stories with the
+   routed tokens' targets excluded (absorption: the effect is not just on routed tokens), and
+   on held-out general stories, before and after the attack.
+
+The evaluation stories, the attack stories and the fine-tuning stories are disjoint.
+
+    gradroute run token-routing --out runs/token_routing          # quick profile
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import gradroute as gr
+from gradroute.lm.analysis import masked_mean, per_token_losses, prepare_corpus, token_counts, train_lm
+from gradroute.lm.data import Batch, Stories
+from gradroute.lm.methods import make_model
+from gradroute.lm.train import TrainConfig, token_losses
+from gradroute.utils import markdown_table, plt, read_json, resolve_device, savefig, set_seed, write_json
+
+DESCRIPTION = ("Token-routed unlearning: route ~16 topic tokens to MLP units of the early blocks, ablate "
+               "them completely, fine-tune, retraining attack; loss increase on topic (with and without the "
+               "routed tokens) vs general text, routed vs control.")
+
+PROFILES = {
+    # a few minutes on 2 shared CPU cores
+    "quick": dict(
+        corpus=dict(n_train=3000, n_eval=128, n_attack=16, n_general_train=64, vocab_size=1024),
+        model=dict(n_ctx=96, n_layer=4, n_head=4, d_model=64, d_mlp=256),
+        train=dict(steps=300, lr=3e-3, warmup=20), batch_size=24,
+        route=dict(n_tokens=16, min_count=20, blocks=2, units=32),
+        finetune=dict(steps=32, lr=3e-4, batch_size=8),
+        attack=dict(docs=2, steps=20, lr=3e-4, repeats=3)),
+    # the paper's schedule after training (32 fine-tuning steps, 20 attack steps on 2 documents)
+    # on a larger model (not run here)
+    "paper": dict(
+        corpus=dict(n_train=50_000, n_eval=512, n_attack=64, n_general_train=512, vocab_size=4096),
+        model=dict(n_ctx=256, n_layer=8, n_head=8, d_model=256, d_mlp=1024),
+        train=dict(steps=3000, lr=1e-3, warmup=100), batch_size=64,
+        route=dict(n_tokens=20, min_count=50, blocks=4, units=80),
+        finetune=dict(steps=32, lr=1e-4, batch_size=32),
+        attack=dict(docs=2, steps=20, lr=1e-4, repeats=5)),
+}
+PAPER = {"topic_loss_increase": 0.182, "topic_loss_increase_excluding_routed": 0.171, "general_loss_increase": 0.032}
+KEYS = ("topic_loss_increase", "topic_loss_increase_excluding_routed", "general_loss_increase")
+
+
+# ------------------------------------------------------------------------------------------
+# token selection and routing
+# ------------------------------------------------------------------------------------------
+def topic_token_scores(data: Stories, vocab_size: int, min_count: int) -> torch.Tensor:
+    """Per token id: log of its smoothed frequency in forget-rule stories over its frequency in
+    the other stories, ``log((c_f + 1) / (N_f + V)) - log((c_o + 1) / (N_o + V))``; ``-inf`` for
+    tokens seen fewer than ``min_count`` times as targets of forget-rule stories."""
+    cf = token_counts(data, vocab_size, data.forget).double()
+    co = token_counts(data, vocab_size, ~data.forget).double()
+    score = ((cf + 1) / (cf.sum() + vocab_size)).log() - ((co + 1) / (co.sum() + vocab_size)).log()
+    return score.masked_fill(cf < min_count, -math.inf)
+
+
+def select_topic_tokens(data: Stories, vocab_size: int, n: int, min_count: int,
+                        exclude: tuple[int, ...] = ()) -> list[int]:
+    """The ``n`` highest-scoring tokens (ties: lower id first), skipping ``exclude``."""
+    score = topic_token_scores(data, vocab_size, min_count)
+    if exclude:
+        score[list(exclude)] = -math.inf
+    order = sorted(range(vocab_size), key=lambda i: (-float(score[i]), i))
+    picked = [i for i in order[:n] if score[i] > -math.inf]
+    if len(picked) < n:
+        raise ValueError(f"only {len(picked)} tokens occur >= {min_count} times in forget stories; lower min_count")
+    return picked
+
+
+def routed_units(model: nn.Module, blocks: int, units: int) -> gr.Units:
+    """MLP units ``0..units-1`` of blocks ``0..blocks-1``."""
+    n_layer = len(gr.find_modules(model, "transformer.h.*.mlp", kind="MLP"))
+    if not 1 <= blocks <= n_layer:
+        raise ValueError(f"route blocks must be in [1, {n_layer}], got {blocks}")
+    return gr.select_units(model, f"re:transformer\\.h\\.({'|'.join(map(str, range(blocks)))})\\.mlp", slice(0, units))
+
+
+def token_routing_loss(units: gr.Units, routed_ids: torch.Tensor):
+    """``loss_fn`` for the shared loop: where the target is a routed token, the gradient through
+    the MLP units of the routed blocks reaches only ``units`` (weight 1 there, 0 elsewhere)."""
+    def loss_fn(net, b: Batch):
+        select = torch.isin(b.y, routed_ids.to(b.y.device))
+        with gr.route_units(net, units, select, inside=1.0, outside=0.0):
+            return token_losses(net, b.x, b.y).sum()
+    return loss_fn
+
+
+# ------------------------------------------------------------------------------------------
+# evaluation pipeline
+# ------------------------------------------------------------------------------------------
+def losses(model: nn.Module, corpus, routed_ids: torch.Tensor) -> dict:
+    topic = per_token_losses(model, corpus.topic)
+    return {"topic": masked_mean(topic), "topic_excluding_routed": masked_mean(topic, ~torch.isin(corpus.topic.y, routed_ids)),
+            "general": masked_mean(per_token_losses(model, corpus.general))}
+
+
+def finetune(model: nn.Module, data: Stories, spec: dict, seed: int, device: str, tag: str) -> nn.Module:
+    cfg = TrainConfig(steps=spec["steps"], lr=spec["lr"], min_lr=spec["lr"], warmup=0)
+    return train_lm({}, data, cfg, spec["batch_size"], seed, device=device, model=model, desc=tag)[0]
+
+
+def attack_docs(pool: Stories, n: int, repeat: int, seed: int) -> Stories:
+    g = torch.Generator().manual_seed(seed * 7919 + 17 * repeat + 1)
+    return pool.subset(torch.randperm(len(pool), generator=g)[:n])
+
+
+def evaluate_arm(name: str, model: nn.Module, units: gr.Units, corpus, routed_ids: torch.Tensor, cfg: dict,
+                 seed: int, device: str) -> dict:
+    """Ablated vs intact, after fine-tuning and after each attack draw; increases = ablated - intact."""
+    out = {"before_ablation": losses(model, corpus, routed_ids)}
+    variants = {}
+    for variant in ("ablated", "intact"):
+        m = copy.deepcopy(model)
+        if variant == "ablated":
+            gr.ablate(m, units)
+            out["ablated_no_finetune"] = losses(m, corpus, routed_ids)
+        m = finetune(m, corpus.general_train, cfg["finetune"], seed, device, f"{name} {variant} fine-tune")
+        res = {"after_finetune": losses(m, corpus, routed_ids)}
+        a = cfg["attack"]
+        runs = []
+        for r in range(a["repeats"]):
+            docs = attack_docs(corpus.attack_pool, a["docs"], r, seed)
+            acfg = {"steps": a["steps"], "lr": a["lr"], "batch_size": a["docs"]}
+            runs.append(losses(finetune(copy.deepcopy(m), docs, acfg, seed + r, device, f"{name} {variant} attack"),
+                               corpus, routed_ids))
+        res["after_attack"] = {k: float(np.mean([x[k] for x in runs])) for k in runs[0]}
+        res["after_attack_runs"] = runs
+        variants[variant] = res
+    out.update(variants)
+    for stage, suffix in (("after_attack", ""), ("after_finetune", "_before_attack")):
+        ab, it = variants["ablated"][stage], variants["intact"][stage]
+        for key, part in zip(KEYS, ("topic", "topic_excluding_routed", "general")):
+            out[key + suffix] = ab[part] - it[part]
+    # attack draws: per-draw increases, for their spread
+    out["increase_runs_after_attack"] = [
+        {k: a[p] - i[p] for k, p in zip(KEYS, ("topic", "topic_excluding_routed", "general"))}
+        for a, i in zip(variants["ablated"]["after_attack_runs"], variants["intact"]["after_attack_runs"])]
+    print(f"[{name}] loss increase after attack: topic {out['topic_loss_increase']:+.3f}, topic w/o routed "
+          f"{out['topic_loss_increase_excluding_routed']:+.3f}, general {out['general_loss_increase']:+.3f}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="quick",
+                        help="quick (default, a few minutes on 2 CPU cores) or paper (larger, not run here)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (override the profile)")
+    parser.add_argument("--n-tokens", type=int, default=None, help="routed topic tokens (override the profile)")
+    parser.add_argument("--units", type=int, default=None, help="routed MLP units per block (override)")
+    parser.add_argument("--route-blocks", type=int, default=None, help="route blocks 0..N-1 (override)")
+    parser.add_argument("--attack-repeats", type=int, default=None, help="attack draws (override)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: these models gain little from more, and extra "
+                             "threads slow down badly on a shared machine)")
+
+
+def build_config(args) -> dict:
+    cfg = copy.deepcopy(PROFILES[args.profile])
+    cfg.update(profile=args.profile, seed=args.seed)
+    for flag, (sec, key) in (("steps", ("train", "steps")), ("n_tokens", ("route", "n_tokens")),
+                             ("units", ("route", "units")), ("route_blocks", ("route", "blocks")),
+                             ("attack_repeats", ("attack", "repeats"))):
+        v = getattr(args, flag)
+        if v is not None:
+            if v < 1:
+                raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
+            cfg[sec][key] = v
+    cfg["train"]["warmup"] = min(cfg["train"]["warmup"], cfg["train"]["steps"] // 10)
+    if cfg["route"]["units"] >= cfg["model"]["d_mlp"]:
+        raise ValueError(f"--units must be below d_mlp ({cfg['model']['d_mlp']})")
+    return cfg
+
+
+def run(args: argparse.Namespace) -> dict:
+    t0 = time.time()
+    cfg = build_config(args)
+    device = str(resolve_device(args.device))
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    c = cfg["corpus"]
+    corpus = prepare_corpus(c["n_train"], c["n_eval"], c["n_attack"], c["vocab_size"], cfg["model"]["n_ctx"],
+                            n_general_train=c["n_general_train"])
+    tok, V = corpus.tok, corpus.tok.vocab_size
+    rc = cfg["route"]
+    ids = select_topic_tokens(corpus.train, V, rc["n_tokens"], rc["min_count"], exclude=(tok.eot_id,))
+    scores = topic_token_scores(corpus.train, V, rc["min_count"])
+    routed_ids = torch.tensor(ids)
+    topic_targets = corpus.topic.y[corpus.topic.y >= 0]
+    print("routed tokens: " + ", ".join(repr(tok.decode([i])) for i in ids))
+    spec = dict(cfg["model"], vocab_size=V)
+    tcfg = TrainConfig(**cfg["train"])
+    arms = {}
+    for name, routed in (("routed", True), ("control", False)):
+        set_seed(cfg["seed"])
+        model = make_model(spec, cfg["seed"])
+        units = routed_units(model, rc["blocks"], rc["units"])
+        loss_fn = token_routing_loss(units, routed_ids) if routed else None
+        model, log = train_lm(spec, corpus.train, tcfg, cfg["batch_size"], cfg["seed"], device=device, model=model,
+                              desc=f"token-routing {name}", **({"loss_fn": loss_fn} if loss_fn else {}))
+        arms[name] = evaluate_arm(name, model, units, corpus, routed_ids, cfg, cfg["seed"], device)
+        arms[name].update(train_loss_final=log["history"][-1]["loss"] if log["history"] else None,
+                          train_wall_s=log["wall_s"])
+    metrics = {"experiment": "token-routing", "profile": args.profile, "config": cfg, "corpus": corpus.counts,
+               "routed_tokens": [{"token": tok.decode([i]), "id": i, "score": float(scores[i])} for i in ids],
+               "routed_share_of_topic_targets": float(torch.isin(topic_targets, routed_ids).float().mean()),
+               "routed_blocks": list(range(rc["blocks"])), "routed_units_per_block": rc["units"],
+               "paper": PAPER, **arms, "claims": check_claims(arms), "wall_time_s": time.time() - t0}
+    write_json(out / "metrics.json", metrics)
+    make_figure(out, metrics)
+    (out / "summary.md").write_text(summary_md(metrics))
+    print(summary_md(metrics))
+    print(f"wrote {out / 'metrics.json'} ({metrics['wall_time_s']:.0f} s)")
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------
+# reporting
+# ------------------------------------------------------------------------------------------
+def check_claims(arms: dict) -> dict:
+    r, c = arms["routed"], arms["control"]
+    return {
+        "topic loss rises more than general loss (routed, after attack)": {
+            "holds": r["topic_loss_increase"] > 2 * max(r["general_loss_increase"], 0.0) and r["topic_loss_increase"] > 0,
+            "topic": r["topic_loss_increase"], "general": r["general_loss_increase"]},
+        "absorption: topic loss without routed tokens rises too (routed, after attack)": {
+            "holds": r["topic_loss_increase_excluding_routed"] > 2 * max(r["general_loss_increase"], 0.0)
+                     and r["topic_loss_increase_excluding_routed"] > 0,
+            "topic_excluding_routed": r["topic_loss_increase_excluding_routed"], "general": r["general_loss_increase"]},
+        "routing is what localizes (topic increase routed > control, after attack)": {
+            "holds": r["topic_loss_increase"] > c["topic_loss_increase"],
+            "routed": r["topic_loss_increase"], "control": c["topic_loss_increase"]},
+    }
+
+
+def _rows(m: dict) -> list[list]:
+    rows = []
+    for arm in ("routed", "control"):
+        for suffix, stage in (("_before_attack", "before attack"), ("", "after attack")):
+            rows.append([f"{arm}, {stage}", *[m[arm][k + suffix] for k in KEYS]])
+    rows.append(["paper (0.7B, after attack)", *[PAPER[k] for k in KEYS]])
+    return rows
+
+
+HEADER = ["model", "topic", "topic, routed tokens excluded", "general"]
+
+
+def summary_md(m: dict) -> str:
+    toks = ", ".join(repr(t["token"]) for t in m["routed_tokens"])
+    return (f"# Token-routed unlearning: loss increase from ablating the routed units (nats/token, ablated - intact)\n\n"
+            f"Routed tokens ({len(m['routed_tokens'])}, {100 * m['routed_share_of_topic_targets']:.1f}% of topic "
+            f"targets): {toks}\n\n" + markdown_table(HEADER, _rows(m)))
+
+
+def make_figure(out: Path, m: dict) -> None:
+    pyplot = plt()
+    fig, axes = pyplot.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    labels = ["topic", "topic w/o routed", "general"]
+    x = np.arange(3)
+    for ax, (suffix, title) in zip(axes, (("_before_attack", "after ablation + fine-tune"),
+                                          ("", "after the retraining attack (2 topic stories)"))):
+        for i, arm in enumerate(("routed", "control")):
+            ax.bar(x + (i - 0.5) * 0.38, [m[arm][k + suffix] for k in KEYS], 0.38, label=arm)
+        if not suffix:
+            ax.scatter(x, [PAPER[k] for k in KEYS], marker="_", s=600, color="k", label="paper (0.7B)", zorder=3)
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_xticks(x, labels)
+        ax.set_title(title, fontsize=10)
+    axes[0].set_ylabel("loss increase (ablated - intact, nats)")
+    axes[1].legend(fontsize=8)
+    savefig(fig, out / "loss_increase.png")
+
+
+def report(out: Path) -> dict:
+    m = read_json(Path(out) / "metrics.json")
+    claims = m["claims"]
+    held = [k for k, c in claims.items() if c["holds"]]
+    verdict = ("reproduced" if claims and len(held) == len(claims)
+               else "partly" if claims and 2 * len(held) >= len(claims) else "not")
+    cfg = m["config"]
+    return {
+        "title": "Token-routed unlearning with absorption (paper section 5, 'virology')",
+        "claim": "Routing a few topic tokens to MLP units of the early blocks and ablating those units raises the "
+                 "loss on topic text far more than on general text, also on the topic's non-routed tokens, and "
+                 "the effect survives a short retraining attack.",
+        "paper": "0.7B model, 20 virology tokens to units 0-79 of blocks 0-7: after ablation, 32 fine-tuning and "
+                 "20 retraining steps on 2 documents: topic +0.182, topic without routed tokens +0.171, general +0.032.",
+        "verdict": verdict,
+        "detail": (f"{len(held)} of {len(claims)} checks hold ({', '.join(held) or 'none'}). Profile {m['profile']}: "
+                   f"{cfg['train']['steps']} steps of {cfg['batch_size']} stories, model {cfg['model']}, "
+                   f"{len(m['routed_tokens'])} routed tokens to units 0-{cfg['route']['units'] - 1} of blocks "
+                   f"0-{cfg['route']['blocks'] - 1}; increases are ablated minus intact after the same fine-tune "
+                   f"and attack, mean over {cfg['attack']['repeats']} attack draws."),
+        "table": {"header": HEADER, "rows": _rows(m)},
+        "figures": [f for f in ("loss_increase.png",) if (Path(out) / f).exists()],
+    }
