@@ -18,6 +18,8 @@ EXPERIMENTS = {
     "mnist": "gradroute.experiments.mnist",
     "gridworld": "gradroute.experiments.gridworld",
     "lm-unlearning": "gradroute.experiments.lm_unlearning",
+    "steering": "gradroute.experiments.steering",
+    "token-routing": "gradroute.experiments.token_routing",
 }
 
 
