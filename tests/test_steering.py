@@ -15,6 +15,7 @@ TINY = dict(
     model=dict(n_ctx=48, n_layer=3, n_head=2, d_model=16, d_mlp=32),
     train=dict(steps=2, lr=1e-2, warmup=1), batch_size=8,
     hf_steps=2, samples=2, sample_tokens=4, top_k=5)
+FLAGS = ["--steer-scales", "1", "4"]
 
 
 def _batch(y):
@@ -93,14 +94,16 @@ def tiny(monkeypatch, tmp_path):
 
 def test_end_to_end_and_report(tiny, tmp_path):
     out = tmp_path / "out"
-    assert main(["run", "steering", "--profile", "tiny", "--out", str(out), "--device", "cpu"]) == 0
+    assert main(["run", "steering", "--profile", "tiny", "--out", str(out), "--device", "cpu", *FLAGS]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert set(m["models"]) == {"routed", "control", "hf_gpt2_routed"}
     for r in m["models"].values():
         assert {"top_tokens", "zero_dim0", "steering"} <= set(r)
         assert len(r["top_tokens"]["positive"]) == 5 and r["top_tokens"]["sign"] in (1, -1)
         assert {"target", "related", "other"} == set(r["zero_dim0"])
-        assert {"unsteered", "steered", "steered_opposite_sign"} == set(r["steering"])
+        assert {"unsteered", "sweep", "best"} == set(r["steering"])
+        assert [x["scale"] for x in r["steering"]["sweep"]] == [1.0, 4.0]
+        assert r["steering"]["unsteered"]["samples"] == 2
     assert m["target"]["word"] not in m["related_words"]
     for f in ("top_tokens.png", "ablation_and_steering.png", "summary.md"):
         assert (out / f).is_file(), f
