@@ -115,3 +115,16 @@ def test_end_to_end_and_report(tiny, tmp_path):
 def test_bad_token(tiny, tmp_path):
     with pytest.raises(ValueError, match="single-token"):
         main(["run", "steering", "--profile", "tiny", "--out", str(tmp_path), "--token", "Supercalifragilistic"])
+
+
+def test_sample_many_matches_sample_when_greedy(tmp_path):
+    from gradroute.lm.corpus import generate_stories
+    from gradroute.lm.evaluate import sample, sample_many
+    from gradroute.lm.tokenizer import get_tokenizer
+
+    tok = get_tokenizer("bpe", texts=generate_stories(50), vocab_size=300, cache=tmp_path)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_ctx=32, n_layer=1, n_head=2, d_model=16, d_mlp=16))
+    many = sample_many(model, tok, "Once upon", n=3, max_new=6, temperature=0)
+    assert many == [sample(model, tok, "Once upon", max_new=6, temperature=0)] * 3
+    assert len(set(sample_many(model, tok, "Once upon", n=4, max_new=6, seed=1))) > 1

@@ -112,3 +112,32 @@ def sample(model: nn.Module, tok: Tokenizer, prompt: str = SAMPLE_PROMPT, max_ne
 def _context(model: nn.Module) -> int:
     cfg = getattr(model, "config", None)
     return getattr(cfg, "n_ctx", None) or getattr(cfg, "n_positions", None) or 1024
+
+
+@torch.no_grad()
+def sample_many(model: nn.Module, tok: Tokenizer, prompt: str = SAMPLE_PROMPT, n: int = 8, max_new: int = 40,
+                temperature: float = 0.8, seed: int = 0) -> list[str]:
+    """``n`` continuations of ``prompt`` sampled together as one batch (seeded; ``temperature=0``
+    is greedy); each is cut at its first ``<|endoftext|>``. Returns the full texts."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    was = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    ids = torch.tensor([tok.encode(prompt)] * n, device=dev)
+    n_ctx = _context(model)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    for _ in range(max_new):
+        last = logits(model, ids[:, -n_ctx:])[:, -1].float().cpu()
+        nxt = last.argmax(-1) if temperature <= 0 else \
+            torch.multinomial(torch.softmax(last / temperature, -1), 1, generator=g).squeeze(1)
+        ids = torch.cat([ids, nxt.view(-1, 1).to(dev)], 1)
+        if bool((ids == tok.eot_id).any(1).all()):
+            break
+    model.train(was)
+    out = []
+    for row in ids.tolist():
+        if tok.eot_id in row:
+            row = row[: row.index(tok.eot_id)]
+        out.append(tok.decode(row))
+    return out
