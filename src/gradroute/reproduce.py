@@ -243,7 +243,7 @@ def write_report(out: Path, names: list[str], profile: str) -> tuple[Path, Path]
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:.3em .6em;text-align:right}
-th{background:#eee}td:first-child{text-align:left}img{max-width:100%;border:1px solid #ddd;margin:.5em 0}
+th{background:#eee}td.t{text-align:left}img{max-width:100%;border:1px solid #ddd;margin:.5em 0}
 .reproduced{color:#176317;font-weight:bold}.partly{color:#9a6700;font-weight:bold}.not{color:#b42318;font-weight:bold}
 code{background:#f4f4f4;padding:.1em .3em}"""
 
@@ -280,7 +280,8 @@ def _html(sections: list[dict], profile: str, out: Path) -> str:
             t = s["table"]
             fmt = lambda c: f"{c:.3f}" if isinstance(c, float) else str(c)
             parts.append("<table><tr>" + "".join(f"<th>{e(str(h))}</th>" for h in t["header"]) + "</tr>")
-            parts += ["<tr>" + "".join(f"<td>{e(fmt(c))}</td>" for c in r) + "</tr>" for r in t["rows"]]
+            cell = lambda c: f"<td>{e(fmt(c))}</td>" if isinstance(c, (int, float)) else f"<td class='t'>{e(str(c))}</td>"
+            parts += ["<tr>" + "".join(cell(c) for c in r) + "</tr>" for r in t["rows"]]
             parts.append("</table>")
         for f in s.get("figures", []):
             data = base64.b64encode((out / s["name"] / f).read_bytes()).decode()
