@@ -49,8 +49,10 @@ PROFILES = {
         model=dict(n_ctx=96, n_layer=4, n_head=4, d_model=64, d_mlp=256),
         train=dict(steps=300, lr=3e-3, warmup=20), batch_size=24,
         route=dict(n_tokens=16, min_count=20, blocks=2, units=32),
-        finetune=dict(steps=32, lr=3e-4, batch_size=8),
-        attack=dict(docs=2, steps=20, lr=3e-4, repeats=3)),
+        # fine-tune / attack lr: at 3e-4 (or 1e-4) the fine-tune alone raised the *intact* model's topic
+        # loss by 0.1 (0.03) and 20 steps on 2 stories by 0.4 (0.1); at 3e-5 both leave it near where it was
+        finetune=dict(steps=32, lr=3e-5, batch_size=8),
+        attack=dict(docs=2, steps=20, lr=3e-5, repeats=3)),
     # the paper's schedule after training (32 fine-tuning steps, 20 attack steps on 2 documents)
     # on a larger model (not run here)
     "paper": dict(
@@ -58,8 +60,8 @@ PROFILES = {
         model=dict(n_ctx=256, n_layer=8, n_head=8, d_model=256, d_mlp=1024),
         train=dict(steps=3000, lr=1e-3, warmup=100), batch_size=64,
         route=dict(n_tokens=20, min_count=50, blocks=4, units=80),
-        finetune=dict(steps=32, lr=1e-4, batch_size=32),
-        attack=dict(docs=2, steps=20, lr=1e-4, repeats=5)),
+        finetune=dict(steps=32, lr=5e-5, batch_size=32),
+        attack=dict(docs=2, steps=20, lr=5e-5, repeats=5)),
 }
 PAPER = {"topic_loss_increase": 0.182, "topic_loss_increase_excluding_routed": 0.171, "general_loss_increase": 0.032}
 KEYS = ("topic_loss_increase", "topic_loss_increase_excluding_routed", "general_loss_increase")
