@@ -106,3 +106,12 @@ def test_html_renders_with_images_in_chromium(tmp_path, fakes):
                           f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom",
                           (tmp_path / "report.html").as_uri()], capture_output=True, text=True, timeout=120).stdout
     assert 'data-images="2/2"' in dom
+
+
+def test_claim_verdict_rule():
+    from gradroute.utils import claim_verdict
+
+    assert claim_verdict([True, True]) == "reproduced"
+    assert claim_verdict([True, False]) == "partly"
+    assert claim_verdict([True, False, False]) == "not"
+    assert claim_verdict([]) == "not"

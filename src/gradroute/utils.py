@@ -115,3 +115,13 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(c) for c in r) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def claim_verdict(checks: Sequence[bool]) -> str:
+    """A report verdict from claim checks: all hold -> 'reproduced', at least half -> 'partly',
+    fewer (or no checks at all) -> 'not'."""
+    checks = list(checks)
+    held = sum(bool(c) for c in checks)
+    if checks and held == len(checks):
+        return "reproduced"
+    return "partly" if checks and 2 * held >= len(checks) else "not"

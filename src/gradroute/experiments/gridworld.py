@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from gradroute import route
 from gradroute.envs.gridworld import DIAMOND, GHOST, GridworldVecEnv, manhattan
 from gradroute.sweep import run_jobs, split_finished
-from gradroute.utils import (markdown_table, mean_ci, plt, progress, read_json, resolve_device,
+from gradroute.utils import (claim_verdict, markdown_table, mean_ci, plt, progress, read_json, resolve_device,
                              savefig, set_seed, write_json)
 
 DESCRIPTION = ("Scalable oversight in a 5x5 gridworld: gradient-routed two-expert policy vs "
@@ -514,9 +514,7 @@ def report(out: Path) -> dict:
             for meth in METHODS if meth in summary]
     rows.append(["third-party re-run (paper setup)", *[{"0.05": 0.49, "0.1": 0.54, "0.3": 0.60}.get(p, "") for p in ps]])
     held = [k for k, c in claims.items() if c["holds_on_means"]]
-    # all checks hold: reproduced; at least half: partly; fewer: not
-    verdict = ("reproduced" if claims and len(held) == len(claims)
-               else "partly" if claims and 2 * len(held) >= len(claims) else "not")
+    verdict = claim_verdict([c["holds_on_means"] for c in claims.values()])
     cfg = m["config"]
     steps = cfg["updates"] * cfg["num_envs"] * cfg["num_steps"]
     return {

@@ -39,7 +39,7 @@ from gradroute.lm.evaluate import SAMPLE_PROMPT, evaluate, retraining_attack, sa
 from gradroute.lm.tokenizer import get_tokenizer
 from gradroute.lm.train import TrainConfig, init_distributed, rank_world
 from gradroute.sweep import run_jobs, split_finished
-from gradroute.utils import (markdown_table, mean_ci, plt, read_json, resolve_device, savefig,
+from gradroute.utils import (claim_verdict, markdown_table, mean_ci, plt, read_json, resolve_device, savefig,
                              set_seed, write_json)
 
 DESCRIPTION = ("LM unlearning under partial labels: base, data filtering, ERA, parameter routing, "
@@ -412,8 +412,7 @@ def report(out: Path) -> dict:
             for key, short in (("forget_loss_after_attack", "forget after attack"), ("retain_loss", "retain"))
             for meth in M.METHODS if meth in summary]
     held = [k for k, c in claims.items() if c["holds"]]
-    verdict = ("reproduced" if claims and len(held) == len(claims)
-               else "partly" if claims and 2 * len(held) >= len(claims) else "not")
+    verdict = claim_verdict([c["holds"] for c in claims.values()])
     cfg = m["config"]
     return {
         "title": "Language-model unlearning under partial labels (paper section 3, + parameter routing)",

