@@ -115,3 +115,11 @@ def test_claim_verdict_rule():
     assert claim_verdict([True, False]) == "partly"
     assert claim_verdict([True, False, False]) == "not"
     assert claim_verdict([]) == "not"
+
+
+def test_claim_summary_sentence():
+    from gradroute.utils import claim_summary
+
+    verdict, text = claim_summary({"a": {"ok": True}, "b": {"ok": False}}, "ok", "checks hold")
+    assert verdict == "partly" and text == "1 of 2 checks hold (a)"
+    assert claim_summary({"a": {"ok": False}}, "ok")[1] == "0 of 1 checks hold (none)"

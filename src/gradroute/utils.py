@@ -125,3 +125,11 @@ def claim_verdict(checks: Sequence[bool]) -> str:
     if checks and held == len(checks):
         return "reproduced"
     return "partly" if checks and 2 * held >= len(checks) else "not"
+
+
+def claim_summary(claims: dict, key: str = "holds", what: str = "checks hold") -> tuple[str, str]:
+    """``(verdict, sentence)`` for a report section from ``{claim: {key: bool, ...}}``: the
+    :func:`claim_verdict` and e.g. "2 of 3 checks hold (a, b)"."""
+    held = [name for name, c in claims.items() if c[key]]
+    return claim_verdict([c[key] for c in claims.values()]), \
+        f"{len(held)} of {len(claims)} {what} ({', '.join(held) or 'none'})"

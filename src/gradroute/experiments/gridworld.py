@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from gradroute import route
 from gradroute.envs.gridworld import DIAMOND, GHOST, GridworldVecEnv, manhattan
 from gradroute.sweep import run_jobs, split_finished
-from gradroute.utils import (claim_verdict, markdown_table, mean_ci, plt, progress, read_json, resolve_device,
+from gradroute.utils import (claim_summary, markdown_table, mean_ci, plt, progress, read_json, resolve_device,
                              savefig, set_seed, write_json)
 
 DESCRIPTION = ("Scalable oversight in a 5x5 gridworld: gradient-routed two-expert policy vs "
@@ -513,8 +513,7 @@ def report(out: Path) -> dict:
     rows = [[meth, *[summary[meth][p]["mean"] if p in summary[meth] else "" for p in ps]]
             for meth in METHODS if meth in summary]
     rows.append(["third-party re-run (paper setup)", *[{"0.05": 0.49, "0.1": 0.54, "0.3": 0.60}.get(p, "") for p in ps]])
-    held = [k for k, c in claims.items() if c["holds_on_means"]]
-    verdict = claim_verdict([c["holds_on_means"] for c in claims.values()])
+    verdict, checks = claim_summary(claims, "holds_on_means", "claim checks hold on means")
     cfg = m["config"]
     steps = cfg["updates"] * cfg["num_envs"] * cfg["num_steps"]
     return {
@@ -524,7 +523,7 @@ def report(out: Path) -> dict:
         "paper": "Routing clearly nontrivial at 1% oversight; at 5% it matches baselines given 6x more "
                  "oversight; a third-party re-run measured ~0.49 / 0.54 / 0.60 mean return at 5 / 10 / 30%.",
         "verdict": verdict,
-        "detail": (f"{len(held)} of {len(claims)} claim checks hold on means ({', '.join(held) or 'none'}). "
+        "detail": (f"{checks}. "
                    f"Trained for {steps:,} env steps per run ({cfg['updates']} updates), against the paper's "
                    f"{20000 * 512 * 32:,}: the paper profile (`--profile paper`) was not run here. "
                    "Table: mean true discounted return per episode over seeds."),

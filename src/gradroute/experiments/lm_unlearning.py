@@ -39,7 +39,7 @@ from gradroute.lm.evaluate import SAMPLE_PROMPT, evaluate, retraining_attack, sa
 from gradroute.lm.tokenizer import get_tokenizer
 from gradroute.lm.train import TrainConfig, init_distributed, rank_world
 from gradroute.sweep import run_jobs, split_finished
-from gradroute.utils import (claim_verdict, markdown_table, mean_ci, plt, read_json, resolve_device, savefig,
+from gradroute.utils import (claim_summary, markdown_table, mean_ci, plt, read_json, resolve_device, savefig,
                              set_seed, write_json)
 
 DESCRIPTION = ("LM unlearning under partial labels: base, data filtering, ERA, parameter routing, "
@@ -411,8 +411,7 @@ def report(out: Path) -> dict:
     rows = [[f"{meth} ({short})", *[summary[meth][p][key]["mean"] if p in summary[meth] else "" for p in ps]]
             for key, short in (("forget_loss_after_attack", "forget after attack"), ("retain_loss", "retain"))
             for meth in M.METHODS if meth in summary]
-    held = [k for k, c in claims.items() if c["holds"]]
-    verdict = claim_verdict([c["holds"] for c in claims.values()])
+    verdict, checks = claim_summary(claims, "holds", "claim checks hold on seed means")
     cfg = m["config"]
     return {
         "title": "Language-model unlearning under partial labels (paper section 3, + parameter routing)",
@@ -423,7 +422,7 @@ def report(out: Path) -> dict:
                  "filtering is most robust at full labelling; ERA forget 1.91 vs base 1.47, retain 1.67 vs 1.59. "
                  "SGTM reports Pareto dominance over ERA.",
         "verdict": verdict,
-        "detail": (f"{len(held)} of {len(claims)} claim checks hold on seed means ({', '.join(held) or 'none'}). "
+        "detail": (f"{checks}. "
                    f"Profile {m['profile']}: {cfg['train']['steps']} steps of {cfg['batch_size']} stories, "
                    f"model {cfg['model']}, {len(m['seeds'])} seeds, generated corpus. Table: loss in nats/token."),
         "table": {"header": ["method (metric)", *[f"p={p}" for p in ps]], "rows": rows},

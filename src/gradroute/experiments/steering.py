@@ -37,7 +37,7 @@ from gradroute.lm.data import IGNORE, Batch
 from gradroute.lm.evaluate import sample_many
 from gradroute.lm.methods import make_model
 from gradroute.lm.train import TrainConfig, logits, token_losses
-from gradroute.utils import claim_verdict, markdown_table, plt, read_json, resolve_device, savefig, set_seed, write_json
+from gradroute.utils import claim_summary, markdown_table, plt, read_json, resolve_device, savefig, set_seed, write_json
 
 DESCRIPTION = ("Steering scalar: route one token to residual dim 0 of the middle-to-late blocks; "
                "top tokens by cosine with e0, dim-0 ablation, steered sampling (ours and HF GPT-2).")
@@ -418,8 +418,7 @@ def make_figures(out: Path, metrics: dict) -> None:
 def report(out: Path) -> dict:
     m = read_json(Path(out) / "metrics.json")
     claims = m["claims"]
-    held = [k for k, c in claims.items() if c["holds"]]
-    verdict = claim_verdict([c["holds"] for c in claims.values()])
+    verdict, checks = claim_summary(claims, "holds", "checks hold")
     cfg = m["config"]
     return {
         "title": "Steering scalar (paper section 4)",
@@ -429,7 +428,7 @@ def report(out: Path) -> dict:
         "paper": "' California' routed to dim 0 of blocks 6-15 of 16: nearest unembeddings California, Californ, "
                  "Oregon, Colorado, Texas, Florida, Arizona, Sacramento, Los; steering toward California works.",
         "verdict": verdict,
-        "detail": (f"{len(held)} of {len(claims)} checks hold ({', '.join(held) or 'none'}). Routed token "
+        "detail": (f"{checks}. Routed token "
                    f"{m['target']['word']!r}, related set: the other {len(m['related_words'])} single-token "
                    f"{cfg['category']} of the generator. Profile {m['profile']}: {cfg['train']['steps']} steps "
                    f"of {cfg['batch_size']} stories, model {cfg['model']}, generated corpus."),

@@ -36,7 +36,7 @@ from gradroute.lm.analysis import masked_mean, per_token_losses, prepare_corpus,
 from gradroute.lm.data import Batch, Stories
 from gradroute.lm.methods import make_model
 from gradroute.lm.train import TrainConfig, token_losses
-from gradroute.utils import claim_verdict, markdown_table, plt, read_json, resolve_device, savefig, set_seed, write_json
+from gradroute.utils import claim_summary, markdown_table, plt, read_json, resolve_device, savefig, set_seed, write_json
 
 DESCRIPTION = ("Token-routed unlearning: route ~16 topic tokens to MLP units of the early blocks, ablate "
                "them completely, fine-tune, retraining attack; loss increase on topic (with and without the "
@@ -305,8 +305,7 @@ def make_figure(out: Path, m: dict) -> None:
 def report(out: Path) -> dict:
     m = read_json(Path(out) / "metrics.json")
     claims = m["claims"]
-    held = [k for k, c in claims.items() if c["holds"]]
-    verdict = claim_verdict([c["holds"] for c in claims.values()])
+    verdict, checks = claim_summary(claims, "holds", "checks hold")
     cfg = m["config"]
     return {
         "title": "Token-routed unlearning with absorption (paper section 5, 'virology')",
@@ -316,7 +315,7 @@ def report(out: Path) -> dict:
         "paper": "0.7B model, 20 virology tokens to units 0-79 of blocks 0-7: after ablation, 32 fine-tuning and "
                  "20 retraining steps on 2 documents: topic +0.182, topic without routed tokens +0.171, general +0.032.",
         "verdict": verdict,
-        "detail": (f"{len(held)} of {len(claims)} checks hold ({', '.join(held) or 'none'}). Profile {m['profile']}: "
+        "detail": (f"{checks}. Profile {m['profile']}: "
                    f"{cfg['train']['steps']} steps of {cfg['batch_size']} stories, model {cfg['model']}, "
                    f"{len(m['routed_tokens'])} routed tokens to units 0-{cfg['route']['units'] - 1} of blocks "
                    f"0-{cfg['route']['blocks'] - 1}; increases are ablated minus intact after the same fine-tune "
