@@ -50,6 +50,7 @@ def worker(rank, port, path, mode, forget_first=False):
         step(ddp, units, ids[sl], forget[sl], mode)
         if rank == 0:
             torch.save({n: p.grad for n, p in model.named_parameters()}, path)
+        dist.barrier()  # both ranks done communicating before the group is torn down
     finally:
         dist.destroy_process_group()
 

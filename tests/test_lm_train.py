@@ -127,6 +127,7 @@ def _ddp_worker(rank, port, path):
             out[mode] = _train_for_ddp.model.state_dict()
         if rank == 0:
             torch.save(out, path)
+        dist.barrier()  # both ranks done communicating before the group is torn down
     finally:
         dist.destroy_process_group()
 
