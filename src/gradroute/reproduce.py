@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from . import experiments
-from .utils import read_json, write_json
+from .utils import markdown_table, read_json, write_json
 
 PROFILES = ("demo", "quick", "paper")
 
@@ -203,14 +203,6 @@ def collect(out: Path, names: list[str]) -> list[dict]:
     return sections
 
 
-def _md_table(table: dict) -> str:
-    head, rows = table["header"], table["rows"]
-    fmt = lambda c: f"{c:.3f}" if isinstance(c, float) else str(c)
-    lines = ["| " + " | ".join(map(str, head)) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(fmt(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def write_report(out: Path, names: list[str], profile: str) -> tuple[Path, Path]:
     sections = collect(out, names)
     md = [f"# gradroute: reproduction report ({profile} profile)\n",
@@ -229,7 +221,7 @@ def write_report(out: Path, names: list[str], profile: str) -> tuple[Path, Path]
                 md.append(f"**{label}:** {s[key]}\n")
         md.append(f"**Verdict: {s.get('verdict')}.** {s.get('detail', '')}\n")
         if s.get("table"):
-            md.append(_md_table(s["table"]) + "\n")
+            md.append(markdown_table([str(h) for h in s["table"]["header"]], s["table"]["rows"]))
         for f in s.get("figures", []):
             md.append(f"![{f}]({s['name']}/{f})\n")
         d = s["done"]
