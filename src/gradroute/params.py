@@ -251,10 +251,14 @@ class ParamRouter:
                 raise ValueError(f"parameter routing: {name} received input of shape {tuple(x.shape)}, whose "
                                  f"leading dims do not match the routing masks' shape {lead}")
             x = x.expand(*lead, *x.shape[len(lead):])
-        f = self._state["forget"].to(x.device).reshape(-1)
-        z = self._state["zero"].to(x.device).reshape(-1)
-        idx = torch.arange(f.numel(), device=x.device)
-        return x, idx[f], idx[z], idx[~(f | z)]
+        groups = self._state.setdefault("groups", {})  # the same for every module of the pass
+        key = str(x.device)
+        if key not in groups:
+            f = self._state["forget"].to(x.device).reshape(-1)
+            z = self._state["zero"].to(x.device).reshape(-1)
+            idx = torch.arange(f.numel(), device=x.device)
+            groups[key] = (idx[f], idx[z], idx[~(f | z)])
+        return (x, *groups[key])
 
     def _linear_rows(self, f, z, n, reps: int, device):
         """Row groups of a linear layer's flattened input (positions expanded), as slices when
