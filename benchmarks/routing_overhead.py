@@ -46,6 +46,7 @@ def build_models(device):
     return {k: (m.to(device), p, f) for k, (m, p, f) in models.items()}
 
 
+@contextlib.contextmanager
 def formula_routing(model, units, select):
     """The paper's formula at the same edges route_units uses (reference for cost)."""
     from gradroute.adapters import mlp_parts
@@ -101,8 +102,7 @@ def main(argv=None):
             "plain": lambda: contextlib.nullcontext(),
             "activation": lambda: gr.route_units(model, units, forget_tok.to(device), outside=-0.75),
             "parameter": lambda: router(forget=forget_ex.to(device)),
-            "formula": lambda: contextlib.contextmanager(formula_routing)(model, units,
-                                                                        forget_tok.to(device)),
+            "formula": lambda: formula_routing(model, units, forget_tok.to(device)),
         }
         times = {k: [] for k in contexts}
         mem = {}
