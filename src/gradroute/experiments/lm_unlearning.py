@@ -33,6 +33,7 @@ import torch
 
 import gradroute as gr
 from gradroute.lm import methods as M
+from gradroute.lm import user_corpus
 from gradroute.lm.corpus import load_corpus, split_counts
 from gradroute.lm.data import encode_stories
 from gradroute.lm.evaluate import SAMPLE_PROMPT, evaluate, retraining_attack, sample
@@ -77,6 +78,8 @@ def _prepare(cfg_key: str):
     import json
 
     cfg = json.loads(cfg_key)
+    if "user_data" in cfg:                      # a user's corpus and forget rule (issue 12)
+        return user_corpus.prepare(cfg)
     c = cfg["corpus"]
     train_texts = load_corpus(cfg["source"], c["n_train"], seed=TRAIN_STREAM)
     # held-out stories: a different generated stream, or the stories after the training ones
@@ -103,7 +106,8 @@ def _prepare(cfg_key: str):
 def _cfg_key(cfg: dict) -> str:
     import json
 
-    return json.dumps({k: cfg[k] for k in ("source", "corpus", "tokenizer", "vocab_size", "model")}, sort_keys=True)
+    return json.dumps({k: cfg[k] for k in ("source", "corpus", "tokenizer", "vocab_size", "model", "user_data")
+                       if k in cfg}, sort_keys=True)
 
 
 # ------------------------------------------------------------------------------------------
@@ -137,6 +141,7 @@ def run_one(method: str, p: float | None, seed: int, cfg: dict, out: Path, devic
     result = {"method": method, "labelled_fraction": p, "seed": seed, "config": cfg,
               "labelled_stories": int(labelled.sum()), "forget_stories": int(train_data.forget.sum())}
     ev = evaluate(model, sets["retain"], sets["forget"])
+    ev.update(user_corpus.extra_metrics(model, sets))     # topic_loss with --topic-field
     samples = {"final": sample(model, tok, SAMPLE_PROMPT, seed=seed)}
     if "before_ablation" in info:
         pre = info["before_ablation"].to(device)
@@ -163,6 +168,8 @@ def run_one(method: str, p: float | None, seed: int, cfg: dict, out: Path, devic
         if method == "base":
             (out / "models").mkdir(parents=True, exist_ok=True)
             torch.save(model.state_dict(), out / "models" / f"base_s{seed}.pt")
+        if cfg.get("user_data", {}).get("save_models"):
+            result["saved_model"] = str(user_corpus.save_model(model, tok, out / "models" / name))
         write_json(_run_path(out, method, p, seed), result)
     return result
 
@@ -188,6 +195,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attack-repeats", type=int, default=None, help="override the profile")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="parallel training processes on CPU (1 = in this process; forced under torchrun)")
+    user_corpus.add_arguments(parser)
 
 
 def build_config(args: argparse.Namespace) -> dict:
@@ -209,6 +217,8 @@ def build_config(args: argparse.Namespace) -> dict:
     bad = [p for p in args.fractions if not 0.0 <= p <= 1.0]
     if bad:
         raise ValueError(f"--fractions must be in [0, 1], got {bad}")
+    if user_corpus.is_user_corpus(args.corpus):
+        user_corpus.configure(cfg, args)
     return cfg
 
 
@@ -259,6 +269,8 @@ def run(args: argparse.Namespace) -> dict:
     write_json(out / "metrics.json", metrics)
     (out / "summary.md").write_text(summary_tables(summary))
     (out / "samples.md").write_text(samples_md(results))
+    if "user_data" in cfg:
+        (out / "evaluation.md").write_text(user_corpus.evaluation_table(runs))
     make_figures(out, summary, results)
     print(summary_tables(summary))
     print(f"wrote {out / 'metrics.json'} ({metrics['wall_time_s']:.0f} s)")

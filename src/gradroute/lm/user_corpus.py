@@ -1,0 +1,209 @@
+"""``gradroute run lm-unlearning --corpus PATH``: the user's corpus, forget rule and held-out
+sets, for the experiment in :mod:`gradroute.experiments.lm_unlearning`.
+
+    gradroute run lm-unlearning --corpus docs.jsonl --forget-words tree forest --fractions 1
+    gradroute run lm-unlearning --corpus docs/ --label-field label --topic-field topic \\
+        --arch hf-gpt2 --save-models --methods base filtering era param_routing --fractions 1
+
+Steps (each cached under ``$GRADROUTE_CACHE/corpora``, keyed by the files' sizes and times,
+the rule, the split and the tokenizer): one pass labels every document (:mod:`.labels`), the
+held-out sets are drawn by counts (:mod:`.splits`), a BPE is trained on (up to 20,000)
+training documents, and one more pass tokenizes everything into a memory-mapped cache laid out
+as training rows then each held-out set (:mod:`.sources`).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .labels import FORGET, UNLABELLED, ForgetRule, LabelError, rule_from_args
+from .sources import CorpusError, fingerprint, iter_documents, stories_from_cache, tokenize_to_cache, tokenizer_key
+from .splits import SETS, SplitTargets, plan_splits, row_order
+from .tokenizer import cache_dir, get_tokenizer
+
+BPE_SAMPLE_DOCS = 20_000
+EVAL_KEYS = ("retain_loss", "forget_loss", "forget_loss_no_keywords", "topic_loss", "forget_loss_after_attack")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("your corpus (with --corpus PATH; see docs/your_data.md)")
+    g.add_argument("--label-field", default=None,
+                   help='JSONL/parquet field with "forget" / "retain" (absent: unlabelled)')
+    g.add_argument("--forget-words", nargs="+", default=None,
+                   help="forget documents contain one of these whole words (any case); default, when no "
+                        "rule is given: the paper's tree/forest/woodland list")
+    g.add_argument("--forget-regex", default=None, help="forget documents match this regex (case-insensitive)")
+    g.add_argument("--topic-field", default=None,
+                   help="evaluation-only field marking forget-domain documents without a label (absorption)")
+    g.add_argument("--text-field", default="text", help="the documents' text field (default: %(default)s)")
+    g.add_argument("--split", default="train", help="split of a datasets folder or hub dataset (default: train)")
+    g.add_argument("--n-eval", type=int, default=None,
+                   help="held-out forget and retain documents to evaluate on (default: sized to the corpus)")
+    g.add_argument("--n-attack", type=int, default=None, help="forget documents for the retraining attack")
+    g.add_argument("--n-val", type=int, default=None, help="retain documents for validation")
+    g.add_argument("--n-topic", type=int, default=None, help="unlabelled topical documents to evaluate on")
+    g.add_argument("--split-seed", type=int, default=0, help="seed of the held-out draw (default: 0)")
+    g.add_argument("--save-models", action="store_true",
+                   help="save every final model with save_pretrained under OUT/models/<run>/ (needs --arch hf-gpt2)")
+
+
+def is_user_corpus(source: str) -> bool:
+    return source not in ("generated", "tinystories")
+
+
+# ------------------------------------------------------------------------------------------
+# labelling pass (cached)
+# ------------------------------------------------------------------------------------------
+def _corpus_dir() -> Path:
+    return cache_dir() / "corpora"
+
+
+def scan_labels(source: str, rule: ForgetRule, text_field: str = "text", split: str = "train") -> dict:
+    """Per document: ``status`` (FORGET / RETAIN / UNLABELLED) and ``topic``, plus counts. Raises
+    a clear error for an empty corpus, a label field no document has, or no forget documents."""
+    fp = fingerprint(source, text_field, split)
+    key = hashlib.sha256(f"{fp}|{rule.key()}".encode()).hexdigest()[:20]
+    path = _corpus_dir() / f"labels-{key}.npz"
+    if path.is_file():
+        z = np.load(path)
+        return {"status": z["status"], "topic": z["topic"], "fingerprint": fp}
+    status, topic, first, seen_field = [], [], None, 0
+    for d in iter_documents(source, text_field, split):
+        first = first or d
+        status.append(rule.status(d.record, d.where))
+        topic.append(rule.is_topic(d.record, d.where))
+        seen_field += rule.label_field is not None and d.record.get(rule.label_field) is not None
+    if not status:
+        raise CorpusError(f"{source} contains no documents")
+    if rule.label_field is not None and not seen_field:
+        raise LabelError(f"{source}: no document has the label field {rule.label_field!r} (fields of the first "
+                         f"document, {first.where}: {', '.join(first.record)})")
+    if rule.topic_field is not None and not any(topic):
+        raise LabelError(f"{source}: no document has a true evaluation field {rule.topic_field!r} (fields of the "
+                         f"first document, {first.where}: {', '.join(first.record)})")
+    status, topic = np.array(status, dtype=np.int8), np.array(topic, dtype=bool)
+    if not (status == FORGET).any():
+        raise LabelError(f"{source}: no forget documents under the rule ({rule.describe()}) among {status.size} "
+                         "documents")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + f".tmp{os.getpid()}.npz")
+    np.savez(tmp, status=status, topic=topic)
+    tmp.replace(path)
+    return {"status": status, "topic": topic, "fingerprint": fp}
+
+
+# ------------------------------------------------------------------------------------------
+# configuration (at build_config time) and data (at _prepare time)
+# ------------------------------------------------------------------------------------------
+def configure(cfg: dict, args: argparse.Namespace) -> None:
+    """Add ``cfg["user_data"]``: the rule, the corpus fingerprint and the held-out sizes,
+    resolved now (so they are recorded with every run); shrink the attack sizes to the pool."""
+    rule = rule_from_args(args.label_field, args.forget_words, args.forget_regex, args.topic_field)
+    if args.save_models and cfg.get("arch") != "hf-gpt2":
+        raise ValueError("--save-models saves Hugging Face models: add --arch hf-gpt2")
+    c = cfg["corpus"]
+    targets = SplitTargets(forget=args.n_eval, attack_pool=args.n_attack, retain=args.n_eval, retain_val=args.n_val,
+                           topic=args.n_topic, target_eval=c["n_eval"], target_attack=c["n_attack"],
+                           target_val=c["n_val"])
+    scan = scan_labels(args.corpus, rule, args.text_field, args.split)
+    if rule.topic_field is None and args.n_topic:
+        raise ValueError("--n-topic needs --topic-field")
+    plan = plan_splits(scan["status"], scan["topic"], targets, args.split_seed, source=args.corpus)
+    sizes = plan["sizes"]
+    cfg["user_data"] = {
+        "rule": {"label_field": rule.label_field, "words": list(rule.words), "regex": rule.regex,
+                 "topic_field": rule.topic_field},
+        "text_field": args.text_field, "split": args.split, "split_seed": args.split_seed,
+        "sizes": sizes, "fingerprint": scan["fingerprint"], "save_models": bool(args.save_models)}
+    a = cfg["attack"]
+    a["sizes"] = sorted({min(int(n), sizes["attack_pool"]) for n in a["sizes"]})
+    a["n_eval"] = min(a["n_eval"], sizes["forget"])
+
+
+def _rule(ud: dict) -> ForgetRule:
+    return ForgetRule(**ud["rule"])
+
+
+def prepare(cfg: dict, source: str | None = None):
+    """``(tokenizer, training Stories, held-out sets, counts)`` as the experiment's ``_prepare``."""
+    ud = cfg["user_data"]
+    source = source or cfg["source"]
+    rule = _rule(ud)
+    scan = scan_labels(source, rule, ud["text_field"], ud["split"])
+    if scan["fingerprint"] != ud["fingerprint"]:
+        raise CorpusError(f"{source} changed since the run was configured; start the command again")
+    status, topic = scan["status"], scan["topic"]
+    plan = plan_splits(status, topic, SplitTargets(**ud["sizes"]), ud["split_seed"], source=source)
+    rows_of, slices = row_order(plan, status.size)
+    train_idx = plan["index"]["train"]
+    docs = lambda: iter_documents(source, ud["text_field"], ud["split"])
+    if cfg["tokenizer"] == "bpe":
+        sample, want = [], set(train_idx[:BPE_SAMPLE_DOCS].tolist())
+        for i, d in enumerate(docs()):
+            if i in want:
+                sample.append(d.text)
+            if len(sample) == len(want):
+                break
+        tok = get_tokenizer("bpe", texts=sample, vocab_size=cfg["vocab_size"])
+    else:
+        tok = get_tokenizer(cfg["tokenizer"])
+    n_ctx = cfg["model"]["n_ctx"]
+    key = hashlib.sha256(f"{scan['fingerprint']}|{rule.key()}|{tokenizer_key(tok)}|{n_ctx}|".encode()
+                         + rows_of.tobytes()).hexdigest()[:20]
+    folder = tokenize_to_cache(docs(), rows_of, tok, n_ctx, rule.spans, _corpus_dir() / f"tokens-{key}")
+    is_f = torch.from_numpy(status == FORGET)
+    order = torch.from_numpy(np.concatenate([plan["index"][k] for k in ("train", *SETS)]))
+    forget_rows = is_f[order]
+    train = stories_from_cache(folder, slices["train"], forget_rows[slices["train"]])
+    sets = {k: stories_from_cache(folder, slices[k], forget_rows[slices[k]]) for k in SETS if plan["sizes"][k]}
+    n_train, f_train = len(train), int(train.forget.sum())
+    counts = {"stories": n_train, "forget": f_train, "forget_fraction": f_train / n_train,
+              "documents": int(status.size), "forget_documents": int((status == FORGET).sum()),
+              "unlabelled_documents": int((status == UNLABELLED).sum()),
+              "topic_documents": int((topic & (status != FORGET)).sum()),
+              "held_out": plan["sizes"], "retain_source": plan["retain_source"], "rule": rule.describe(),
+              "source": str(source), "token_cache": str(folder)}
+    return tok, train, sets, counts
+
+
+# ------------------------------------------------------------------------------------------
+# evaluation extras, table, saved models
+# ------------------------------------------------------------------------------------------
+def extra_metrics(model, sets: dict) -> dict:
+    """``topic_loss``: mean loss (nats/token) on held-out unlabelled topical documents."""
+    from .evaluate import mean_loss
+
+    return {"topic_loss": mean_loss(model, sets["topic"])} if "topic" in sets else {}
+
+
+def evaluation_table(runs: list[dict]) -> str:
+    """One markdown table: per method and labelled fraction, the mean over seeds of each
+    metric (± 95% CI half-width when there are several seeds; ``n`` says how many)."""
+    from ..utils import markdown_table, mean_ci
+
+    keys = [k for k in EVAL_KEYS if any(k in r for r in runs)]
+    groups: dict = {}
+    for r in runs:
+        groups.setdefault((r["method"], r["labelled_fraction"]), []).append(r)
+    rows = []
+    for (m, p), rs in groups.items():
+        cells = []
+        for k in keys:
+            c = mean_ci([r[k] for r in rs if k in r]) if any(k in r for r in rs) else None
+            cells.append("" if c is None else f"{c['mean']:.3f}" + (f" ± {c['hi'] - c['mean']:.3f}" if c["n"] > 1 else ""))
+        rows.append([m, f"{p:g}", str(len(rs)), *cells])
+    return ("Losses in nats/token on held-out documents; forget_loss_after_attack is the minimum forget loss "
+            "reached by the retraining attack; topic_loss is on unlabelled documents of the forget domain.\n\n"
+            + markdown_table(["method", "p", "n", *keys], rows))
+
+
+def save_model(model, tok, folder: Path) -> Path:
+    """The final model (Hugging Face) with ``save_pretrained``, with its tokenizer."""
+    from ..hf import save_unlearned, wrap_tokenizer
+
+    return save_unlearned(model, folder, tokenizer=wrap_tokenizer(tok))
