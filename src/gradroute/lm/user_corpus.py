@@ -198,8 +198,9 @@ def evaluation_table(runs: list[dict]) -> str:
             cells.append("" if c is None else f"{c['mean']:.3f}" + (f" ± {c['hi'] - c['mean']:.3f}" if c["n"] > 1 else ""))
         rows.append([m, f"{p:g}", str(len(rs)), *cells])
     return ("Losses in nats/token on held-out documents; forget_loss_after_attack is the minimum forget loss "
-            "reached by the retraining attack; topic_loss is on unlabelled documents of the forget domain.\n\n"
-            + markdown_table(["method", "p", "n", *keys], rows))
+            "reached by the retraining attack"
+            + ("; topic_loss is on unlabelled documents of the forget domain" if "topic_loss" in keys else "")
+            + ".\n\n" + markdown_table(["method", "p", "n", *keys], rows))
 
 
 def save_model(model, tok, folder: Path) -> Path:

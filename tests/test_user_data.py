@@ -1,0 +1,273 @@
+"""Users' corpora, labels and held-out sets: file formats, forget rules, splits by counts down
+to 0.5% forget documents, the token cache, clear errors, and the CLI end to end on a corpus
+with 1% forget documents (keyword list; label field with a topic field and saved models)."""
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from gradroute.cli import main
+from gradroute.experiments import lm_unlearning as E
+from gradroute.lm import sources, user_corpus
+from gradroute.lm.corpus import generate_stories, is_forest_topic, is_forget
+from gradroute.lm.labels import FORGET, RETAIN, UNLABELLED, ForgetRule, LabelError, rule_from_args
+from gradroute.lm.sources import CorpusError, iter_documents
+from gradroute.lm.splits import SplitError, SplitTargets, plan_splits
+
+TINY = dict(
+    corpus=dict(n_train=0, n_eval=8, n_attack=4, n_val=4),
+    tokenizer="bpe", vocab_size=300,
+    model=dict(n_ctx=48, n_layer=2, n_head=2, d_model=16, d_mlp=32),
+    train=dict(steps=2, lr=1e-2, warmup=1, ckpt_every=1), batch_size=8,
+    method=dict(expand=4, coherence_steps=1, rmu_steps=1),
+    attack=dict(sizes=[1, 4], steps=2, repeats=1, lr=1e-3, eval_every=1, batch_size=None, n_eval=4),
+    seeds=1)
+METHODS = ["base", "filtering", "era", "param_routing"]
+
+
+def make_corpus(path, n=600, n_forget=6, n_topic=20, seed=0):
+    """``n`` documents, ``n_forget`` of them forest stories with keywords (label "forget"),
+    ``n_topic`` forest stories without keywords and without a label (topic true), the rest
+    other stories, every second one labelled "retain"."""
+    st = generate_stories(6 * n, seed=seed + 5)
+    other = [s for s in st if not is_forget(s) and not is_forest_topic(s)][: n - n_forget - n_topic]
+    forest = [s for s in st if is_forget(s)][:n_forget]
+    topic = [s for s in generate_stories(40 * n_topic + 50, seed=seed + 6, keyword_fraction=0.0)
+             if is_forest_topic(s) and not is_forget(s)][:n_topic]
+    assert len(other) + len(forest) + len(topic) == n
+    rows = [{"text": t, "label": "retain"} if i % 2 == 0 else {"text": t} for i, t in enumerate(other)]
+    rows += [{"text": t, "label": "forget"} for t in forest] + [{"text": t, "topic": True} for t in topic]
+    random.Random(seed).shuffle(rows)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def env(monkeypatch, tmp_path):
+    monkeypatch.setitem(E.PROFILES, "tiny", TINY)
+    monkeypatch.setenv("GRADROUTE_CACHE", str(tmp_path / "cache"))
+    E._prepare.cache_clear()
+    yield tmp_path
+    E._prepare.cache_clear()
+
+
+def _run(out, *flags):
+    return main(["run", "lm-unlearning", "--profile", "tiny", "--out", str(out), "--methods", *METHODS,
+                 "--fractions", "1", "--workers", "1", "--device", "cpu", *flags])
+
+
+# ------------------------------------------------------------------------------------------
+# CLI end to end, 1% forget documents
+# ------------------------------------------------------------------------------------------
+def test_cli_keyword_list_one_percent(env, capsys):
+    corpus = make_corpus(env / "docs.jsonl")
+    assert _run(env / "out", "--corpus", str(corpus), "--forget-words", "tree", "forest,woodland") == 0
+    m = json.loads((env / "out" / "metrics.json").read_text())
+    c = m["corpus"]
+    assert c["documents"] == 600 and c["forget_documents"] == 6            # 1% forget
+    assert c["held_out"]["forget"] == 1 and c["held_out"]["attack_pool"] == 1 and c["forget"] == 4
+    assert c["rule"] == "keywords tree, forest, woodland"
+    assert m["config"]["attack"]["sizes"] == [1]                           # shrunk to the attack pool
+    assert sorted(r["method"] for r in m["runs"]) == sorted(METHODS)
+    for r in m["runs"]:
+        assert np.isfinite([r["retain_loss"], r["forget_loss"], r["forget_loss_after_attack"]]).all()
+    by = {r["method"]: r for r in m["runs"]}
+    assert by["filtering"]["stories_dropped"] == 4
+    table = (env / "out" / "evaluation.md").read_text()
+    assert "| param_routing | 1 | 1 |" in table and "topic_loss" not in table
+    assert "586 training stories, 4 match the forget rule (0.7%)" in capsys.readouterr().out
+
+
+def test_cli_label_field_topic_and_saved_models(env):
+    transformers = pytest.importorskip("transformers")
+    corpus = make_corpus(env / "docs.jsonl")
+    assert _run(env / "out", "--corpus", str(corpus), "--label-field", "label", "--topic-field", "topic",
+                "--arch", "hf-gpt2", "--save-models") == 0
+    m = json.loads((env / "out" / "metrics.json").read_text())
+    c = m["corpus"]
+    assert c["forget_documents"] == 6 and c["topic_documents"] == 20 and c["held_out"]["topic"] == 8
+    assert c["unlabelled_documents"] == (600 - 26) // 2 + 20 and c["retain_source"] == "retain"
+    assert all("topic_loss" in r for r in m["runs"])
+    assert "topic_loss" in (env / "out" / "evaluation.md").read_text()
+    # the saved unlearned model loads in plain transformers and scores what the run recorded
+    from gradroute.lm.evaluate import mean_loss
+
+    tok, train, sets, _ = user_corpus.prepare(m["config"])
+    rec = json.loads((env / "out" / "runs" / "param_routing_p1_s0.json").read_text())
+    model = transformers.AutoModelForCausalLM.from_pretrained(rec["saved_model"])
+    assert model.config.n_inner == 32                                    # the 4 routed units were removed
+    assert mean_loss(model, sets["forget"]) == pytest.approx(rec["forget_loss"], abs=1e-5)
+    assert mean_loss(model, sets["topic"]) == pytest.approx(rec["topic_loss"], abs=1e-5)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(rec["saved_model"])
+    assert hf_tok.encode("Once upon a time") == tok.encode("Once upon a time")
+
+
+# ------------------------------------------------------------------------------------------
+# sources and the token cache
+# ------------------------------------------------------------------------------------------
+def test_formats(tmp_path):
+    (tmp_path / "a.txt").write_text("First one.\n\nSecond one.\n")
+    (tmp_path / "b.txt").write_text("Doc one\nstill one<|endoftext|>Doc two")
+    assert [d.text for d in iter_documents(tmp_path / "a.txt")] == ["First one.", "Second one."]
+    assert [d.text for d in iter_documents(tmp_path / "b.txt")] == ["Doc one\nstill one", "Doc two"]
+    (tmp_path / "c.jsonl").write_text('{"body": "x y", "label": "forget"}\n"plain string"\n', encoding="utf-8")
+    docs = list(iter_documents(tmp_path / "c.jsonl", text_field="body"))
+    assert docs[0].record == {"body": "x y", "label": "forget", "text": "x y"} and docs[0].where.endswith("c.jsonl:1")
+    assert docs[1].text == "plain string"
+    # a folder: .txt files are one document each, with their sub-folder as a field
+    f = tmp_path / "folder"
+    (f / "forget").mkdir(parents=True)
+    (f / "retain").mkdir()
+    (f / "forget" / "1.txt").write_text("A tree.\nTwo lines.")
+    (f / "retain" / "2.txt").write_text("A cat.")
+    (f / "more.jsonl").write_text('{"text": "From jsonl."}\n')
+    docs = list(iter_documents(f))
+    assert [(d.text, d.record.get("folder")) for d in docs] == [
+        ("A tree.\nTwo lines.", "forget"), ("From jsonl.", None), ("A cat.", "retain")]
+
+
+def test_parquet_and_datasets_folder(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    table = pa.table({"text": ["one doc", "two doc", ""], "label": ["forget", None, "retain"]})
+    pq.write_table(table, tmp_path / "d.parquet")
+    docs = list(iter_documents(tmp_path / "d.parquet"))
+    assert [(d.text, d.record["label"]) for d in docs] == [("one doc", "forget"), ("two doc", None)]
+    assert docs[1].where.endswith("d.parquet:row 1")
+    # the layout datasets' save_to_disk writes: state.json + Arrow stream files; a DatasetDict on top
+    ds = tmp_path / "ds" / "train"
+    ds.mkdir(parents=True)
+    with pa.OSFile(str(ds / "data-00000-of-00001.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    (ds / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
+    (tmp_path / "ds" / "dataset_dict.json").write_text(json.dumps({"splits": ["train"]}))
+    assert [d.text for d in iter_documents(tmp_path / "ds")] == ["one doc", "two doc"]
+    with pytest.raises(CorpusError, match="no split 'test'"):
+        list(iter_documents(tmp_path / "ds", split="test"))
+    with pytest.raises(CorpusError, match=r"d.parquet: no text column 'body' \(columns: text, label\)"):
+        list(iter_documents(tmp_path / "d.parquet", text_field="body"))
+
+
+def test_token_cache_is_reused_and_memory_mapped(env, monkeypatch):
+    corpus = make_corpus(env / "docs.jsonl", n=200, n_forget=8, n_topic=4)
+    cfg = E.build_config(_args(corpus, ["--label-field", "label"]))
+    tok, train, sets, counts = user_corpus.prepare(cfg)
+    assert len(train) + sum(len(s) for s in sets.values()) == 200
+    assert int(train.forget.sum()) + len(sets["forget"]) + len(sets["attack_pool"]) == 8
+    x_file = counts["token_cache"] + "/x.npy"
+    assert np.load(x_file, mmap_mode="r").shape == (200, 48)
+    assert isinstance(np.load(x_file, mmap_mode="r"), np.memmap)
+    # rows decode back to the documents, in the order train then each held-out set
+    first = next(d for d in iter_documents(corpus))
+    assert tok.decode([i for i in train.x[0].tolist() if i != tok.eot_id]).startswith(first.text[:40])
+    # second time: nothing is tokenized again
+    import os
+
+    stamp = os.stat(x_file).st_mtime_ns
+    _, train2, _, counts2 = user_corpus.prepare(cfg)
+    assert os.stat(x_file).st_mtime_ns == stamp
+    assert counts2["token_cache"] == counts["token_cache"] and torch.equal(train2.y, train.y)
+
+
+def test_keyword_tokens_marked(tmp_path):
+    from gradroute.lm.tokenizer import train_bpe
+
+    tok = train_bpe(generate_stories(50, seed=1), 300, cache=tmp_path)
+    docs = [sources.Doc(t, {"text": t}, f"mem:{i}") for i, t in enumerate(["A tall tree stood there.", "No match."])]
+    rule = ForgetRule(words=["tree"])
+    folder = sources.tokenize_to_cache(iter(docs), np.array([1, 0]), tok, 24, rule.spans, tmp_path / "c")
+    s = sources.stories_from_cache(folder, slice(0, 2), torch.tensor([False, True]))
+    assert not s.keyword[0].any()
+    marked = [tok.decode([int(t)]) for t in s.y[1][s.keyword[1]]]
+    assert "".join(marked).strip() == "tree"
+    n = len(tok.encode("A tall tree stood there."))
+    assert (s.y[1] != -100).sum() == n and s.y[1][n - 1] == tok.eot_id      # ends with <|endoftext|>
+
+
+def _args(corpus, flags):
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--out")
+    p.add_argument("--device", default="cpu")
+    E.add_arguments(p)
+    return p.parse_args(["--profile", "tiny", "--corpus", str(corpus), *flags])
+
+
+# ------------------------------------------------------------------------------------------
+# labels and splits
+# ------------------------------------------------------------------------------------------
+def test_rules():
+    r = ForgetRule(label_field="label", words=["tree"], topic_field="topic")
+    assert r.status({"text": "a tree", "label": "retain"}) == RETAIN           # the label field wins
+    assert r.status({"text": "a tree"}) == FORGET and r.status({"text": "a cat", "label": None}) == RETAIN
+    assert ForgetRule(label_field="label").status({"text": "a tree"}) == UNLABELLED
+    assert r.spans("Trees and a tree.") == [(12, 16)]
+    assert r.is_topic({"text": "", "topic": "yes"}) and not r.is_topic({"text": "", "topic": "false"})
+    assert ForgetRule(regex=r"\bbio\w*").status({"text": "Biology class"}) == FORGET
+    fn = ForgetRule(fn=lambda rec: True if "owl" in rec["text"] else None)
+    assert fn.status({"text": "an owl"}) == FORGET and fn.status({"text": "a cat"}) == UNLABELLED
+    assert rule_from_args().words == ("tree", "trees", "forest", "forests", "woodland", "woodlands")
+    with pytest.raises(LabelError, match=r"docs.jsonl:7: field 'label' is 'maybe'"):
+        r.status({"text": "x", "label": "maybe"}, "docs.jsonl:7")
+    with pytest.raises(LabelError, match="not a valid regular expression"):
+        ForgetRule(regex="(unclosed")
+    with pytest.raises(LabelError, match="x.jsonl:2: the forget callable returned 3"):
+        ForgetRule(fn=lambda rec: 3).status({"text": "x"}, "x.jsonl:2")
+
+
+def test_splits_down_to_half_a_percent():
+    status = np.full(1000, RETAIN, dtype=np.int8)
+    status[[3, 250, 500, 750, 999]] = FORGET                                  # 0.5% forget
+    plan = plan_splits(status, np.zeros(1000, bool), SplitTargets(), seed=0)
+    idx = plan["index"]
+    assert plan["sizes"]["forget"] == 1 and plan["sizes"]["attack_pool"] == 1
+    assert (status[idx["train"]] == FORGET).sum() == 3
+    assert set(idx["forget"]) | set(idx["attack_pool"]) < {3, 250, 500, 750, 999}
+    every = np.concatenate(list(idx.values()))
+    assert np.array_equal(np.sort(every), np.arange(1000))                    # a partition
+    with pytest.raises(SplitError, match="has 5 forget documents; the held-out sets need 3 .* \\+ 2"):
+        plan_splits(status, np.zeros(1000, bool), SplitTargets(forget=3, attack_pool=2))
+    status[[3, 250]] = RETAIN
+    with pytest.raises(SplitError, match="has 3 forget document.*at least 4"):
+        plan_splits(status, np.zeros(1000, bool), SplitTargets())
+    # only "forget" labels: retain sets come from unlabelled documents, and say so
+    s = np.full(100, UNLABELLED, dtype=np.int8)
+    s[:10] = FORGET
+    assert plan_splits(s, np.zeros(100, bool), SplitTargets())["retain_source"] == "unlabelled"
+
+
+# ------------------------------------------------------------------------------------------
+# clear errors for bad input
+# ------------------------------------------------------------------------------------------
+def test_bad_input_errors(env):
+    corpus = make_corpus(env / "docs.jsonl", n=100, n_forget=5, n_topic=2)
+    with pytest.raises(LabelError, match=r"docs.jsonl: no document has the label field 'kind' \(fields of the "
+                                         r"first document, .*docs.jsonl:1: text"):
+        E.build_config(_args(corpus, ["--label-field", "kind"]))
+    (env / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(CorpusError, match="empty.jsonl contains no documents"):
+        E.build_config(_args(env / "empty.jsonl", []))
+    with pytest.raises(LabelError, match=r"docs.jsonl: no forget documents under the rule \(keywords zebra\) "
+                                         "among 100 documents"):
+        E.build_config(_args(corpus, ["--forget-words", "zebra"]))
+    (env / "bad.jsonl").write_text('{"text": "ok", "label": "forget"}\n{"text": "x", "label": "yes"}\n')
+    with pytest.raises(LabelError, match=r"bad.jsonl:2: field 'label' is 'yes'"):
+        E.build_config(_args(env / "bad.jsonl", ["--label-field", "label"]))
+    (env / "broken.jsonl").write_text('{"text": "ok"}\n{"text": oops}\n')
+    with pytest.raises(CorpusError, match=r"broken.jsonl:2: not valid JSON"):
+        E.build_config(_args(env / "broken.jsonl", []))
+    (env / "notext.jsonl").write_text('{"body": "ok"}\n')
+    with pytest.raises(CorpusError, match=r"notext.jsonl:1: no text field 'text' \(fields: body\)"):
+        E.build_config(_args(env / "notext.jsonl", []))
+    with pytest.raises(FileNotFoundError, match="corpus .*missing.jsonl does not exist"):
+        E.build_config(_args(env / "missing.jsonl", []))
+    with pytest.raises(SplitError, match="has 5 forget documents"):
+        E.build_config(_args(corpus, ["--label-field", "label", "--n-eval", "4"]))
+    with pytest.raises(LabelError, match="no document has a true evaluation field 'subject'"):
+        E.build_config(_args(corpus, ["--label-field", "label", "--topic-field", "subject"]))
+    with pytest.raises(ValueError, match="--save-models .* --arch hf-gpt2"):
+        E.build_config(_args(corpus, ["--label-field", "label", "--save-models"]))
