@@ -98,6 +98,7 @@ def test_cli_label_field_topic_and_saved_models(env):
     rec = json.loads((env / "out" / "runs" / "param_routing_p1_s0.json").read_text())
     model = transformers.AutoModelForCausalLM.from_pretrained(rec["saved_model"])
     assert model.config.n_inner == 32                                    # the 4 routed units were removed
+    assert model.config.eos_token_id == tok.eot_id                       # not GPT2Config's 50256
     assert mean_loss(model, sets["forget"]) == pytest.approx(rec["forget_loss"], abs=1e-5)
     assert mean_loss(model, sets["topic"]) == pytest.approx(rec["topic_loss"], abs=1e-5)
     hf_tok = transformers.AutoTokenizer.from_pretrained(rec["saved_model"])

@@ -176,6 +176,19 @@ def sync_config(model: nn.Module) -> None:
         setattr(cfg, k, sizes[0])
 
 
+def _special_ids_from(model: nn.Module, tokenizer) -> None:
+    """Config (and generation config) bos/eos/pad ids outside the embedding (e.g. GPT2Config's
+    default 50256 on a small vocabulary) are replaced by the tokenizer's."""
+    n_emb = model.get_input_embeddings().weight.shape[0]
+    for cfg in (model.config, getattr(model, "generation_config", None)):
+        if cfg is None:
+            continue
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            v, t = getattr(cfg, name, None), getattr(tokenizer, name, None)
+            if isinstance(v, int) and not 0 <= v < n_emb and isinstance(t, int):
+                setattr(cfg, name, t)
+
+
 def save_unlearned(model: nn.Module, folder, tokenizer=None) -> Path:
     """``save_pretrained`` the (ablated or contracted) model, and the tokenizer when given, into
     ``folder``; the config's MLP width is synced first (:func:`sync_config`)."""
@@ -184,9 +197,18 @@ def save_unlearned(model: nn.Module, folder, tokenizer=None) -> Path:
         raise TypeError(f"{type(root).__name__} is not a Hugging Face model (no save_pretrained); "
                         "use --arch hf-gpt2 or a model from gradroute.hf.load_causal_lm")
     sync_config(root)
+    if tokenizer is not None:
+        _special_ids_from(root, tokenizer)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    root.save_pretrained(folder)
+    log = _transformers().utils.logging
+    shown = log.is_progress_bar_enabled()
+    log.disable_progress_bar()                  # a one-shard bar per saved model only clutters logs
+    try:
+        root.save_pretrained(folder)
+    finally:
+        if shown:
+            log.enable_progress_bar()
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     return folder

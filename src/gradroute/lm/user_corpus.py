@@ -172,6 +172,46 @@ def prepare(cfg: dict, source: str | None = None):
 
 
 # ------------------------------------------------------------------------------------------
+# an example corpus (the tutorial's and the tests')
+# ------------------------------------------------------------------------------------------
+def write_example_corpus(folder, n: int = 3000, forget: float = 0.02, topic: float = 0.03, parts: int = 2,
+                         seed: int = 0) -> Path:
+    """A folder of ``parts`` JSONL files with ``n`` generated stories: ``round(forget * n)``
+    forest stories naming it (``"label": "forget"``), ``round(topic * n)`` forest stories
+    without keywords and without a label (``"topic": true``), and other stories, every second
+    one labelled ``"retain"`` (the rest unlabelled). Deterministic in ``seed``."""
+    import json
+    import random
+
+    from .corpus import generate_stories, is_forest_topic, is_forget
+
+    n_f, n_t = round(forget * n), round(topic * n)
+    if n_f + n_t > n:
+        raise ValueError(f"forget + topic fractions exceed 1: {forget} + {topic}")
+    other, forest, plain = [], [], []
+    k = 0
+    while len(other) < n - n_f - n_t or len(forest) < n_f:
+        for s in generate_stories(2000, seed=seed * 1000 + 5, start=k):
+            (forest if is_forget(s) else plain if is_forest_topic(s) else other).append(s)
+        k += 2000
+    k = 0
+    while len(plain) < n_t:
+        plain += [s for s in generate_stories(2000, seed=seed * 1000 + 6, start=k, keyword_fraction=0.0)
+                  if is_forest_topic(s) and not is_forget(s)]
+        k += 2000
+    rows = [{"text": t, "label": "retain"} if i % 2 == 0 else {"text": t}
+            for i, t in enumerate(other[: n - n_f - n_t])]
+    rows += [{"text": t, "label": "forget"} for t in forest[:n_f]] + [{"text": t, "topic": True} for t in plain[:n_t]]
+    random.Random(seed).shuffle(rows)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for p in range(parts):
+        chunk = rows[p * len(rows) // parts:(p + 1) * len(rows) // parts]
+        (folder / f"part-{p}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chunk))
+    return folder
+
+
+# ------------------------------------------------------------------------------------------
 # evaluation extras, table, saved models
 # ------------------------------------------------------------------------------------------
 def extra_metrics(model, sets: dict) -> dict:
