@@ -1,8 +1,11 @@
 """Parameter routing in a plain Accelerate training loop (your loop, our router).
 
     python examples/accelerate_routing.py --corpus docs.jsonl --label-field label --out runs/acc
-    accelerate launch --num_processes 2 --cpu examples/accelerate_routing.py --corpus docs.jsonl \\
-        --label-field label --out runs/acc2 --batch-size 4      # 2 CPU processes, same global batch
+    torchrun --nproc_per_node=2 examples/accelerate_routing.py --corpus docs.jsonl \\
+        --label-field label --out runs/acc2 --batch-size 4      # 2 CPU processes (gloo), same global batch
+
+(On CPU, ``accelerate launch --num_processes 2 --cpu`` started a single process in our test
+with accelerate 1.15; torchrun starts two, and ``Accelerator`` picks them up.)
 
 The only gradroute lines are the expansion, ``ParamRouter``, the ``with router(forget=...)``
 around the forward pass, and the ablation/contraction + ``save_unlearned`` at the end. The

@@ -5,7 +5,6 @@
     # two CPU processes (gloo), same global batch
     torchrun --nproc_per_node=2 examples/hf_trainer_routing.py --corpus docs.jsonl --label-field label \\
         --out runs/trainer2 --batch-size 2
-    accelerate launch --num_processes 2 --cpu examples/hf_trainer_routing.py ...   # the same
 
 Documents labelled forget (by ``--label-field`` / ``--forget-words`` / ``--forget-regex``, see
 ``gradroute.lm.labels``) update only 16 new MLP units per layer; the others update everything.

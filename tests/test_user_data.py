@@ -11,9 +11,10 @@ import torch
 from gradroute.cli import main
 from gradroute.experiments import lm_unlearning as E
 from gradroute.lm import sources, user_corpus
-from gradroute.lm.corpus import generate_stories, is_forest_topic, is_forget
+from gradroute.lm.corpus import generate_stories
 from gradroute.lm.labels import FORGET, RETAIN, UNLABELLED, ForgetRule, LabelError, rule_from_args
 from gradroute.lm.sources import CorpusError, iter_documents
+from gradroute.lm.user_corpus import write_example_corpus
 from gradroute.lm.splits import SplitError, SplitTargets, plan_splits
 
 TINY = dict(
@@ -27,21 +28,13 @@ TINY = dict(
 METHODS = ["base", "filtering", "era", "param_routing"]
 
 
-def make_corpus(path, n=600, n_forget=6, n_topic=20, seed=0):
-    """``n`` documents, ``n_forget`` of them forest stories with keywords (label "forget"),
-    ``n_topic`` forest stories without keywords and without a label (topic true), the rest
-    other stories, every second one labelled "retain"."""
-    st = generate_stories(6 * n, seed=seed + 5)
-    other = [s for s in st if not is_forget(s) and not is_forest_topic(s)][: n - n_forget - n_topic]
-    forest = [s for s in st if is_forget(s)][:n_forget]
-    topic = [s for s in generate_stories(40 * n_topic + 50, seed=seed + 6, keyword_fraction=0.0)
-             if is_forest_topic(s) and not is_forget(s)][:n_topic]
-    assert len(other) + len(forest) + len(topic) == n
-    rows = [{"text": t, "label": "retain"} if i % 2 == 0 else {"text": t} for i, t in enumerate(other)]
-    rows += [{"text": t, "label": "forget"} for t in forest] + [{"text": t, "topic": True} for t in topic]
-    random.Random(seed).shuffle(rows)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+def make_corpus(path, n=600, n_forget=6, n_topic=20, parts=1):
+    """The tutorial's example corpus (docs/your_data.md) at a small size: ``n`` documents,
+    ``n_forget`` labelled "forget" (forest stories naming it), ``n_topic`` forest stories with no
+    keyword and no label ("topic": true), the others every second one labelled "retain".
+    Returns the folder (``parts`` JSONL files) or, with ``parts=1``, its one file."""
+    folder = write_example_corpus(path, n=n, forget=n_forget / n, topic=n_topic / n, parts=parts)
+    return folder if parts > 1 else folder / "part-0.jsonl"
 
 
 @pytest.fixture
@@ -62,7 +55,7 @@ def _run(out, *flags):
 # CLI end to end, 1% forget documents
 # ------------------------------------------------------------------------------------------
 def test_cli_keyword_list_one_percent(env, capsys):
-    corpus = make_corpus(env / "docs.jsonl")
+    corpus = make_corpus(env / "docs", parts=2)                           # a folder of 2 JSONL files
     assert _run(env / "out", "--corpus", str(corpus), "--forget-words", "tree", "forest,woodland") == 0
     m = json.loads((env / "out" / "metrics.json").read_text())
     c = m["corpus"]
@@ -82,7 +75,7 @@ def test_cli_keyword_list_one_percent(env, capsys):
 
 def test_cli_label_field_topic_and_saved_models(env):
     transformers = pytest.importorskip("transformers")
-    corpus = make_corpus(env / "docs.jsonl")
+    corpus = make_corpus(env / "docs", parts=2)
     assert _run(env / "out", "--corpus", str(corpus), "--label-field", "label", "--topic-field", "topic",
                 "--arch", "hf-gpt2", "--save-models") == 0
     m = json.loads((env / "out" / "metrics.json").read_text())
@@ -153,7 +146,7 @@ def test_parquet_and_datasets_folder(tmp_path):
 
 
 def test_token_cache_is_reused_and_memory_mapped(env, monkeypatch):
-    corpus = make_corpus(env / "docs.jsonl", n=200, n_forget=8, n_topic=4)
+    corpus = make_corpus(env / "docs", n=200, n_forget=8, n_topic=4)
     cfg = E.build_config(_args(corpus, ["--label-field", "label"]))
     tok, train, sets, counts = user_corpus.prepare(cfg)
     assert len(train) + sum(len(s) for s in sets.values()) == 200
@@ -245,14 +238,14 @@ def test_splits_down_to_half_a_percent():
 # clear errors for bad input
 # ------------------------------------------------------------------------------------------
 def test_bad_input_errors(env):
-    corpus = make_corpus(env / "docs.jsonl", n=100, n_forget=5, n_topic=2)
-    with pytest.raises(LabelError, match=r"docs.jsonl: no document has the label field 'kind' \(fields of the "
-                                         r"first document, .*docs.jsonl:1: text"):
+    corpus = make_corpus(env / "docs", n=100, n_forget=5, n_topic=2)
+    with pytest.raises(LabelError, match=r"part-0.jsonl: no document has the label field 'kind' \(fields of "
+                                         r"the first document, .*part-0.jsonl:1: text"):
         E.build_config(_args(corpus, ["--label-field", "kind"]))
     (env / "empty.jsonl").write_text("\n\n")
     with pytest.raises(CorpusError, match="empty.jsonl contains no documents"):
         E.build_config(_args(env / "empty.jsonl", []))
-    with pytest.raises(LabelError, match=r"docs.jsonl: no forget documents under the rule \(keywords zebra\) "
+    with pytest.raises(LabelError, match=r"part-0.jsonl: no forget documents under the rule \(keywords zebra\) "
                                          "among 100 documents"):
         E.build_config(_args(corpus, ["--forget-words", "zebra"]))
     (env / "bad.jsonl").write_text('{"text": "ok", "label": "forget"}\n{"text": "x", "label": "yes"}\n')
