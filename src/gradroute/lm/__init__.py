@@ -8,4 +8,8 @@
     methods.py    unlearning methods on top of gradroute (base, filtering, ERA, parameter
                   routing, RMU, DEMix)
     evaluate.py   losses on held-out stories, keyword-excluded loss, retraining attack, samples
+    sources.py    a user's corpus (jsonl/parquet/txt, folders, datasets folders, hub), memory-mapped token cache
+    labels.py     forget rules: label field, keywords, regex, callable; evaluation (topic) field
+    splits.py     held-out forget/attack/retain/validation/topic sets drawn by counts
+    user_corpus.py  the above wired into `gradroute run lm-unlearning --corpus PATH` (docs/your_data.md)
 """

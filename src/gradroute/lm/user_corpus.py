@@ -248,3 +248,17 @@ def save_model(model, tok, folder: Path) -> Path:
     from ..hf import save_unlearned, wrap_tokenizer
 
     return save_unlearned(model, folder, tokenizer=wrap_tokenizer(tok))
+
+
+if __name__ == "__main__":      # python -m gradroute.lm.user_corpus example FOLDER [--n N --forget F --topic T]
+    ap = argparse.ArgumentParser(prog="python -m gradroute.lm.user_corpus",
+                                 description="write the tutorial's example corpus (docs/your_data.md)")
+    ap.add_argument("command", choices=["example"])
+    ap.add_argument("folder", type=Path)
+    ap.add_argument("--n", type=int, default=3000)
+    ap.add_argument("--forget", type=float, default=0.02, help="fraction labelled forget")
+    ap.add_argument("--topic", type=float, default=0.03, help="fraction of unlabelled forget-domain documents")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    f = write_example_corpus(a.folder, a.n, a.forget, a.topic, seed=a.seed)
+    print(f"wrote {a.n} documents to {f}/part-*.jsonl")
