@@ -136,10 +136,29 @@ def _model_and_router(mode):
     return model, (gr.ParamRouter(model, new) if mode == "param" else new)
 
 
-@pytest.mark.parametrize("mode", ["param", "activation"])
-def test_trainer_matches_our_loop(tmp_path, mode):
+def _hf_train(mode, ids, forget, per_device, steps, lr, out):
+    """``RoutingTrainer`` on the examples in order (per-device batch ``per_device``); the model."""
     from torch.utils.data import SequentialSampler
 
+    model, r = _model_and_router(mode)
+
+    class Sequential(hf.RoutingTrainer):
+        def _get_train_sampler(self, *a, **k):
+            return SequentialSampler(self.train_dataset)
+
+    data = [{"input_ids": ids[i].tolist(), "forget": bool(forget[i])} for i in range(len(ids))]
+    args = transformers.TrainingArguments(output_dir=str(out), per_device_train_batch_size=per_device,
+                                          max_steps=steps, learning_rate=lr, lr_scheduler_type="constant",
+                                          weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0,
+                                          report_to=[], save_strategy="no", logging_strategy="no",
+                                          use_cpu=True, dataloader_num_workers=0, disable_tqdm=True)
+    kw = {"router": r} if mode == "param" else {"units": r}
+    Sequential(model=model, args=args, train_dataset=data, data_collator=hf.RoutingCollator(pad_id=0), **kw).train()
+    return model
+
+
+@pytest.mark.parametrize("mode", ["param", "activation"])
+def test_trainer_matches_our_loop(tmp_path, mode):
     ids, forget = _examples()
     B, steps, lr = 4, 3, 1e-2
 
@@ -161,28 +180,50 @@ def test_trainer_matches_our_loop(tmp_path, mode):
     train(ours, batch_at, TrainConfig(steps=steps, lr=lr, min_lr=lr, warmup=0, weight_decay=0.0, grad_clip=1.0),
           loss_fn=loss_fn, distributed=False)
 
-    theirs, r2 = _model_and_router(mode)
-
-    class Sequential(hf.RoutingTrainer):
-        def _get_train_sampler(self, *a, **k):
-            return SequentialSampler(self.train_dataset)
-
-    data = [{"input_ids": ids[i].tolist(), "forget": bool(forget[i])} for i in range(len(ids))]
-    args = transformers.TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=B,
-                                          max_steps=steps, learning_rate=lr, lr_scheduler_type="constant",
-                                          weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0,
-                                          report_to=[], save_strategy="no", logging_strategy="no",
-                                          use_cpu=True, dataloader_num_workers=0, disable_tqdm=True)
-    kw = {"router": r2} if mode == "param" else {"units": r2}
-    trainer = Sequential(model=theirs, args=args, train_dataset=data,
-                         data_collator=hf.RoutingCollator(pad_id=0), **kw)
-    trainer.train()
+    theirs = _hf_train(mode, ids, forget, B, steps, lr, tmp_path / "hf")
     init, _ = _model_and_router(mode)
     moved = 0
     for (n, a), b, c in zip(ours.named_parameters(), theirs.parameters(), init.parameters()):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-5), n
         moved += not torch.equal(a, c)
     assert moved > 10
+
+
+def _trainer_worker(rank, port, path):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    ids, forget = _examples()
+    model = _hf_train("param", ids, forget, 2, 3, 1e-2, f"{path}.out{rank}")   # 2 per process: global 4
+    assert dist.is_initialized() and dist.get_world_size() == 2
+    if rank == 0:
+        torch.save(model.state_dict(), path)
+    dist.barrier()          # both ranks done communicating before the group is torn down
+    dist.destroy_process_group()
+
+
+def test_trainer_under_two_processes(tmp_path):
+    """2 gloo processes with 2 examples each give the weights of 1 process with batches of 4."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = tmp_path / "ddp.pt"
+    mp.spawn(_trainer_worker, args=(port, str(path)), nprocs=2, join=True)
+    ids, forget = _examples()
+    single = _hf_train("param", ids, forget, 4, 3, 1e-2, tmp_path / "one").state_dict()
+    init = _model_and_router("param")[0].state_dict()
+    ddp = torch.load(path)
+    for n, v in single.items():
+        assert torch.allclose(ddp[n], v, atol=1e-6), n
+    assert sum(not torch.equal(init[n], v) for n, v in single.items()) > 10
 
 
 def test_trainer_errors():
