@@ -55,7 +55,8 @@ def _run(out, *flags):
 # CLI end to end, 1% forget documents
 # ------------------------------------------------------------------------------------------
 def test_cli_keyword_list_one_percent(env, capsys):
-    corpus = make_corpus(env / "docs", parts=2)                           # a folder of 2 JSONL files
+    corpus = make_corpus(env / "docs")                                    # one .jsonl file
+    assert corpus.suffix == ".jsonl"
     assert _run(env / "out", "--corpus", str(corpus), "--forget-words", "tree", "forest,woodland") == 0
     m = json.loads((env / "out" / "metrics.json").read_text())
     c = m["corpus"]
@@ -75,7 +76,7 @@ def test_cli_keyword_list_one_percent(env, capsys):
 
 def test_cli_label_field_topic_and_saved_models(env):
     transformers = pytest.importorskip("transformers")
-    corpus = make_corpus(env / "docs", parts=2)
+    corpus = make_corpus(env / "docs", parts=2)                           # a folder of 2 JSONL files
     assert _run(env / "out", "--corpus", str(corpus), "--label-field", "label", "--topic-field", "topic",
                 "--arch", "hf-gpt2", "--save-models") == 0
     m = json.loads((env / "out" / "metrics.json").read_text())
