@@ -290,9 +290,9 @@ def _make_routing_trainer():
                 from .surgery import route_units
 
                 ctx = route_units(model, self.units, flag, **self.route_kwargs)
+            kw = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}  # older Trainers
             with ctx:
-                return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                            num_items_in_batch=num_items_in_batch)
+                return super().compute_loss(model, inputs, return_outputs=return_outputs, **kw)
 
     return RoutingTrainer
 
