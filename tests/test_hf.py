@@ -1,6 +1,5 @@
 """Hugging Face models from local folders: expand, route, ablate/contract, save, reload with
 plain transformers; the Trainer integration matches our training loop; clear errors."""
-import copy
 
 import pytest
 import torch

@@ -2,7 +2,6 @@
 to 0.5% forget documents, the token cache, clear errors, and the CLI end to end on a corpus
 with 1% forget documents (keyword list; label field with a topic field and saved models)."""
 import json
-import random
 
 import numpy as np
 import pytest
