@@ -228,14 +228,14 @@ def test_rmu_selection_rule_and_grid():
              {"retain_val": 2.5, "forget_val": 9.0}]
     assert M.select_rmu(cands, base_retain=2.0, tol=0.1) == 1         # best forget within the retain budget
     assert M.select_rmu(cands, base_retain=1.0, tol=0.1) == 0         # none qualifies: least retain damage
-    s = setup(rmu_grid={"layers": [0, 1], "c_mult": [1.0, 4.0]})
+    s = setup(rmu_grid={"layers": [0, 1], "c_mult": [1.0, 4.0], "lr": [1e-2]})
     s.forget_val = stories(6, seed=4).subset(stories(6, seed=4).forget)
     model, info = M.train_rmu(s, M.make_model(SPEC, 0))
     sel = info["selection"]
     assert len(sel["candidates"]) == 4 and {c["layer"] for c in sel["candidates"]} == {0, 1}
     best = sel["candidates"][sel["chosen"]]
     assert M.select_rmu(sel["candidates"], sel["base_retain_val"], 0.1) == sel["chosen"]
-    assert info["layer"] == best["layer"] and info["c"] == pytest.approx(best["c"])
+    assert info["layer"] == best["layer"] and info["c"] == pytest.approx(best["c"]) and info["lr"] == best["lr"] == 1e-2
     assert best["c"] == pytest.approx(best["c_mult"] * best["residual_norm"])
     with pytest.raises(ValueError, match="validation"):
         M.train_rmu(setup(rmu_grid={"layers": [0]}), M.make_model(SPEC, 0))

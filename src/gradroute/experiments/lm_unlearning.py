@@ -48,8 +48,10 @@ DESCRIPTION = ("LM unlearning under partial labels: base, data filtering, ERA, p
 FRACTIONS = [0.0, 0.1, 0.25, 0.5, 1.0]
 # RMU's layer and c (a multiple of the base model's residual norm there) are chosen per run on the
 # validation split by methods.select_rmu; the grid is scaled to the model's depth
-RMU_GRID = {"quick": {"layers": [0, 1], "c_mult": [1.0, 3.0, 10.0]},
-            "paper": {"layers": [1, 3, 5], "c_mult": [1.0, 3.0, 10.0]}}
+# (and the fine-tune lr: at the quick profile's 3e-3 no candidate moved forget_val loss by more
+# than 0.001 nats in a first run, docs/lm_unlearning.md)
+RMU_GRID = {"quick": {"layers": [0, 1], "c_mult": [3.0, 10.0], "lr": [3e-3, 3e-2]},
+            "paper": {"layers": [1, 3, 5], "c_mult": [3.0, 10.0], "lr": [5e-4, 5e-3]}}
 PROFILES = {
     # a 2-block model trained until it has learned the forget topic (base learning curve: forget
     # validation loss 6.9 -> 1.0 at step 200, 0.45 at 800 of a 1,000-step run; docs/lm_unlearning.md);
@@ -433,7 +435,7 @@ def rmu_selections(results: dict) -> list[dict]:
             sel = r["rmu_selection"]
             best = sel["candidates"][sel["chosen"]]
             out.append({"labelled_fraction": p, "seed": seed, "layer": best["layer"], "c_mult": best["c_mult"],
-                        "c": best["c"], "rule": sel["rule"], "candidates": sel["candidates"],
+                        "c": best["c"], "lr": best.get("lr"), "rule": sel["rule"], "candidates": sel["candidates"],
                         "base_retain_val": sel["base_retain_val"], "base_forget_val": sel["base_forget_val"]})
     return out
 

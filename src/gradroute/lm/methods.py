@@ -424,7 +424,7 @@ def residual_norm(model: nn.Module, block: str, data: Stories, batch_size: int =
     return total / max(count, 1)
 
 
-def _rmu_once(setup: Setup, base_model: nn.Module, layer: int, c: float, tag: str = "rmu"):
+def _rmu_once(setup: Setup, base_model: nn.Module, layer: int, c: float, tag: str = "rmu", lr: float | None = None):
     mc = setup.method
     model = copy.deepcopy(base_model).to(setup.device)
     block, trained = rmu_layer_names(model, layer)
@@ -433,14 +433,15 @@ def _rmu_once(setup: Setup, base_model: nn.Module, layer: int, c: float, tag: st
         p.requires_grad_(False)
     control = rmu_control_vector(setup.model["d_model"], c, setup.seed).to(setup.device)
     cfg = copy.copy(setup.train)
-    cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup, cfg.desc = mc.rmu_steps, mc.rmu_lr, mc.rmu_lr, 0, tag
+    lr = mc.rmu_lr if lr is None else lr
+    cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup, cfg.desc = mc.rmu_steps, lr, lr, 0, tag
     cfg.eval_every, cfg.select_best = 0, None
     out = None if setup.out_dir is None else Path(setup.out_dir) / tag
     log = train(model, _Mixed(setup.data, setup.batch_size, setup.seed), cfg,
                 loss_fn=lambda net, b: rmu_loss(net, frozen, block, control, mc.rmu_alpha, b),
                 params=lambda n, p: any(n.startswith(t + ".") for t in trained) and n.endswith("weight"),
                 out_dir=out, resume=setup.resume, device=setup.device)
-    return model, {"train": log, "layer": layer, "c": c, "trained": trained}
+    return model, {"train": log, "layer": layer, "c": c, "lr": lr, "trained": trained}
 
 
 def select_rmu(candidates: list[dict], base_retain: float, tol: float) -> int:
@@ -456,10 +457,11 @@ def select_rmu(candidates: list[dict], base_retain: float, tol: float) -> int:
 
 
 def train_rmu(setup: Setup, base_model: nn.Module):
-    """RMU from ``base_model``. With ``method.rmu_grid`` (``{"layers": [...], "c_mult": [...]}``)
-    and both validation splits in ``setup``, every (layer, c = c_mult x the base model's mean
-    residual norm at that layer on ``retain_val``) is trained and :func:`select_rmu` picks one
-    by ``retain_val`` / ``forget_val`` losses; otherwise ``rmu_layer`` and ``rmu_c`` are used."""
+    """RMU from ``base_model``. With ``method.rmu_grid`` (``{"layers": [...], "c_mult": [...],
+    "lr": [...]}``, lr optional: default ``rmu_lr``) and both validation splits in ``setup``,
+    every (layer, c = c_mult x the base model's mean residual norm at that layer on
+    ``retain_val``, lr) is trained and :func:`select_rmu` picks one by ``retain_val`` /
+    ``forget_val`` losses; otherwise ``rmu_layer``, ``rmu_c`` and ``rmu_lr`` are used."""
     from .evaluate import mean_loss
 
     mc = setup.method
@@ -473,9 +475,9 @@ def train_rmu(setup: Setup, base_model: nn.Module):
     if not grid:
         layer = mc.rmu_layer if mc.rmu_layer is not None else max(0, n_layer // 2 - 1)
         return _rmu_once(setup, base_model, layer, mc.rmu_c)
-    unknown = set(grid) - {"layers", "c_mult"}
+    unknown = set(grid) - {"layers", "c_mult", "lr"}
     if unknown:
-        raise ValueError(f"rmu_grid has unknown keys {sorted(unknown)}; use 'layers' and 'c_mult'")
+        raise ValueError(f"rmu_grid has unknown keys {sorted(unknown)}; use 'layers', 'c_mult' and 'lr'")
     base_retain = mean_loss(base_model, setup.retain_val)
     base_forget = mean_loss(base_model, setup.forget_val)
     cands, models = [], []
@@ -483,11 +485,13 @@ def train_rmu(setup: Setup, base_model: nn.Module):
         block, _ = rmu_layer_names(base_model, layer)
         norm = residual_norm(base_model, block, setup.retain_val)
         for mult in grid.get("c_mult", [1.0]):
-            model, info = _rmu_once(setup, base_model, layer, mult * norm, tag=f"rmu_l{layer}_c{mult:g}")
-            cands.append({"layer": layer, "c_mult": mult, "c": mult * norm, "residual_norm": norm,
-                          "retain_val": mean_loss(model, setup.retain_val),
-                          "forget_val": mean_loss(model, setup.forget_val)})
-            models.append((model, info))
+            for lr in grid.get("lr", [mc.rmu_lr]):
+                model, info = _rmu_once(setup, base_model, layer, mult * norm, tag=f"rmu_l{layer}_c{mult:g}_lr{lr:g}",
+                                        lr=lr)
+                cands.append({"layer": layer, "c_mult": mult, "c": mult * norm, "lr": lr, "residual_norm": norm,
+                              "retain_val": mean_loss(model, setup.retain_val),
+                              "forget_val": mean_loss(model, setup.forget_val)})
+                models.append((model, info))
     best = select_rmu(cands, base_retain, mc.rmu_retain_tol)
     model, info = models[best]
     info["selection"] = {"rule": f"max forget_val loss s.t. retain_val loss <= base + {mc.rmu_retain_tol:g}",
