@@ -507,7 +507,7 @@ def learning_curves_figure(out: Path, results: dict) -> Path | None:
     ax.set_yscale("log")
     ax.set_xlabel("training step")
     ax.set_ylabel("held-out loss (nats/token, log scale)")
-    ax.set_title("Learning curves before any unlearning", fontsize=10)
+    ax.set_title("Held-out learning curves: base model and data filtering", fontsize=10)
     ax.legend(fontsize=7)
     return savefig(fig, out / "learning_curves.png")
 

@@ -156,7 +156,7 @@ def token_strength(data: Stories, vocab_size: int, scale: float = 1.0, bias: flo
     ``pseudo_forget`` per token for the forget counts, ``pseudo_other`` for the others).
 
     With the paper's values (1, -4, 1, 20) a token at r = 1 gets 0.018, at r = 3 0.21 (original
-    units' weight 1 + 0.21 * (-0.75 - 1) = 0.63), at r = 5 0.67 and at r >= 8 more than 0.98."""
+    units' weight 1 + 0.21 * (-0.75 - 1) = 0.63), at r = 5 0.69, at r = 8 0.98."""
     if pseudo_forget <= 0 or pseudo_other <= 0:
         raise ValueError(f"pseudo-counts must be > 0, got {pseudo_forget}, {pseudo_other}")
     valid = data.y != IGNORE
