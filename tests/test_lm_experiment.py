@@ -84,6 +84,12 @@ def test_claims_are_computed_from_summary():
     o = E.other_claims(summary)
     assert o["filtering most robust at p=1"]["holds"]
     assert not o["param_routing better trade-off than era"]["holds"]      # 2.07 < 2.5 robust forget at p=0.5
+    runs = [{"method": m, "labelled_fraction": 0.5, "seed": s, "forget_loss_after_attack": v}
+            for m, vals in (("filtering", [2.0, 2.1, 1.9]), ("era", [2.05, 2.16, 1.97])) for s, v in enumerate(vals)]
+    paired = E.paired_vs_filtering(runs)
+    assert paired["era"]["0.5"]["mean"] == pytest.approx(0.06) and paired["era"]["0.5"]["n"] == 3
+    c = E.check_claims(summary, paired)["era > filtering on robust unlearning at p=0.5"]
+    assert c["paired_interval_above_0"] and c["paired_difference"]["lo"] > 0     # 0.05, 0.06, 0.07
     one = {"filtering": {"0.5": mk([2.0], [1.0])}, "era": {"0.5": mk([2.5], [1.0])}}
     assert not E.check_claims(one)["era > filtering on robust unlearning at p=0.5"]["intervals_separate"]
 
