@@ -31,12 +31,83 @@ def setup(**kw) -> M.Setup:
                    seed=0, method=mc, retain_val=stories(6, seed=1))
 
 
-def test_token_strength():
-    s = M.token_strength(stories(), V, ratio=10.0)
-    assert s[7] == 1.0 and s.min() >= 0 and s.max() <= 1
-    assert (s[8:] < 1).all()
-    with pytest.raises(ValueError, match="ratio"):
-        M.token_strength(stories(), V, ratio=1.0)
+def test_token_strength_is_the_papers_rule():
+    """sigmoid(r - 1/r - 4) of the pseudo-count frequency ratio, checked against an independent
+    count, and the rule's values at a few ratios (1 - the original code's mask weight)."""
+    d = stories(60)
+    d = d.with_labels(d.forget & (torch.arange(60) % 2 == 0))          # partial labels
+    s = M.token_strength(d, V)
+    valid = d.y != -100
+    cf = torch.zeros(V, dtype=torch.float64)
+    co = torch.zeros(V, dtype=torch.float64)
+    for row, lab in zip(range(len(d)), d.labelled.tolist()):
+        for t in d.y[row][valid[row]].tolist():
+            (cf if lab else co)[t] += 1
+    cf, co = cf + 1, co + 20
+    r = (cf / cf.sum()) / (co / co.sum())
+    assert torch.allclose(s.double(), torch.sigmoid(r - 1 / r - 4), atol=1e-6)
+    assert s[7] == s.max() and s.min() > 0 and s[8:].max() < 0.1        # the keyword token stands out
+    # the rule itself at r = 1, 3, 5, 10 (values of 1 - sigmoid(r - 1/r - 4)) and what the
+    # original units of a routed block then get: 1 + s * (-0.75 - 1)
+    for ratio, mask_weight in ((1.0, 0.98201), (3.0, 0.79139), (5.0, 0.31003), (10.0, 0.00274)):
+        strength = float(torch.sigmoid(torch.tensor(ratio - 1 / ratio - 4)))
+        assert 1 - strength == pytest.approx(mask_weight, abs=1e-4)
+    assert 1 + (1 - 0.79139) * (-1.75) == pytest.approx(0.63, abs=0.01)      # the issue's 0.63 at r = 3
+    with pytest.raises(ValueError, match="pseudo"):
+        M.token_strength(d, V, pseudo_other=0)
+
+
+def test_routed_blocks_scale_the_papers_five_of_eight():
+    assert [M.routed_block_count(n) for n in (1, 2, 4, 8)] == [1, 2, 3, 5]
+    assert M.routed_block_count(8, 2) == 2
+    with pytest.raises(ValueError, match="route_layers"):
+        M.routed_block_count(2, 3)
+
+
+def test_l1_sees_unrouted_activations_of_routed_blocks_only():
+    """ERA's L1 gradient equals the gradient of l1 * sum|h| on the plain (unrouted) forward, so
+    it is not multiplied by the -0.75 of forget tokens, and blocks that are not routed get none."""
+    torch.manual_seed(0)
+    model = M.make_model(SPEC, 0)
+    new = gr.expand_mlp(model, M.MLP_PATTERN, 4)
+    routed = M._sub_units(new, ["transformer.h.0.mlp"])          # route block 0 only
+    d = stories()
+    d = d.subset(d.forget)                                         # forget stories, all labelled
+    b = M.BatchOrder(d, 4, 0)(0)
+    strength = torch.ones(V)                                       # full strength: weight -0.75
+    l1 = 0.5
+
+    def grads(loss_fn):
+        model.zero_grad()
+        loss_fn(model, b).backward()
+        return {n: torch.zeros_like(p) if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+    with_l1 = grads(M.era_loss(routed, strength, l1=l1))
+    without = grads(M.era_loss(routed, strength, l1=0.0))
+
+    def plain_l1(net, batch):                                      # no routing anywhere
+        acts = []
+        with M.mlp_activation_l1(net, batch.y != -100, acts, ["transformer.h.0.mlp"]):
+            net(batch.x)
+        return l1 * torch.stack(acts).sum()
+    ref = grads(plain_l1)
+    w0 = "transformer.h.0.mlp.c_fc.weight"
+    assert ref[w0].abs().sum() > 0
+    assert torch.allclose(with_l1[w0] - without[w0], ref[w0], atol=1e-5)
+    w1 = "transformer.h.1.mlp.c_fc.weight"                        # block 1 is not routed: no L1 there
+    assert torch.allclose(with_l1[w1], without[w1], atol=1e-6)
+
+
+def test_coherence_draws_only_retain_stories():
+    s = setup()
+    lab = s.data.forget & (torch.arange(len(s.data)) % 2 == 0)     # half the forget stories labelled
+    s.data = s.data.with_labels(lab)
+    s.method.coherence_stories = 100                               # more than there are: takes them all
+    model = M.make_model(SPEC, 0)
+    log = M._coherence(s, model, "test coherence")
+    picked = torch.tensor(log["stories"])
+    assert len(picked) == int((~s.data.forget).sum())
+    assert not s.data.forget[picked].any()                         # no labelled, no unlabelled forget story
+    assert torch.equal(M.retain_pool(s.data), (~s.data.forget).nonzero().flatten())
 
 
 @pytest.mark.parametrize("name", ["base", "filtering", "era", "param_routing", "demix"])
@@ -48,6 +119,7 @@ def test_methods_train_and_remove_what_they_add(name):
     if "before_ablation" in info:
         pre = info["before_ablation"]
         assert pre.transformer.h[0].mlp.c_fc.out_features == D_MLP + 4
+        assert info["after_ablation"].transformer.h[0].mlp.c_fc.out_features == D_MLP
 
 
 def test_era_gradients_follow_the_paper_weights():
@@ -149,6 +221,24 @@ def test_rmu_control_vector_and_loss_direction():
     assert loss > 0
     with pytest.raises(ValueError, match="rmu_layer"):
         M.rmu_layer_names(base, 5)
+
+
+def test_rmu_selection_rule_and_grid():
+    cands = [{"retain_val": 2.0, "forget_val": 3.0}, {"retain_val": 2.05, "forget_val": 3.5},
+             {"retain_val": 2.5, "forget_val": 9.0}]
+    assert M.select_rmu(cands, base_retain=2.0, tol=0.1) == 1         # best forget within the retain budget
+    assert M.select_rmu(cands, base_retain=1.0, tol=0.1) == 0         # none qualifies: least retain damage
+    s = setup(rmu_grid={"layers": [0, 1], "c_mult": [1.0, 4.0], "lr": [1e-2]})
+    s.forget_val = stories(6, seed=4).subset(stories(6, seed=4).forget)
+    model, info = M.train_rmu(s, M.make_model(SPEC, 0))
+    sel = info["selection"]
+    assert len(sel["candidates"]) == 4 and {c["layer"] for c in sel["candidates"]} == {0, 1}
+    best = sel["candidates"][sel["chosen"]]
+    assert M.select_rmu(sel["candidates"], sel["base_retain_val"], 0.1) == sel["chosen"]
+    assert info["layer"] == best["layer"] and info["c"] == pytest.approx(best["c"]) and info["lr"] == best["lr"] == 1e-2
+    assert best["c"] == pytest.approx(best["c_mult"] * best["residual_norm"])
+    with pytest.raises(ValueError, match="validation"):
+        M.train_rmu(setup(rmu_grid={"layers": [0]}), M.make_model(SPEC, 0))
 
 
 def test_rmu_without_labels_is_base():

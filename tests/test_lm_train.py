@@ -162,3 +162,24 @@ def test_ddp_matches_single_process(tmp_path):
         single = _train_for_ddp.model.state_dict()
         for n, v in ddp[mode].items():
             assert torch.allclose(v, single[n], atol=2e-5, rtol=1e-4), (mode, n)
+
+
+def test_progress_in_a_file_is_readable(monkeypatch, capsys):
+    """Output redirected: inner (leave=False) bars are not drawn, outer ones rarely, plain width."""
+    from gradroute import utils
+
+    monkeypatch.delenv("GRADROUTE_QUIET", raising=False)
+    monkeypatch.setattr(utils, "_stderr_is_terminal", lambda: False)
+    inner = utils.progress(range(3), leave=False)
+    outer = utils.progress(range(3), desc="runs")
+    assert inner.disable and not outer.disable
+    assert outer.mininterval >= 30 and outer.ncols == 100
+    monkeypatch.setattr(utils, "_stderr_is_terminal", lambda: True)
+    assert not utils.progress(range(3), leave=False).disable
+
+
+def test_format_ci_has_no_interval_for_one_value():
+    from gradroute.utils import format_ci, mean_ci
+
+    assert format_ci(mean_ci([1.5])) == "1.500"
+    assert format_ci(mean_ci([1.0, 2.0])) == f"1.500 ± {12.706 * 0.5:.3f}"

@@ -51,7 +51,8 @@ PLAN: dict[str, dict[str, tuple[str, list[str]]]] = {
     "quick": {
         "mnist": ("quick", ["--setting", "1,8", "--threads", "1"]),
         "gridworld": ("quick", ["--oversight", "0.01", "0.05", "0.1", "0.3"]),
-        "lm-unlearning": ("quick", ["--fractions", "0.1", "0.5", "1.0"]),
+        "lm-unlearning": ("quick", ["--fractions", "0.1", "0.5", "--methods", "base", "filtering", "era",
+                                    "param_routing", "rmu", "--seeds", "0", "1", "2"]),
         "steering": ("quick", []),
         "token-routing": ("quick", []),
     },

@@ -62,12 +62,34 @@ def _json_default(o: Any) -> Any:
 
 
 def progress(iterable: Iterable | None = None, **kwargs):
-    """A tqdm progress bar (to stderr); GRADROUTE_QUIET=1 silences it."""
+    """A tqdm progress bar (to stderr); GRADROUTE_QUIET=1 silences it.
+
+    When stderr is not a terminal (output redirected to a file or a pipe) the bar stays
+    readable there: transient inner bars (``leave=False``: a training run inside a sweep) are
+    not drawn at all, and the others are redrawn at most every 30 s (``GRADROUTE_PROGRESS_S``),
+    each update a plain line of fixed width."""
     from tqdm.auto import tqdm
 
     kwargs.setdefault("disable", os.environ.get("GRADROUTE_QUIET") == "1")
-    kwargs.setdefault("dynamic_ncols", True)
+    if _stderr_is_terminal():
+        kwargs.setdefault("dynamic_ncols", True)
+    else:
+        if kwargs.get("leave") is False:
+            kwargs["disable"] = True
+        kwargs.setdefault("mininterval", float(os.environ.get("GRADROUTE_PROGRESS_S", "30")))
+        kwargs.setdefault("maxinterval", kwargs["mininterval"])
+        kwargs.setdefault("ncols", 100)
+        kwargs.setdefault("ascii", True)
     return tqdm(iterable, **kwargs)
+
+
+def _stderr_is_terminal() -> bool:
+    import sys
+
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 # two-sided 95% Student-t quantiles for small samples (df = n - 1)
@@ -87,6 +109,15 @@ def mean_ci(values: Sequence[float]) -> dict:
     t = _T95.get(df) or _T95[max(k for k in _T95 if k <= df)]
     half = t * float(v.std(ddof=1)) / math.sqrt(v.size)
     return {"mean": m, "lo": m - half, "hi": m + half, "n": int(v.size)}
+
+
+def format_ci(stats: dict, digits: int = 3) -> str:
+    """A :func:`mean_ci` result as text: ``"1.234 ± 0.056"`` (mean ± 95% CI half-width), or just
+    ``"1.234"`` when it comes from one value (no interval exists; say ``n=1`` next to it)."""
+    m = stats["mean"]
+    if stats.get("n", 1) <= 1:
+        return f"{m:.{digits}f}"
+    return f"{m:.{digits}f} ± {stats['hi'] - m:.{digits}f}"
 
 
 def plt():

@@ -7,18 +7,21 @@ data as far as it knows (partial oversight).
 
 - ``base``: all stories.
 - ``filtering``: drop the labelled forget stories (same order for the rest), from scratch.
-- ``era``: Expand every MLP by ``expand`` units, Route (first ``route_layers`` blocks, on MLP
-  hidden activations): new units weight 1 for every token, original units weight down to
-  ``era_outside`` (-0.75) on the target tokens of labelled stories that are much more frequent
-  in labelled forget stories than elsewhere (strength from the frequency ratio), L1 on MLP
-  activations; Ablate the new units (removed), coherence fine-tune.
+- ``era``: Expand every MLP by ``expand`` units, Route (first ``route_layers`` blocks, default
+  ``ceil(5/8 n_layer)`` = the paper's 0-4 of 8, on MLP hidden activations): new units weight 1
+  for every token, original units weight down to ``era_outside`` (-0.75) on the target tokens
+  of labelled stories, by the paper's strength rule ``sigmoid(r - 1/r - 4)`` of the token's
+  frequency ratio ``r`` (labelled forget vs other stories, with pseudo-counts), L1 on the
+  *unrouted* MLP activations of the routed blocks; Ablate the new units (removed), coherence
+  fine-tune on retain stories.
 - ``param_routing``: the SGTM-style variant: expand the MLPs the same way; labelled forget
   stories update only those units' parameters (:class:`gradroute.ParamRouter`), other stories
   update everything; ablate them, coherence fine-tune.
 - ``rmu``: from the base model, fine-tune the MLP output weights of the blocks up to
   ``rmu_layer`` so that residual activations there on labelled forget stories match ``c * u``
   (``u`` a fixed random unit vector sampled once) while activations on other stories match a
-  frozen copy (weight ``alpha``).
+  frozen copy (weight ``alpha``). With ``rmu_grid`` the layer and ``c`` (as a multiple of the
+  base model's residual norm there) are chosen on the validation split (:func:`select_rmu`).
 - ``demix``: every MLP gets a second expert of the same size; a story's label picks the expert
   (forward and backward); the forget expert is deleted at the end.
 """
@@ -48,10 +51,13 @@ MLP_PATTERN = "transformer.h.*.mlp"
 @dataclass
 class MethodConfig:
     expand: int = 64                 # ERA / parameter routing: new MLP units per block
-    route_layers: int | None = None  # ERA: route the first k blocks (default: 5/8 of them, as 0-4 of 8)
+    route_layers: int | None = None  # ERA: route the first k blocks (default ceil(5/8 of them): 0-4 of 8)
     era_outside: float = -0.75       # ERA: weight of original units on forget tokens
-    era_ratio: float = 10.0          # ERA: frequency ratio (forget vs other) at which routing is full
-    l1: float = 1e-4                 # ERA: L1 on MLP activations
+    strength_scale: float = 1.0      # ERA token strength sigmoid(scale * (r - 1/r) + bias) (the paper's)
+    strength_bias: float = -4.0
+    pseudo_forget: float = 1.0       # pseudo-counts added to every token's count (forget / other stories)
+    pseudo_other: float = 20.0
+    l1: float = 1e-4                 # ERA: L1 on the unrouted MLP activations of the routed blocks
     coherence_steps: int = 40        # after ablation: fine-tune on retain stories, keep the best
     coherence_stories: int = 64
     coherence_lr: float = 5e-5
@@ -60,6 +66,8 @@ class MethodConfig:
     rmu_alpha: float = 200.0
     rmu_lr: float = 5e-4
     rmu_steps: int = 500
+    rmu_grid: dict | None = None     # {"layers": [...], "c_mult": [...]}: choose on validation (select_rmu)
+    rmu_retain_tol: float = 0.1      # selection rule: retain_val loss may rise at most this (nats/token)
 
 
 @dataclass
@@ -70,7 +78,8 @@ class Setup:
     batch_size: int
     seed: int
     method: MethodConfig = field(default_factory=MethodConfig)
-    retain_val: Stories | None = None   # for the coherence fine-tune's "keep the best"
+    retain_val: Stories | None = None   # for the coherence fine-tune's "keep the best" (and RMU's selection)
+    forget_val: Stories | None = None   # held-out forget stories for RMU's selection (never the evaluation set)
     out_dir: Path | None = None
     resume: bool = False
     device: str = "cpu"
@@ -103,10 +112,18 @@ def _sub_units(units: gr.Units, names: list[str]) -> gr.Units:
 
 
 def _run_train(setup: Setup, model, order, loss_fn=None, tag="train", **kw) -> dict:
+    """The shared loop for a method's main training. With ``train.eval_every`` and the
+    validation split in ``setup``, the learning curve (``retain_val``, ``forget_val`` losses) is
+    recorded in the log's ``evals``."""
+    from .evaluate import mean_loss
+
     model.to(setup.device)
     out = None if setup.out_dir is None else Path(setup.out_dir) / tag
     cfg = copy.copy(setup.train)
     cfg.desc = tag
+    if "eval_fn" not in kw and cfg.eval_every and setup.retain_val is not None and setup.forget_val is not None:
+        rv, fv = setup.retain_val, setup.forget_val
+        kw["eval_fn"] = lambda m: {"retain_val": mean_loss(m, rv), "forget_val": mean_loss(m, fv)}
     return train(model, order, cfg, out_dir=out, resume=setup.resume, device=setup.device,
                  **({} if loss_fn is None else {"loss_fn": loss_fn}), **kw)
 
@@ -130,34 +147,42 @@ def train_filtering(setup: Setup):
 # ------------------------------------------------------------------------------------------
 # ERA
 # ------------------------------------------------------------------------------------------
-def token_strength(data: Stories, vocab_size: int, ratio: float = 10.0) -> torch.Tensor:
-    """Per token id, how strongly to route it as a forget token, in [0, 1]: 0 when it is no more
-    frequent (per token) in labelled forget stories than in the others, 1 when it is ``ratio``
-    times more frequent or more, log-linear in between (add-one smoothing)."""
-    if ratio <= 1:
-        raise ValueError(f"ratio must be > 1, got {ratio}")
+def token_strength(data: Stories, vocab_size: int, scale: float = 1.0, bias: float = -4.0,
+                   pseudo_forget: float = 1.0, pseudo_other: float = 20.0) -> torch.Tensor:
+    """Per token id, how strongly to route it as a forget token, in (0, 1): the paper's rule
+    ``sigmoid(scale * (r - 1/r) + bias)`` (``1 -`` the original code's mask weight), where ``r``
+    is the token's relative frequency among the target tokens of labelled forget stories over
+    its relative frequency in the other stories, each count plus a pseudo-count (a uniform prior:
+    ``pseudo_forget`` per token for the forget counts, ``pseudo_other`` for the others).
+
+    With the paper's values (1, -4, 1, 20) a token at r = 1 gets 0.018, at r = 3 0.21 (original
+    units' weight 1 + 0.21 * (-0.75 - 1) = 0.63), at r = 5 0.69, at r = 8 0.98."""
+    if pseudo_forget <= 0 or pseudo_other <= 0:
+        raise ValueError(f"pseudo-counts must be > 0, got {pseudo_forget}, {pseudo_other}")
     valid = data.y != IGNORE
     lab = data.labelled.unsqueeze(1) & valid
     oth = ~data.labelled.unsqueeze(1) & valid
-    cf = torch.bincount(data.y[lab], minlength=vocab_size).double() + 1
-    co = torch.bincount(data.y[oth], minlength=vocab_size).double() + 1
+    cf = torch.bincount(data.y[lab], minlength=vocab_size).double() + pseudo_forget
+    co = torch.bincount(data.y[oth], minlength=vocab_size).double() + pseudo_other
     r = (cf / cf.sum()) / (co / co.sum())
-    return (r.log() / math.log(ratio)).clamp(0, 1).float()
+    return torch.sigmoid(scale * (r - 1 / r) + bias).float()
 
 
 @contextlib.contextmanager
-def mlp_activation_l1(model: nn.Module, mask: torch.Tensor, out: list):
-    """Collects ``sum |h|`` of MLP hidden activations over the positions in ``mask`` into
-    ``out`` (a list, one scalar per block) while active."""
+def mlp_activation_l1(model: nn.Module, mask: torch.Tensor, out: list, blocks: list[str] | None = None):
+    """Collects ``sum |h|`` of the MLP hidden activations ``h`` of ``blocks`` (default: every
+    block) over the positions in ``mask`` into ``out`` (a list, one scalar per block) while
+    active. The hook is put *before* any other forward pre-hook on the reading linear, so it
+    sees ``h`` before routing: the penalty's gradient is never scaled by a routing weight."""
     hooks = []
-    for name in _blocks(model):
+    for name in (_blocks(model) if blocks is None else blocks):
         mlp = unwrap(model).get_submodule(name)
         reader = getattr(mlp, mlp_parts(mlp, name).output)
 
         def pre(mod, args):
             h = args[0]
             out.append((h.abs().sum(-1) * mask.to(h.dtype)).sum())
-        hooks.append(reader.register_forward_pre_hook(pre))
+        hooks.append(reader.register_forward_pre_hook(pre, prepend=True))
     try:
         yield out
     finally:
@@ -165,15 +190,24 @@ def mlp_activation_l1(model: nn.Module, mask: torch.Tensor, out: list):
             h.remove()
 
 
+def retain_pool(data: Stories) -> torch.Tensor:
+    """Indices of the stories the coherence fine-tune may use: retain stories (not matching the
+    forget rule), as the paper's coherence set of 64 retain stories; never an unlabelled forget
+    story."""
+    return (~data.forget).nonzero().flatten()
+
+
 def _coherence(setup: Setup, model, tag: str) -> dict:
-    """Fine-tune on ``coherence_stories`` retain-treated (unlabelled) training stories, keeping
+    """Fine-tune on ``coherence_stories`` retain training stories (:func:`retain_pool`), keeping
     the weights with the lowest retain validation loss (the unmodified model included)."""
     from .evaluate import mean_loss
 
     mc = setup.method
     if mc.coherence_steps <= 0:
         return {}
-    pool = (~setup.data.labelled).nonzero().flatten()
+    pool = retain_pool(setup.data)
+    if pool.numel() == 0:
+        raise ValueError("no retain stories for the coherence fine-tune")
     g = torch.Generator().manual_seed(setup.seed + 7)
     pick = pool[torch.randperm(pool.numel(), generator=g)[: mc.coherence_stories]]
     d = setup.data.subset(pick)
@@ -183,22 +217,41 @@ def _coherence(setup: Setup, model, tag: str) -> dict:
                       select_best="retain_val" if setup.retain_val is not None else None, desc=tag)
     val = setup.retain_val
     ev = None if val is None else (lambda m: {"retain_val": mean_loss(m, val)})
-    return train(model, order, cfg, eval_fn=ev, distributed=False, device=setup.device)
+    log = train(model, order, cfg, eval_fn=ev, distributed=False, device=setup.device)
+    log["stories"] = pick.tolist()
+    return log
 
 
 def era_loss(routed: gr.Units, strength: torch.Tensor, outside: float = -0.75, l1: float = 1e-4):
     """ERA's ``loss_fn``: on labelled rows, target token ``t`` routes with strength
     ``strength[t]`` (original units of ``routed`` blocks get ``1 + s * (outside - 1)``, new
-    units 1); plus ``l1`` times the summed |MLP activations| of every block."""
+    units 1); plus ``l1`` times the summed |MLP activations| of the routed blocks, read before
+    routing (the paper's unrouted L1 on the routed layers)."""
+    blocks = list(routed.index)
+
     def loss_fn(net, b: Batch):
         y = b.y.clamp_min(0)
         select = strength[y] * (b.labelled.unsqueeze(1) & (b.y != IGNORE))
         acts: list = []
         with gr.route_units(net, routed, select, inside=1.0, outside=outside), \
-                mlp_activation_l1(net, b.y != IGNORE, acts):
+                mlp_activation_l1(net, b.y != IGNORE, acts, blocks if l1 else []):
             loss = token_losses(net, b.x, b.y).sum()
         return loss + l1 * torch.stack(acts).sum() if l1 else loss
     return loss_fn
+
+
+def routed_block_count(n_layer: int, route_layers: int | None = None) -> int:
+    """Blocks ERA routes: ``route_layers``, or by default ``ceil(5 n / 8)``: the paper's layers
+    0-4 of 8 (5 of 8), scaled; both blocks of a 2-block model, 3 of 4."""
+    k = route_layers if route_layers is not None else max(1, math.ceil(n_layer * 5 / 8))
+    if not 1 <= k <= n_layer:
+        raise ValueError(f"route_layers must be in [1, {n_layer}], got {k}")
+    return k
+
+
+def _ablation_stage(info: dict, model) -> None:
+    """Keep a copy of the model right after ablation, before the coherence fine-tune."""
+    info["after_ablation"] = copy.deepcopy(model)
 
 
 def train_era(setup: Setup):
@@ -206,19 +259,19 @@ def train_era(setup: Setup):
     model = make_model(setup.model, setup.seed)
     new = gr.expand_mlp(model, MLP_PATTERN, mc.expand)
     blocks = _blocks(model)
-    k = mc.route_layers if mc.route_layers is not None else max(1, round(len(blocks) * 5 / 8))
-    if not 1 <= k <= len(blocks):
-        raise ValueError(f"route_layers must be in [1, {len(blocks)}], got {k}")
+    k = routed_block_count(len(blocks), mc.route_layers)
     routed = _sub_units(new, blocks[:k])
-    strength = token_strength(setup.data, setup.model["vocab_size"], mc.era_ratio).to(setup.device)
+    strength = token_strength(setup.data, setup.model["vocab_size"], mc.strength_scale, mc.strength_bias,
+                              mc.pseudo_forget, mc.pseudo_other).to(setup.device)
     loss_fn = era_loss(routed, strength, mc.era_outside, mc.l1)
     log = _run_train(setup, model, BatchOrder(setup.data, setup.batch_size, setup.seed), loss_fn)
-    pre = copy.deepcopy(model)
+    info = {"train": log, "before_ablation": copy.deepcopy(model), "routed_blocks": blocks[:k],
+            "routed_token_strength_mean": float(strength.mean())}
     gr.ablate(model, new)
     gr.contract(model, new)
-    coh = _coherence(setup, model, "era coherence")
-    return model, {"train": log, "before_ablation": pre, "coherence": coh, "routed_blocks": blocks[:k],
-                   "routed_token_strength_mean": float(strength.mean())}
+    _ablation_stage(info, model)
+    info["coherence"] = _coherence(setup, model, "era coherence")
+    return model, info
 
 
 # ------------------------------------------------------------------------------------------
@@ -238,12 +291,12 @@ def train_param_routing(setup: Setup):
     new = gr.expand_mlp(model, MLP_PATTERN, mc.expand)
     router = gr.ParamRouter(model, new)
     log = _run_train(setup, model, BatchOrder(setup.data, setup.batch_size, setup.seed), param_routing_loss(router))
-    pre = copy.deepcopy(model)
+    info = {"train": log, "before_ablation": copy.deepcopy(model), "forget_params": router.num_forget_params()}
     router.ablate()
     gr.contract(model, new)
-    coh = _coherence(setup, model, "param_routing coherence")
-    return model, {"train": log, "before_ablation": pre, "coherence": coh,
-                   "forget_params": router.num_forget_params()}
+    _ablation_stage(info, model)
+    info["coherence"] = _coherence(setup, model, "param_routing coherence")
+    return model, info
 
 
 # ------------------------------------------------------------------------------------------
@@ -353,27 +406,98 @@ class _Mixed:
         return Batch(d.x[idx], y, d.keyword[idx], d.forget[idx], d.labelled[idx], idx, int((y != IGNORE).sum()))
 
 
-def train_rmu(setup: Setup, base_model: nn.Module):
+@torch.no_grad()
+def residual_norm(model: nn.Module, block: str, data: Stories, batch_size: int = 64) -> float:
+    """Mean L2 norm of the residual stream after ``block`` over the target positions of ``data``
+    (RMU's ``c`` is chosen as a multiple of it, so that it scales with the model)."""
+    from .data import full_batches
+
+    dev = next(model.parameters()).device
+    total, count = 0.0, 0
+    for b in full_batches(data, batch_size):
+        out: dict = {}
+        with capture_output(model, block, out):
+            logits(model, b.x.to(dev))
+        valid = (b.y != IGNORE).to(dev)
+        total += float(out["h"].norm(dim=-1)[valid].sum())
+        count += int(valid.sum())
+    return total / max(count, 1)
+
+
+def _rmu_once(setup: Setup, base_model: nn.Module, layer: int, c: float, tag: str = "rmu", lr: float | None = None):
     mc = setup.method
     model = copy.deepcopy(base_model).to(setup.device)
-    if not setup.data.labelled.any():
-        return model, {"skipped": "no labelled forget stories: RMU leaves the base model unchanged"}
-    n_layer = len(_blocks(model))
-    layer = mc.rmu_layer if mc.rmu_layer is not None else max(0, n_layer // 2 - 1)
     block, trained = rmu_layer_names(model, layer)
     frozen = copy.deepcopy(base_model).to(setup.device).eval()
     for p in frozen.parameters():
         p.requires_grad_(False)
-    d_model = setup.model["d_model"]
-    control = rmu_control_vector(d_model, mc.rmu_c, setup.seed).to(setup.device)
+    control = rmu_control_vector(setup.model["d_model"], c, setup.seed).to(setup.device)
     cfg = copy.copy(setup.train)
-    cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup, cfg.desc = mc.rmu_steps, mc.rmu_lr, mc.rmu_lr, 0, "rmu"
-    out = None if setup.out_dir is None else Path(setup.out_dir) / "rmu"
+    lr = mc.rmu_lr if lr is None else lr
+    cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup, cfg.desc = mc.rmu_steps, lr, lr, 0, tag
+    cfg.eval_every, cfg.select_best = 0, None
+    out = None if setup.out_dir is None else Path(setup.out_dir) / tag
     log = train(model, _Mixed(setup.data, setup.batch_size, setup.seed), cfg,
                 loss_fn=lambda net, b: rmu_loss(net, frozen, block, control, mc.rmu_alpha, b),
                 params=lambda n, p: any(n.startswith(t + ".") for t in trained) and n.endswith("weight"),
                 out_dir=out, resume=setup.resume, device=setup.device)
-    return model, {"train": log, "layer": layer, "trained": trained}
+    return model, {"train": log, "layer": layer, "c": c, "lr": lr, "trained": trained}
+
+
+def select_rmu(candidates: list[dict], base_retain: float, tol: float) -> int:
+    """The selection rule for RMU's layer and ``c`` on the validation split: among candidates
+    whose ``retain_val`` loss is at most ``base_retain + tol``, the highest ``forget_val`` loss;
+    if none qualifies, the smallest ``retain_val`` loss. Returns the index."""
+    if not candidates:
+        raise ValueError("select_rmu() got no candidates")
+    ok = [i for i, c in enumerate(candidates) if c["retain_val"] <= base_retain + tol]
+    if ok:
+        return max(ok, key=lambda i: candidates[i]["forget_val"])
+    return min(range(len(candidates)), key=lambda i: candidates[i]["retain_val"])
+
+
+def train_rmu(setup: Setup, base_model: nn.Module):
+    """RMU from ``base_model``. With ``method.rmu_grid`` (``{"layers": [...], "c_mult": [...],
+    "lr": [...]}``, lr optional: default ``rmu_lr``) and both validation splits in ``setup``,
+    every (layer, c = c_mult x the base model's mean residual norm at that layer on
+    ``retain_val``, lr) is trained and :func:`select_rmu` picks one by ``retain_val`` /
+    ``forget_val`` losses; otherwise ``rmu_layer``, ``rmu_c`` and ``rmu_lr`` are used."""
+    from .evaluate import mean_loss
+
+    mc = setup.method
+    base_model = base_model.to(setup.device)
+    if not setup.data.labelled.any():
+        return copy.deepcopy(base_model), {"skipped": "no labelled forget stories: RMU leaves the base model unchanged"}
+    n_layer = len(_blocks(base_model))
+    grid = mc.rmu_grid
+    if grid and (setup.retain_val is None or setup.forget_val is None):
+        raise ValueError("rmu_grid needs setup.retain_val and setup.forget_val (the validation split)")
+    if not grid:
+        layer = mc.rmu_layer if mc.rmu_layer is not None else max(0, n_layer // 2 - 1)
+        return _rmu_once(setup, base_model, layer, mc.rmu_c)
+    unknown = set(grid) - {"layers", "c_mult", "lr"}
+    if unknown:
+        raise ValueError(f"rmu_grid has unknown keys {sorted(unknown)}; use 'layers', 'c_mult' and 'lr'")
+    base_retain = mean_loss(base_model, setup.retain_val)
+    base_forget = mean_loss(base_model, setup.forget_val)
+    cands, models = [], []
+    for layer in grid.get("layers", [max(0, n_layer // 2 - 1)]):
+        block, _ = rmu_layer_names(base_model, layer)
+        norm = residual_norm(base_model, block, setup.retain_val)
+        for mult in grid.get("c_mult", [1.0]):
+            for lr in grid.get("lr", [mc.rmu_lr]):
+                model, info = _rmu_once(setup, base_model, layer, mult * norm, tag=f"rmu_l{layer}_c{mult:g}_lr{lr:g}",
+                                        lr=lr)
+                cands.append({"layer": layer, "c_mult": mult, "c": mult * norm, "lr": lr, "residual_norm": norm,
+                              "retain_val": mean_loss(model, setup.retain_val),
+                              "forget_val": mean_loss(model, setup.forget_val)})
+                models.append((model, info))
+    best = select_rmu(cands, base_retain, mc.rmu_retain_tol)
+    model, info = models[best]
+    info["selection"] = {"rule": f"max forget_val loss s.t. retain_val loss <= base + {mc.rmu_retain_tol:g}",
+                         "base_retain_val": base_retain, "base_forget_val": base_forget,
+                         "candidates": cands, "chosen": best}
+    return model, info
 
 
 TRAINERS: dict[str, Callable] = {"base": train_base, "filtering": train_filtering, "era": train_era,
