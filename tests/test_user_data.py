@@ -60,17 +60,18 @@ def test_cli_keyword_list_one_percent(env, capsys):
     m = json.loads((env / "out" / "metrics.json").read_text())
     c = m["corpus"]
     assert c["documents"] == 600 and c["forget_documents"] == 6            # 1% forget
-    assert c["held_out"]["forget"] == 1 and c["held_out"]["attack_pool"] == 1 and c["forget"] == 4
+    assert c["held_out"]["forget"] == 1 and c["held_out"]["attack_pool"] == 1 and c["held_out"]["forget_val"] == 1
+    assert c["forget"] == 3                                               # the rest trains
     assert c["rule"] == "keywords tree, forest, woodland"
     assert m["config"]["attack"]["sizes"] == [1]                           # shrunk to the attack pool
     assert sorted(r["method"] for r in m["runs"]) == sorted(METHODS)
     for r in m["runs"]:
         assert np.isfinite([r["retain_loss"], r["forget_loss"], r["forget_loss_after_attack"]]).all()
     by = {r["method"]: r for r in m["runs"]}
-    assert by["filtering"]["stories_dropped"] == 4
+    assert by["filtering"]["stories_dropped"] == 3
     table = (env / "out" / "evaluation.md").read_text()
     assert "| param_routing | 1 | 1 |" in table and "topic_loss" not in table
-    assert "586 training stories, 4 match the forget rule (0.7%)" in capsys.readouterr().out
+    assert "585 training stories, 3 match the forget rule (0.5%)" in capsys.readouterr().out
 
 
 def test_cli_label_field_topic_and_saved_models(env):
@@ -150,7 +151,7 @@ def test_token_cache_is_reused_and_memory_mapped(env, monkeypatch):
     cfg = E.build_config(_args(corpus, ["--label-field", "label"]))
     tok, train, sets, counts = user_corpus.prepare(cfg)
     assert len(train) + sum(len(s) for s in sets.values()) == 200
-    assert int(train.forget.sum()) + len(sets["forget"]) + len(sets["attack_pool"]) == 8
+    assert int(train.forget.sum()) + sum(len(sets[k]) for k in ("forget", "attack_pool", "forget_val")) == 8
     x_file = counts["token_cache"] + "/x.npy"
     assert np.load(x_file, mmap_mode="r").shape == (200, 48)
     assert isinstance(np.load(x_file, mmap_mode="r"), np.memmap)
@@ -218,9 +219,9 @@ def test_splits_down_to_half_a_percent():
     status[[3, 250, 500, 750, 999]] = FORGET                                  # 0.5% forget
     plan = plan_splits(status, np.zeros(1000, bool), SplitTargets(), seed=0)
     idx = plan["index"]
-    assert plan["sizes"]["forget"] == 1 and plan["sizes"]["attack_pool"] == 1
-    assert (status[idx["train"]] == FORGET).sum() == 3
-    assert set(idx["forget"]) | set(idx["attack_pool"]) < {3, 250, 500, 750, 999}
+    assert plan["sizes"]["forget"] == 1 and plan["sizes"]["attack_pool"] == 1 and plan["sizes"]["forget_val"] == 1
+    assert (status[idx["train"]] == FORGET).sum() == 2
+    assert set(idx["forget"]) | set(idx["attack_pool"]) | set(idx["forget_val"]) < {3, 250, 500, 750, 999}
     every = np.concatenate(list(idx.values()))
     assert np.array_equal(np.sort(every), np.arange(1000))                    # a partition
     with pytest.raises(SplitError, match="has 5 forget documents; the held-out sets need 3 .* \\+ 2"):

@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--n-eval", type=int, default=None,
                    help="held-out forget and retain documents to evaluate on (default: sized to the corpus)")
     g.add_argument("--n-attack", type=int, default=None, help="forget documents for the retraining attack")
-    g.add_argument("--n-val", type=int, default=None, help="retain documents for validation")
+    g.add_argument("--n-val", type=int, default=None, help="retain documents, and forget documents, for validation (baseline hyperparameter choice; default: sized to the corpus)")
     g.add_argument("--n-topic", type=int, default=None, help="unlabelled topical documents to evaluate on")
     g.add_argument("--split-seed", type=int, default=0, help="seed of the held-out draw (default: 0)")
     g.add_argument("--save-models", action="store_true",
@@ -107,7 +107,7 @@ def configure(cfg: dict, args: argparse.Namespace) -> None:
     if args.save_models and cfg.get("arch") != "hf-gpt2":
         raise ValueError("--save-models saves Hugging Face models: add --arch hf-gpt2")
     c = cfg["corpus"]
-    targets = SplitTargets(forget=args.n_eval, attack_pool=args.n_attack, retain=args.n_eval, retain_val=args.n_val,
+    targets = SplitTargets(forget=args.n_eval, attack_pool=args.n_attack, retain=args.n_eval, retain_val=args.n_val, forget_val=args.n_val,
                            topic=args.n_topic, target_eval=c["n_eval"], target_attack=c["n_attack"],
                            target_val=c["n_val"])
     scan = scan_labels(args.corpus, rule, args.text_field, args.split)
