@@ -47,6 +47,7 @@ PLAN: dict[str, dict[str, tuple[str, list[str]]]] = {
                                     "--attack-repeats", "1"]),
         "steering": ("quick", ["--steps", "100", "--hf-steps", "20", "--samples", "8"]),
         "token-routing": ("quick", ["--steps", "60", "--attack-repeats", "1"]),
+        "modules": ("quick", ["--steps", "40", "--seeds", "0"]),
     },
     "quick": {
         "mnist": ("quick", ["--setting", "1,8", "--threads", "1"]),
@@ -54,6 +55,7 @@ PLAN: dict[str, dict[str, tuple[str, list[str]]]] = {
         "lm-unlearning": ("quick", ["--fractions", "0.1", "0.5", "1.0"]),
         "steering": ("quick", []),
         "token-routing": ("quick", []),
+        "modules": ("quick", []),
     },
     "paper": {
         "mnist": ("paper", ["--setting", "all", "--seeds", "20"]),
@@ -61,6 +63,7 @@ PLAN: dict[str, dict[str, tuple[str, list[str]]]] = {
         "lm-unlearning": ("paper", []),
         "steering": ("paper", []),
         "token-routing": ("paper", []),
+        "modules": ("paper", []),
     },
 }
 
