@@ -1,9 +1,14 @@
 """Module routing: per-domain auxiliary MLPs, per-example masks, isolation under AdamW, export/merge."""
 import copy
 import hashlib
+import os
+import socket
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import gradroute as gr
 from gradroute.models import GPT, GPTConfig
@@ -362,3 +367,144 @@ def test_topic_generator():
         generate_topic_stories(2, topics=("moon",))
     with pytest.raises(ValueError, match="topic_fraction"):
         generate_topic_stories(2, topic_fraction=0.5)
+
+
+# ------------------------------------------------------------------ DDP (2 gloo processes)
+# same gradients as one process, every rank steps the same owners (learned flags all-reduced),
+# frozen owners bit-identical
+DDP_DOMAINS = ["a", "b", "c"]
+
+
+def ddp_make():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, n_ctx=16, n_layer=2, n_head=2, d_model=16, d_mlp=32))
+    mods = gr.add_modules(model, "transformer.h.*.mlp", DDP_DOMAINS, width=4)
+    return model, mods
+
+
+def ddp_data(step):
+    x = torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(step))
+    # step 0: rank 0 holds domain-"a" rows only (core frozen there), rank 1 general rows: module "a"
+    # learns on rank 0 alone, so the ranks must agree to step it. Step 1: only domain "b" rows.
+    labels = torch.tensor([0, 0, GENERAL, GENERAL]) if step == 0 else torch.tensor([1, 1, 1, 1])
+    return x, labels
+
+
+def ddp_train_steps(net, mods, opt, rank=None):
+    snaps = []
+    for step in range(2):
+        x, labels = ddp_data(step)
+        if rank is not None:
+            x, labels = x[2 * rank:2 * rank + 2], labels[2 * rank:2 * rank + 2]
+        with mods.route(labels, p_cr=1.0):
+            loss = net(x, x, reduction="sum")[1] / 32 * (1 if rank is None else 2)   # DDP averages
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        snaps.append({n: p.detach().clone() for n, p in mods.model.named_parameters()})
+    return snaps
+
+
+def ddp_worker(rank, port, path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    try:
+        model, mods = ddp_make()
+        net = DDP(model)          # plain DDP: every parameter must be in each rank's graph
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        snaps = ddp_train_steps(net, mods, opt, rank)
+        torch.save(snaps, f"{path}.{rank}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_module_routing_under_ddp(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = str(tmp_path / "snaps")
+    mp.spawn(ddp_worker, args=(port, path), nprocs=2, join=True)
+    r0, r1 = torch.load(f"{path}.0"), torch.load(f"{path}.1")
+    model, mods = ddp_make()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    single = ddp_train_steps(model, mods, opt)
+    for step in range(2):
+        for n in single[step]:
+            assert torch.equal(r0[step][n], r1[step][n]), (step, n)               # ranks agree
+            assert torch.allclose(r0[step][n], single[step][n], atol=1e-6), (step, n)
+    start = dict(ddp_make()[0].named_parameters())
+    for n in single[0]:
+        moved = not torch.equal(single[0][n], start[n])
+        if ".aux_modules.b." in n or ".aux_modules.c." in n:
+            assert not moved, n                      # no rows for them on step 0
+        elif ".aux_modules.a.up." not in n:   # (up gets zero gradient while down is still 0)
+            assert moved, n
+        if ".aux_modules.b." not in n:                # step 1: only module "b" learns
+            assert torch.equal(r0[1][n], r0[0][n]), n
+        elif not n.endswith("up.bias"):               # (its up.bias: zero gradient and no decay)
+            assert not torch.equal(r0[1][n], r0[0][n]), n
+
+
+# ------------------------------------------------------------------ the experiment's pieces
+def test_compute_ratio_inverts_the_fitted_curve():
+    from gradroute.experiments.modules import CR_CAP, compute_ratio, fit_power_law
+
+    steps = [10, 20, 40, 80, 160, 320]
+    losses = [2.0 + 5.0 * s ** -0.7 for s in steps]
+    fit = fit_power_law(steps, losses)
+    assert fit["rmse"] < 1e-3
+    for s in (15, 100, 320):
+        assert compute_ratio(2.0 + 5.0 * s ** -0.7, fit, 320) == pytest.approx(s / 320, rel=0.02)
+    assert compute_ratio(fit["c"] - 0.1, fit, 320) == CR_CAP
+
+
+def test_experiment_labels_and_filters():
+    from gradroute.experiments.modules import allowed_for, routing_labels, unlabelled_subset
+
+    labels = torch.tensor([0, 1, -1, 3, -1, 0])
+    unl = torch.tensor([True, False, True, False, False, False])
+    assert routing_labels(labels, None).tolist() == [0, 1, GENERAL, 3, GENERAL, 0]
+    assert routing_labels(labels, unl).tolist() == [UNLABELLED, 1, UNLABELLED, 3, GENERAL, 0]
+    assert allowed_for("filter_forest", labels, unl).tolist() == [False, True, True, True, True, False]
+    assert allowed_for("filter_all", labels, unl).tolist() == [False, False, True, False, True, False]
+    # partial: only labelled topic stories are dropped
+    assert allowed_for("filter_partial", labels, unl).tolist() == [True, False, True, False, True, False]
+    assert allowed_for("modular", labels, unl) is None
+    m = unlabelled_subset(1000, 0.5, seed=3)
+    assert int(m.sum()) == 500 and torch.equal(m, unlabelled_subset(1000, 0.5, seed=3))
+
+
+def test_experiment_end_to_end_tiny(tmp_path, monkeypatch):
+    import argparse
+
+    from gradroute.experiments import modules as E
+
+    tiny = dict(
+        corpus=dict(n_train=400, topic_fraction=0.1, n_eval=6, n_val=6, n_attack=6, n_general_eval=6),
+        vocab_size=300, model=dict(n_ctx=48, n_layer=1, n_head=2, d_model=16, d_mlp=32),
+        train=dict(steps=8, lr=3e-3, warmup=1), batch_size=8, curve_points=4,
+        modules=dict(width=0.1, p_cr=1.0, p_as=0.25), unlabelled_fraction=0.5,
+        attack=dict(topic="sea", rounds=3, patience=2, lr_factor=0.25),
+        ascent=dict(steps=2, lr_factor=0.1, eval_every=1, max_general_increase=0.05), seeds=1)
+    monkeypatch.setitem(E.PROFILES, "quick", tiny)
+    monkeypatch.setenv("GRADROUTE_CACHE", str(tmp_path / "cache"))
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out")
+    parser.add_argument("--device", default="cpu")
+    E.add_arguments(parser)
+    args = parser.parse_args(["--out", str(tmp_path / "o"), "--workers", "1", "--methods", "base", "modular",
+                              "filter_sea", "demix"])
+    m = E.run(args)
+    T = m["summary"]["table"]
+    assert len(T["modular"]) == 16 and len(T["demix"]) == 16
+    assert set(T["modular"]["none"]) == set(E.SETS)
+    assert "sea" in m["summary"]["attack_topic"] and set(m["summary"]["attack"]) == {"modular", "filter_sea",
+                                                                                      "ascent", "base"}
+    assert any("single module off" in k for k in m["claims"])
+    rep = E.report(tmp_path / "o")
+    assert rep["figures"] and rep["table"]["rows"] and rep["verdict"] in ("reproduced", "partly", "not")
+    assert (tmp_path / "o" / "modular_config_heatmap.png").exists()
+    again = E.run(args)           # resumable: finished runs are loaded, not retrained
+    assert again["summary"]["table"]["modular"] == T["modular"]
