@@ -508,3 +508,13 @@ def test_experiment_end_to_end_tiny(tmp_path, monkeypatch):
     assert (tmp_path / "o" / "modular_config_heatmap.png").exists()
     again = E.run(args)           # resumable: finished runs are loaded, not retrained
     assert again["summary"]["table"]["modular"] == T["modular"]
+
+
+def test_spread_each_switches_modules_independently():
+    mods = gr.add_modules(gpt(), "transformer.h.*.mlp", DOMAINS)
+    fwd, learn = mods.masks(torch.full((400,), GENERAL), p_as=0.5, generator=torch.Generator().manual_seed(0),
+                            spread="each")
+    on = fwd[:, 1:].sum(1)
+    assert on.max() >= 3 and 1.6 < on.mean() < 2.4 and torch.equal(learn[:, 1:], fwd[:, 1:].bool())
+    with pytest.raises(ValueError, match="spread"):
+        mods.masks(torch.tensor([GENERAL]), spread="some")

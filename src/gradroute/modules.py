@@ -248,9 +248,12 @@ class ModuleSet:
 
     # ------------------------------------------------------------------ training
     def masks(self, labels: torch.Tensor, p_cr: float = 1.0, p_as: float = 0.0,
-              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              generator: torch.Generator | None = None, spread: str = "one") -> tuple[torch.Tensor, torch.Tensor]:
         """Per-example ``(forward, learn)`` masks of shape ``(B, 1 + K)`` (column 0 the core) for
-        ``labels``: domain index ``k`` in [0, K), :data:`GENERAL` (-2) or :data:`UNLABELLED` (-1)."""
+        ``labels``: domain index ``k`` in [0, K), :data:`GENERAL` (-2) or :data:`UNLABELLED` (-1).
+        ``spread``: on general examples, ``"one"`` random module runs and learns with probability
+        ``p_as`` (the official schedule), or ``"each"`` module independently with probability
+        ``p_as`` (so modules also learn to coexist on general text)."""
         labels = torch.as_tensor(labels)
         if labels.ndim != 1:
             raise ValueError(f"labels must be one int per example, shape (B,), got {tuple(labels.shape)}")
@@ -260,6 +263,8 @@ class ModuleSet:
         if bad.any():
             raise ValueError(f"labels must be in [0, {self.K}) or -1 (unlabelled) or -2 (general); got "
                              f"{sorted(set(labels[bad].tolist()))}")
+        if spread not in ("one", "each"):
+            raise ValueError(f"spread must be 'one' or 'each', got {spread!r}")
         for n, p in (("p_cr", p_cr), ("p_as", p_as)):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{n} must be in [0, 1], got {p}")
@@ -277,9 +282,14 @@ class ModuleSet:
         learn[dom, 0] = u[dom] >= p_cr                   # the core is frozen with probability p_cr
         gen = labels == GENERAL
         learn[gen, 0] = True
-        spread = gen & (u < p_as)
-        fwd[rows[spread], 1 + pick[spread]] = 1.0
-        learn[rows[spread], 1 + pick[spread]] = True
+        if spread == "one":
+            on = gen & (u < p_as)
+            fwd[rows[on], 1 + pick[on]] = 1.0
+            learn[rows[on], 1 + pick[on]] = True
+        else:
+            on = gen.view(-1, 1) & (torch.rand(B, self.K, generator=generator) < p_as)
+            fwd[:, 1:][on] = 1.0
+            learn[:, 1:][on] = True
         unl = labels == UNLABELLED
         fwd[unl] = 1.0
         learn[unl] = True
@@ -288,7 +298,7 @@ class ModuleSet:
     @contextlib.contextmanager
     def route(self, labels: torch.Tensor | None = None, *, p_cr: float = 1.0, p_as: float = 0.0,
               generator: torch.Generator | None = None, forward: torch.Tensor | None = None,
-              learn: torch.Tensor | None = None):
+              learn: torch.Tensor | None = None, spread: str = "one"):
         """Context manager for a routed forward pass (backward may run inside or after it).
 
         Either ``labels`` (see :meth:`masks`) or explicit ``forward`` (float ``(B, 1 + K)``:
@@ -298,7 +308,7 @@ class ModuleSet:
         if labels is not None:
             if forward is not None or learn is not None:
                 raise ValueError("pass labels= or forward=/learn=, not both")
-            forward, learn = self.masks(labels, p_cr, p_as, generator)
+            forward, learn = self.masks(labels, p_cr, p_as, generator, spread)
         elif forward is None or learn is None:
             raise ValueError("route() needs labels= or both forward= and learn=")
         forward = torch.as_tensor(forward, dtype=torch.float32)

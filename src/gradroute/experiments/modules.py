@@ -165,9 +165,10 @@ def routing_labels(labels: torch.Tensor, unlabelled: torch.Tensor | None) -> tor
     return out
 
 
-def modular_loss(mods, route_labels: torch.Tensor, p_cr: float, p_as: float, seed: int):
+def modular_loss(mods, route_labels: torch.Tensor, p_cr: float, p_as: float, seed: int, spread: str = "one"):
     def loss_fn(net, b):
-        with mods.route(route_labels[b.index], p_cr=p_cr, p_as=p_as, generator=_step_generator(seed, b.index)):
+        with mods.route(route_labels[b.index], p_cr=p_cr, p_as=p_as, generator=_step_generator(seed, b.index),
+                        spread=spread):
             return token_losses(net, b.x, b.y).sum()
     return loss_fn
 
@@ -254,7 +255,7 @@ def run_train(method: str, seed: int, cfg: dict, out: Path, device: str = "cpu")
         mods = attach_modules(model, cfg, method)
         mc = cfg["modules"]
         loss_fn = modular_loss(mods, routing_labels(labels, unl if method == "modular_partial" else None),
-                               mc["p_cr"], mc["p_as"], seed)
+                               mc["p_cr"], mc["p_as"], seed, mc.get("spread", "one"))
     elif method == "demix":
         mods = attach_modules(model, cfg, method)
         loss_fn = demix_loss(mods, labels)
@@ -459,6 +460,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="training steps (override the profile)")
     parser.add_argument("--p-cr", type=float, default=None, help="core-freeze probability on labelled topic stories")
     parser.add_argument("--p-as", type=float, default=None, help="probability of one module on during general stories")
+    parser.add_argument("--spread", choices=["one", "each"], default=None,
+                        help="general stories: one random module on with probability p_as (default), or each")
     parser.add_argument("--no-attack", action="store_true", help="skip gradient ascent and the elicitation attack")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="parallel training processes on CPU (1 = in this process)")
@@ -479,6 +482,8 @@ def build_config(args: argparse.Namespace) -> dict:
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"--{flag.replace('_', '-')} must be in [0, 1], got {v}")
             cfg["modules"][key] = v
+    if args.spread is not None and args.spread != "one":
+        cfg["modules"]["spread"] = args.spread
     return cfg
 
 
