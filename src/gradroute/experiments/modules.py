@@ -124,6 +124,12 @@ def _prepare(cfg_key: str):
     return tok, data, torch.tensor(labels), sets, counts
 
 
+def train_config(cfg: dict) -> dict:
+    """The part of the config that training runs depend on (attack and ascent settings are
+    not): changing the attack reruns only the attacks."""
+    return {k: v for k, v in cfg.items() if k not in ("attack", "ascent")}
+
+
 def _cfg_key(cfg: dict) -> str:
     return json.dumps({k: cfg[k] for k in ("corpus", "vocab_size", "model")}, sort_keys=True)
 
@@ -263,7 +269,7 @@ def run_train(method: str, seed: int, cfg: dict, out: Path, device: str = "cpu")
     order = _order(cfg, data, seed, allowed)
     log = train(model, order, TrainConfig(**tc, desc=f"{method} s{seed}"), eval_fn=eval_fn,
                 **({} if loss_fn is None else {"loss_fn": loss_fn}), device=device)
-    result = {"method": method, "seed": seed, "config": cfg,
+    result = {"method": method, "seed": seed, "config": train_config(cfg),
               "stories_trained_on": int(order.m), "train_wall_s": log["wall_s"],
               "train_loss_first": log["history"][0]["loss"], "train_loss_final": log["history"][-1]["loss"]}
     if method == "base":
@@ -462,6 +468,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--p-as", type=float, default=None, help="probability of one module on during general stories")
     parser.add_argument("--spread", choices=["one", "each"], default=None,
                         help="general stories: one random module on with probability p_as (default), or each")
+    parser.add_argument("--attack-rounds", type=int, default=None, help="elicitation rounds (override the profile)")
+    parser.add_argument("--attack-patience", type=int, default=None, help="elicitation patience (override the profile)")
     parser.add_argument("--no-attack", action="store_true", help="skip gradient ascent and the elicitation attack")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="parallel training processes on CPU (1 = in this process)")
@@ -482,6 +490,12 @@ def build_config(args: argparse.Namespace) -> dict:
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"--{flag.replace('_', '-')} must be in [0, 1], got {v}")
             cfg["modules"][key] = v
+    for flag, key in (("attack_rounds", "rounds"), ("attack_patience", "patience")):
+        v = getattr(args, flag, None)
+        if v is not None:
+            if v < 1:
+                raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
+            cfg["attack"][key] = v
     if args.spread is not None and args.spread != "one":
         cfg["modules"]["spread"] = args.spread
     return cfg
@@ -501,7 +515,7 @@ def run(args: argparse.Namespace) -> dict:
     _, data, labels, _, counts = _prepare(_cfg_key(cfg))
     print(f"corpus: {len(labels)} training stories; per topic {counts}")
     jobs = [(m, s) for s in seeds for m in methods]
-    results, todo = split_finished(jobs, lambda *k: _run_path(out, *k), cfg)
+    results, todo = split_finished(jobs, lambda *k: _run_path(out, *k), train_config(cfg))
     workers = 1 if device != "cpu" else max(1, args.workers)
     results.update(run_jobs(todo, functools.partial(run_train, cfg=cfg, out=out, device=device), workers,
                             desc="modules runs"))
