@@ -254,6 +254,8 @@ def test_plain_training_without_routing_updates_everything():
     randomise_modules(mods)
     before = _snapshot(model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with torch.no_grad(), mods.route(torch.tensor([0, 0, 0, 0])):   # a routed evaluation learns nothing
+        model(ids())
     model(ids(), ids())[1].backward()
     assert mods.learned_flags() is None
     opt.step()

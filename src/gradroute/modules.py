@@ -318,8 +318,9 @@ class ModuleSet:
                              f"shape (B, {1 + self.K}) (core, then one column per domain)")
         if self._route is not None:
             raise RuntimeError("route() contexts cannot be nested")
-        flags = torch.cat([learn[:, :1].any(0), (learn[:, 1:] & (forward[:, 1:] != 0)).any(0)])
-        self._pending = flags if self._pending is None else self._pending | flags
+        if torch.is_grad_enabled():   # a routed forward under no_grad (evaluation) learns nothing
+            flags = torch.cat([learn[:, :1].any(0), (learn[:, 1:] & (forward[:, 1:] != 0)).any(0)])
+            self._pending = flags if self._pending is None else self._pending | flags
         frozen = ~learn[:, 0]
         self._route = {"forward": forward, "learn": learn, "cache": {}}
         try:
