@@ -40,7 +40,8 @@ per-owner "learned" flags are all-reduced (max) first, so every rank steps the s
 modules run on every example (multiplied by a 0 forward mask when off), so every parameter is
 in each rank's graph and DDP's buckets complete. Gradients of an owner that did not learn are
 exactly zero before they are dropped, so gradient clipping is unaffected. Flags accumulate over
-micro-batches until the next step (gradient accumulation); use ``zero_grad(set_to_none=True)``.
+micro-batches until the next step (gradient accumulation; forwards under ``no_grad`` record
+nothing); use ``zero_grad(set_to_none=True)``. The owners are the core (as one) and each module.
 
 Core freezing per example reuses :class:`gradroute.ParamRouter` (core-frozen examples update
 only the module parameters, gradient still flows through the core to earlier modules).
