@@ -8,6 +8,7 @@
 from .adapters import UnknownModuleError, find_modules
 from .core import route, route_factored, route_reference
 from .hooks import routing
+from .modules import GENERAL, UNLABELLED, ModuleSet, add_modules
 from .masks import example_weights, label_subset, region_mask, region_weights, token_mask
 from .params import ParamRouter, linear_region
 from .surgery import (Units, ablate, contract, expand_attention, expand_mlp, route_units, select_units,
@@ -21,4 +22,5 @@ __all__ = [
     "ParamRouter", "linear_region",
     "Units", "expand_mlp", "expand_attention", "select_units", "unit_masks", "ablate", "contract",
     "route_units",
+    "add_modules", "ModuleSet", "UNLABELLED", "GENERAL",
 ]

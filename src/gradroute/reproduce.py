@@ -47,6 +47,7 @@ PLAN: dict[str, dict[str, tuple[str, list[str]]]] = {
                                     "--attack-repeats", "1"]),
         "steering": ("quick", ["--steps", "100", "--hf-steps", "20", "--samples", "8"]),
         "token-routing": ("quick", ["--steps", "60", "--attack-repeats", "1"]),
+        "modules": ("quick", ["--steps", "40", "--seeds", "0"]),
     },
     "quick": {
         "mnist": ("quick", ["--setting", "1,8", "--threads", "1"]),
@@ -55,6 +56,7 @@ PLAN: dict[str, dict[str, tuple[str, list[str]]]] = {
                                     "param_routing", "rmu", "--seeds", "0", "1", "2"]),
         "steering": ("quick", []),
         "token-routing": ("quick", []),
+        "modules": ("quick", []),
     },
     "paper": {
         "mnist": ("paper", ["--setting", "all", "--seeds", "20"]),
@@ -62,6 +64,7 @@ PLAN: dict[str, dict[str, tuple[str, list[str]]]] = {
         "lm-unlearning": ("paper", []),
         "steering": ("paper", []),
         "token-routing": ("paper", []),
+        "modules": ("paper", []),
     },
 }
 

@@ -20,6 +20,7 @@ EXPERIMENTS = {
     "lm-unlearning": "gradroute.experiments.lm_unlearning",
     "steering": "gradroute.experiments.steering",
     "token-routing": "gradroute.experiments.token_routing",
+    "modules": "gradroute.experiments.modules",
 }
 
 

@@ -258,3 +258,108 @@ def split_counts(stories: Iterable[str]) -> dict:
     stories = list(stories)
     k = sum(map(is_forget, stories))
     return {"stories": len(stories), "forget": k, "forget_fraction": k / max(1, len(stories))}
+
+
+# ------------------------------------------------------------------------------------------
+# several topics as domains (module routing). Separate from generate_story(), whose output is
+# unchanged: this stream draws from its own random sequence.
+# ------------------------------------------------------------------------------------------
+TOPICS: dict[str, dict[str, list[str]]] = {
+    "forest": dict(places=FOREST_NAME_KW + FOREST_NAME_PLAIN, scenes=FOREST_KW + FOREST_PLAIN,
+                   events=FOREST_EVENTS, dialogue=FOREST_DIALOGUE),
+    "sea": dict(
+        places=["the sea", "the deep blue sea", "the ocean", "the coral reef", "the sandy bay", "the island"],
+        scenes=["Big waves splashed against the boat.", "A dolphin jumped over the waves.",
+                "A crab walked sideways on the wet sand.", "The coral was pink and orange.",
+                "A whale sang a long low song.", "Seagulls cried above the water.",
+                "{A} saw a jellyfish glow in the water.", "The tide came in and washed the sand smooth.",
+                "A starfish clung to a rock.", "Little fish swam in a silver school.",
+                "The sailor pulled the rope and raised the sail.", "Seaweed floated near the shore."],
+        events=["{A} wanted to find a pearl in an oyster.", "{A} and {B} sailed a little boat to the island.",
+                "{A} helped a baby turtle reach the waves.", "{A} went diving to see the coral reef.",
+                "{A} found a message in a bottle on the shore.", "{A} and {B} watched the whales swim by."],
+        dialogue=["\"Look, a dolphin!\" said {A}.", "\"The waves are so big,\" said {B}.",
+                  "\"Hold the sail tight!\" said {A}.", "\"I can hear the whale singing,\" said {B}.",
+                  "\"Let's sail to the island,\" said {A}."]),
+    "space": dict(
+        places=["space", "the moon", "a faraway planet", "the space station", "the stars", "Mars"],
+        scenes=["The rocket roared and flew up into the sky.", "Stars twinkled all around the spaceship.",
+                "{A} floated in the cabin with no weight at all.", "The planet had three pale moons.",
+                "A comet zoomed past with a long bright tail.", "The astronaut wore a big white helmet.",
+                "Earth looked like a small blue marble.", "The moon dust was soft and gray.",
+                "{A} looked through the telescope at the rings of Saturn.", "The control panel blinked with lights.",
+                "A friendly alien waved three green hands.", "The spaceship landed in a crater."],
+        events=["{A} wanted to become an astronaut.", "{A} and {B} built a rocket out of boxes.",
+                "{A} flew the spaceship to the moon.", "{A} counted the planets one by one.",
+                "{A} met a little alien who was lost.", "{A} and {B} watched a meteor shower."],
+        dialogue=["\"Three, two, one, blast off!\" said {A}.", "\"Look at all the stars!\" said {B}.",
+                  "\"Is that a comet?\" asked {A}.", "\"The moon is so close,\" said {B}.",
+                  "\"Put on your helmet,\" said {A}."]),
+    "dinosaurs": dict(
+        places=["the dinosaur valley", "the land of dinosaurs", "the old swamp", "the volcano valley",
+                "the dinosaur museum", "the jungle of giants"],
+        scenes=["A huge T-rex stomped and roared.", "A long-necked dinosaur ate leaves from the top.",
+                "The volcano puffed gray smoke.", "A triceratops lowered its three horns.",
+                "Big footprints were pressed into the mud.", "{A} found a fossil of an old bone.",
+                "A pterodactyl flapped its leathery wings.", "The stegosaurus had plates along its back.",
+                "A nest held three speckled dinosaur eggs.", "The ground shook with every step.",
+                "Giant ferns grew near the steaming swamp.", "{A} dug up a dinosaur tooth."],
+        events=["{A} wanted to see a real dinosaur.", "{A} and {B} followed the giant footprints.",
+                "{A} found a dinosaur egg that started to crack.", "{A} rode on the back of a gentle dinosaur.",
+                "{A} hid from the T-rex behind a rock.", "{A} and {B} dug for fossils all day."],
+        dialogue=["\"Listen to that roar!\" said {A}.", "\"The egg is hatching!\" said {B}.",
+                  "\"Look at those footprints,\" said {A}.", "\"Is the volcano going to blow?\" asked {B}.",
+                  "\"This bone is very old,\" said {A}."]),
+}
+TOPIC_NAMES = tuple(TOPICS)
+GENERAL_TOPIC = -1       # the label of a general (no-topic) story
+
+
+def generate_topic_story(seed: int, index: int, topics: tuple[str, ...] = TOPIC_NAMES,
+                         topic_fraction: float = 0.1) -> tuple[str, int]:
+    """``(story, label)``: story number ``index`` of the multi-topic stream ``seed``. Each topic
+    of ``topics`` (names in :data:`TOPICS`) has probability ``topic_fraction``; ``label`` is
+    the topic's index in ``topics``, or :data:`GENERAL_TOPIC` for a general story (made from
+    the general vocabulary only, without tree mentions)."""
+    unknown = [t for t in topics if t not in TOPICS]
+    if unknown:
+        raise ValueError(f"unknown topics {unknown}; known: {', '.join(TOPICS)}")
+    if topic_fraction * len(topics) > 1.0 or topic_fraction < 0:
+        raise ValueError(f"topic_fraction must be in [0, 1/{len(topics)}], got {topic_fraction}")
+    rng = random.Random(seed * 2_000_003 + index + 17)
+    a = _character(rng)
+    b = _character(rng)
+    while b == a:
+        b = _character(rng)
+    slots = dict(A=a, B=b, fam=rng.choice(FAMILY), obj=rng.choice(OBJECTS), color=rng.choice(COLORS),
+                 feel=rng.choice(FEEL), place=rng.choice(PLACES))
+    fill = lambda s: s.format(**slots)
+    r = rng.random()
+    label = min(int(r / topic_fraction), len(topics) - 1) if r < topic_fraction * len(topics) else GENERAL_TOPIC
+    lines = [_intro(rng, a), rng.choice(WEATHER)]
+    if label != GENERAL_TOPIC:
+        t = TOPICS[topics[label]]
+        where = rng.choice(t["places"])
+        lines.append(fill(rng.choice([f"{{A}} and {{B}} went to {where} to play.",
+                                      f"{{A}} went on a trip to {where} with {{fam}}.",
+                                      f"One morning, {{A}} dreamed of {where}."])))
+        lines.append(fill(rng.choice(t["events"])))
+        lines += [fill(s) for s in rng.sample(t["scenes"], rng.randint(2, 4))]
+        lines.append(fill(rng.choice(t["dialogue"])))
+    else:
+        lines.append(fill(rng.choice(["{A} went to {place} with {B}.",
+                                      "{A} and {fam} visited {place}.",
+                                      "{A} wanted to go to {place} to play."])))
+        lines += [fill(s) for s in rng.sample(EVENTS, rng.randint(2, 3))]
+    lines.append(fill(rng.choice(DIALOGUE)))
+    lines.append(fill(f"{{A}} felt {rng.choice(FEEL)}."))
+    lines.append(fill(rng.choice(ENDINGS)))
+    return re.sub(r"\b([Aa]) (?=[aeiou])", r"\1n ", " ".join(lines)), label
+
+
+def generate_topic_stories(n: int, seed: int = 0, start: int = 0, **kwargs) -> tuple[list[str], list[int]]:
+    """Stories ``start .. start + n - 1`` of the multi-topic stream ``seed`` and their labels."""
+    if n < 0 or start < 0:
+        raise ValueError(f"n and start must be >= 0, got n={n}, start={start}")
+    pairs = [generate_topic_story(seed, i, **kwargs) for i in range(start, start + n)]
+    return [p[0] for p in pairs], [p[1] for p in pairs]

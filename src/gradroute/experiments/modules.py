@@ -1,0 +1,756 @@
+"""Module routing on multi-topic stories (GRAM, arXiv 2607.08077; paper summary section 8).
+
+The generated story corpus gets four topics (forest, sea, space, dinosaurs; each with its own
+places, scenes, events and dialogue) as domains; the other stories are general. Trained per
+seed on the same data and batch order:
+
+- ``base``: every story, no modules; its validation curve defines the compute ratio;
+- ``modular``: one auxiliary MLP per topic in every block (width ``module_width`` of the MLP),
+  labelled topic stories run core + their module and train only the module (core frozen with
+  probability ``p_cr``), general stories train the core (one random module on with probability
+  ``p_as``); isolation under AdamW as in :mod:`gradroute.modules`;
+- ``filter_<topic>`` and ``filter_all``: drop that topic's (all topics') stories, from scratch;
+- ``modular_partial`` / ``filter_partial``: half of all stories unlabelled (a seeded subset):
+  unlabelled stories run and train everything; filtering drops only the *labelled* topic stories;
+- ``demix``: one full-width expert per topic that *replaces* the MLP on its topic's stories
+  (attention shared); an access profile routes a topic's stories to its expert when on, to the
+  general MLP when off (oracle routing);
+- ``ascent``: post-hoc unlearning of the attacked topic from the base model (gradient ascent on
+  its labelled stories plus descent on general ones; checkpoint chosen on validation).
+
+Evaluation: per-topic and general held-out loss (nats/token) for every on/off configuration of
+the modular models (2**4 = 16) and of DEMix; the compute ratio CR (fit ``L(s) = c + a s^-b`` to
+the base model's validation loss of that set against training step, invert it at a model's
+loss, divide by the run's steps; per seed); an elicitation attack on the attacked topic (full-
+batch AdamW on held-out topic stories at lr/4, constant, up to ``rounds`` steps, patience, keep
+the weights with the best validation loss; report the test loss there) against: the modular
+model released without the topic (``export`` merges the other modules: a stock checkpoint),
+the topic-filtered model, gradient ascent, and base.
+
+    gradroute run modules --out runs/modules                 # quick profile
+    gradroute run modules --seeds 0 --steps 60 --out /tmp/m  # a smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import gradroute as gr
+from gradroute.lm.corpus import TOPIC_NAMES, generate_topic_stories
+from gradroute.lm.data import BatchOrder, Stories, encode_stories
+from gradroute.lm.evaluate import mean_loss
+from gradroute.lm.methods import make_model
+from gradroute.lm.tokenizer import get_tokenizer
+from gradroute.lm.train import TrainConfig, token_losses, train
+from gradroute.modules import GENERAL, UNLABELLED
+from gradroute.sweep import run_jobs, split_finished
+from gradroute.utils import (claim_summary, markdown_table, mean_ci, plt, read_json, resolve_device, savefig,
+                             set_seed, write_json)
+
+DESCRIPTION = ("Module routing (GRAM): one auxiliary MLP per story topic, 16 access profiles from one run, vs "
+               "base, per-profile data filtering, DEMix and gradient ascent; partial labels; elicitation attack; "
+               "compute ratio.")
+
+MLP_PATTERN = "transformer.h.*.mlp"
+PROFILES = {
+    # the whole sweep (3 seeds) in about 15 min on 2 CPU cores
+    "quick": dict(
+        corpus=dict(n_train=4000, topic_fraction=0.08, n_eval=64, n_val=32, n_attack=64, n_general_eval=128),
+        vocab_size=1024,
+        model=dict(n_ctx=96, n_layer=2, n_head=4, d_model=64, d_mlp=256),
+        train=dict(steps=200, lr=3e-3, warmup=10), batch_size=24, curve_points=16,
+        modules=dict(width=0.1, p_cr=1.0, p_as=0.25), unlabelled_fraction=0.5,
+        attack=dict(topic="forest", rounds=40, patience=5, lr_factor=0.25),
+        ascent=dict(steps=30, lr_factor=0.1, eval_every=3, max_general_increase=0.05),
+        seeds=3),
+    # closer to the paper's stories setting (meant for a GPU): wider model, longer training
+    "paper": dict(
+        corpus=dict(n_train=100_000, topic_fraction=0.08, n_eval=512, n_val=256, n_attack=512, n_general_eval=1024),
+        vocab_size=4096,
+        model=dict(n_ctx=256, n_layer=8, n_head=8, d_model=512, d_mlp=2048),
+        train=dict(steps=5000, lr=5e-4, warmup=100), batch_size=64, curve_points=30,
+        modules=dict(width=0.1, p_cr=1.0, p_as=0.25), unlabelled_fraction=0.5,
+        attack=dict(topic="forest", rounds=200, patience=10, lr_factor=0.25),
+        ascent=dict(steps=300, lr_factor=0.1, eval_every=10, max_general_increase=0.05),
+        seeds=3),
+}
+TRAIN_STREAM, EVAL_STREAM = 0, 1
+SETS = (*TOPIC_NAMES, "general")
+
+
+# ------------------------------------------------------------------------------------------
+# data
+# ------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=2)
+def _prepare(cfg_key: str):
+    cfg = json.loads(cfg_key)
+    c = cfg["corpus"]
+    texts, labels = generate_topic_stories(c["n_train"], seed=TRAIN_STREAM, topic_fraction=c["topic_fraction"])
+    per_topic = c["n_eval"] + c["n_val"] + c["n_attack"]
+    need = max(c["n_general_eval"] + c["n_val"], per_topic)
+    n_held = int(need / c["topic_fraction"] * 1.4) + 200
+    held, held_labels = generate_topic_stories(n_held, seed=EVAL_STREAM, topic_fraction=c["topic_fraction"])
+    tok = get_tokenizer("bpe", texts=texts, vocab_size=cfg["vocab_size"])
+    n_ctx = cfg["model"]["n_ctx"]
+    data = encode_stories(tok, texts, n_ctx)
+    seen = set(texts)
+    keep = [i for i, t in enumerate(held) if t not in seen]
+    held = [held[i] for i in keep]
+    held_labels = [held_labels[i] for i in keep]
+    h = encode_stories(tok, held, n_ctx)
+    hl = torch.tensor(held_labels)
+    sets = {}
+    for k, name in enumerate((*TOPIC_NAMES, "general")):
+        idx = (hl == (k if name != "general" else -1)).nonzero().flatten()
+        n_eval = c["n_general_eval"] if name == "general" else c["n_eval"]
+        n_attack = 0 if name == "general" else c["n_attack"]
+        if len(idx) < n_eval + c["n_val"] + n_attack:
+            raise ValueError(f"held-out corpus too small for {name}: {len(idx)} stories")
+        sets[name] = h.subset(idx[:n_eval])
+        sets[f"{name}_val"] = h.subset(idx[n_eval:n_eval + c["n_val"]])
+        if n_attack:
+            sets[f"{name}_attack"] = h.subset(idx[n_eval + c["n_val"]:n_eval + c["n_val"] + n_attack])
+    counts = {name: int((torch.tensor(labels) == (k if name != "general" else -1)).sum())
+              for k, name in enumerate((*TOPIC_NAMES, "general"))}
+    return tok, data, torch.tensor(labels), sets, counts
+
+
+def train_config(cfg: dict) -> dict:
+    """The part of the config that training runs depend on (attack and ascent settings are
+    not): changing the attack reruns only the attacks."""
+    return {k: v for k, v in cfg.items() if k not in ("attack", "ascent")}
+
+
+def _cfg_key(cfg: dict) -> str:
+    return json.dumps({k: cfg[k] for k in ("corpus", "vocab_size", "model")}, sort_keys=True)
+
+
+def unlabelled_subset(n: int, fraction: float, seed: int) -> torch.Tensor:
+    """A seeded subset of ``fraction`` of all ``n`` training stories whose labels are hidden."""
+    g = torch.Generator().manual_seed(seed * 7 + 12345)
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[torch.randperm(n, generator=g)[: round(fraction * n)]] = True
+    return mask
+
+
+# ------------------------------------------------------------------------------------------
+# methods
+# ------------------------------------------------------------------------------------------
+METHODS = ("base", "modular", *[f"filter_{t}" for t in TOPIC_NAMES], "filter_all", "modular_partial",
+           "filter_partial", "demix")
+
+
+def _spec(cfg: dict, vocab_size: int) -> dict:
+    return dict(cfg["model"], vocab_size=vocab_size, arch="gpt")
+
+
+def attach_modules(model, cfg: dict, method: str):
+    width = 1.0 if method == "demix" else cfg["modules"]["width"]
+    return gr.add_modules(model, MLP_PATTERN, list(TOPIC_NAMES), width=width)
+
+
+def _step_generator(seed: int, idx: torch.Tensor) -> torch.Generator:
+    """The random draws (p_cr, p_as) of a batch: a pure function of the seed and the rows."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + int(idx.sum()) * 31 + int(idx[0]))
+
+
+def routing_labels(labels: torch.Tensor, unlabelled: torch.Tensor | None) -> torch.Tensor:
+    """Topic stories -> topic index, general -> GENERAL, hidden ones -> UNLABELLED."""
+    out = torch.where(labels >= 0, labels, torch.full_like(labels, GENERAL))
+    if unlabelled is not None:
+        out[unlabelled] = UNLABELLED
+    return out
+
+
+def modular_loss(mods, route_labels: torch.Tensor, p_cr: float, p_as: float, seed: int, spread: str = "one"):
+    def loss_fn(net, b):
+        with mods.route(route_labels[b.index], p_cr=p_cr, p_as=p_as, generator=_step_generator(seed, b.index),
+                        spread=spread):
+            return token_losses(net, b.x, b.y).sum()
+    return loss_fn
+
+
+def demix_loss(mods, labels: torch.Tensor):
+    """A topic story runs only its expert in place of the MLP; a general story only the MLP.
+    Everything that runs learns (attention and embeddings are shared)."""
+    K = mods.K
+
+    def loss_fn(net, b):
+        lab = labels[b.index]
+        fwd = torch.zeros(len(lab), 1 + K)
+        topic = lab >= 0
+        fwd[~topic, 0] = 1.0
+        fwd[topic.nonzero().flatten(), 1 + lab[topic]] = 1.0
+        learn = fwd.bool()
+        learn[:, 0] = True                       # the shared (non-MLP) core learns from every story
+        with mods.route(forward=fwd, learn=learn):
+            return token_losses(net, b.x, b.y).sum()
+    return loss_fn
+
+
+def allowed_for(method: str, labels: torch.Tensor, unlabelled: torch.Tensor) -> torch.Tensor | None:
+    if method.startswith("filter_"):
+        what = method[len("filter_"):]
+        if what == "all":
+            return labels < 0
+        if what == "partial":
+            return ~((labels >= 0) & ~unlabelled)
+        return labels != TOPIC_NAMES.index(what)
+    return None
+
+
+def eval_sets(model, sets: dict, names=SETS) -> dict:
+    return {n: mean_loss(model, sets[n]) for n in names}
+
+
+def config_name(on: tuple) -> str:
+    return "+".join(on) if on else "none"
+
+
+def evaluate_configs(model, mods, sets: dict, demix: bool = False) -> dict:
+    """Held-out loss of every set under every on/off configuration."""
+    res = {}
+    for on in mods.configurations():
+        row = {}
+        for n in SETS:
+            if demix:  # oracle routing: a topic's stories to its expert when on, else the general MLP
+                ctx = mods.using(on=[n], core=0.0) if n in on else mods.using(on=[])
+            else:
+                ctx = mods.using(on=list(on))
+            with ctx:
+                row[n] = mean_loss(model, sets[n])
+        res[config_name(on)] = row
+    return res
+
+
+def _run_path(out: Path, method: str, seed: int) -> Path:
+    return out / "runs" / f"{method}_s{seed}.json"
+
+
+def _model_path(out: Path, method: str, seed: int) -> Path:
+    return out / "models" / f"{method}_s{seed}.pt"
+
+
+def _order(cfg, data, seed, allowed=None):
+    return BatchOrder(data, cfg["batch_size"], seed, allowed=allowed)
+
+
+def run_train(method: str, seed: int, cfg: dict, out: Path, device: str = "cpu") -> dict:
+    """Train one method with one seed, evaluate, save the model; write ``runs/<method>_s<seed>.json``."""
+    t0 = time.time()
+    tok, data, labels, sets, _ = _prepare(_cfg_key(cfg))
+    set_seed(seed)
+    model = make_model(_spec(cfg, tok.vocab_size), seed)
+    unl = unlabelled_subset(len(labels), cfg["unlabelled_fraction"], seed)
+    tc = dict(cfg["train"])
+    eval_fn, mods, loss_fn = None, None, None
+    if method == "base":
+        every = max(1, tc["steps"] // cfg["curve_points"])
+        tc["eval_every"] = every
+        eval_fn = lambda m: {f"{n}_val": mean_loss(m, sets[f"{n}_val"]) for n in SETS}
+    if method in ("modular", "modular_partial"):
+        mods = attach_modules(model, cfg, method)
+        mc = cfg["modules"]
+        loss_fn = modular_loss(mods, routing_labels(labels, unl if method == "modular_partial" else None),
+                               mc["p_cr"], mc["p_as"], seed, mc.get("spread", "one"))
+    elif method == "demix":
+        mods = attach_modules(model, cfg, method)
+        loss_fn = demix_loss(mods, labels)
+    allowed = allowed_for(method, labels, unl)
+    order = _order(cfg, data, seed, allowed)
+    log = train(model, order, TrainConfig(**tc, desc=f"{method} s{seed}"), eval_fn=eval_fn,
+                **({} if loss_fn is None else {"loss_fn": loss_fn}), device=device)
+    result = {"method": method, "seed": seed, "config": train_config(cfg),
+              "stories_trained_on": int(order.m), "train_wall_s": log["wall_s"],
+              "train_loss_first": log["history"][0]["loss"], "train_loss_final": log["history"][-1]["loss"]}
+    if method == "base":
+        result["curve"] = [e for e in log["evals"]]
+    model.eval()
+    if mods is not None:
+        result["configs"] = evaluate_configs(model, mods, sets, demix=method == "demix")
+        result["module_params"] = mods.num_params()
+        result["core_params"] = sum(p.numel() for p in mods.core_params())
+    else:
+        result["losses"] = eval_sets(model, sets)
+    result["params"] = sum(p.numel() for p in model.parameters())
+    result["wall_s"] = time.time() - t0
+    _model_path(out, method, seed).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), _model_path(out, method, seed))
+    write_json(_run_path(out, method, seed), result)
+    return result
+
+
+# ------------------------------------------------------------------------------------------
+# post-hoc unlearning and the elicitation attack
+# ------------------------------------------------------------------------------------------
+class _Stop(Exception):
+    pass
+
+
+def _best_of(model, cfg_train: TrainConfig, order, eval_fn, score, patience: int | None, device, **kw):
+    """Train with ``train()``; ``score(evals) -> float or None`` (lower is better; None = not
+    allowed) picks the kept weights; stop after ``patience`` evaluations without improvement."""
+    best = {"score": math.inf, "state": None, "step": None, "evals": None}
+    since = [0]
+
+    def ev(m):
+        r = eval_fn(m)
+        s = score(r)
+        if s is not None and s < best["score"]:
+            best.update(score=s, state={k: v.detach().clone() for k, v in m.state_dict().items()}, evals=r)
+            since[0] = 0
+        else:
+            since[0] += 1
+        return r
+
+    def on_step(step, rec):
+        if patience is not None and since[0] >= patience:
+            raise _Stop
+    steps_done = cfg_train.steps
+    try:
+        log = train(model, order, cfg_train, eval_fn=ev, on_step=on_step, distributed=False, device=device, **kw)
+        evals = log["evals"]
+    except _Stop:
+        evals = None
+    if best["state"] is not None:
+        model.load_state_dict(best["state"])
+    return best, evals, steps_done
+
+
+def gradient_ascent(base_model, cfg: dict, data: Stories, labels: torch.Tensor, unl: torch.Tensor, topic: int,
+                    sets: dict, seed: int, device: str):
+    """Post-hoc unlearning of ``topic`` from the base model: per step, minus the loss on a batch
+    of its labelled training stories plus the loss on a batch of general ones. The kept weights:
+    the highest topic validation loss among evaluations whose general validation loss is at most
+    ``max_general_increase`` above the base model's (the starting point included)."""
+    ac = cfg["ascent"]
+    model = copy.deepcopy(base_model)
+    name = TOPIC_NAMES[topic]
+    lab_topic = labels == topic
+    half = max(1, cfg["batch_size"] // 2)
+    f_order = BatchOrder(data, half, seed + 1, allowed=lab_topic)
+    r_order = BatchOrder(data, cfg["batch_size"] - half, seed + 2, allowed=labels < 0)
+
+    def batch_at(step):
+        fb, rb = f_order(step), r_order(step)
+        from gradroute.lm.data import Batch
+        cat = lambda a, b: torch.cat([a, b])
+        extra = {"n_forget": fb.x.shape[0]}
+        return Batch(cat(fb.x, rb.x), cat(fb.y, rb.y), cat(fb.keyword, rb.keyword), cat(fb.forget, rb.forget),
+                     cat(fb.labelled, rb.labelled), cat(fb.index, rb.index), fb.n_tokens + rb.n_tokens, extra)
+
+    def loss_fn(net, b):
+        per = token_losses(net, b.x, b.y).sum(1)
+        k = b.extra["n_forget"]
+        return -per[:k].sum() + per[k:].sum()
+
+    g0 = mean_loss(model, sets["general_val"])
+    limit = g0 + ac["max_general_increase"]
+    ev = lambda m: {"topic_val": mean_loss(m, sets[f"{name}_val"]), "general_val": mean_loss(m, sets["general_val"])}
+    score = lambda r: -r["topic_val"] if r["general_val"] <= limit else None
+    lr = cfg["train"]["lr"] * ac["lr_factor"]
+    tcfg = TrainConfig(steps=ac["steps"], lr=lr, min_lr=lr, warmup=0, eval_every=ac["eval_every"],
+                       desc=f"ascent s{seed}")
+    best, _, _ = _best_of(model, tcfg, batch_at, ev, score, None, device, loss_fn=loss_fn)
+    return model, {"kept": best["evals"], "general_val_base": g0}
+
+
+def elicitation_attack(model, sets: dict, topic: str, cfg: dict, seed: int, device: str) -> dict:
+    """Full-batch AdamW on the held-out attack stories of ``topic`` at ``lr_factor`` x the
+    training lr (constant), up to ``rounds`` steps, stopping after ``patience`` evaluations
+    without a better validation loss; the weights with the best validation loss are kept (the
+    unattacked model included) and their test loss reported."""
+    a = cfg["attack"]
+    m = copy.deepcopy(model)
+    pool = sets[f"{topic}_attack"]
+    order = BatchOrder(pool, len(pool), seed + 99)
+    lr = cfg["train"]["lr"] * a["lr_factor"]
+    tcfg = TrainConfig(steps=a["rounds"], lr=lr, min_lr=lr, warmup=0, eval_every=1, desc=f"attack s{seed}")
+    curve = []
+
+    def ev(mm):
+        r = {"val": mean_loss(mm, sets[f"{topic}_val"])}
+        curve.append(r["val"])
+        return r
+    before = mean_loss(m, sets[topic])
+    best, _, _ = _best_of(m, tcfg, order, ev, lambda r: r["val"], a["patience"], device)
+    return {"before": before, "after": mean_loss(m, sets[topic]), "best_val": best["score"],
+            "rounds_run": len(curve) - 1, "val_curve": curve,
+            "general_after": mean_loss(m, sets["general"])}
+
+
+def run_attacks(seed: int, cfg: dict, out: Path, device: str = "cpu") -> dict:
+    """Per seed: gradient ascent from base, then the elicitation attack on modular (topic off,
+    exported), topic-filtered, ascent and base."""
+    t0 = time.time()
+    tok, data, labels, sets, _ = _prepare(_cfg_key(cfg))
+    set_seed(seed)
+    topic = cfg["attack"]["topic"]
+    k = TOPIC_NAMES.index(topic)
+    spec = _spec(cfg, tok.vocab_size)
+    load = lambda m, method: m.load_state_dict(torch.load(_model_path(out, method, seed), weights_only=True))
+    base = make_model(spec, seed)
+    load(base, "base")
+    modular = make_model(spec, seed)
+    mods = attach_modules(modular, cfg, "modular")
+    load(modular, "modular")
+    released = mods.export(on=[t for t in TOPIC_NAMES if t != topic])   # stock model, topic module dropped
+    mods.remove()
+    filt = make_model(spec, seed)
+    load(filt, f"filter_{topic}")
+    unl = unlabelled_subset(len(labels), cfg["unlabelled_fraction"], seed)
+    ascent, ainfo = gradient_ascent(base, cfg, data, labels, unl, k, sets, seed, device)
+    res = {"seed": seed, "config": cfg, "topic": topic, "ascent": ainfo,
+           "ascent_losses": eval_sets(ascent, sets), "released_losses": eval_sets(released, sets)}
+    for name, m in (("modular", released), (f"filter_{topic}", filt), ("ascent", ascent), ("base", base)):
+        res.setdefault("attack", {})[name] = elicitation_attack(m, sets, topic, cfg, seed, device)
+    res["wall_s"] = time.time() - t0
+    write_json(_run_path(out, "attack", seed), res)
+    return res
+
+
+# ------------------------------------------------------------------------------------------
+# compute ratio
+# ------------------------------------------------------------------------------------------
+def fit_power_law(steps, losses) -> dict:
+    """Least squares ``L(s) = c + a * s**-b`` (s > 0)."""
+    from scipy.optimize import curve_fit
+
+    s = np.asarray(steps, float)
+    L = np.asarray(losses, float)
+    f = lambda x, a, b, c: c + a * np.power(x, -b)
+    lo = float(L.min())
+    p0 = (max(1e-3, float(L[0] - lo)) * float(s[0]) ** 0.5, 0.5, lo * 0.9)
+    (a, b, c), _ = curve_fit(f, s, L, p0=p0, bounds=([1e-9, 1e-3, 0.0], [np.inf, 5.0, lo]), maxfev=20000)
+    resid = L - f(s, a, b, c)
+    return {"a": float(a), "b": float(b), "c": float(c), "rmse": float(np.sqrt(np.mean(resid ** 2)))}
+
+
+CR_CAP = 10.0
+
+
+def compute_ratio(loss: float, fit: dict, total_steps: int) -> float:
+    """Steps the base model needs (on its fitted curve) to reach ``loss``, over ``total_steps``;
+    losses at or below the fit's floor give :data:`CR_CAP`."""
+    gap = loss - fit["c"]
+    if gap <= 0:
+        return CR_CAP
+    return float(min(CR_CAP, (fit["a"] / gap) ** (1.0 / fit["b"]) / total_steps))
+
+
+def base_fits(base_run: dict, warmup: int) -> dict:
+    fits = {}
+    for n in SETS:
+        pts = [(e["step"], e[f"{n}_val"]) for e in base_run["curve"] if e["step"] > warmup]
+        fits[n] = fit_power_law([p[0] for p in pts], [p[1] for p in pts])
+    return fits
+
+
+# ------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="quick",
+                        help="quick (default: about 15 min on 2 CPU cores) or paper (a larger setting for a GPU)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: range(profile seeds)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (override the profile)")
+    parser.add_argument("--p-cr", type=float, default=None, help="core-freeze probability on labelled topic stories")
+    parser.add_argument("--p-as", type=float, default=None, help="probability of one module on during general stories")
+    parser.add_argument("--spread", choices=["one", "each"], default=None,
+                        help="general stories: one random module on with probability p_as (default), or each")
+    parser.add_argument("--attack-rounds", type=int, default=None, help="elicitation rounds (override the profile)")
+    parser.add_argument("--attack-patience", type=int, default=None, help="elicitation patience (override the profile)")
+    parser.add_argument("--no-attack", action="store_true", help="skip gradient ascent and the elicitation attack")
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                        help="parallel training processes on CPU (1 = in this process)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads in this process (default: 1)")
+
+
+def build_config(args: argparse.Namespace) -> dict:
+    cfg = copy.deepcopy(PROFILES[args.profile])
+    cfg["profile"] = args.profile
+    if args.steps is not None:
+        if args.steps < 2:
+            raise ValueError(f"--steps must be >= 2, got {args.steps}")
+        cfg["train"]["steps"] = args.steps
+        cfg["train"]["warmup"] = min(cfg["train"]["warmup"], args.steps // 10)
+    for flag, key in (("p_cr", "p_cr"), ("p_as", "p_as")):
+        v = getattr(args, flag)
+        if v is not None:
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"--{flag.replace('_', '-')} must be in [0, 1], got {v}")
+            cfg["modules"][key] = v
+    for flag, key in (("attack_rounds", "rounds"), ("attack_patience", "patience")):
+        v = getattr(args, flag, None)
+        if v is not None:
+            if v < 1:
+                raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
+            cfg["attack"][key] = v
+    if args.spread is not None and args.spread != "one":
+        cfg["modules"]["spread"] = args.spread
+    return cfg
+
+
+def run(args: argparse.Namespace) -> dict:
+    t0 = time.time()
+    torch.set_num_threads(max(1, args.threads))
+    cfg = build_config(args)
+    device = str(resolve_device(args.device))
+    out = Path(args.out)
+    seeds = args.seeds if args.seeds is not None else list(range(cfg["seeds"]))
+    methods = list(dict.fromkeys(["base", *args.methods]))        # base defines the compute ratio
+    attack = not args.no_attack
+    if attack:
+        methods = list(dict.fromkeys([*methods, "modular", f"filter_{cfg['attack']['topic']}"]))
+    _, data, labels, _, counts = _prepare(_cfg_key(cfg))
+    print(f"corpus: {len(labels)} training stories; per topic {counts}")
+    jobs = [(m, s) for s in seeds for m in methods]
+    results, todo = split_finished(jobs, lambda *k: _run_path(out, *k), train_config(cfg))
+    workers = 1 if device != "cpu" else max(1, args.workers)
+    results.update(run_jobs(todo, functools.partial(run_train, cfg=cfg, out=out, device=device), workers,
+                            desc="modules runs"))
+    attacks = {}
+    if attack:
+        akeys = [("attack", s) for s in seeds]
+        done, todo = split_finished(akeys, lambda *k: _run_path(out, *k), cfg)
+        attacks.update(done)
+        attacks.update(run_jobs([(s,) for s in [k[1] for k in todo]],
+                                functools.partial(run_attacks, cfg=cfg, out=out, device=device), workers,
+                                desc="ascent + elicitation"))
+        attacks = {k[1] if isinstance(k, tuple) and len(k) == 2 else k[0]: v for k, v in attacks.items()}
+    summary = summarize(results, attacks, seeds, cfg)
+    claims = check_claims(summary)
+    metrics = {"experiment": "modules", "profile": cfg["profile"], "config": cfg, "seeds": seeds,
+               "methods": methods, "corpus": counts, "summary": summary, "claims": claims,
+               "runs": {f"{m}_s{s}": {k: v for k, v in r.items() if k != "config"} for (m, s), r in results.items()},
+               "attacks": {str(s): {k: v for k, v in r.items() if k != "config"} for s, r in attacks.items()},
+               "wall_time_s": time.time() - t0}
+    write_json(out / "metrics.json", metrics)
+    (out / "summary.md").write_text(summary_md(summary, claims))
+    make_figures(out, summary, results)
+    print(summary_md(summary, claims))
+    print(f"wrote {out / 'metrics.json'} ({metrics['wall_time_s']:.0f} s)")
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------
+# summary
+# ------------------------------------------------------------------------------------------
+def _ci(values):
+    return mean_ci([float(v) for v in values])
+
+
+def summarize(results: dict, attacks: dict, seeds, cfg) -> dict:
+    S = cfg["train"]["steps"]
+    fits = {s: base_fits(results[("base", s)], cfg["train"]["warmup"]) for s in seeds if ("base", s) in results}
+    cr = lambda s, n, L: compute_ratio(L, fits[s][n], S)
+    summ: dict = {"fits": {str(s): f for s, f in fits.items()}, "steps": S}
+    # single-model losses and CRs
+    flat = {}
+    for (m, s), r in results.items():
+        if "losses" in r:
+            flat.setdefault(m, {}).setdefault("all", []).append((s, r["losses"]))
+        else:
+            for c, row in r["configs"].items():
+                flat.setdefault(m, {}).setdefault(c, []).append((s, row))
+    table = {}
+    for m, by_c in flat.items():
+        for c, rows in by_c.items():
+            d = table.setdefault(m, {}).setdefault(c, {})
+            for n in SETS:
+                d[n] = {"loss": _ci([row[n] for _, row in rows]),
+                        "cr": _ci([cr(s, n, row[n]) for s, row in rows]),
+                        "loss_by_seed": {str(s): row[n] for s, row in rows}}
+    summ["table"] = table
+    if attacks:
+        att = {}
+        for s, a in attacks.items():
+            for name, r in a["attack"].items():
+                t = a["topic"]
+                att.setdefault(name, {"before": [], "after": [], "cr_before": [], "cr_after": [], "rounds": []})
+                att[name]["before"].append(r["before"])
+                att[name]["after"].append(r["after"])
+                att[name]["cr_before"].append(cr(s, t, r["before"]))
+                att[name]["cr_after"].append(cr(s, t, r["after"]))
+                att[name]["rounds"].append(r["rounds_run"])
+        summ["attack"] = {n: {k: _ci(v) for k, v in d.items()} for n, d in att.items()}
+        summ["attack_topic"] = next(iter(attacks.values()))["topic"]
+        asc = [a["ascent_losses"] for a in attacks.values()]
+        summ["ascent_losses"] = {n: _ci([x[n] for x in asc]) for n in SETS}
+    return summ
+
+
+def _get(summary, method, config, set_name, key="loss"):
+    return summary["table"].get(method, {}).get(config, {}).get(set_name, {}).get(key, {}).get("mean")
+
+
+def check_claims(summary: dict) -> dict:
+    """The issue's "what it must show", on seed means."""
+    claims = {}
+    T = summary["table"]
+    if "modular" not in T:
+        return claims
+    everything = config_name(tuple(TOPIC_NAMES))
+    configs = list(T["modular"])
+    # 1. single module off vs its topic filtered
+    single = {}
+    for t in TOPIC_NAMES:
+        if f"filter_{t}" not in T:
+            continue
+        c = config_name(tuple(x for x in TOPIC_NAMES if x != t))
+        off_cr, filt_cr = _get(summary, "modular", c, t, "cr"), _get(summary, f"filter_{t}", "all", t, "cr")
+        off_l, filt_l = _get(summary, "modular", c, t), _get(summary, f"filter_{t}", "all", t)
+        others = {n: _get(summary, "modular", c, n) - _get(summary, "modular", everything, n)
+                  for n in SETS if n != t}
+        single[t] = {"cr_off": off_cr, "cr_filter": filt_cr, "loss_off": off_l, "loss_filter": filt_l,
+                     "loss_within_10pct": abs(off_l - filt_l) <= 0.1 * filt_l,
+                     "cr_within_0.1": abs(off_cr - filt_cr) <= 0.1,
+                     "others_change": others, "others_below_0.05": all(abs(v) < 0.05 for v in others.values())}
+    if single:
+        claims["single module off ~ topic filtering (CR within 0.1), others change < 0.05 nats"] = {
+            "holds": all(v["cr_within_0.1"] and v["others_below_0.05"] for v in single.values()), "by_topic": single}
+    # 2. all 16 configurations: off topics vs that topic's filter, on topics and general vs everything on
+    if all(f"filter_{t}" in T for t in TOPIC_NAMES):
+        per = {}
+        for c in configs:
+            on = [] if c == "none" else c.split("+")
+            off_ok = all(abs(_get(summary, "modular", c, t, "cr") - _get(summary, f"filter_{t}", "all", t, "cr")) <= 0.1
+                         for t in TOPIC_NAMES if t not in on)
+            keep = {n: _get(summary, "modular", c, n) - _get(summary, "modular", everything, n)
+                    for n in [*on, "general"]}
+            per[c] = {"off_topics_cr_within_0.1_of_filter": off_ok, "on_and_general_change": keep,
+                      "on_and_general_below_0.05": all(abs(v) < 0.05 for v in keep.values())}
+        claims["every one of the 16 configurations"] = {
+            "holds": all(v["off_topics_cr_within_0.1_of_filter"] and v["on_and_general_below_0.05"]
+                         for v in per.values()),
+            "configs_holding": sum(v["off_topics_cr_within_0.1_of_filter"] and v["on_and_general_below_0.05"]
+                                   for v in per.values()), "by_config": per}
+    # 3. partial labels: removal at least as strong as filtering of the labelled data only
+    if "modular_partial" in T and "filter_partial" in T:
+        by = {t: {"modular_partial_off": _get(summary, "modular_partial", "none", t),
+                  "filter_partial": _get(summary, "filter_partial", "all", t)} for t in TOPIC_NAMES}
+        claims["50% unlabelled: modules off remove at least as much as filtering the labelled data"] = {
+            "holds": all(v["modular_partial_off"] >= v["filter_partial"] for v in by.values()), "by_topic": by}
+    # 4. elicitation: modules' recovered CR within 0.1 of filtering's
+    if "attack" in summary:
+        A, t = summary["attack"], summary["attack_topic"]
+        f = A.get(f"filter_{t}")
+        if f and "modular" in A:
+            claims["after elicitation, modules ~ filtering (CR within 0.1)"] = {
+                "holds": abs(A["modular"]["cr_after"]["mean"] - f["cr_after"]["mean"]) <= 0.1,
+                "modular_cr_after": A["modular"]["cr_after"], "filter_cr_after": f["cr_after"],
+                "ascent_cr_after": A.get("ascent", {}).get("cr_after"),
+                "intervals_separate": (A["modular"]["cr_after"]["hi"] < f["cr_after"]["lo"]
+                                       or f["cr_after"]["hi"] < A["modular"]["cr_after"]["lo"])}
+    return claims
+
+
+def _fmt(c: dict, digits=3) -> str:
+    if c["n"] == 1:
+        return f"{c['mean']:.{digits}f} (n=1)"
+    return f"{c['mean']:.{digits}f} ± {c['hi'] - c['mean']:.{digits}f}"
+
+
+def main_table(summary: dict) -> tuple[list, list]:
+    """Rows: each model / access profile; columns: per set loss and CR."""
+    T = summary["table"]
+    everything = config_name(tuple(TOPIC_NAMES))
+    rows = []
+    picks = [("base", "all", "base")]
+    for m, label in (("modular", "modules"), ("modular_partial", "modules, 50% unlabelled"), ("demix", "DEMix")):
+        if m in T:
+            picks += [(m, everything, f"{label}: all on"), (m, "none", f"{label}: all off")]
+            if m == "modular":
+                picks += [(m, config_name(tuple(x for x in TOPIC_NAMES if x != t)), f"{label}: {t} off")
+                          for t in TOPIC_NAMES]
+    picks += [(m, "all", m) for m in T if m.startswith("filter_")]
+    for m, c, label in picks:
+        if m in T and c in T[m]:
+            rows.append([label, *[f"{T[m][c][n]['loss']['mean']:.3f} / {T[m][c][n]['cr']['mean']:.2f}" for n in SETS]])
+    return ["model / profile", *[f"{n} loss / CR" for n in SETS]], rows
+
+
+def summary_md(summary: dict, claims: dict) -> str:
+    h, rows = main_table(summary)
+    text = ["### Held-out loss (nats/token) / compute ratio, seed means\n", markdown_table(h, rows)]
+    if "attack" in summary:
+        t = summary["attack_topic"]
+        arows = [[n, _fmt(a["before"]), _fmt(a["after"]), _fmt(a["cr_before"], 2), _fmt(a["cr_after"], 2),
+                  f"{a['rounds']['mean']:.0f}"] for n, a in summary["attack"].items()]
+        text.append(f"\n### Elicitation attack on {t} (mean ± 95% CI half-width over seeds)\n")
+        text.append(markdown_table([f"model ({t} removed)", f"{t} loss before", f"{t} loss after attack",
+                                    "CR before", "CR after", "rounds run"], arows))
+    text.append("\n### Claim checks\n")
+    for k, v in claims.items():
+        text.append(f"- {k}: **{'holds' if v['holds'] else 'fails'}**")
+    return "\n".join(text) + "\n"
+
+
+def make_figures(out: Path, summary: dict, results: dict) -> None:
+    pyplot = plt()
+    T = summary["table"]
+    for m in ("modular", "modular_partial"):
+        if m not in T:
+            continue
+        configs = sorted(T[m], key=lambda c: (0 if c == "none" else len(c.split("+")), c))
+        M = np.array([[T[m][c][n]["loss"]["mean"] for n in SETS] for c in configs])
+        fig, ax = pyplot.subplots(figsize=(7, 0.38 * len(configs) + 1.5))
+        im = ax.imshow(M, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(SETS)), SETS)
+        ax.set_yticks(range(len(configs)), [f"on: {c}" for c in configs], fontsize=8)
+        for i in range(M.shape[0]):
+            for j in range(M.shape[1]):
+                ax.text(j, i, f"{M[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if M[i, j] < M.mean() else "black")
+        fig.colorbar(im, ax=ax, label="held-out loss (nats/token), mean over seeds")
+        ax.set_title(f"{m}: configuration x topic loss")
+        savefig(fig, out / f"{m}_config_heatmap.png")
+    base = [r for (mm, s), r in results.items() if mm == "base"]
+    if base:
+        fig, ax = pyplot.subplots(figsize=(6, 4))
+        for n in SETS:
+            pts = [(e["step"], e[f"{n}_val"]) for e in base[0]["curve"] if e["step"] > 0]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", ms=3, label=n)
+            f = summary["fits"][str(base[0]["seed"])][n]
+            xs = np.linspace(pts[0][0], pts[-1][0], 100)
+            ax.plot(xs, f["c"] + f["a"] * xs ** -f["b"], "-", lw=1, color=ax.lines[-1].get_color())
+        ax.set_xscale("log")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("validation loss (nats/token)")
+        ax.set_title(f"base model, seed {base[0]['seed']}: learning curves and power-law fits")
+        ax.legend(fontsize=7)
+        savefig(fig, out / "base_curves.png")
+
+
+def report(out: Path) -> dict:
+    m = read_json(Path(out) / "metrics.json")
+    summary, claims = m["summary"], m["claims"]
+    verdict, checks = claim_summary(claims, "holds", "claim checks hold on seed means")
+    h, rows = main_table(summary)
+    cfg = m["config"]
+    return {
+        "title": "Module routing: composable topic modules switched off at inference (GRAM)",
+        "claim": "Switching a topic's module off raises that topic's loss to the topic-filtered model's (CR within "
+                 "0.1) while other topics and general stories change < 0.05 nats, in all 16 configurations; "
+                 "with 50% unlabelled, removal >= filtering of the labelled data; after elicitation, modules ~ filtering.",
+        "paper": "26M SimpleStories forget / elicited CR: modules 0.766 / 0.855, filtering 0.780 / 0.870, "
+                 "MaxEnt 0.840 / 0.983; DEMix core CR 0.248; 400M with 50% labelled: modules 0.601 vs filtering 0.851.",
+        "verdict": verdict,
+        "detail": (f"{checks}. Profile {m['profile']}: {cfg['train']['steps']} steps of {cfg['batch_size']} stories, "
+                   f"model {cfg['model']}, modules width {cfg['modules']['width']} of the MLP, p_cr "
+                   f"{cfg['modules']['p_cr']}, p_as {cfg['modules']['p_as']}, {len(m['seeds'])} seeds. "
+                   "Cells: held-out loss (nats/token) / compute ratio, seed means."),
+        "table": {"header": h, "rows": rows},
+        "figures": [f for f in ("modular_config_heatmap.png", "modular_partial_config_heatmap.png", "base_curves.png")
+                    if (Path(out) / f).exists()],
+    }

@@ -1,0 +1,517 @@
+"""Module routing: per-domain auxiliary MLPs that can be switched off (GRAM, arXiv 2607.08077).
+
+Every MLP matching a pattern gets one small gateless auxiliary MLP per *domain*, parallel to
+it (input -> ``up`` -> the MLP's activation -> ``down`` -> added to the MLP's output). ``down``
+starts at zero, so adding modules leaves the model's function unchanged (bit for bit). Then,
+per example of a mixed batch, a *forward mask* says which modules run and a *backward mask*
+which parameters learn:
+
+==================  ===========================  ===========================================
+label               forward (runs)               backward (learns)
+==================  ===========================  ===========================================
+domain ``k``        core + module ``k``          module ``k``; the core too with prob. 1 - p_cr
+``GENERAL`` (-2)    core (+ one random module    core (+ that module)
+                    with probability ``p_as``)
+``UNLABELLED`` (-1) core + every module          everything
+==================  ===========================  ===========================================
+
+"Core" is every parameter that is not in a module (embeddings, attention, norms, the MLPs).
+At inference any subset of modules is switched on or off (float strengths allowed), so K
+modules give 2**K access profiles from one training run.
+
+    mods = gr.add_modules(model, "transformer.h.*.mlp", ["forest", "sea", "space", "dinosaurs"])
+    opt = torch.optim.AdamW(model.parameters(), weight_decay=0.1)   # after add_modules
+    with mods.route(labels, p_cr=1.0, p_as=0.25, generator=g):      # labels: (B,) ints
+        model(x, y)[1].backward()
+    opt.step()                                                      # isolation: see below
+    with mods.using(off=["forest"]):                                # an access profile
+        model(x)
+    stock = mods.export(on={"sea": 1.0})   # a plain model: "sea" merged into the MLPs, rest dropped
+
+Isolation under real optimizers. A parameter that did not learn on a step must not move at
+all. Zeroed gradients or lr = 0 are not enough: AdamW's moments, its step count and weight
+decay still move it. While a :class:`ModuleSet` is attached, a global optimizer step pre-hook
+(``torch.optim.optimizer.register_optimizer_step_pre_hook``) runs before every
+``optimizer.step()`` of an optimizer holding this model's parameters, after a routed forward:
+it sets ``.grad = None`` on every parameter whose owner (the core or a module) had no example
+learning it since the previous step, and torch optimizers skip parameters without a gradient
+entirely (no moment update, no step count, no weight decay). Under DistributedDataParallel the
+per-owner "learned" flags are all-reduced (max) first, so every rank steps the same owners; the
+modules run on every example (multiplied by a 0 forward mask when off), so every parameter is
+in each rank's graph and DDP's buckets complete. Gradients of an owner that did not learn are
+exactly zero before they are dropped, so gradient clipping is unaffected. Flags accumulate over
+micro-batches until the next step (gradient accumulation; forwards under ``no_grad`` record
+nothing); use ``zero_grad(set_to_none=True)``. The owners are the core (as one) and each module.
+
+Core freezing per example reuses :class:`gradroute.ParamRouter` (core-frozen examples update
+only the module parameters, gradient still flows through the core to earlier modules).
+
+Merging ("module on" export) is exact in exact arithmetic, and equal up to float rounding,
+when: the MLP is not gated (``c_fc``/``c_proj`` style: a gateless module cannot be written as
+extra units of ``down(act(gate(x)) * up(x))``), the MLP computes ``reader(act(input(x)))`` (plus
+dropout: equal in eval mode or with dropout 0), and the core forward strength is 1. The module's
+``up`` has a bias exactly when the MLP's input linear does and ``down`` has none, so merging is
+pure width concatenation (a float strength ``s`` scales the merged ``down`` columns). Other
+cases raise ``ValueError``.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import weakref
+from typing import Iterable, Mapping, Sequence, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from .adapters import Pattern, find_modules, in_features, mlp_parts, out_axis, out_features, unwrap
+
+UNLABELLED = -1
+GENERAL = -2
+CONTAINER = "aux_modules"          # attribute of each MLP holding its modules (an nn.ModuleDict)
+_ACT_NAMES = ("act", "act_fn", "activation_fn", "activation")
+
+Strengths = Union[Mapping[str, float], Sequence[str], None]
+
+
+class AuxMLP(nn.Module):
+    """One gateless auxiliary MLP: ``down(act(up(x)))``. ``down`` has no bias and starts at 0."""
+
+    def __init__(self, d_in: int, width: int, d_out: int, act, bias: bool, init_std: float,
+                 dtype=None, device=None):
+        super().__init__()
+        self.up = nn.Linear(d_in, width, bias=bias, dtype=dtype, device=device)
+        self.down = nn.Linear(width, d_out, bias=False, dtype=dtype, device=device)
+        with torch.no_grad():
+            self.up.weight.normal_(0.0, init_std)
+            if bias:
+                self.up.bias.zero_()
+            self.down.weight.zero_()
+        self.__dict__["act"] = act      # shared with the core MLP, not registered as a child
+
+    def forward(self, x: torch.Tensor, learn: torch.Tensor | None = None) -> torch.Tensor:
+        """``learn``: optional per-example float 0/1 of shape ``(B, 1, ..., 1)``: rows with 0 run
+        but do not update this module's parameters (gradient still flows to ``x``)."""
+        if learn is None:
+            return F.linear(self.act(F.linear(x, self.up.weight, self.up.bias)), self.down.weight)
+        h = _masked_linear(x, self.up.weight, self.up.bias, learn)
+        return _masked_linear(self.act(h), self.down.weight, None, learn)
+
+
+def _masked_linear(x, W, b, m):
+    """``x W^T + b`` whose weight gradient counts only rows with ``m == 1`` (``m`` 0/1 float of
+    shape (B, 1, .., 1)); the value and the gradient to ``x`` are those of a plain linear."""
+    y = F.linear(x * m, W) + F.linear(x * (1 - m), W.detach())
+    if b is not None:
+        y = y + (m * b + (1 - m) * b.detach())
+    return y
+
+
+def _activation(mlp: nn.Module, name: str):
+    for a in _ACT_NAMES:
+        act = getattr(mlp, a, None)
+        if act is not None and callable(act):
+            return act
+    raise TypeError(f"{name} ({type(mlp).__name__}) has no activation attribute ({', '.join(_ACT_NAMES)}); "
+                    "pass activation= to add_modules()")
+
+
+def _check_domain_name(d) -> str:
+    if not isinstance(d, str) or not d or not d.replace("_", "").isalnum() or d[0].isdigit():
+        raise ValueError(f"domain names must be identifiers (letters, digits, _; not starting with a digit), "
+                         f"got {d!r}")
+    return d
+
+
+class ModuleSet:
+    """Per-domain modules attached to the MLPs of ``model`` matching ``pattern`` (see module doc).
+
+    ``domains``: names (identifiers) or a count ``K`` (names ``d0 .. d{K-1}``). ``width``: a float
+    (fraction of each MLP's hidden width, rounded, at least 1) or an int (units per module).
+    ``activation``: the modules' activation (default: the MLP's own, needed for merging).
+    ``init_std``: std of ``up`` (default: that of the MLP's input weights). ``sync``: all-reduce
+    the learned flags before a step (default: when ``torch.distributed`` runs with > 1 process).
+
+    Add modules before building the optimizer and before wrapping the model in DDP.
+    """
+
+    def __init__(self, model: nn.Module, pattern: Pattern, domains: Union[int, Sequence[str]],
+                 width: Union[float, int] = 0.1, activation=None, init_std: float | None = None,
+                 sync: bool | None = None):
+        root = unwrap(model)
+        if isinstance(domains, int):
+            if domains < 1:
+                raise ValueError(f"need at least one domain, got {domains}")
+            domains = [f"d{i}" for i in range(domains)]
+        domains = [_check_domain_name(d) for d in domains]
+        if not domains:
+            raise ValueError("need at least one domain")
+        if len(set(domains)) != len(domains):
+            raise ValueError(f"domain names repeat: {domains}")
+        if isinstance(width, bool) or not isinstance(width, (int, float)) or width <= 0:
+            raise ValueError(f"width must be a positive fraction (float) or unit count (int), got {width!r}")
+        self.model, self.domains, self.sync = root, list(domains), sync
+        self.K = len(domains)
+        self.blocks: list[tuple[str, nn.Module]] = []
+        self._hooks = []
+        for name, mlp in find_modules(root, pattern, kind="MLP"):
+            if hasattr(mlp, CONTAINER):
+                raise ValueError(f"{name} already has modules; remove() them first")
+            parts = mlp_parts(mlp, name)
+            first = getattr(mlp, parts.inputs[0])
+            reader = getattr(mlp, parts.output)
+            d_in, d_out, n = in_features(first), out_features(reader), parts.n_units
+            w = int(width) if isinstance(width, int) else max(1, round(width * n))
+            act = activation if activation is not None else _activation(mlp, name)
+            std = float(first.weight.detach().float().std()) if init_std is None else init_std
+            ref = first.weight
+            bias = first.bias is not None
+            mlp.add_module(CONTAINER, nn.ModuleDict(
+                {d: AuxMLP(d_in, w, d_out, act, bias, std, dtype=ref.dtype, device=ref.device) for d in domains}))
+            self._hooks.append(mlp.register_forward_hook(self._make_hook(name), with_kwargs=True))
+            self.blocks.append((name, mlp))
+        self.width = {name: getattr(mlp, CONTAINER)[domains[0]].up.out_features for name, mlp in self.blocks}
+        self._aux_ids = {id(p) for _, mlp in self.blocks for p in getattr(mlp, CONTAINER).parameters()}
+        self._all_ids = {id(p) for p in root.parameters()}
+        self.mask = torch.ones(1 + self.K)      # inference strengths: [core MLP, module 0, ...]
+        self._route: dict | None = None
+        self._pending: torch.Tensor | None = None    # learned flags (1 + K) since the last step
+        self._router = None
+        ref = weakref.ref(self)
+
+        def pre_step(optimizer, args, kwargs):
+            me = ref()
+            if me is not None:
+                me._before_step(optimizer)
+        self._step_hook = register_optimizer_step_pre_hook(pre_step)
+
+    # ------------------------------------------------------------------ parameters
+    def index(self, domain: Union[str, int]) -> int:
+        if isinstance(domain, int) and not isinstance(domain, bool):
+            if not 0 <= domain < self.K:
+                raise ValueError(f"domain index {domain} out of range [0, {self.K})")
+            return domain
+        if domain not in self.domains:
+            raise ValueError(f"unknown domain {domain!r}; domains: {', '.join(self.domains)}")
+        return self.domains.index(domain)
+
+    def module_params(self, domain: Union[str, int, None] = None) -> list[nn.Parameter]:
+        """Parameters of one domain's modules (every block), or of all modules (``None``)."""
+        names = self.domains if domain is None else [self.domains[self.index(domain)]]
+        return [p for _, mlp in self.blocks for d in names for p in getattr(mlp, CONTAINER)[d].parameters()]
+
+    def core_params(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if id(p) not in self._aux_ids]
+
+    def num_params(self, domain: Union[str, int, None] = None) -> int:
+        return sum(p.numel() for p in self.module_params(domain))
+
+    # ------------------------------------------------------------------ inference switches
+    def strengths(self, on: Strengths = None, off: Iterable[str] = (), core: float = 1.0) -> torch.Tensor:
+        """A forward-mask vector ``[core, module 0, ...]``: ``on`` a list of domains (others 0),
+        a ``{domain: strength}`` dict (others 0), or None (all 1); then ``off`` set to 0."""
+        m = torch.zeros(1 + self.K)
+        m[0] = core
+        if on is None:
+            m[1:] = 1.0
+        elif isinstance(on, Mapping):
+            for d, v in on.items():
+                m[1 + self.index(d)] = float(v)
+        else:
+            if isinstance(on, str):
+                raise TypeError("on= takes a list of domain names or a {name: strength} dict, not a string")
+            for d in on:
+                m[1 + self.index(d)] = 1.0
+        for d in ([off] if isinstance(off, str) else off):
+            m[1 + self.index(d)] = 0.0
+        return m
+
+    def set(self, on: Strengths = None, off: Iterable[str] = (), core: float = 1.0) -> None:
+        """Switch modules on/off for every later forward pass outside :meth:`route`."""
+        self.mask = self.strengths(on, off, core)
+
+    @contextlib.contextmanager
+    def using(self, on: Strengths = None, off: Iterable[str] = (), core: float = 1.0):
+        """Temporarily switch modules (see :meth:`strengths`)."""
+        old = self.mask
+        self.mask = self.strengths(on, off, core)
+        try:
+            yield self
+        finally:
+            self.mask = old
+
+    def configurations(self) -> list[tuple[str, ...]]:
+        """All 2**K subsets of domains switched on, in binary order (none first, all last)."""
+        return [tuple(d for i, d in enumerate(self.domains) if c >> i & 1) for c in range(2 ** self.K)]
+
+    # ------------------------------------------------------------------ training
+    def masks(self, labels: torch.Tensor, p_cr: float = 1.0, p_as: float = 0.0,
+              generator: torch.Generator | None = None, spread: str = "one") -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-example ``(forward, learn)`` masks of shape ``(B, 1 + K)`` (column 0 the core) for
+        ``labels``: domain index ``k`` in [0, K), :data:`GENERAL` (-2) or :data:`UNLABELLED` (-1).
+        ``spread``: on general examples, ``"one"`` random module runs and learns with probability
+        ``p_as`` (the official schedule), or ``"each"`` module independently with probability
+        ``p_as`` (so modules also learn to coexist on general text)."""
+        labels = torch.as_tensor(labels)
+        if labels.ndim != 1:
+            raise ValueError(f"labels must be one int per example, shape (B,), got {tuple(labels.shape)}")
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be integers (domain index, -1 unlabelled, -2 general), got {labels.dtype}")
+        bad = (labels >= self.K) | (labels < GENERAL)
+        if bad.any():
+            raise ValueError(f"labels must be in [0, {self.K}) or -1 (unlabelled) or -2 (general); got "
+                             f"{sorted(set(labels[bad].tolist()))}")
+        if spread not in ("one", "each"):
+            raise ValueError(f"spread must be 'one' or 'each', got {spread!r}")
+        for n, p in (("p_cr", p_cr), ("p_as", p_as)):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{n} must be in [0, 1], got {p}")
+        labels = labels.cpu().long()
+        B = labels.numel()
+        fwd = torch.zeros(B, 1 + self.K)
+        learn = torch.zeros(B, 1 + self.K, dtype=torch.bool)
+        fwd[:, 0] = 1.0
+        u = torch.rand(B, generator=generator)
+        pick = torch.randint(self.K, (B,), generator=generator)
+        rows = torch.arange(B)
+        dom = labels >= 0
+        fwd[rows[dom], 1 + labels[dom]] = 1.0
+        learn[rows[dom], 1 + labels[dom]] = True
+        learn[dom, 0] = u[dom] >= p_cr                   # the core is frozen with probability p_cr
+        gen = labels == GENERAL
+        learn[gen, 0] = True
+        if spread == "one":
+            on = gen & (u < p_as)
+            fwd[rows[on], 1 + pick[on]] = 1.0
+            learn[rows[on], 1 + pick[on]] = True
+        else:
+            on = gen.view(-1, 1) & (torch.rand(B, self.K, generator=generator) < p_as)
+            fwd[:, 1:][on] = 1.0
+            learn[:, 1:][on] = True
+        unl = labels == UNLABELLED
+        fwd[unl] = 1.0
+        learn[unl] = True
+        return fwd, learn
+
+    @contextlib.contextmanager
+    def route(self, labels: torch.Tensor | None = None, *, p_cr: float = 1.0, p_as: float = 0.0,
+              generator: torch.Generator | None = None, forward: torch.Tensor | None = None,
+              learn: torch.Tensor | None = None, spread: str = "one"):
+        """Context manager for a routed forward pass (backward may run inside or after it).
+
+        Either ``labels`` (see :meth:`masks`) or explicit ``forward`` (float ``(B, 1 + K)``:
+        strength of the core MLP and of each module per example) and ``learn`` (bool, same
+        shape: which owners learn from each example; a module learns only where it runs).
+        """
+        if labels is not None:
+            if forward is not None or learn is not None:
+                raise ValueError("pass labels= or forward=/learn=, not both")
+            forward, learn = self.masks(labels, p_cr, p_as, generator, spread)
+        elif forward is None or learn is None:
+            raise ValueError("route() needs labels= or both forward= and learn=")
+        forward = torch.as_tensor(forward, dtype=torch.float32)
+        learn = torch.as_tensor(learn).bool()
+        if forward.shape != learn.shape or forward.ndim != 2 or forward.shape[1] != 1 + self.K:
+            raise ValueError(f"forward {tuple(forward.shape)} and learn {tuple(learn.shape)} must both have "
+                             f"shape (B, {1 + self.K}) (core, then one column per domain)")
+        if self._route is not None:
+            raise RuntimeError("route() contexts cannot be nested")
+        if torch.is_grad_enabled():   # a routed forward under no_grad (evaluation) learns nothing
+            flags = torch.cat([learn[:, :1].any(0), (learn[:, 1:] & (forward[:, 1:] != 0)).any(0)])
+            self._pending = flags if self._pending is None else self._pending | flags
+        frozen = ~learn[:, 0]
+        self._route = {"forward": forward, "learn": learn, "cache": {}}
+        try:
+            if frozen.any():
+                if self._router is None:
+                    from .params import ParamRouter
+
+                    region = {}
+                    names = {id(p): n for n, p in self.model.named_parameters()}
+                    for p in self.module_params():
+                        region[names[id(p)]] = torch.ones_like(p, dtype=torch.bool)
+                    self._router = ParamRouter(self.model, region)
+                with self._router(forget=frozen):
+                    yield self
+            else:
+                yield self
+        finally:
+            self._route = None
+
+    def _masks_on(self, x: torch.Tensor):
+        """(forward strengths, module learn masks) on ``x``'s device, shaped for ``x``."""
+        r = self._route
+        key = (str(x.device), x.dtype, x.ndim)
+        if key not in r["cache"]:
+            B = r["forward"].shape[0]
+            if x.shape[0] != B:
+                raise ValueError(f"routed batch has {B} examples but an MLP received input of shape "
+                                 f"{tuple(x.shape)}")
+            shape = (B, *([1] * (x.ndim - 1)))
+            fwd = [r["forward"][:, i].to(x.device, x.dtype).view(shape) for i in range(1 + self.K)]
+            lrn = []
+            for k in range(self.K):
+                col = r["learn"][:, 1 + k] | (r["forward"][:, 1 + k] == 0)   # where it runs, does it learn?
+                lrn.append(None if bool(col.all()) else col.to(x.device, x.dtype).view(shape))
+            r["cache"][key] = (fwd, lrn)
+        return r["cache"][key]
+
+    def _make_hook(self, name: str):
+        def hook(mlp, args, kwargs, out):
+            mods = getattr(mlp, CONTAINER, None)
+            if mods is None:
+                return out
+            x = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
+            if x is None:
+                raise TypeError(f"module routing: cannot find the input of {name}")
+            if self._route is not None:
+                fwd, lrn = self._masks_on(x)
+                y = out if bool((self._route["forward"][:, 0] == 1).all()) else out * fwd[0]
+                for k, d in enumerate(self.domains):
+                    # every module runs on every example (times 0 when off): DDP needs all parameters
+                    y = y + fwd[1 + k] * mods[d](x, lrn[k])
+                return y
+            m = self.mask
+            y = out if float(m[0]) == 1.0 else out * float(m[0])
+            grad = torch.is_grad_enabled()
+            for k, d in enumerate(self.domains):
+                s = float(m[1 + k])
+                if s == 0.0 and not grad:
+                    continue                      # inference: an off module costs nothing
+                y = y + (mods[d](x) if s == 1.0 else s * mods[d](x))
+            return y
+        return hook
+
+    # ------------------------------------------------------------------ isolation
+    def learned_flags(self) -> torch.Tensor | None:
+        """Owners ``[core, module 0, ...]`` that learned since the last step (None: no routed
+        forward since then, so everything steps as in ordinary training)."""
+        return None if self._pending is None else self._pending.clone()
+
+    def _before_step(self, optimizer) -> None:
+        if self._pending is None:
+            return
+        if not any(id(p) in self._all_ids for g in optimizer.param_groups for p in g["params"]):
+            return
+        self.release_unlearned()
+
+    def release_unlearned(self) -> torch.Tensor:
+        """Set ``.grad = None`` on the parameters of every owner that did not learn since the
+        last step (all-reducing the flags across processes first when syncing), then clear
+        the flags. Runs automatically before ``optimizer.step()``; returns the flags used."""
+        flags = self._pending if self._pending is not None else torch.ones(1 + self.K, dtype=torch.bool)
+        sync = self.sync if self.sync is not None else (dist.is_available() and dist.is_initialized()
+                                                        and dist.get_world_size() > 1)
+        if sync:
+            dev = next(self.model.parameters()).device
+            if dist.get_backend() == "nccl":
+                dev = torch.device("cuda", torch.cuda.current_device())
+            t = flags.to(dev, torch.int32)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flags = t.cpu().bool()
+        if not bool(flags[0]):
+            for p in self.core_params():
+                p.grad = None
+        for k in range(self.K):
+            if not bool(flags[1 + k]):
+                for p in self.module_params(k):
+                    p.grad = None
+        self._pending = None
+        return flags
+
+    # ------------------------------------------------------------------ export
+    def export(self, on: Strengths = (), model: nn.Module | None = None) -> nn.Module:
+        """A copy of the model without modules (stock architecture): the modules in ``on`` (a
+        list of domains, or ``{domain: strength}``) merged into the MLPs by width concatenation,
+        the rest dropped. Raises ``ValueError`` where merging is not exact (see module doc)."""
+        strengths = self.strengths(on)[1:] if on else torch.zeros(self.K)
+        src = unwrap(model) if model is not None else self.model
+        out = copy.deepcopy(src)
+        for (name, _), handle in zip(self.blocks, self._hooks):
+            mlp = out.get_submodule(name)
+            for d in (mlp._forward_hooks, mlp._forward_hooks_with_kwargs):
+                d.pop(handle.id, None)
+            mods = mlp._modules.pop(CONTAINER)
+            merge = [(self.domains[k], float(s)) for k, s in enumerate(strengths) if s != 0]
+            if merge:
+                _merge(mlp, name, [(mods[d], s) for d, s in merge])
+        if bool(strengths.ne(0).any()):
+            _update_width_config(out, [n for n, _ in self.blocks])
+        return out
+
+    def remove(self) -> None:
+        """Detach: delete the modules and hooks from the model in place (it is a stock model
+        again, equal to ``export()``) and stop the optimizer hook."""
+        for (name, mlp), handle in zip(self.blocks, self._hooks):
+            handle.remove()
+            if hasattr(mlp, CONTAINER):
+                delattr(mlp, CONTAINER)
+        self._hooks = []
+        self._step_hook.remove()
+        self._pending = None
+
+    def __del__(self):
+        try:
+            self._step_hook.remove()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        w = sorted(set(self.width.values()))
+        return (f"ModuleSet({len(self.blocks)} MLPs x {self.K} domains {self.domains}, width {w}, "
+                f"{self.num_params()} module parameters)")
+
+
+def add_modules(model: nn.Module, pattern: Pattern, domains: Union[int, Sequence[str]],
+                width: Union[float, int] = 0.1, activation=None, init_std: float | None = None,
+                sync: bool | None = None) -> ModuleSet:
+    """Attach one auxiliary MLP per domain to every MLP of ``model`` matching ``pattern``; see
+    :class:`ModuleSet`. The model computes the same function afterwards."""
+    return ModuleSet(model, pattern, domains, width, activation, init_std, sync)
+
+
+@torch.no_grad()
+def _merge(mlp: nn.Module, name: str, modules: list[tuple[AuxMLP, float]]) -> None:
+    parts = mlp_parts(mlp, name)
+    if len(parts.inputs) != 1:
+        raise ValueError(f"{name}: a gated MLP ({' * '.join(parts.inputs)} -> {parts.output}) cannot absorb a "
+                         "gateless module exactly; export with the module off, or keep the ModuleSet attached")
+    first, reader = getattr(mlp, parts.inputs[0]), getattr(mlp, parts.output)
+    act = _activation(mlp, name)
+    for m, _ in modules:
+        if m.act is not act:
+            raise ValueError(f"{name}: the module's activation is not the MLP's own; merging would not be exact")
+        if (m.up.bias is None) != (first.bias is None):
+            raise ValueError(f"{name}: the module's up bias does not match the MLP's input bias; cannot merge")
+    ax_in, ax_out = out_axis(first), out_axis(reader)
+    # logical layouts: up rows (width, d_in) ; down columns (d_out, width)
+    W_in = first.weight if ax_in == 0 else first.weight.t()
+    W_out = reader.weight if ax_out == 0 else reader.weight.t()
+    new_in = torch.cat([W_in] + [m.up.weight.to(W_in.dtype) for m, _ in modules], 0)
+    new_out = torch.cat([W_out] + [(s * m.down.weight).to(W_out.dtype) for m, s in modules], 1)
+    first.weight = nn.Parameter((new_in if ax_in == 0 else new_in.t()).contiguous())
+    reader.weight = nn.Parameter((new_out if ax_out == 0 else new_out.t()).contiguous())
+    if first.bias is not None:
+        first.bias = nn.Parameter(torch.cat([first.bias] + [m.up.bias.to(first.bias.dtype) for m, _ in modules]))
+    for lin in (first, reader):
+        if isinstance(lin, nn.Linear):
+            lin.out_features, lin.in_features = lin.weight.shape
+        else:
+            lin.nf = lin.weight.shape[1]
+    if isinstance(getattr(mlp, "intermediate_size", None), int):
+        mlp.intermediate_size = new_in.shape[0]
+
+
+def _update_width_config(model: nn.Module, blocks: list[str]) -> None:
+    """Keep the config's MLP width right when every block has the same width after a merge."""
+    widths = {mlp_parts(model.get_submodule(n), n).n_units for n in blocks}
+    cfg = getattr(model, "config", None)
+    if cfg is None or len(widths) != 1:
+        return
+    w = widths.pop()
+    for attr in ("d_mlp", "n_inner", "intermediate_size"):
+        if hasattr(cfg, attr):
+            setattr(cfg, attr, w)
