@@ -277,10 +277,53 @@ def test_mean_loss_excludes_keywords_and_sample_runs():
 
 
 def test_make_model_archs():
-    m = M.make_model(dict(SPEC, arch="hf-gpt2"), 0)
+    m = M.make_model(dict(SPEC, arch="hf-gpt2", eot_id=3), 0)
     x = stories().x[:2]
     assert token_losses(m, x, x).shape == (2, T)
+    assert m.config.bos_token_id == m.config.eos_token_id == 3        # the tokenizer's, not GPT2Config's 50256
     with pytest.raises(ValueError, match="unknown arch"):
         M.make_model(dict(SPEC, arch="rnn"), 0)
     with pytest.raises(ValueError, match="route_layers"):
         M.train_era(setup(route_layers=5))
+
+
+HF_LAYOUTS = {
+    "gpt2": lambda tr: tr.GPT2Config(vocab_size=V, n_positions=T, n_embd=16, n_layer=2, n_head=2, n_inner=D_MLP),
+    "llama": lambda tr: tr.LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=D_MLP, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=T),
+    "neox": lambda tr: tr.GPTNeoXConfig(vocab_size=V, hidden_size=16, intermediate_size=D_MLP, num_hidden_layers=2,
+                                        num_attention_heads=4, max_position_embeddings=T),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(HF_LAYOUTS))
+def test_methods_on_hf_model_folders(tmp_path, layout):
+    """arch="hf" (``--model PATH``): ERA, parameter routing, RMU and DEMix on GPT-2, Llama-style
+    (gated MLP, grouped-query attention) and GPT-NeoX checkpoints; every MLP block is expanded
+    and routed, the unlearned model keeps the original width and reloads with plain
+    transformers with the same logits."""
+    tr = pytest.importorskip("transformers")
+    from gradroute import hf
+    from gradroute.lm.train import logits
+
+    torch.manual_seed(0)
+    tr.AutoModelForCausalLM.from_config(HF_LAYOUTS[layout](tr)).save_pretrained(tmp_path / layout)
+    spec = dict(arch="hf", path=str(tmp_path / layout), vocab_size=V, d_model=16, d_mlp=D_MLP)
+    s = setup()
+    s.model = spec
+    base = M.make_model(spec, 0)
+    blocks = M._blocks(base)
+    assert len(blocks) == 2 and blocks == hf.mlp_names(base)
+    x = stories().x[:4]
+    for name, train in (("era", M.train_era), ("param_routing", M.train_param_routing), ("demix", M.train_demix),
+                        ("rmu", lambda st: M.train_rmu(st, base))):
+        model, info = train(s)
+        assert all(gr.adapters.mlp_parts(model.get_submodule(b)).n_units == D_MLP for b in blocks), name
+        if name == "era":
+            assert info["routed_blocks"] == blocks                      # ceil(5/8 of 2) = both blocks
+        if "before_ablation" in info:
+            assert gr.adapters.mlp_parts(info["before_ablation"].get_submodule(blocks[0])).n_units == D_MLP + 4
+        hf.save_unlearned(model, tmp_path / name)
+        back = tr.AutoModelForCausalLM.from_pretrained(tmp_path / name)
+        with torch.no_grad():
+            assert torch.equal(logits(back.eval(), x), logits(model.eval(), x)), name

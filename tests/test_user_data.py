@@ -266,3 +266,94 @@ def test_bad_input_errors(env):
         E.build_config(_args(corpus, ["--label-field", "label", "--topic-field", "subject"]))
     with pytest.raises(ValueError, match="--save-models .* --arch hf-gpt2"):
         E.build_config(_args(corpus, ["--label-field", "label", "--save-models"]))
+
+
+# ------------------------------------------------------------------------------------------
+# --model PATH: a user's Hugging Face model folder with its own tokenizer
+# ------------------------------------------------------------------------------------------
+def _llama_tokenizer(n_vocab=300):
+    """A Llama-like fast tokenizer trained offline: <s> BOS prepended, </s> EOS, no pad token and
+    no <|endoftext|> (so nothing in the pipeline may assume our own tokenizer's EOT)."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    t.train_from_iterator(generate_stories(80, seed=5), trainers.BpeTrainer(
+        vocab_size=n_vocab, special_tokens=["<s>", "</s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>")
+
+
+def _llama_folder(path, tok, vocab=300, weights=True):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    if weights:
+        model.save_pretrained(path)
+    else:
+        cfg.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_cli_model_folder_llama_saved_and_reloaded(env):
+    """--model with a tiny Llama-style checkpoint (gated MLP, grouped-query attention) and its own
+    tokenizer: base, ERA and parameter routing through the CLI; the saved unlearned models load
+    with AutoModelForCausalLM and score the recorded losses."""
+    transformers = pytest.importorskip("transformers")
+    from gradroute.lm.evaluate import mean_loss
+    from gradroute.lm.tokenizer import ModelTokenizer
+
+    tok = _llama_tokenizer()
+    folder = _llama_folder(env / "llama", tok)
+    corpus = make_corpus(env / "docs")
+    assert main(["run", "lm-unlearning", "--profile", "tiny", "--out", str(env / "out"), "--methods", "base", "era",
+                 "param_routing", "--fractions", "1", "--workers", "1", "--device", "cpu", "--corpus", str(corpus),
+                 "--label-field", "label", "--model", str(folder), "--save-models"]) == 0
+    m = json.loads((env / "out" / "metrics.json").read_text())
+    spec = m["config"]["model"]
+    assert m["config"]["arch"] == "hf" and m["config"]["tokenizer"] == "model"
+    assert spec["model_type"] == "llama" and spec["weights"] == "checkpoint"
+    assert (spec["d_model"], spec["d_mlp"], spec["n_layer"], spec["vocab_size"], spec["n_ctx"]) == (16, 32, 2, 300, 48)
+    t, train, sets, _ = user_corpus.prepare(m["config"])
+    assert isinstance(t, ModelTokenizer) and t.eot_id == tok.eos_token_id
+    assert int(train.x[0, 0]) == tok.bos_token_id                          # the model's own encoding (BOS first)
+    for name in ("base_s0", "era_p1_s0", "param_routing_p1_s0"):
+        rec = json.loads((env / "out" / "runs" / f"{name}.json").read_text())
+        model = transformers.AutoModelForCausalLM.from_pretrained(rec["saved_model"])
+        assert type(model).__name__ == "LlamaForCausalLM"
+        assert model.config.intermediate_size == 32                       # ERA's / routing's new units removed
+        assert mean_loss(model, sets["retain"]) == pytest.approx(rec["retain_loss"], abs=1e-5)
+        assert mean_loss(model, sets["forget"]) == pytest.approx(rec["forget_loss"], abs=1e-5)
+        back = transformers.AutoTokenizer.from_pretrained(rec["saved_model"])
+        assert back.encode("Once upon a time") == tok.encode("Once upon a time")
+    base = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    trained = transformers.AutoModelForCausalLM.from_pretrained(env / "out" / "models" / "base_s0")
+    assert not torch.equal(base.lm_head.weight, trained.lm_head.weight)     # fine-tuned from the checkpoint
+
+
+def test_cli_model_folder_errors(env):
+    from gradroute.hf import ModelFolderError
+
+    corpus = make_corpus(env / "docs", n=200, n_forget=8, n_topic=0)
+    run = lambda *f: _run(env / "out", "--corpus", str(corpus), "--label-field", "label", *f)
+    with pytest.raises(ModelFolderError, match="--model .*nowhere: no model folder"):
+        run("--model", str(env / "nowhere"))
+    tok = _llama_tokenizer()
+    notok = _llama_folder(env / "notok", tok)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (notok / f).unlink(missing_ok=True)
+    with pytest.raises(ModelFolderError, match="notok has no tokenizer files"):
+        run("--model", str(notok))
+    small = _llama_folder(env / "small", tok, vocab=200, weights=False)  # a 300-token tokenizer, 200 embeddings
+    with pytest.raises(ModelFolderError, match=r"tokenizer does not match the model: .*small has 300 tokens but "
+                                                r".*small embeds only 200"):
+        run("--model", str(small))
+    with pytest.raises(ValueError, match="drop --arch"):
+        run("--model", str(notok), "--arch", "hf-gpt2")

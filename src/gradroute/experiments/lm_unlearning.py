@@ -37,7 +37,7 @@ from gradroute.lm import user_corpus
 from gradroute.lm.corpus import load_corpus, split_counts
 from gradroute.lm.data import encode_stories
 from gradroute.lm.evaluate import SAMPLE_PROMPT, evaluate, retraining_attack, sample
-from gradroute.lm.tokenizer import get_tokenizer
+from gradroute.lm.tokenizer import get_tokenizer, model_tokenizer
 from gradroute.lm.train import TrainConfig, init_distributed, rank_world
 from gradroute.sweep import run_jobs, split_finished
 from gradroute.utils import (claim_summary, format_ci, markdown_table, mean_ci, plt, read_json, resolve_device,
@@ -97,7 +97,8 @@ def _prepare(cfg_key: str):
         held = load_corpus("generated", 12 * c["n_eval"] + 10 * (c["n_attack"] + c["n_val"]), seed=EVAL_STREAM)
     else:
         held = load_corpus(cfg["source"], 10 * (c["n_eval"] + c["n_attack"] + c["n_val"]), start=c["n_train"])
-    tok = get_tokenizer(cfg["tokenizer"], texts=train_texts, vocab_size=cfg["vocab_size"])
+    tok = (model_tokenizer(cfg["model"]["path"]) if cfg["tokenizer"] == "model"
+           else get_tokenizer(cfg["tokenizer"], texts=train_texts, vocab_size=cfg["vocab_size"]))
     n_ctx = cfg["model"]["n_ctx"]
     train = encode_stories(tok, train_texts, n_ctx)
     seen = set(train_texts)
@@ -137,7 +138,8 @@ def run_one(method: str, p: float | None, seed: int, cfg: dict, out: Path, devic
     set_seed(seed)
     labelled = gr.label_subset(train_data.forget, p or 0.0, torch.Generator().manual_seed(seed))
     data = train_data.with_labels(labelled)
-    mspec = dict(cfg["model"], vocab_size=tok.vocab_size, arch=cfg.get("arch", "gpt"))
+    # --model: the folder's shape (vocab_size = its embedding rows) was recorded by build_config
+    mspec = {"vocab_size": tok.vocab_size, **cfg["model"], "arch": cfg.get("arch", "gpt"), "eot_id": tok.eot_id}
     name = _run_path(out, method, p, seed).stem
     setup = M.Setup(model=mspec, train=TrainConfig(**cfg["train"]), data=data, batch_size=cfg["batch_size"],
                     seed=seed, method=M.MethodConfig(**cfg["method"]), retain_val=sets["retain_val"],
@@ -212,6 +214,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", choices=["bpe", "gpt2"], default=None, help="override the profile")
     parser.add_argument("--arch", choices=["gpt", "hf-gpt2"], default="gpt",
                         help="our GPT (default) or a Hugging Face GPT-2 of the same shape")
+    parser.add_argument("--model", default=None, metavar="PATH",
+                        help="a Hugging Face causal LM folder (weights, or config.json only: trained from scratch) "
+                             "with its own tokenizer; replaces --arch and --tokenizer (GPT-2, Llama/Qwen, GPT-NeoX "
+                             "layouts; see docs/your_data.md)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (override the profile)")
     parser.add_argument("--attack-steps", type=int, default=None, help="override the profile")
     parser.add_argument("--attack-repeats", type=int, default=None, help="override the profile")
@@ -225,6 +231,12 @@ def build_config(args: argparse.Namespace) -> dict:
     cfg["profile"], cfg["source"], cfg["arch"] = args.profile, args.corpus, args.arch
     if args.tokenizer:
         cfg["tokenizer"] = args.tokenizer
+    if getattr(args, "model", None):
+        if args.arch != "gpt" or args.tokenizer:
+            raise ValueError("--model brings its own architecture and tokenizer: drop --arch / --tokenizer")
+        cfg["arch"], cfg["tokenizer"] = "hf", "model"
+        cfg["model"] = M.hf_model_spec(args.model, cfg["model"]["n_ctx"])
+        cfg.pop("vocab_size", None)
     if args.steps is not None:
         if args.steps < 1:
             raise ValueError(f"--steps must be >= 1, got {args.steps}")

@@ -111,7 +111,8 @@ def sample(model: nn.Module, tok: Tokenizer, prompt: str = SAMPLE_PROMPT, max_ne
 
 def _context(model: nn.Module) -> int:
     cfg = getattr(model, "config", None)
-    return getattr(cfg, "n_ctx", None) or getattr(cfg, "n_positions", None) or 1024
+    return (getattr(cfg, "n_ctx", None) or getattr(cfg, "n_positions", None)
+            or getattr(cfg, "max_position_embeddings", None) or 1024)
 
 
 @torch.no_grad()

@@ -72,7 +72,7 @@ class MethodConfig:
 
 @dataclass
 class Setup:
-    model: dict                      # GPTConfig fields, plus arch="gpt" | "hf-gpt2"
+    model: dict                      # GPTConfig fields, plus arch="gpt" | "hf-gpt2" | "hf" (+ path), eot_id
     train: TrainConfig
     data: Stories                    # training stories, ``labelled`` set for this run
     batch_size: int
@@ -86,25 +86,80 @@ class Setup:
 
 
 def make_model(spec: dict, seed: int) -> nn.Module:
-    """``gradroute.models.GPT`` (``arch="gpt"``, default) or a Hugging Face GPT-2 built from the
-    same shape (``arch="hf-gpt2"``), initialised from ``seed``."""
+    """``gradroute.models.GPT`` (``arch="gpt"``, default), a Hugging Face GPT-2 built from the
+    same shape (``arch="hf-gpt2"``), initialised from ``seed``, or any Hugging Face causal LM
+    from a local folder (``arch="hf"``, ``path=``: a checkpoint's weights, or a config-only
+    folder initialised from ``seed``; :func:`gradroute.hf.load_causal_lm`), in float32.
+    ``eot_id``: the tokenizer's end-of-text id, written into the HF GPT-2 config's bos/eos ids
+    (GPT2Config's default 50256 lies outside a small vocabulary)."""
     spec = dict(spec)
     arch = spec.pop("arch", "gpt")
+    eot = spec.pop("eot_id", None)
     torch.manual_seed(seed)
     if arch == "gpt":
         return GPT(GPTConfig(**spec))
     if arch == "hf-gpt2":
         import transformers
 
+        ids = {} if eot is None else {"bos_token_id": eot, "eos_token_id": eot}
         cfg = transformers.GPT2Config(vocab_size=spec["vocab_size"], n_positions=spec["n_ctx"],
                                       n_embd=spec["d_model"], n_layer=spec["n_layer"], n_head=spec["n_head"],
-                                      n_inner=spec["d_mlp"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                                      n_inner=spec["d_mlp"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids)
         return transformers.GPT2LMHeadModel(cfg)
-    raise ValueError(f"unknown arch {arch!r}; use 'gpt' or 'hf-gpt2'")
+    if arch == "hf":
+        from .. import hf
+
+        if not spec.get("path"):
+            raise ValueError("arch 'hf' needs path= (a Hugging Face model folder)")
+        model, _ = hf.load_causal_lm(spec["path"], seed=seed, torch_dtype=torch.float32)
+        return model
+    raise ValueError(f"unknown arch {arch!r}; use 'gpt', 'hf-gpt2' or 'hf' (with path=)")
+
+
+def hf_model_spec(path, n_ctx: int) -> dict:
+    """The model spec of ``--model PATH`` (``arch="hf"``), checked now so that a bad folder
+    fails before any training: the folder must hold a Hugging Face causal LM (weights, or a
+    config only) and its own tokenizer, matching the model (:func:`gradroute.hf.load_causal_lm`).
+    Records the shape the methods need (``d_model``, ``d_mlp`` of the first MLP block,
+    ``n_layer`` MLP blocks, ``vocab_size`` = embedding rows) and ``n_ctx`` capped at the
+    model's positions."""
+    from .. import hf
+    from .tokenizer import model_tokenizer
+
+    folder = Path(path).expanduser().resolve()
+    if not folder.is_dir():
+        raise hf.ModelFolderError(f"--model {path}: no model folder there (expected a folder with config.json, as "
+                                  "written by save_pretrained)")
+    model_tokenizer(folder)                   # the folder's own (fast) tokenizer, or a clear error
+    model, _ = hf.load_causal_lm(folder, torch_dtype=torch.float32)     # checks the tokenizer against the model
+    blocks = hf.mlp_names(model)
+    cfg = model.config
+    positions = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None) or n_ctx
+    first = unwrap(model).get_submodule(blocks[0])
+    return {"path": str(folder), "n_ctx": int(min(n_ctx, positions)),
+            "vocab_size": int(model.get_input_embeddings().weight.shape[0]),
+            "d_model": int(model.get_input_embeddings().weight.shape[1]),
+            "d_mlp": int(mlp_parts(first, blocks[0]).n_units), "n_layer": len(blocks),
+            "model_type": getattr(cfg, "model_type", type(model).__name__),
+            "weights": "checkpoint" if any((folder / f).is_file() for f in hf.WEIGHT_FILES) else "config only"}
+
+
+def mlp_pattern(model: nn.Module) -> str:
+    """The MLP blocks to expand / route / ablate: ``transformer.h.*.mlp`` on our GPT and HF
+    GPT-2, every MLP block :func:`gradroute.hf.mlp_pattern` recognises on other HF layouts
+    (Llama/Qwen gated MLPs, GPT-NeoX, ...)."""
+    from ..models.gpt import GPT
+
+    root = unwrap(model)
+    if isinstance(root, GPT) or type(root).__name__ == "GPT2LMHeadModel":
+        return MLP_PATTERN
+    from .. import hf
+
+    return hf.mlp_pattern(root)
 
 
 def _blocks(model: nn.Module) -> list[str]:
-    return [n for n, _ in gr.find_modules(model, MLP_PATTERN, kind="MLP")]
+    return [n for n, _ in gr.find_modules(model, mlp_pattern(model), kind="MLP")]
 
 
 def _sub_units(units: gr.Units, names: list[str]) -> gr.Units:
@@ -257,7 +312,7 @@ def _ablation_stage(info: dict, model) -> None:
 def train_era(setup: Setup):
     mc = setup.method
     model = make_model(setup.model, setup.seed)
-    new = gr.expand_mlp(model, MLP_PATTERN, mc.expand)
+    new = gr.expand_mlp(model, mlp_pattern(model), mc.expand)
     blocks = _blocks(model)
     k = routed_block_count(len(blocks), mc.route_layers)
     routed = _sub_units(new, blocks[:k])
@@ -288,7 +343,7 @@ def param_routing_loss(router: gr.ParamRouter):
 def train_param_routing(setup: Setup):
     mc = setup.method
     model = make_model(setup.model, setup.seed)
-    new = gr.expand_mlp(model, MLP_PATTERN, mc.expand)
+    new = gr.expand_mlp(model, mlp_pattern(model), mc.expand)
     router = gr.ParamRouter(model, new)
     log = _run_train(setup, model, BatchOrder(setup.data, setup.batch_size, setup.seed), param_routing_loss(router))
     info = {"train": log, "before_ablation": copy.deepcopy(model), "forget_params": router.num_forget_params()}
@@ -328,7 +383,7 @@ def expert_select(model: nn.Module, experts: dict[str, torch.Tensor], use_second
 def train_demix(setup: Setup):
     model = make_model(setup.model, setup.seed)
     d_mlp = setup.model["d_mlp"]
-    forget_expert = gr.expand_mlp(model, MLP_PATTERN, d_mlp)
+    forget_expert = gr.expand_mlp(model, mlp_pattern(model), d_mlp)
 
     def loss_fn(net, b: Batch):
         with expert_select(net, forget_expert.index, b.labelled):

@@ -119,3 +119,57 @@ def get_tokenizer(kind: str = "bpe", texts: Sequence[str] | None = None, vocab_s
             raise ValueError("a trained BPE tokenizer needs texts= to train on")
         return train_bpe(texts, vocab_size, cache)
     raise ValueError(f"unknown tokenizer {kind!r}; use 'bpe' or 'gpt2'")
+
+
+class ModelTokenizer(Tokenizer):
+    """A Hugging Face model's own (fast) tokenizer with :class:`Tokenizer`'s interface, for
+    ``--model PATH``: ``encode`` / ``encode_batch`` (with the tokenizer's own special tokens,
+    e.g. a Llama BOS, and character offsets), ``decode``, ``vocab_size`` (``len(tokenizer)``)
+    and ``eot_id``: the end of every document and the padding of its row, the tokenizer's
+    ``eos_token_id`` (its ``pad_token_id`` when it has no eos). ``transformers`` is the wrapped
+    ``PreTrainedTokenizerFast`` (saved next to the unlearned model)."""
+
+    def __init__(self, tokenizer, name: str):
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            raise ValueError(f"{name}: the tokenizer ({type(tokenizer).__name__}) is not a fast tokenizer; "
+                             "gradroute needs character offsets: save the folder with a tokenizer.json "
+                             "(AutoTokenizer.from_pretrained(..., use_fast=True).save_pretrained(folder))")
+        eot = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
+        if eot is None:
+            raise ValueError(f"{name}: the tokenizer has neither an eos nor a pad token, so documents cannot be "
+                             "ended or padded; set eos_token in its tokenizer_config.json")
+        self.hf, self.transformers, self.name, self.eot_id = backend, tokenizer, name, int(eot)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.transformers)
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=True).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list:
+        return self.hf.encode_batch(list(texts), add_special_tokens=True)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.transformers.decode(list(ids), skip_special_tokens=False)
+
+
+def model_tokenizer(folder) -> ModelTokenizer:
+    """The tokenizer saved in a Hugging Face model folder (``--model PATH``), offline."""
+    from ..hf import ModelFolderError, _has_tokenizer
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelFolderError(f"no model folder at {folder} (expected a folder with config.json, as written by "
+                               "save_pretrained)")
+    if not _has_tokenizer(folder):
+        raise ModelFolderError(f"{folder} has no tokenizer files (tokenizer.json / tokenizer_config.json): --model "
+                               "needs the model's own tokenizer saved in its folder (tokenizer.save_pretrained)")
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    try:
+        return ModelTokenizer(tok, str(folder))
+    except ValueError as e:
+        raise ModelFolderError(str(e)) from None

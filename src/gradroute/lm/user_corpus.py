@@ -24,7 +24,7 @@ import torch
 from .labels import FORGET, UNLABELLED, ForgetRule, LabelError, rule_from_args
 from .sources import CorpusError, fingerprint, iter_documents, stories_from_cache, tokenize_to_cache, tokenizer_key
 from .splits import SETS, SplitTargets, plan_splits, row_order
-from .tokenizer import cache_dir, get_tokenizer
+from .tokenizer import ModelTokenizer, cache_dir, get_tokenizer, model_tokenizer
 
 BPE_SAMPLE_DOCS = 20_000
 EVAL_KEYS = ("retain_loss", "forget_loss", "forget_loss_no_keywords", "topic_loss", "forget_loss_after_attack")
@@ -49,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--n-topic", type=int, default=None, help="unlabelled topical documents to evaluate on")
     g.add_argument("--split-seed", type=int, default=0, help="seed of the held-out draw (default: 0)")
     g.add_argument("--save-models", action="store_true",
-                   help="save every final model with save_pretrained under OUT/models/<run>/ (needs --arch hf-gpt2)")
+                   help="save every final model with save_pretrained under OUT/models/<run>/ (needs --arch hf-gpt2 "
+                        "or --model PATH)")
 
 
 def is_user_corpus(source: str) -> bool:
@@ -104,8 +105,8 @@ def configure(cfg: dict, args: argparse.Namespace) -> None:
     """Add ``cfg["user_data"]``: the rule, the corpus fingerprint and the held-out sizes,
     resolved now (so they are recorded with every run); shrink the attack sizes to the pool."""
     rule = rule_from_args(args.label_field, args.forget_words, args.forget_regex, args.topic_field)
-    if args.save_models and cfg.get("arch") != "hf-gpt2":
-        raise ValueError("--save-models saves Hugging Face models: add --arch hf-gpt2")
+    if args.save_models and cfg.get("arch") not in ("hf-gpt2", "hf"):
+        raise ValueError("--save-models saves Hugging Face models: add --arch hf-gpt2 or --model PATH")
     c = cfg["corpus"]
     targets = SplitTargets(forget=args.n_eval, attack_pool=args.n_attack, retain=args.n_eval, retain_val=args.n_val, forget_val=args.n_val,
                            topic=args.n_topic, target_eval=c["n_eval"], target_attack=c["n_attack"],
@@ -150,6 +151,8 @@ def prepare(cfg: dict, source: str | None = None):
             if len(sample) == len(want):
                 break
         tok = get_tokenizer("bpe", texts=sample, vocab_size=cfg["vocab_size"])
+    elif cfg["tokenizer"] == "model":              # --model PATH: the model folder's own tokenizer
+        tok = model_tokenizer(cfg["model"]["path"])
     else:
         tok = get_tokenizer(cfg["tokenizer"])
     n_ctx = cfg["model"]["n_ctx"]
@@ -244,10 +247,12 @@ def evaluation_table(runs: list[dict]) -> str:
 
 
 def save_model(model, tok, folder: Path) -> Path:
-    """The final model (Hugging Face) with ``save_pretrained``, with its tokenizer."""
+    """The final model (Hugging Face) with ``save_pretrained``, with its tokenizer: the model
+    folder's own for ``--model PATH``, else our BPE as a ``PreTrainedTokenizerFast``."""
     from ..hf import save_unlearned, wrap_tokenizer
 
-    return save_unlearned(model, folder, tokenizer=wrap_tokenizer(tok))
+    return save_unlearned(model, folder, tokenizer=tok.transformers if isinstance(tok, ModelTokenizer)
+                          else wrap_tokenizer(tok))
 
 
 if __name__ == "__main__":      # python -m gradroute.lm.user_corpus example FOLDER [--n N --forget F --topic T]
