@@ -357,3 +357,30 @@ def test_cli_model_folder_errors(env):
         run("--model", str(small))
     with pytest.raises(ValueError, match="drop --arch"):
         run("--model", str(notok), "--arch", "hf-gpt2")
+
+
+def test_model_tokenizer_interface(tmp_path):
+    """ModelTokenizer gives the pipeline's interface over a model's own tokenizer: BOS kept,
+    a post-processor's trailing EOS dropped (the pipeline appends eot_id itself), offsets kept;
+    a tokenizer without eos uses its pad token; one with neither is refused, naming the folder."""
+    from tokenizers import processors
+
+    from gradroute.lm.tokenizer import ModelTokenizer, model_tokenizer
+
+    tok = _llama_tokenizer()
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 1)])
+    tok.save_pretrained(tmp_path / "t")
+    t = model_tokenizer(tmp_path / "t")
+    text = "Once upon a time"
+    enc = t.encode_batch([text])[0]
+    assert enc.ids[0] == t.transformers.bos_token_id and enc.ids[-1] != t.eot_id == tok.eos_token_id
+    assert t.encode(text) == enc.ids and len(enc.offsets) == len(enc.ids)
+    assert text[enc.offsets[-1][0]:enc.offsets[-1][1]].strip() in text and t.vocab_size == len(tok)
+    assert t.decode(enc.ids).endswith(text) and t.decode(enc.ids).startswith("<s>")
+    nopad = _llama_tokenizer()
+    nopad.eos_token, nopad.pad_token = None, "<s>"
+    assert ModelTokenizer(nopad, "x").eot_id == nopad.pad_token_id
+    nopad.pad_token = None
+    with pytest.raises(ValueError, match="somewhere: the tokenizer has neither an eos nor a pad token"):
+        ModelTokenizer(nopad, "somewhere")

@@ -111,7 +111,14 @@ def make_model(spec: dict, seed: int) -> nn.Module:
 
         if not spec.get("path"):
             raise ValueError("arch 'hf' needs path= (a Hugging Face model folder)")
-        model, _ = hf.load_causal_lm(spec["path"], seed=seed, torch_dtype=torch.float32)
+        log = hf._transformers().utils.logging
+        shown = log.is_progress_bar_enabled()
+        log.disable_progress_bar()              # a "Loading weights" bar per run only clutters logs
+        try:
+            model, _ = hf.load_causal_lm(spec["path"], seed=seed, torch_dtype=torch.float32)
+        finally:
+            if shown:
+                log.enable_progress_bar()
         return model
     raise ValueError(f"unknown arch {arch!r}; use 'gpt', 'hf-gpt2' or 'hf' (with path=)")
 

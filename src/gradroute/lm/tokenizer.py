@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 from .corpus import EOT
 
@@ -121,6 +121,11 @@ def get_tokenizer(kind: str = "bpe", texts: Sequence[str] | None = None, vocab_s
     raise ValueError(f"unknown tokenizer {kind!r}; use 'bpe' or 'gpt2'")
 
 
+class Encoded(NamedTuple):
+    ids: list
+    offsets: list
+
+
 class ModelTokenizer(Tokenizer):
     """A Hugging Face model's own (fast) tokenizer with :class:`Tokenizer`'s interface, for
     ``--model PATH``: ``encode`` / ``encode_batch`` (with the tokenizer's own special tokens,
@@ -146,10 +151,19 @@ class ModelTokenizer(Tokenizer):
         return len(self.transformers)
 
     def encode(self, text: str) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=True).ids
+        return self.encode_batch([text])[0].ids
 
     def encode_batch(self, texts: Sequence[str]) -> list:
-        return self.hf.encode_batch(list(texts), add_special_tokens=True)
+        """Encodings (``.ids``, ``.offsets``) with the tokenizer's own special tokens, except a
+        trailing end-of-text that its post-processor may add (the pipeline appends ``eot_id``
+        to every document itself)."""
+        out = []
+        for enc in self.hf.encode_batch(list(texts), add_special_tokens=True):
+            ids, offsets = list(enc.ids), list(enc.offsets)
+            if ids and ids[-1] == self.eot_id:
+                ids, offsets = ids[:-1], offsets[:-1]
+            out.append(Encoded(ids, offsets))
+        return out
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.transformers.decode(list(ids), skip_special_tokens=False)
