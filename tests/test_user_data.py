@@ -357,6 +357,9 @@ def test_cli_model_folder_errors(env):
         run("--model", str(small))
     with pytest.raises(ValueError, match="drop --arch"):
         run("--model", str(notok), "--arch", "hf-gpt2")
+    assert E.build_config(_args(corpus, ["--label-field", "label", "--lr", "1e-4"]))["train"]["lr"] == 1e-4
+    with pytest.raises(ValueError, match="--lr must be > 0"):
+        E.build_config(_args(corpus, ["--label-field", "label", "--lr", "0"]))
 
 
 def test_model_tokenizer_interface(tmp_path):

@@ -11,6 +11,8 @@ minimum forget loss reached).
     gradroute run lm-unlearning --profile paper --out runs/lm_paper  # the paper's sizes
     gradroute run lm-unlearning --methods base era --fractions 0.5 --seeds 0
     torchrun --nproc_per_node=2 -m gradroute.cli run lm-unlearning --workers 1 ...   # DDP
+    gradroute run lm-unlearning --corpus docs/ --label-field label --model my_llama/ --save-models
+                                  # a Hugging Face model folder with its own tokenizer (docs/your_data.md)
 
 Shared data per seed: the same label subset (nested across p) and the same batch order for
 every method. Base training does not depend on p: it is trained once per seed and its record
@@ -219,6 +221,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "with its own tokenizer; replaces --arch and --tokenizer (GPT-2, Llama/Qwen, GPT-NeoX "
                              "layouts; see docs/your_data.md)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (override the profile)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="training learning rate (override the profile; cosine floor lr/10), e.g. lower for "
+                             "a pretrained --model")
     parser.add_argument("--attack-steps", type=int, default=None, help="override the profile")
     parser.add_argument("--attack-repeats", type=int, default=None, help="override the profile")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
@@ -242,6 +247,10 @@ def build_config(args: argparse.Namespace) -> dict:
             raise ValueError(f"--steps must be >= 1, got {args.steps}")
         cfg["train"]["steps"] = args.steps
         cfg["train"]["warmup"] = min(cfg["train"]["warmup"], args.steps // 10)
+    if getattr(args, "lr", None) is not None:
+        if args.lr <= 0:
+            raise ValueError(f"--lr must be > 0, got {args.lr}")
+        cfg["train"]["lr"] = args.lr
     for flag, key in (("attack_steps", "steps"), ("attack_repeats", "repeats")):
         v = getattr(args, flag)
         if v is not None:

@@ -4,11 +4,13 @@ sets, for the experiment in :mod:`gradroute.experiments.lm_unlearning`.
     gradroute run lm-unlearning --corpus docs.jsonl --forget-words tree forest --fractions 1
     gradroute run lm-unlearning --corpus docs/ --label-field label --topic-field topic \\
         --arch hf-gpt2 --save-models --methods base filtering era param_routing --fractions 1
+    gradroute run lm-unlearning --corpus docs/ --label-field label --model path/to/hf_model --save-models
 
 Steps (each cached under ``$GRADROUTE_CACHE/corpora``, keyed by the files' sizes and times,
 the rule, the split and the tokenizer): one pass labels every document (:mod:`.labels`), the
 held-out sets are drawn by counts (:mod:`.splits`), a BPE is trained on (up to 20,000)
-training documents, and one more pass tokenizes everything into a memory-mapped cache laid out
+training documents (with ``--model PATH``: the model folder's own tokenizer instead), and one
+more pass tokenizes everything into a memory-mapped cache laid out
 as training rows then each held-out set (:mod:`.sources`).
 """
 from __future__ import annotations
