@@ -15,7 +15,7 @@ TINY = dict(
     corpus=dict(n_train=150, n_eval=8, vocab_size=700),
     model=dict(n_ctx=48, n_layer=3, n_head=2, d_model=16, d_mlp=32),
     train=dict(steps=2, lr=1e-2, warmup=1), batch_size=8,
-    hf_steps=2, samples=2, sample_tokens=4, top_k=5, seeds=2)
+    hf_steps=2, samples=2, sample_tokens=4, top_k=5, seeds=2, name_seeds=1)
 FLAGS = ["--steer-scales", "1", "4", "--workers", "1"]
 
 
@@ -98,8 +98,9 @@ def test_end_to_end_and_report(tiny, tmp_path):
     assert main(["run", "steering", "--profile", "tiny", "--out", str(out), "--device", "cpu", *FLAGS]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["seeds"] == [0, 1]
-    assert set(m["runs"]) == {"topical-seed0", "name-seed0", "control-seed0", "topical-seed1", "name-seed1",
-                              "control-seed1", "hf_gpt2_topical-seed0"}
+    assert set(m["runs"]) == {"topical-seed0", "name-seed0", "control-seed0", "topical-seed1",
+                              "control-seed1", "hf_gpt2_topical-seed0"}          # the name model: first seed only
+    assert m["summary"]["name"]["routed"]["target_rank"]["n"] == 1 and m["summary"]["name"]["control"]["seeds"] == [0, 1]
     assert m["targets"]["topical"]["word"] == "forest" and m["targets"]["name"]["word"] == "Ella"
     assert "forest" not in m["targets"]["topical"]["related_words"]
     assert set(m["targets"]["topical"]["related_words"]) <= set(category_words("places"))

@@ -59,13 +59,13 @@ PROFILES = {
         corpus=dict(n_train=3000, n_eval=128, vocab_size=1024),
         model=dict(n_ctx=96, n_layer=4, n_head=4, d_model=64, d_mlp=256),
         train=dict(steps=800, lr=3e-3, warmup=40), batch_size=24,
-        hf_steps=0, samples=64, sample_tokens=40, top_k=20, seeds=3),
+        hf_steps=0, samples=64, sample_tokens=40, top_k=20, seeds=3, name_seeds=1),
     # a larger model, longer training (not run here)
     "paper": dict(
         corpus=dict(n_train=50_000, n_eval=512, vocab_size=4096),
         model=dict(n_ctx=256, n_layer=16, n_head=8, d_model=256, d_mlp=1024),
         train=dict(steps=3000, lr=1e-3, warmup=100), batch_size=64,
-        hf_steps=1000, samples=256, sample_tokens=60, top_k=20, seeds=3),
+        hf_steps=1000, samples=256, sample_tokens=60, top_k=20, seeds=3, name_seeds=3),
 }
 PROMPT = "Once upon a time,"
 DIM = 0
@@ -277,11 +277,22 @@ def _job_path(out: Path, arm: str, seed: int) -> Path:
 
 
 def jobs_for(cfg: dict, seeds: list[int]) -> list[tuple[str, int]]:
-    arms = [TOPICAL] + ([NEGATIVE] if cfg["control_token"] else []) + ["control"]
-    jobs = [(a, s) for s in seeds for a in arms]
+    """Per seed: the topical model and the control; the name model for the first ``name_seeds``
+    seeds; the HF GPT-2 model (``hf_steps`` > 0) for the first seed."""
+    jobs = []
+    for i, s in enumerate(seeds):
+        jobs.append((TOPICAL, s))
+        if cfg["control_token"] and i < cfg["name_seeds"]:
+            jobs.append((NEGATIVE, s))
+        jobs.append(("control", s))
     if cfg["hf_steps"]:
         jobs.append(("hf_gpt2_" + TOPICAL, seeds[0]))
     return jobs
+
+
+def job_config(cfg: dict) -> dict:
+    """What a job's result depends on: the config without the choice of which jobs to run."""
+    return {k: v for k, v in cfg.items() if k != "name_seeds"}
 
 
 def run_job(arm: str, seed: int, cfg: dict, out: Path, device: str) -> dict:
@@ -314,7 +325,7 @@ def run_job(arm: str, seed: int, cfg: dict, out: Path, device: str) -> dict:
         print(_line(arm, seed, targets[r]["word"], analysis[r]), flush=True)
     hist = log["history"]
     every = max(1, len(hist) // 50)
-    rec = {"config": cfg, "arm": arm, "seed": seed, "routed": role != "control", "arch": spec["arch"],
+    rec = {"config": job_config(cfg), "arm": arm, "seed": seed, "routed": role != "control", "arch": spec["arch"],
            "routed_blocks": blocks, "analysis": analysis,
            "train_loss_final": hist[-1]["loss"] if hist else None,
            "train_curve": [[h["step"], h["loss"]] for h in hist[every - 1::every]],
@@ -336,6 +347,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--control-token", default="Ella",
                         help="the negative-control routed word (a name; default: %(default)s); 'none' skips it")
     parser.add_argument("--control-category", choices=["names", "places"], default="names")
+    parser.add_argument("--name-seeds", type=int, default=None,
+                        help="train the negative-control (name) model for the first N seeds only (profile: quick 1, "
+                             "paper 3); the unrouted control is analysed for it at every seed")
     parser.add_argument("--first-block", type=int, default=None,
                         help="first routed block (default: n_layer * 3 // 8, as 6 of 16)")
     parser.add_argument("--steer-block", type=int, default=None, help="default: the first routed block")
@@ -367,7 +381,7 @@ def build_config(args) -> dict:
             raise ValueError(f"--steps must be >= 1, got {args.steps}")
         cfg["train"]["steps"] = args.steps
         cfg["train"]["warmup"] = min(cfg["train"]["warmup"], args.steps // 10)
-    for flag in ("hf_steps", "samples"):
+    for flag in ("hf_steps", "samples", "name_seeds"):
         v = getattr(args, flag)
         if v is not None:
             if v < 0 or (flag == "samples" and v < 1):
@@ -395,7 +409,7 @@ def run(args: argparse.Namespace) -> dict:
         print(f"{role} token {t['word']!r} (id {t['id']}) routed to residual dim {DIM}; "
               f"category set: {len(t['related'])} single-token {t['category']}")
     jobs = jobs_for(cfg, seeds)
-    results, todo = split_finished(jobs, lambda a, s: _job_path(out, a, s), cfg)
+    results, todo = split_finished(jobs, lambda a, s: _job_path(out, a, s), job_config(cfg))
     workers = 1 if device != "cpu" else args.workers
     results.update(run_jobs(todo, functools.partial(run_job, cfg=cfg, out=out, device=device), workers,
                             desc="steering models"))
@@ -429,7 +443,7 @@ def summarize(results: dict, seeds: list[int], targets: dict) -> dict:
     for role in targets:
         out[role] = {}
         for model, arm in (("routed", role), ("control", "control")):
-            recs = [results[(arm, s)]["analysis"][role] for s in seeds]
+            recs = [results[(arm, s)]["analysis"][role] for s in seeds if (arm, s) in results]
             per_seed = {
                 "target_rank": [a["top_tokens"]["target_rank"] for a in recs],
                 "related_in_top": [a["top_tokens"]["related_in_top"] for a in recs],
@@ -442,6 +456,7 @@ def summarize(results: dict, seeds: list[int], targets: dict) -> dict:
             for i, sc in enumerate(scales):
                 per_seed[f"steer_x{sc:g}"] = [a["steering"]["points"][i]["with_target"] for a in recs]
             out[role][model] = {"per_seed": per_seed, "scales": scales,
+                                "seeds": [s for s in seeds if (arm, s) in results],
                                 **{k: mean_ci(v) for k, v in per_seed.items()}}
     hf = [k for k in results if k[0].startswith("hf_gpt2_")]
     if hf:
