@@ -597,7 +597,9 @@ def make_figures(out: Path, metrics: dict, results: dict) -> None:
             labels.append(f"{t['word']}\n{model}")
             x += 1
     ax.set_xticks(range(len(labels)), labels, fontsize=8)
-    ax.set_ylabel("loss change when dim 0 is zeroed (nats/token)")
+    ax.set_yscale("symlog", linthresh=0.01)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_ylabel("loss change when dim 0 is zeroed (nats/token, symlog)")
     ax.legend(fontsize=8)
     savefig(fig, out / "ablation_and_steering.png")
 
@@ -608,7 +610,8 @@ def make_figures(out: Path, metrics: dict, results: dict) -> None:
             ax.plot([e["step"] for e in r["held_out_curve"]], [e["topic_loss"] for e in r["held_out_curve"]],
                     alpha=0.7, label=f"{arm} seed {seed}, held-out topic")
     ax.set_xlabel("training step")
-    ax.set_ylabel("held-out loss (nats/token, 32 topic stories)")
+    ax.set_yscale("log")
+    ax.set_ylabel("held-out loss (nats/token, 32 topic stories, log)")
     ax.legend(fontsize=6)
     savefig(fig, out / "learning_curves.png")
 

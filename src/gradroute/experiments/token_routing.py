@@ -427,6 +427,7 @@ def summary_md(m: dict) -> str:
 def make_figure(out: Path, m: dict) -> None:
     pyplot = plt()
     fig, axes = pyplot.subplots(1, 3, figsize=(16, 3.8))
+    axes[1].sharey(axes[0])
     labels = ["topic", "topic w/o routed", "general"]
     x = np.arange(3)
     n = len(m["seeds"])
@@ -450,7 +451,8 @@ def make_figure(out: Path, m: dict) -> None:
             ax.plot([e["step"] for e in curve], [e["general_loss"] for e in curve], ls="--", alpha=0.7,
                     label=f"{key}, general")
     ax.set_xlabel("pre-training step")
-    ax.set_ylabel("held-out loss (32 stories, nats/token)")
+    ax.set_yscale("log")
+    ax.set_ylabel("held-out loss (32 stories, nats/token, log)")
     ax.set_title("learning curves before ablation", fontsize=9)
     ax.legend(fontsize=5)
     savefig(fig, out / "loss_increase.png")
