@@ -150,7 +150,9 @@ def whole_word_rates(data: Stories, tok) -> tuple[torch.Tensor, torch.Tensor]:
     - ends a word: the next target is padding or a token whose text begins with a non-letter
       (so the word is not continued by a following fragment).
 
-    The rate is whole-word occurrences / occurrences (0 for unseen tokens). ``tok`` needs
+    The rate is whole-word occurrences / occurrences (0 for unseen tokens). The first token of a
+    row is never a target, and a row cut at the context length ends with ``<|endoftext|>``, which
+    counts as a word end (at most one occurrence per cut row). ``tok`` needs
     ``vocab_size`` and ``decode([id])``."""
     V = tok.vocab_size
     text = [tok.decode([i]) for i in range(V)]
