@@ -463,8 +463,7 @@ def report(out: Path) -> dict:
     claims = m["claims"]
     verdict, checks = claim_summary(claims, "holds", "checks hold")
     cfg, n = m["config"], len(m["seeds"])
-    notes = "; ".join(f"{name.split(':')[0] if name.startswith('absorption') else name.split(' (')[0]}"
-                      f": {c['intervals']}" for name, c in claims.items())
+    notes = "; ".join(f"{'holds' if c['holds'] else 'fails'}: {name}: {c['intervals']}" for name, c in claims.items())
     return {
         "title": "Token-routed unlearning with absorption (paper section 5, 'virology')",
         "claim": "Routing a few topic tokens to MLP units of the early blocks and ablating those units raises the "
@@ -473,7 +472,7 @@ def report(out: Path) -> dict:
         "paper": "0.7B model, 20 virology tokens to units 0-79 of blocks 0-7: after ablation, 32 fine-tuning and "
                  "20 retraining steps on 2 documents: topic +0.182, topic without routed tokens +0.171, general +0.032.",
         "verdict": verdict,
-        "detail": (f"{checks}. Intervals: {notes}. n={n} seeds {m['seeds']}; profile {m['profile']}: "
+        "detail": (f"{checks}. Each check ({notes}). n={n} seeds {m['seeds']}; profile {m['profile']}: "
                    f"{cfg['train']['steps']} steps of {cfg['batch_size']} stories, model {cfg['model']}, "
                    f"{len(m['routed_tokens'])} routed {cfg['route']['tokens']} tokens "
                    f"({', '.join(repr(t['token']) for t in m['routed_tokens'])}) to units "
