@@ -8,7 +8,8 @@ import torch
 from gradroute.cli import main
 from gradroute.experiments import token_routing as T
 from gradroute.lm.corpus import generate_stories
-from gradroute.lm.data import Batch, encode_stories
+from gradroute.lm.analysis import fmt_ci, intervals_separate, whole_word_ids, whole_word_rates
+from gradroute.lm.data import IGNORE, Batch, Stories, encode_stories
 from gradroute.lm.tokenizer import get_tokenizer
 from gradroute.models import GPT, GPTConfig
 
@@ -16,9 +17,9 @@ TINY = dict(
     corpus=dict(n_train=150, n_eval=8, n_attack=4, n_general_train=8, vocab_size=300),
     model=dict(n_ctx=48, n_layer=2, n_head=2, d_model=16, d_mlp=32),
     train=dict(steps=2, lr=1e-2, warmup=1), batch_size=8,
-    route=dict(n_tokens=4, min_count=2, blocks=1, units=8),
+    route=dict(n_tokens=4, min_count=2, blocks=1, units=8, tokens="whole-words", min_whole_rate=0.9),
     finetune=dict(steps=2, lr=1e-3, batch_size=4),
-    attack=dict(docs=2, steps=2, lr=1e-3, repeats=2))
+    attack=dict(docs=2, steps=2, lr=1e-3, repeats=2), seeds=2)
 
 
 @pytest.fixture
@@ -91,18 +92,151 @@ def test_ablation_is_complete():
 
 def test_end_to_end_and_report(tiny, tmp_path):
     out = tmp_path / "out"
-    assert main(["run", "token-routing", "--profile", "tiny", "--out", str(out), "--device", "cpu"]) == 0
+    argv = ["run", "token-routing", "--profile", "tiny", "--out", str(out), "--device", "cpu", "--workers", "1"]
+    assert main(argv) == 0
     m = json.loads((out / "metrics.json").read_text())
+    assert m["seeds"] == [0, 1] and set(m["runs"]) == {"routed-seed0", "control-seed0", "routed-seed1", "control-seed1"}
     for arm in ("routed", "control"):
         for k in ("topic_loss_increase", "topic_loss_increase_excluding_routed", "general_loss_increase"):
-            assert isinstance(m[arm][k], float) and isinstance(m[arm][k + "_before_attack"], float)
-        assert len(m[arm]["increase_runs_after_attack"]) == 2
+            for suffix in ("", "_before_attack"):
+                ci = m["summary"][arm][k + suffix]
+                assert ci["n"] == 2 and ci["lo"] <= ci["mean"] <= ci["hi"]
+                assert ci["per_seed"] == [m["runs"][f"{arm}-seed{s}"][k + suffix] for s in (0, 1)]
+        run = m["runs"][f"{arm}-seed0"]
+        assert len(run["increase_runs_after_attack"]) == 2
+        assert run["held_out_curve"][0]["step"] == 0 and run["held_out_curve"][-1]["step"] == 2
     assert len(m["routed_tokens"]) == 4
+    assert all(t["token"].strip().isalpha() for t in m["routed_tokens"])      # whole words only
     assert (out / "loss_increase.png").is_file() and (out / "summary.md").is_file()
+    assert all("intervals" in c for c in m["claims"].values())
     sec = T.report(out)
     assert sec["verdict"] in ("reproduced", "partly", "not") and sec["figures"] == ["loss_increase.png"]
+    assert "n=2" in sec["detail"]
+    mtime = (out / "runs" / "routed-seed1.json").stat().st_mtime_ns        # resumable: nothing retrained
+    assert main(argv) == 0
+    assert (out / "runs" / "routed-seed1.json").stat().st_mtime_ns == mtime
 
 
 def test_bad_flags(tiny, tmp_path):
     with pytest.raises(ValueError, match="units"):
         main(["run", "token-routing", "--profile", "tiny", "--out", str(tmp_path), "--units", "64"])
+
+
+# ------------------------------------------------------------------------------------------
+# whole-word token selection
+# ------------------------------------------------------------------------------------------
+class FakeTok:
+    """A tokenizer with a hand-made vocabulary (only ``decode`` and ``vocab_size`` are used)."""
+    VOCAB = ["<|endoftext|>", " forest", " th", "rough", " the", ".", " owl", " ran", " a", " ho", "llow",
+             " tree", "The"]
+    eot_id = 0
+    vocab_size = len(VOCAB)
+
+    def decode(self, ids):
+        return "".join(self.VOCAB[i] for i in ids)
+
+    def id(self, text):
+        return self.VOCAB.index(text)
+
+
+def _stories(rows: list[list[str]], forget: list[bool], tok: FakeTok) -> Stories:
+    """Rows of token texts -> Stories (x = row[:-1], y = row[1:], padded with IGNORE)."""
+    T = max(map(len, rows)) - 1
+    x = torch.zeros(len(rows), T, dtype=torch.long)
+    y = torch.full((len(rows), T), IGNORE)
+    for i, r in enumerate(rows):
+        ids = [tok.id(t) for t in r]
+        x[i, :len(ids) - 1] = torch.tensor(ids[:-1])
+        y[i, :len(ids) - 1] = torch.tensor(ids[1:])
+    f = torch.tensor(forget)
+    return Stories(x, y, torch.zeros_like(y, dtype=torch.bool), f, torch.zeros_like(f))
+
+
+def _fragment_corpus(tok: FakeTok) -> Stories:
+    # forget stories: "ran through the forest ... the hollow tree" (fragments ' th' 'rough', ' ho' 'llow'
+    # occur more often than any whole topic word); other stories: "ran the owl." etc.
+    forget_row = ["<|endoftext|>", "The", " ran", " th", "rough", " the", " forest", ".", " ran", " th", "rough",
+                  " the", " ho", "llow", " tree", ".", " th", "rough", " the", " ho", "llow", ".", "<|endoftext|>"]
+    other_row = ["<|endoftext|>", "The", " owl", " ran", ".", " the", " owl", ".", " th", ".", "<|endoftext|>"]
+    owl_forget = ["<|endoftext|>", "The", " owl", " ran", " th", "rough", " the", " forest", " owl",
+                  "<|endoftext|>"]
+    rows = [forget_row] * 6 + [owl_forget] * 2 + [other_row] * 8
+    return _stories(rows, [True] * 8 + [False] * 8, tok)
+
+
+def test_whole_word_rates_on_a_constructed_case():
+    tok = FakeTok()
+    data = _fragment_corpus(tok)
+    count, rate = whole_word_rates(data, tok)
+    i = tok.id
+    # ' th' is a word only in the other rows (" th ." : 8 times) against 6*3 + 2 fragment uses
+    assert int(count[i(" th")]) == 6 * 3 + 2 + 8 and float(rate[i(" th")]) == pytest.approx(8 / 28)
+    assert float(rate[i("rough")]) == 0.0 and float(rate[i("llow")]) == 0.0 and float(rate[i(" ho")]) == 0.0
+    # ' forest' is followed by '.' or ' owl' (a new word): always whole; ' owl' at a row's end (before
+    # <|endoftext|>) too; 'The' after <|endoftext|> starts a word although it has no leading space
+    for w in (" forest", " owl", " tree", "The", " the"):
+        assert float(rate[i(w)]) == 1.0, w
+    mask = whole_word_ids(data, tok)
+    assert {tok.VOCAB[j] for j in mask.nonzero().flatten().tolist()} == {
+        " forest", " the", " owl", " ran", " tree", "The"}      # '.' and <|endoftext|> do not look like words
+    assert whole_word_ids(data, tok, min_rate=0.25)[i(" th")]        # a lower bar admits ' th' (rate 0.29)
+    with pytest.raises(ValueError, match="min_rate"):
+        whole_word_ids(data, tok, min_rate=0.0)
+
+
+def test_whole_words_replace_fragments_in_the_selection():
+    tok = FakeTok()
+    data = _fragment_corpus(tok)
+    plain = T.select_topic_tokens(data, tok.vocab_size, 3, 2, exclude=(tok.eot_id,))
+    assert {tok.VOCAB[j] for j in plain} <= {"rough", " ho", "llow", " th"}      # fragments win the raw score
+    whole = T.select_topic_tokens(data, tok.vocab_size, 2, 2, exclude=(tok.eot_id,),
+                                  allowed=whole_word_ids(data, tok))
+    assert [tok.VOCAB[j] for j in whole] == [" forest", " tree"]
+    with pytest.raises(ValueError, match="eligible"):
+        T.select_topic_tokens(data, tok.vocab_size, 8, 2, allowed=whole_word_ids(data, tok))
+    with pytest.raises(ValueError, match="mask"):
+        T.select_topic_tokens(data, tok.vocab_size, 2, 2, allowed=torch.ones(3, dtype=torch.bool))
+
+
+def test_whole_words_on_the_story_bpe(tmp_path):
+    import re
+
+    texts = generate_stories(300, seed=3)
+    tok = get_tokenizer("bpe", texts=texts, vocab_size=700, cache=tmp_path / "tok")
+    data = encode_stories(tok, texts, 64)
+    whole = T.select_topic_tokens(data, tok.vocab_size, 12, 3, exclude=(tok.eot_id,),
+                                  allowed=whole_word_ids(data, tok))
+    joined = " ".join(texts)
+    for j in whole:   # each routed token is a word of the stories, seen as a whole word
+        w = tok.decode([j]).strip()
+        assert w.isalpha() and re.search(rf"\b{w}\b", joined), w
+    anyt = T.select_topic_tokens(data, tok.vocab_size, 12, 3, exclude=(tok.eot_id,))
+    _, rate = whole_word_rates(data, tok)
+    assert any(float(rate[j]) < 0.9 for j in anyt)          # without the restriction, fragments get in
+    assert all(float(rate[j]) >= 0.9 for j in whole)
+
+
+def test_interval_helpers_and_claims():
+    from gradroute.utils import mean_ci
+    one = mean_ci([0.05])
+    assert fmt_ci(one, 3, True) == "+0.050 (n=1)" and intervals_separate(one, one) is None
+    a, b = mean_ci([0.10, 0.11, 0.12]), mean_ci([0.01, 0.02, 0.03])
+    assert intervals_separate(a, b) is True and intervals_separate(a, mean_ci([0.0, 0.1, 0.2])) is False
+    assert fmt_ci(a, 2) == f"0.11 [{a['lo']:.2f}, {a['hi']:.2f}] (n=3)"
+    # claims from constructed per-seed results: the excluding-routed increase beats general by 0.04 on
+    # average and the control's by 0.05
+    ex, g, t = "topic_loss_increase_excluding_routed", "general_loss_increase", "topic_loss_increase"
+    res = {}
+    for s, (rx, rg, cx) in enumerate([(0.06, 0.02, 0.01), (0.07, 0.03, 0.02), (0.05, 0.01, 0.01)]):
+        for arm, vals in (("routed", {ex: rx, g: rg, t: rx + 0.05}), ("control", {ex: cx, g: 0.01, t: cx})):
+            res[(arm, s)] = {k + suf: v for k, v in vals.items() for suf in ("", "_before_attack")}
+    summ = T.summarize(res, [0, 1, 2])
+    claims = T.check_claims(summ)
+    names = list(claims)
+    assert claims[names[0]]["holds"] and claims[names[1]]["holds"]
+    assert summ["differences"]["routed excluding-routed minus routed general"]["mean"] == pytest.approx(0.04)
+    assert "n=3" in claims[names[0]]["intervals"]
+    res[("routed", 2)][ex] = 0.0       # one seed without absorption: the mean drops below the bar
+    assert not T.check_claims(T.summarize(res, [0, 1, 2]))[names[0]]["holds"]
+    one = T.check_claims(T.summarize(res, [0]))
+    assert all(c["intervals"] == "n=1, no interval" for c in one.values())

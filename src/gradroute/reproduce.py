@@ -45,8 +45,8 @@ PLAN: dict[str, dict[str, tuple[str, list[str]]]] = {
         "gridworld": ("quick", ["--oversight", "0.05", "0.3", "--seeds", "0", "--updates", "40"]),
         "lm-unlearning": ("quick", ["--fractions", "0.5", "1.0", "--seeds", "0", "--steps", "60",
                                     "--attack-repeats", "1"]),
-        "steering": ("quick", ["--steps", "100", "--hf-steps", "20", "--samples", "8"]),
-        "token-routing": ("quick", ["--steps", "60", "--attack-repeats", "1"]),
+        "steering": ("quick", ["--steps", "100", "--hf-steps", "20", "--samples", "8", "--seeds", "0"]),
+        "token-routing": ("quick", ["--steps", "60", "--attack-repeats", "1", "--seeds", "0"]),
         "modules": ("quick", ["--steps", "40", "--seeds", "0"]),
     },
     "quick": {

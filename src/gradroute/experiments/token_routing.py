@@ -1,8 +1,11 @@
 """Token-routed unlearning with absorption (paper section 5, the "virology" experiment).
 
-A handful of forget-topic tokens (default 16, chosen by a documented score, not by hand: the
-smoothed per-token frequency ratio between forget-rule and other training stories, among
-tokens seen at least ``min_count`` times there) are routed *as prediction targets* to a block
+A handful of forget-topic tokens (default 20, as the paper's 20 hand-picked virology words,
+chosen here by a documented score instead of by hand: the smoothed per-token frequency ratio
+between forget-rule and other training stories, among tokens seen at least ``min_count`` times
+there and, by default, only *whole-word* tokens: :func:`gradroute.lm.analysis.whole_word_ids`;
+``--tokens any`` allows BPE fragments such as ' th' or 'rough') are routed *as prediction
+targets* to a block
 of MLP units (units 0..k-1) in the early blocks: wherever the next token is a routed token, the
 gradient through the other units of those MLPs is 0. Nothing else is routed; no story labels
 are used in training. Then, for the routed model and an unrouted control trained identically:
@@ -15,15 +18,20 @@ are used in training. Then, for the routed model and an unrouted control trained
    routed tokens' targets excluded (absorption: the effect is not just on routed tokens), and
    on held-out general stories, before and after the attack.
 
-The evaluation stories, the attack stories and the fine-tuning stories are disjoint.
+The evaluation stories, the attack stories and the fine-tuning stories are disjoint. Every
+(arm, seed) is one resumable job (``--out``/runs/*.json) run in ``--workers`` processes;
+results are means over seeds with 95% intervals.
 
-    gradroute run token-routing --out runs/token_routing          # quick profile
+    gradroute run token-routing --out runs/token_routing          # quick profile, 3 seeds
+    gradroute run token-routing --tokens any --seeds 0            # the fragment-selecting variant
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import math
+import os
 import time
 from pathlib import Path
 
@@ -32,13 +40,16 @@ import torch
 import torch.nn as nn
 
 import gradroute as gr
-from gradroute.lm.analysis import masked_mean, per_token_losses, prepare_corpus, token_counts, train_lm
+from gradroute.lm.analysis import (fmt_ci, intervals_separate, masked_mean, per_token_losses, prepare_corpus,
+                                   token_counts, train_lm, whole_word_ids)
 from gradroute.lm.data import Batch, Stories
 from gradroute.lm.methods import make_model
 from gradroute.lm.train import TrainConfig, token_losses
-from gradroute.utils import claim_summary, markdown_table, plt, read_json, resolve_device, savefig, set_seed, write_json
+from gradroute.sweep import run_jobs, split_finished
+from gradroute.utils import (claim_summary, markdown_table, mean_ci, plt, read_json, resolve_device, savefig,
+                             set_seed, write_json)
 
-DESCRIPTION = ("Token-routed unlearning: route ~16 topic tokens to MLP units of the early blocks, ablate "
+DESCRIPTION = ("Token-routed unlearning: route 20 whole-word topic tokens to MLP units of the early blocks, ablate "
                "them completely, fine-tune, retraining attack; loss increase on topic (with and without the "
                "routed tokens) vs general text, routed vs control.")
 
@@ -47,21 +58,21 @@ PROFILES = {
     "quick": dict(
         corpus=dict(n_train=3000, n_eval=128, n_attack=16, n_general_train=64, vocab_size=1024),
         model=dict(n_ctx=96, n_layer=4, n_head=4, d_model=64, d_mlp=256),
-        train=dict(steps=300, lr=3e-3, warmup=20), batch_size=24,
-        route=dict(n_tokens=16, min_count=20, blocks=2, units=32),
+        train=dict(steps=800, lr=3e-3, warmup=40), batch_size=24,
+        route=dict(n_tokens=20, min_count=20, blocks=2, units=32, tokens="whole-words", min_whole_rate=0.9),
         # fine-tune / attack lr: at 3e-4 (or 1e-4) the fine-tune alone raised the *intact* model's topic
         # loss by 0.1 (0.03) and 20 steps on 2 stories by 0.4 (0.1); at 3e-5 both leave it near where it was
         finetune=dict(steps=32, lr=3e-5, batch_size=8),
-        attack=dict(docs=2, steps=20, lr=3e-5, repeats=3)),
+        attack=dict(docs=2, steps=20, lr=3e-5, repeats=3), seeds=3),
     # the paper's schedule after training (32 fine-tuning steps, 20 attack steps on 2 documents)
     # on a larger model (not run here)
     "paper": dict(
         corpus=dict(n_train=50_000, n_eval=512, n_attack=64, n_general_train=512, vocab_size=4096),
         model=dict(n_ctx=256, n_layer=8, n_head=8, d_model=256, d_mlp=1024),
         train=dict(steps=3000, lr=1e-3, warmup=100), batch_size=64,
-        route=dict(n_tokens=20, min_count=50, blocks=4, units=80),
+        route=dict(n_tokens=20, min_count=50, blocks=4, units=80, tokens="whole-words", min_whole_rate=0.9),
         finetune=dict(steps=32, lr=5e-5, batch_size=32),
-        attack=dict(docs=2, steps=20, lr=5e-5, repeats=5)),
+        attack=dict(docs=2, steps=20, lr=5e-5, repeats=5), seeds=3),
 }
 PAPER = {"topic_loss_increase": 0.182, "topic_loss_increase_excluding_routed": 0.171, "general_loss_increase": 0.032}
 KEYS = ("topic_loss_increase", "topic_loss_increase_excluding_routed", "general_loss_increase")
@@ -81,15 +92,21 @@ def topic_token_scores(data: Stories, vocab_size: int, min_count: int) -> torch.
 
 
 def select_topic_tokens(data: Stories, vocab_size: int, n: int, min_count: int,
-                        exclude: tuple[int, ...] = ()) -> list[int]:
-    """The ``n`` highest-scoring tokens (ties: lower id first), skipping ``exclude``."""
+                        exclude: tuple[int, ...] = (), allowed: torch.Tensor | None = None) -> list[int]:
+    """The ``n`` highest-scoring tokens (ties: lower id first), skipping ``exclude`` and, when
+    ``allowed`` (a bool mask over the vocabulary) is given, every token it marks False."""
     score = topic_token_scores(data, vocab_size, min_count)
     if exclude:
         score[list(exclude)] = -math.inf
+    if allowed is not None:
+        if allowed.shape != (vocab_size,):
+            raise ValueError(f"allowed must be a bool mask of shape ({vocab_size},), got {tuple(allowed.shape)}")
+        score = score.masked_fill(~allowed.bool(), -math.inf)
     order = sorted(range(vocab_size), key=lambda i: (-float(score[i]), i))
     picked = [i for i in order[:n] if score[i] > -math.inf]
     if len(picked) < n:
-        raise ValueError(f"only {len(picked)} tokens occur >= {min_count} times in forget stories; lower min_count")
+        raise ValueError(f"only {len(picked)} eligible tokens occur >= {min_count} times in forget stories; "
+                         f"lower min_count or n_tokens")
     return picked
 
 
@@ -167,25 +184,91 @@ def evaluate_arm(name: str, model: nn.Module, units: gr.Units, corpus, routed_id
 
 
 # ------------------------------------------------------------------------------------------
+# token choice and jobs
+# ------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=2)
+def _corpus(key: str):
+    import json
+
+    c = json.loads(key)
+    return prepare_corpus(c["n_train"], c["n_eval"], c["n_attack"], c["vocab_size"], c["n_ctx"],
+                          n_general_train=c["n_general_train"])
+
+
+def corpus_of(cfg: dict):
+    import json
+
+    return _corpus(json.dumps(dict(cfg["corpus"], n_ctx=cfg["model"]["n_ctx"]), sort_keys=True))
+
+
+def routed_token_ids(corpus, rc: dict) -> list[int]:
+    """The routed tokens of the training stories under the route config ``rc``: the top
+    ``n_tokens`` by :func:`topic_token_scores`, among whole-word tokens (``tokens="whole-words"``,
+    rate ``min_whole_rate``) or among all tokens (``"any"``); ``<|endoftext|>`` never."""
+    tok = corpus.tok
+    if rc["tokens"] not in ("whole-words", "any"):
+        raise ValueError(f"route tokens must be 'whole-words' or 'any', got {rc['tokens']!r}")
+    allowed = whole_word_ids(corpus.train, tok, rc["min_whole_rate"]) if rc["tokens"] == "whole-words" else None
+    return select_topic_tokens(corpus.train, tok.vocab_size, rc["n_tokens"], rc["min_count"],
+                               exclude=(tok.eot_id,), allowed=allowed)
+
+
+def _job_path(out: Path, arm: str, seed: int) -> Path:
+    return Path(out) / "runs" / f"{arm}-seed{seed}.json"
+
+
+def run_job(arm: str, seed: int, cfg: dict, out: Path, device: str) -> dict:
+    """Train one arm (``routed`` or the unrouted ``control``) and run the ablation / fine-tune /
+    attack pipeline; writes ``out/runs/<arm>-seed<seed>.json``."""
+    t0 = time.time()
+    corpus = corpus_of(cfg)
+    rc = cfg["route"]
+    routed_ids = torch.tensor(routed_token_ids(corpus, rc))
+    spec = dict(cfg["model"], vocab_size=corpus.tok.vocab_size)
+    set_seed(seed)
+    model = make_model(spec, seed)
+    units = routed_units(model, rc["blocks"], rc["units"])
+    extra = {"loss_fn": token_routing_loss(units, routed_ids)} if arm == "routed" else {}
+    tcfg = TrainConfig(**cfg["train"])
+    evals = lambda m: {"general_loss": masked_mean(per_token_losses(m, corpus.general.subset(slice(0, 32)))),
+                       "topic_loss": masked_mean(per_token_losses(m, corpus.topic.subset(slice(0, 32))))}
+    model, log = train_lm(spec, corpus.train, tcfg, cfg["batch_size"], seed, device=device, model=model,
+                          desc=f"token-routing {arm} seed {seed}", eval_fn=evals,
+                          eval_every=max(1, tcfg.steps // 8), **extra)
+    rec = evaluate_arm(f"{arm} seed {seed}", model, units, corpus, routed_ids, cfg, seed, device)
+    hist = log["history"]
+    every = max(1, len(hist) // 50)
+    rec.update(config=cfg, arm=arm, seed=seed, train_loss_final=hist[-1]["loss"] if hist else None,
+               train_curve=[[h["step"], h["loss"]] for h in hist[every - 1::every]], held_out_curve=log["evals"],
+               train_wall_s=log["wall_s"], wall_s=time.time() - t0)
+    write_json(_job_path(out, arm, seed), rec)
+    return rec
+
+
+# ------------------------------------------------------------------------------------------
 # CLI
 # ------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick",
-                        help="quick (default, a few minutes on 2 CPU cores) or paper (larger, not run here)")
+                        help="quick (default, about 5 minutes on 2 CPU cores) or paper (larger, not run here)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (override the profile)")
     parser.add_argument("--n-tokens", type=int, default=None, help="routed topic tokens (override the profile)")
+    parser.add_argument("--tokens", choices=["whole-words", "any"], default=None,
+                        help="which tokens may be routed: whole words only (profile default) or any token, "
+                             "BPE fragments included")
     parser.add_argument("--units", type=int, default=None, help="routed MLP units per block (override)")
     parser.add_argument("--route-blocks", type=int, default=None, help="route blocks 0..N-1 (override)")
     parser.add_argument("--attack-repeats", type=int, default=None, help="attack draws (override)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: range(profile seeds)")
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                        help="parallel training processes on CPU, one thread each (1 = in this process)")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: these models gain little from more, and extra "
-                             "threads slow down badly on a shared machine)")
+                        help="torch CPU threads in this process (default 1: these models gain little from more)")
 
 
 def build_config(args) -> dict:
     cfg = copy.deepcopy(PROFILES[args.profile])
-    cfg.update(profile=args.profile, seed=args.seed)
+    cfg.update(profile=args.profile)
     for flag, (sec, key) in (("steps", ("train", "steps")), ("n_tokens", ("route", "n_tokens")),
                              ("units", ("route", "units")), ("route_blocks", ("route", "blocks")),
                              ("attack_repeats", ("attack", "repeats"))):
@@ -194,6 +277,8 @@ def build_config(args) -> dict:
             if v < 1:
                 raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
             cfg[sec][key] = v
+    if args.tokens is not None:
+        cfg["route"]["tokens"] = args.tokens
     cfg["train"]["warmup"] = min(cfg["train"]["warmup"], cfg["train"]["steps"] // 10)
     if cfg["route"]["units"] >= cfg["model"]["d_mlp"]:
         raise ValueError(f"--units must be below d_mlp ({cfg['model']['d_mlp']})")
@@ -204,39 +289,38 @@ def run(args: argparse.Namespace) -> dict:
     t0 = time.time()
     cfg = build_config(args)
     device = str(resolve_device(args.device))
-    if args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.threads < 1 or args.workers < 1:
+        raise ValueError(f"--threads and --workers must be >= 1, got {args.threads} / {args.workers}")
     torch.set_num_threads(args.threads)
+    seeds = args.seeds if args.seeds is not None else list(range(cfg["seeds"]))
+    cfg.pop("seeds")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds must be distinct, got {seeds}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    c = cfg["corpus"]
-    corpus = prepare_corpus(c["n_train"], c["n_eval"], c["n_attack"], c["vocab_size"], cfg["model"]["n_ctx"],
-                            n_general_train=c["n_general_train"])
+    corpus = corpus_of(cfg)                       # tokenizer cached on disk before the workers start
     tok, V = corpus.tok, corpus.tok.vocab_size
     rc = cfg["route"]
-    ids = select_topic_tokens(corpus.train, V, rc["n_tokens"], rc["min_count"], exclude=(tok.eot_id,))
+    ids = routed_token_ids(corpus, rc)
     scores = topic_token_scores(corpus.train, V, rc["min_count"])
     routed_ids = torch.tensor(ids)
     topic_targets = corpus.topic.y[corpus.topic.y >= 0]
-    print("routed tokens: " + ", ".join(repr(tok.decode([i])) for i in ids))
-    spec = dict(cfg["model"], vocab_size=V)
-    tcfg = TrainConfig(**cfg["train"])
-    arms = {}
-    for name, routed in (("routed", True), ("control", False)):
-        set_seed(cfg["seed"])
-        model = make_model(spec, cfg["seed"])
-        units = routed_units(model, rc["blocks"], rc["units"])
-        loss_fn = token_routing_loss(units, routed_ids) if routed else None
-        model, log = train_lm(spec, corpus.train, tcfg, cfg["batch_size"], cfg["seed"], device=device, model=model,
-                              desc=f"token-routing {name}", **({"loss_fn": loss_fn} if loss_fn else {}))
-        arms[name] = evaluate_arm(name, model, units, corpus, routed_ids, cfg, cfg["seed"], device)
-        arms[name].update(train_loss_final=log["history"][-1]["loss"] if log["history"] else None,
-                          train_wall_s=log["wall_s"])
-    metrics = {"experiment": "token-routing", "profile": args.profile, "config": cfg, "corpus": corpus.counts,
+    print(f"routed tokens ({rc['tokens']}): " + ", ".join(repr(tok.decode([i])) for i in ids))
+    jobs = [(arm, s) for s in seeds for arm in ("routed", "control")]
+    results, todo = split_finished(jobs, lambda a, s: _job_path(out, a, s), cfg)
+    workers = 1 if device != "cpu" else args.workers
+    results.update(run_jobs(todo, functools.partial(run_job, cfg=cfg, out=out, device=device), workers,
+                            desc="token-routing models"))
+    summary = summarize(results, seeds)
+    metrics = {"experiment": "token-routing", "profile": args.profile, "config": cfg, "seeds": seeds,
+               "corpus": corpus.counts,
                "routed_tokens": [{"token": tok.decode([i]), "id": i, "score": float(scores[i])} for i in ids],
                "routed_share_of_topic_targets": float(torch.isin(topic_targets, routed_ids).float().mean()),
                "routed_blocks": list(range(rc["blocks"])), "routed_units_per_block": rc["units"],
-               "paper": PAPER, **arms, "claims": check_claims(arms), "wall_time_s": time.time() - t0}
+               "paper": PAPER, "summary": summary,
+               "runs": {f"{a}-seed{s}": {k: v for k, v in results[(a, s)].items() if k != "config"} for a, s in jobs},
+               "claims": check_claims(summary), "wall_time_s": time.time() - t0,
+               "train_wall_s_total": sum(r["train_wall_s"] for r in results.values())}
     write_json(out / "metrics.json", metrics)
     make_figure(out, metrics)
     (out / "summary.md").write_text(summary_md(metrics))
@@ -246,59 +330,131 @@ def run(args: argparse.Namespace) -> dict:
 
 
 # ------------------------------------------------------------------------------------------
-# reporting
+# aggregation and reporting
 # ------------------------------------------------------------------------------------------
-def check_claims(arms: dict) -> dict:
-    r, c = arms["routed"], arms["control"]
+STAGES = (("", "after the attack"), ("_before_attack", "after ablation + fine-tune"))
+MARGIN = 0.03   # nats: the issue's bar for "exceeds"
+
+
+def summarize(results: dict, seeds: list[int]) -> dict:
+    """Per arm and key (``KEYS`` and their ``_before_attack`` versions): per-seed values and mean_ci;
+    plus the paired per-seed differences the claims compare."""
+    out = {}
+    for arm in ("routed", "control"):
+        out[arm] = {}
+        for suffix, _ in STAGES:
+            for k in KEYS:
+                v = [results[(arm, s)][k + suffix] for s in seeds]
+                out[arm][k + suffix] = {"per_seed": v, **mean_ci(v)}
+    ex = "topic_loss_increase_excluding_routed"
+    r, c = out["routed"], out["control"]
+    out["differences"] = {
+        "routed excluding-routed minus routed general": mean_ci(
+            [a - b for a, b in zip(r[ex]["per_seed"], r["general_loss_increase"]["per_seed"])]),
+        "routed excluding-routed minus control excluding-routed": mean_ci(
+            [a - b for a, b in zip(r[ex]["per_seed"], c[ex]["per_seed"])]),
+        "routed topic minus control topic": mean_ci(
+            [a - b for a, b in zip(r["topic_loss_increase"]["per_seed"], c["topic_loss_increase"]["per_seed"])]),
+    }
+    return out
+
+
+def _interval_note(a: dict, b: dict, diff: dict) -> str:
+    sep = intervals_separate(a, b)
+    if sep is None:
+        return "n=1, no interval"
+    return (f"95% intervals {'separate' if sep else 'overlap'}; paired difference "
+            f"{fmt_ci(diff, 3, True)}")
+
+
+def check_claims(summary: dict) -> dict:
+    r, c, d = summary["routed"], summary["control"], summary["differences"]
+    ex = "topic_loss_increase_excluding_routed"
+    n = r[ex]["n"]
     return {
-        "topic loss rises more than general loss (routed, after attack)": {
-            "holds": r["topic_loss_increase"] > 2 * max(r["general_loss_increase"], 0.0) and r["topic_loss_increase"] > 0,
-            "topic": r["topic_loss_increase"], "general": r["general_loss_increase"]},
-        "absorption: topic loss without routed tokens rises too (routed, after attack)": {
-            "holds": r["topic_loss_increase_excluding_routed"] > 2 * max(r["general_loss_increase"], 0.0)
-                     and r["topic_loss_increase_excluding_routed"] > 0,
-            "topic_excluding_routed": r["topic_loss_increase_excluding_routed"], "general": r["general_loss_increase"]},
-        "routing is what localizes (topic increase routed > control, after attack)": {
-            "holds": r["topic_loss_increase"] > c["topic_loss_increase"],
-            "routed": r["topic_loss_increase"], "control": c["topic_loss_increase"]},
+        f"absorption: topic-without-routed-tokens increase exceeds the general increase by >= {MARGIN} (routed, "
+        "after attack, means)": {
+            "holds": r[ex]["mean"] - r["general_loss_increase"]["mean"] >= MARGIN,
+            "topic_excluding_routed": r[ex], "general": r["general_loss_increase"],
+            "intervals": _interval_note(r[ex], r["general_loss_increase"],
+                                        d["routed excluding-routed minus routed general"]), "n": n},
+        f"absorption: topic-without-routed-tokens increase exceeds the control's by >= {MARGIN} (after attack, "
+        "means)": {
+            "holds": r[ex]["mean"] - c[ex]["mean"] >= MARGIN, "routed": r[ex], "control": c[ex],
+            "intervals": _interval_note(r[ex], c[ex], d["routed excluding-routed minus control excluding-routed"]),
+            "n": n},
+        "topic loss rises more than 2x the general loss (routed, after attack, means)": {
+            "holds": r["topic_loss_increase"]["mean"] > 2 * max(r["general_loss_increase"]["mean"], 0.0)
+                     and r["topic_loss_increase"]["mean"] > 0,
+            "topic": r["topic_loss_increase"], "general": r["general_loss_increase"],
+            "intervals": _interval_note(r["topic_loss_increase"], r["general_loss_increase"],
+                                        mean_ci([a - b for a, b in zip(r["topic_loss_increase"]["per_seed"],
+                                                                       r["general_loss_increase"]["per_seed"])])),
+            "n": n},
+        "routing is what localizes: topic increase routed > control (after attack, means)": {
+            "holds": r["topic_loss_increase"]["mean"] > c["topic_loss_increase"]["mean"],
+            "routed": r["topic_loss_increase"], "control": c["topic_loss_increase"],
+            "intervals": _interval_note(r["topic_loss_increase"], c["topic_loss_increase"],
+                                        d["routed topic minus control topic"]), "n": n},
     }
 
 
 def _rows(m: dict) -> list[list]:
     rows = []
     for arm in ("routed", "control"):
-        for suffix, stage in (("_before_attack", "before attack"), ("", "after attack")):
-            rows.append([f"{arm}, {stage}", *[m[arm][k + suffix] for k in KEYS]])
-    rows.append(["paper (0.7B, after attack)", *[PAPER[k] for k in KEYS]])
+        for suffix, stage in STAGES[::-1]:
+            rows.append([f"{arm}, {stage}", *[fmt_ci(m["summary"][arm][k + suffix], 3, True) for k in KEYS]])
+    rows.append(["paper (0.7B, after the attack)", *[f"{PAPER[k]:+.3f}" for k in KEYS]])
     return rows
 
 
-HEADER = ["model", "topic", "topic, routed tokens excluded", "general"]
+HEADER = ["model, stage", "topic (nats/token)", "topic, routed tokens' targets excluded (nats/token)",
+          "general (nats/token)"]
 
 
 def summary_md(m: dict) -> str:
     toks = ", ".join(repr(t["token"]) for t in m["routed_tokens"])
-    return (f"# Token-routed unlearning: loss increase from ablating the routed units (nats/token, ablated - intact)\n\n"
-            f"Routed tokens ({len(m['routed_tokens'])}, {100 * m['routed_share_of_topic_targets']:.1f}% of topic "
-            f"targets): {toks}\n\n" + markdown_table(HEADER, _rows(m)))
+    lines = [f"# Token-routed unlearning: loss increase from ablating the routed units (ablated - intact)\n",
+             f"Routed tokens ({len(m['routed_tokens'])}, {m['config']['route']['tokens']}, "
+             f"{100 * m['routed_share_of_topic_targets']:.1f}% of topic targets): {toks}\n",
+             f"Mean [95% interval] over seeds {m['seeds']} (n={len(m['seeds'])}).\n",
+             markdown_table(HEADER, _rows(m))]
+    for name, c in m["claims"].items():
+        lines.append(f"- {'HOLDS' if c['holds'] else 'FAILS'}: {name} ({c['intervals']})")
+    return "\n".join(lines) + "\n"
 
 
 def make_figure(out: Path, m: dict) -> None:
     pyplot = plt()
-    fig, axes = pyplot.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    fig, axes = pyplot.subplots(1, 3, figsize=(16, 3.8))
+    axes[1].sharey(axes[0])
     labels = ["topic", "topic w/o routed", "general"]
     x = np.arange(3)
-    for ax, (suffix, title) in zip(axes, (("_before_attack", "after ablation + fine-tune"),
-                                          ("", "after the retraining attack (2 topic stories)"))):
+    n = len(m["seeds"])
+    for ax, (suffix, title) in zip(axes, STAGES[::-1]):
         for i, arm in enumerate(("routed", "control")):
-            ax.bar(x + (i - 0.5) * 0.38, [m[arm][k + suffix] for k in KEYS], 0.38, label=arm)
+            cis = [m["summary"][arm][k + suffix] for k in KEYS]
+            err = None if n == 1 else np.array([[c["mean"] - c["lo"] for c in cis], [c["hi"] - c["mean"] for c in cis]])
+            ax.bar(x + (i - 0.5) * 0.38, [c["mean"] for c in cis], 0.38, yerr=err, capsize=3, label=arm)
         if not suffix:
             ax.scatter(x, [PAPER[k] for k in KEYS], marker="_", s=600, color="k", label="paper (0.7B)", zorder=3)
         ax.axhline(0, color="k", lw=0.5)
         ax.set_xticks(x, labels)
-        ax.set_title(title, fontsize=10)
-    axes[0].set_ylabel("loss increase (ablated - intact, nats)")
+        ax.set_title(f"{title}; mean over {n} seed(s)" + (", 95% interval" if n > 1 else ", n=1"), fontsize=9)
+    axes[0].set_ylabel("loss increase (ablated - intact, nats/token)")
     axes[1].legend(fontsize=8)
+    ax = axes[2]
+    for key, r in sorted(m["runs"].items()):
+        curve = r.get("held_out_curve") or []
+        if curve:
+            ax.plot([e["step"] for e in curve], [e["topic_loss"] for e in curve], alpha=0.7, label=f"{key}, topic")
+            ax.plot([e["step"] for e in curve], [e["general_loss"] for e in curve], ls="--", alpha=0.7,
+                    label=f"{key}, general")
+    ax.set_xlabel("pre-training step")
+    ax.set_yscale("log")
+    ax.set_ylabel("held-out loss (32 stories, nats/token, log)")
+    ax.set_title("learning curves before ablation", fontsize=9)
+    ax.legend(fontsize=5)
     savefig(fig, out / "loss_increase.png")
 
 
@@ -306,7 +462,8 @@ def report(out: Path) -> dict:
     m = read_json(Path(out) / "metrics.json")
     claims = m["claims"]
     verdict, checks = claim_summary(claims, "holds", "checks hold")
-    cfg = m["config"]
+    cfg, n = m["config"], len(m["seeds"])
+    notes = "; ".join(f"{'holds' if c['holds'] else 'fails'}: {name}: {c['intervals']}" for name, c in claims.items())
     return {
         "title": "Token-routed unlearning with absorption (paper section 5, 'virology')",
         "claim": "Routing a few topic tokens to MLP units of the early blocks and ablating those units raises the "
@@ -315,11 +472,13 @@ def report(out: Path) -> dict:
         "paper": "0.7B model, 20 virology tokens to units 0-79 of blocks 0-7: after ablation, 32 fine-tuning and "
                  "20 retraining steps on 2 documents: topic +0.182, topic without routed tokens +0.171, general +0.032.",
         "verdict": verdict,
-        "detail": (f"{checks}. Profile {m['profile']}: "
+        "detail": (f"{checks}. Each check ({notes}). n={n} seeds {m['seeds']}; profile {m['profile']}: "
                    f"{cfg['train']['steps']} steps of {cfg['batch_size']} stories, model {cfg['model']}, "
-                   f"{len(m['routed_tokens'])} routed tokens to units 0-{cfg['route']['units'] - 1} of blocks "
-                   f"0-{cfg['route']['blocks'] - 1}; increases are ablated minus intact after the same fine-tune "
-                   f"and attack, mean over {cfg['attack']['repeats']} attack draws."),
+                   f"{len(m['routed_tokens'])} routed {cfg['route']['tokens']} tokens "
+                   f"({', '.join(repr(t['token']) for t in m['routed_tokens'])}) to units "
+                   f"0-{cfg['route']['units'] - 1} of blocks 0-{cfg['route']['blocks'] - 1}; increases are ablated "
+                   f"minus intact after the same fine-tune and attack, mean over {cfg['attack']['repeats']} attack "
+                   f"draws per seed; cells: mean [95% interval] (n)."),
         "table": {"header": HEADER, "rows": _rows(m)},
         "figures": [f for f in ("loss_increase.png",) if (Path(out) / f).exists()],
     }

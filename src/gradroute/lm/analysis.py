@@ -65,18 +65,21 @@ def prepare_corpus(n_train: int, n_eval: int, n_attack: int, vocab_size: int, n_
 
 def train_lm(spec: dict, data: Stories, cfg: TrainConfig, batch_size: int, seed: int,
              loss_fn: Callable = lm_loss, device: str = "cpu", model: nn.Module | None = None,
-             desc: str | None = None) -> tuple[nn.Module, dict]:
+             desc: str | None = None, eval_fn: Callable | None = None, eval_every: int = 0) -> tuple[nn.Module, dict]:
     """Build the model of ``spec`` (``methods.make_model``: our GPT or HF GPT-2) unless given,
-    and train it with THE shared loop on ``data`` in the seeded batch order."""
+    and train it with THE shared loop on ``data`` in the seeded batch order (``eval_fn(model) ->
+    {name: value}`` every ``eval_every`` steps and at both ends: the learning curve)."""
     from .methods import make_model
 
     model = make_model(spec, seed) if model is None else model
     model.to(device)
+    cfg = copy.copy(cfg)
     if desc is not None:
-        cfg = copy.copy(cfg)
         cfg.desc = desc
+    if eval_every:
+        cfg.eval_every = eval_every
     log = train(model, BatchOrder(data, min(batch_size, len(data)), seed), cfg, loss_fn=loss_fn,
-                distributed=False, device=device)
+                eval_fn=eval_fn, distributed=False, device=device)
     return model, log
 
 
@@ -130,3 +133,71 @@ def token_counts(data: Stories, vocab_size: int, rows: torch.Tensor | None = Non
     """How often each token id is a target in ``data`` (only the rows in the bool mask ``rows``)."""
     y = data.y if rows is None else data.y[rows]
     return torch.bincount(y[y != IGNORE], minlength=vocab_size)
+
+
+# ------------------------------------------------------------------------------------------
+# whole-word tokens
+# ------------------------------------------------------------------------------------------
+WORD_TOKEN = r" ?[A-Za-z]+"   # what a word token looks like: letters, at most one leading space
+
+
+def whole_word_rates(data: Stories, tok) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token id: ``(occurrences, whole-word rate)``, counted over every target position of
+    ``data``. An occurrence is a *whole word* when it both
+
+    - starts a word: the token's text begins with a space, or the previous token's text ends in
+      a non-letter (punctuation, a space, ``<|endoftext|>``), and
+    - ends a word: the next target is padding or a token whose text begins with a non-letter
+      (so the word is not continued by a following fragment).
+
+    The rate is whole-word occurrences / occurrences (0 for unseen tokens). The first token of a
+    row is never a target, and a row cut at the context length ends with ``<|endoftext|>``, which
+    counts as a word end (at most one occurrence per cut row). ``tok`` needs
+    ``vocab_size`` and ``decode([id])``."""
+    V = tok.vocab_size
+    text = [tok.decode([i]) for i in range(V)]
+    begins_space = torch.tensor([t[:1] == " " for t in text])
+    ends_nonletter = torch.tensor([not (t[-1:].isalpha()) for t in text])
+    begins_nonletter = torch.tensor([not (t[:1].isalpha()) for t in text])
+    y, x = data.y, data.x
+    valid = y != IGNORE
+    nxt = torch.full_like(y, IGNORE)
+    nxt[:, :-1] = y[:, 1:]
+    yv = y.clamp_min(0)
+    start = begins_space[yv] | ends_nonletter[x]
+    end = (nxt == IGNORE) | begins_nonletter[nxt.clamp_min(0)]
+    whole = valid & start & end
+    count = torch.bincount(y[valid], minlength=V)
+    good = torch.bincount(y[whole], minlength=V)
+    return count, good.double() / count.clamp_min(1).double()
+
+
+def whole_word_ids(data: Stories, tok, min_rate: float = 0.9) -> torch.Tensor:
+    """Bool mask over the vocabulary: tokens that look like a word (letters, optional leading
+    space: :data:`WORD_TOKEN`) and are a whole word (:func:`whole_word_rates`) in at least
+    ``min_rate`` of their occurrences in ``data``. Fragments such as ``' th'`` (of " through")
+    or ``'rough'`` fail the rate; punctuation fails the look."""
+    import re
+
+    if not 0.0 < min_rate <= 1.0:
+        raise ValueError(f"min_rate must be in (0, 1], got {min_rate}")
+    count, rate = whole_word_rates(data, tok)
+    looks = torch.tensor([re.fullmatch(WORD_TOKEN, tok.decode([i])) is not None for i in range(tok.vocab_size)])
+    return looks & (count > 0) & (rate >= min_rate)
+
+
+def fmt_ci(ci: dict, digits: int = 3, signed: bool = False) -> str:
+    """``mean [lo, hi] (n=k)`` from :func:`gradroute.utils.mean_ci`; with one value ``mean (n=1)``,
+    no interval."""
+    f = (lambda v: f"{v:+.{digits}f}") if signed else (lambda v: f"{v:.{digits}f}")
+    if ci["n"] == 1:
+        return f"{f(ci['mean'])} (n=1)"
+    return f"{f(ci['mean'])} [{f(ci['lo'])}, {f(ci['hi'])}] (n={ci['n']})"
+
+
+def intervals_separate(a: dict, b: dict) -> bool | None:
+    """Whether two :func:`gradroute.utils.mean_ci` intervals do not overlap (None with n=1:
+    there is no interval to compare)."""
+    if a["n"] < 2 or b["n"] < 2:
+        return None
+    return a["lo"] > b["hi"] or b["lo"] > a["hi"]
