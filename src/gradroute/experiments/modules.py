@@ -702,8 +702,16 @@ def _get(summary, method, config, set_name, key="loss"):
     return summary["table"].get(method, {}).get(config, {}).get(set_name, {}).get(key, {}).get("mean")
 
 
+def _seeds_of(summary, method, config, set_name) -> dict:
+    return summary["table"].get(method, {}).get(config, {}).get(set_name, {}).get("loss_by_seed", {})
+
+
+def _separate(a: dict, b: dict) -> bool:
+    return a["n"] > 1 and b["n"] > 1 and (a["hi"] < b["lo"] or b["hi"] < a["lo"])
+
+
 def check_claims(summary: dict) -> dict:
-    """The issue's "what it must show", on seed means."""
+    """The issue's "what it must show", on seed means (with 95% intervals over seeds)."""
     claims = {}
     T = summary["table"]
     if "modular" not in T:
@@ -720,7 +728,15 @@ def check_claims(summary: dict) -> dict:
         off_l, filt_l = _get(summary, "modular", c, t), _get(summary, f"filter_{t}", "all", t)
         others = {n: _get(summary, "modular", c, n) - _get(summary, "modular", everything, n)
                   for n in SETS if n != t}
-        single[t] = {"cr_off": off_cr, "cr_filter": filt_cr, "loss_off": off_l, "loss_filter": filt_l,
+        by_seed = {n: _seeds_of(summary, "modular", c, n) for n in SETS}
+        ref = {n: _seeds_of(summary, "modular", everything, n) for n in SETS}
+        worst = [max(abs(by_seed[n][sd] - ref[n][sd]) for n in SETS if n != t) for sd in by_seed[t]]
+        off_ci = _ci(list(by_seed[t].values()))
+        filt_ci = _ci(list(_seeds_of(summary, f"filter_{t}", "all", t).values()))
+        single[t] = {"loss_off_ci": off_ci, "loss_filter_ci": filt_ci, "off_vs_filter_separate": _separate(off_ci, filt_ci),
+                     "max_change_elsewhere_ci": _ci(worst),
+                     "max_change_elsewhere_below_0.05_ci": _ci(worst)["hi"] < 0.05 if len(worst) > 1 else None,
+                     "cr_off": off_cr, "cr_filter": filt_cr, "loss_off": off_l, "loss_filter": filt_l,
                      "loss_within_10pct": abs(off_l - filt_l) <= 0.1 * filt_l,
                      "cr_within_0.1": abs(off_cr - filt_cr) <= 0.1,
                      "others_change": others, "others_below_0.05": all(abs(v) < 0.05 for v in others.values())}
@@ -745,8 +761,12 @@ def check_claims(summary: dict) -> dict:
                                    for v in per.values()), "by_config": per}
     # 3. partial labels: removal at least as strong as filtering of the labelled data only
     if "modular_partial" in T and "filter_partial" in T:
-        by = {t: {"modular_partial_off": _get(summary, "modular_partial", "none", t),
-                  "filter_partial": _get(summary, "filter_partial", "all", t)} for t in TOPIC_NAMES}
+        by = {}
+        for t in TOPIC_NAMES:
+            a = _ci(list(_seeds_of(summary, "modular_partial", "none", t).values()))
+            b = _ci(list(_seeds_of(summary, "filter_partial", "all", t).values()))
+            by[t] = {"modular_partial_off": a["mean"], "filter_partial": b["mean"], "modular_partial_off_ci": a,
+                     "filter_partial_ci": b, "intervals_separate": _separate(a, b)}
         claims["50% unlabelled: modules off remove at least as much as filtering the labelled data"] = {
             "holds": all(v["modular_partial_off"] >= v["filter_partial"] for v in by.values()), "by_topic": by}
     # 4. elicitation: modules' recovered CR within 0.1 of filtering's
