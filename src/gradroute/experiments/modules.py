@@ -644,9 +644,9 @@ def run(args: argparse.Namespace) -> dict:
                "attacks": {str(s): {k: v for k, v in r.items() if k != "config"} for s, r in attacks.items()},
                "wall_time_s": time.time() - t0}
     write_json(out / "metrics.json", metrics)
-    (out / "summary.md").write_text(summary_md(summary, claims))
+    (out / "summary.md").write_text(summary_md(summary, claims, selection))
     make_figures(out, summary, results)
-    print(summary_md(summary, claims))
+    print(summary_md(summary, claims, selection))
     print(f"wrote {out / 'metrics.json'} ({metrics['wall_time_s']:.0f} s)")
     return metrics
 
@@ -808,9 +808,18 @@ def main_table(summary: dict) -> tuple[list, list]:
     return ["model / profile", *[f"{n} loss / CR" for n in SETS]], rows
 
 
-def summary_md(summary: dict, claims: dict) -> str:
+def summary_md(summary: dict, claims: dict, selection: dict | None = None) -> str:
     h, rows = main_table(summary)
-    text = ["### Held-out loss (nats/token) / compute ratio, seed means\n", markdown_table(h, rows)]
+    text = []
+    if selection:
+        text.append(f"Module schedule {selection['schedule']}: candidate {selection['chosen']} of "
+                    f"{len(selection['candidates'])}, chosen on the validation split (seeds {selection['seeds']}): "
+                    f"{selection['rule']}.\n")
+        text.append(markdown_table(
+            ["candidate", "removal: min off/filter", "removal ok", "interference (nats)", "own module only: topic"],
+            [[str(selection["candidates"][r["candidate"]]), f"{r['removal_ratio_min']:.2f}", str(r["removal_ok"]),
+              f"{r['interference']:.3f}", f"{r['own_on_topic_loss']:.2f}"] for r in selection["rows"]]) + "\n")
+    text += ["### Held-out loss (nats/token) / compute ratio, seed means\n", markdown_table(h, rows)]
     if "attack" in summary:
         t = summary["attack_topic"]
         arows = [[n, _fmt(a["before"]), _fmt(a["after"]), _fmt(a["cr_before"], 2), _fmt(a["cr_after"], 2),
