@@ -8,7 +8,10 @@ seed on the same data and batch order:
 - ``modular``: one auxiliary MLP per topic in every block (width ``module_width`` of the MLP),
   labelled topic stories run core + their module and train only the module (core frozen with
   probability ``p_cr``), general stories train the core (one random module on with probability
-  ``p_as``); isolation under AdamW as in :mod:`gradroute.modules`;
+  ``p_as``; or each module independently: ``spread``); isolation under AdamW as in
+  :mod:`gradroute.modules`. The schedule (``p_cr``, ``p_as``, ``spread``) is chosen first among
+  :data:`SELECT` candidates on the validation split of separate selection seeds
+  (:func:`run_selection`, rule :data:`SELECT_RULE`) unless given explicitly;
 - ``filter_<topic>`` and ``filter_all``: drop that topic's (all topics') stories, from scratch;
 - ``modular_partial`` / ``filter_partial``: half of all stories unlabelled (a seeded subset):
   unlabelled stories run and train everything; filtering drops only the *labelled* topic stories;
