@@ -520,3 +520,67 @@ def test_spread_each_switches_modules_independently():
     assert on.max() >= 3 and 1.6 < on.mean() < 2.4 and torch.equal(learn[:, 1:], fwd[:, 1:].bool())
     with pytest.raises(ValueError, match="spread"):
         mods.masks(torch.tensor([GENERAL]), spread="some")
+
+
+def test_select_schedule_rule():
+    from gradroute.experiments.modules import SETS, TOPIC_NAMES, config_name, select_schedule
+
+    def cand(off_topic, elsewhere):
+        """val losses: all on 1.0 everywhere; with one module off its topic at off_topic, others moved."""
+        res = {}
+        for on in [tuple(TOPIC_NAMES)] + [tuple(x for x in TOPIC_NAMES if x != t) for t in TOPIC_NAMES] + \
+                [(t,) for t in TOPIC_NAMES]:
+            row = {n: 1.0 for n in SETS}
+            for t in TOPIC_NAMES:
+                if t not in on and len(on) == len(TOPIC_NAMES) - 1:
+                    row = {n: (off_topic if n == t else 1.0 + elsewhere) for n in SETS}
+            res[config_name(on)] = row
+        return res
+    filt = {t: 4.0 for t in TOPIC_NAMES}
+    # candidate 0: weak removal but no interference; 1: removal ok, interference 0.3; 2: removal ok, 0.1
+    out = select_schedule([cand(2.0, 0.0), cand(3.8, 0.3), cand(3.7, -0.1)], filt, removal=0.9)
+    assert out["chosen"] == 2 and out["any_removal_ok"]
+    assert [r["removal_ok"] for r in out["rows"]] == [False, True, True]
+    assert out["rows"][1]["interference"] == pytest.approx(0.3)
+    # none removes enough: the strongest removal is taken
+    out = select_schedule([cand(2.0, 0.0), cand(3.0, 0.5)], filt, removal=0.9)
+    assert out["chosen"] == 1 and not out["any_removal_ok"]
+
+
+def test_experiment_selects_schedule_on_validation(tmp_path, monkeypatch):
+    import argparse
+
+    from gradroute.experiments import modules as E
+
+    sel = dict(seeds=[7], removal=0.9, candidates=[dict(p_cr=1.0, p_as=0.5, spread="one"),
+                                                   dict(p_cr=0.7, p_as=0.5, spread="each")])
+    tiny = dict(
+        corpus=dict(n_train=400, topic_fraction=0.1, n_eval=6, n_val=6, n_attack=6, n_general_eval=6),
+        vocab_size=300, model=dict(n_ctx=48, n_layer=1, n_head=2, d_model=16, d_mlp=32),
+        train=dict(steps=6, lr=3e-3, warmup=1), batch_size=8, curve_points=3,
+        modules=dict(width=0.1, p_cr=0.5, p_as=0.1, spread="one", select=sel), unlabelled_fraction=0.5,
+        attack=dict(topic="sea", rounds=2, patience=2, lr_factor=0.25),
+        ascent=dict(steps=2, lr_factor=0.1, eval_every=1, max_general_increase=0.05), seeds=1)
+    monkeypatch.setitem(E.PROFILES, "quick", tiny)
+    monkeypatch.setenv("GRADROUTE_CACHE", str(tmp_path / "cache"))
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out")
+    parser.add_argument("--device", default="cpu")
+    E.add_arguments(parser)
+    args = parser.parse_args(["--out", str(tmp_path / "o"), "--workers", "1", "--methods", "base", "modular",
+                              "--no-attack"])
+    m = E.run(args)
+    s = m["selection"]
+    assert s["seeds"] == [7] and len(s["rows"]) == 2 and s["schedule"] == sel["candidates"][s["chosen"]]
+    # the headline runs use the chosen schedule, and the selection runs are separate (val split, seed 7)
+    assert {k: m["config"]["modules"][k] for k in ("p_cr", "p_as", "spread")} == s["schedule"]
+    assert (tmp_path / "o" / "select" / "c1" / "runs" / "modular_s7.json").exists()
+    assert "val_configs" in m["runs"]["modular_s0"] and set(m["seeds"]) == {0}
+    # an explicit schedule skips selection; a selection seed that is also an evaluation seed is refused
+    args2 = parser.parse_args(["--out", str(tmp_path / "o2"), "--workers", "1", "--methods", "modular",
+                               "--no-attack", "--p-cr", "1.0", "--seeds", "0"])
+    assert E.run(args2)["selection"] is None
+    args3 = parser.parse_args(["--out", str(tmp_path / "o3"), "--workers", "1", "--methods", "modular",
+                               "--no-attack", "--seeds", "7"])
+    with pytest.raises(ValueError, match="evaluation seeds"):
+        E.run(args3)

@@ -8,7 +8,10 @@ seed on the same data and batch order:
 - ``modular``: one auxiliary MLP per topic in every block (width ``module_width`` of the MLP),
   labelled topic stories run core + their module and train only the module (core frozen with
   probability ``p_cr``), general stories train the core (one random module on with probability
-  ``p_as``); isolation under AdamW as in :mod:`gradroute.modules`;
+  ``p_as``; or each module independently: ``spread``); isolation under AdamW as in
+  :mod:`gradroute.modules`. The schedule (``p_cr``, ``p_as``, ``spread``) is chosen first among
+  :data:`SELECT` candidates on the validation split of separate selection seeds
+  (:func:`run_selection`, rule :data:`SELECT_RULE`) unless given explicitly;
 - ``filter_<topic>`` and ``filter_all``: drop that topic's (all topics') stories, from scratch;
 - ``modular_partial`` / ``filter_partial``: half of all stories unlabelled (a seeded subset):
   unlabelled stories run and train everything; filtering drops only the *labelled* topic stories;
@@ -61,6 +64,23 @@ DESCRIPTION = ("Module routing (GRAM): one auxiliary MLP per story topic, 16 acc
                "compute ratio.")
 
 MLP_PATTERN = "transformer.h.*.mlp"
+# The module schedule is chosen per profile among these few candidates, before the headline runs,
+# on the validation split (``<set>_val``; never the evaluation split) of selection seeds that are
+# not evaluation seeds. Candidates (our p_cr = probability the core is frozen on a labelled topic
+# story = 1 - the official ``aux_route_prc``; our p_as = probability a general story runs and
+# trains core + one module = the official ``robust_prc``): the official SimpleStories GRAM values
+# (aux_route_prc 0.3, robust_prc 0.5), the official partial-label setting's core freeze
+# (aux_route_prc 0), each with the official "one module" spread and our "each module" spread.
+# Rule (see select_schedule): keep candidates whose removal is within 10% of filtering for every
+# topic (val loss with only that module off >= 0.9 x the topic-filtered model's val loss), and
+# among them take the smallest interference (largest |change| of another topic's or general val
+# loss when one module is switched off, against all on); if none qualifies, the strongest removal.
+SELECT = dict(seeds=[100], removal=0.9, candidates=[
+    dict(p_cr=0.7, p_as=0.5, spread="one"),
+    dict(p_cr=0.7, p_as=0.5, spread="each"),
+    dict(p_cr=1.0, p_as=0.5, spread="one"),
+    dict(p_cr=1.0, p_as=0.5, spread="each"),
+])
 PROFILES = {
     # the whole sweep (3 seeds) in about 15 min on 2 CPU cores
     "quick": dict(
@@ -68,7 +88,7 @@ PROFILES = {
         vocab_size=1024,
         model=dict(n_ctx=96, n_layer=2, n_head=4, d_model=64, d_mlp=256),
         train=dict(steps=200, lr=3e-3, warmup=10), batch_size=24, curve_points=16,
-        modules=dict(width=0.1, p_cr=1.0, p_as=0.25), unlabelled_fraction=0.5,
+        modules=dict(width=0.1, p_cr=0.7, p_as=0.5, spread="one", select=SELECT), unlabelled_fraction=0.5,
         attack=dict(topic="forest", rounds=40, patience=5, lr_factor=0.25),
         ascent=dict(steps=30, lr_factor=0.1, eval_every=3, max_general_increase=0.05),
         seeds=3),
@@ -78,7 +98,7 @@ PROFILES = {
         vocab_size=4096,
         model=dict(n_ctx=256, n_layer=8, n_head=8, d_model=512, d_mlp=2048),
         train=dict(steps=5000, lr=5e-4, warmup=100), batch_size=64, curve_points=30,
-        modules=dict(width=0.1, p_cr=1.0, p_as=0.25), unlabelled_fraction=0.5,
+        modules=dict(width=0.1, p_cr=0.7, p_as=0.5, spread="one", select=SELECT), unlabelled_fraction=0.5,
         attack=dict(topic="forest", rounds=200, patience=10, lr_factor=0.25),
         ascent=dict(steps=300, lr_factor=0.1, eval_every=10, max_general_increase=0.05),
         seeds=3),
@@ -216,8 +236,9 @@ def config_name(on: tuple) -> str:
     return "+".join(on) if on else "none"
 
 
-def evaluate_configs(model, mods, sets: dict, demix: bool = False) -> dict:
-    """Held-out loss of every set under every on/off configuration."""
+def evaluate_configs(model, mods, sets: dict, demix: bool = False, suffix: str = "") -> dict:
+    """Held-out loss of every set under every on/off configuration (``suffix="_val"``: on the
+    validation split; rows are keyed by the set name without the suffix)."""
     res = {}
     for on in mods.configurations():
         row = {}
@@ -227,7 +248,7 @@ def evaluate_configs(model, mods, sets: dict, demix: bool = False) -> dict:
             else:
                 ctx = mods.using(on=list(on))
             with ctx:
-                row[n] = mean_loss(model, sets[n])
+                row[n] = mean_loss(model, sets[n + suffix])
         res[config_name(on)] = row
     return res
 
@@ -277,10 +298,12 @@ def run_train(method: str, seed: int, cfg: dict, out: Path, device: str = "cpu")
     model.eval()
     if mods is not None:
         result["configs"] = evaluate_configs(model, mods, sets, demix=method == "demix")
+        result["val_configs"] = evaluate_configs(model, mods, sets, demix=method == "demix", suffix="_val")
         result["module_params"] = mods.num_params()
         result["core_params"] = sum(p.numel() for p in mods.core_params())
     else:
         result["losses"] = eval_sets(model, sets)
+        result["val_losses"] = {n: mean_loss(model, sets[f"{n}_val"]) for n in SETS}
     result["params"] = sum(p.numel() for p in model.parameters())
     result["wall_s"] = time.time() - t0
     _model_path(out, method, seed).parent.mkdir(parents=True, exist_ok=True)
@@ -456,6 +479,83 @@ def base_fits(base_run: dict, warmup: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------
+# schedule selection on the validation split
+# ------------------------------------------------------------------------------------------
+SELECT_RULE = ("on the validation split of the selection seeds (seed means): keep the candidates whose "
+               "val loss of each topic with only its module off is >= removal x the topic-filtered "
+               "model's val loss on it; among them the smallest interference (max over topics t and "
+               "sets n != t of |L_n(all but t on) - L_n(all on)|); if none qualifies, the largest "
+               "min over topics of (loss with its module off) / (filtered loss)")
+
+
+def select_schedule(cand_val: list, filter_val: dict, removal: float) -> dict:
+    """Apply :data:`SELECT_RULE`. ``cand_val[i]``: ``{config name: {set: val loss}}`` of candidate
+    ``i``; ``filter_val[t]``: the ``filter_<t>`` model's val loss on topic ``t``."""
+    everything = config_name(tuple(TOPIC_NAMES))
+    rows = []
+    for i, cv in enumerate(cand_val):
+        inter, ratio, by = 0.0, math.inf, {}
+        for t in TOPIC_NAMES:
+            c = config_name(tuple(x for x in TOPIC_NAMES if x != t))
+            change = max(abs(cv[c][n] - cv[everything][n]) for n in SETS if n != t)
+            r = cv[c][t] / filter_val[t]
+            by[t] = {"off_loss": cv[c][t], "filter_loss": filter_val[t], "ratio": r, "max_change_elsewhere": change}
+            inter, ratio = max(inter, change), min(ratio, r)
+        rows.append({"candidate": i, "interference": inter, "removal_ratio_min": ratio,
+                     "removal_ok": ratio >= removal, "own_on_topic_loss": float(np.mean(
+                         [cv[config_name((t,))][t] for t in TOPIC_NAMES])),
+                     "all_on_general": cv[everything]["general"], "by_topic": by})
+    ok = [r for r in rows if r["removal_ok"]]
+    best = min(ok, key=lambda r: r["interference"]) if ok else max(rows, key=lambda r: r["removal_ratio_min"])
+    return {"chosen": best["candidate"], "any_removal_ok": bool(ok), "rows": rows}
+
+
+def _mean_configs(runs: list) -> dict:
+    return {c: {n: float(np.mean([r["val_configs"][c][n] for r in runs])) for n in SETS} for c in runs[0]["val_configs"]}
+
+
+def run_selection(cfg: dict, out: Path, device: str, workers: int, eval_seeds=()) -> dict:
+    """Train the candidates and the single-topic filters on the selection seeds, pick the
+    schedule by :data:`SELECT_RULE` on the validation split; resumable (``out/select``)."""
+    sel = cfg["modules"]["select"]
+    cands = sel["candidates"]
+    if not cands or len(cands) > 6:
+        raise ValueError(f"modules.select.candidates: need 1 to 6 schedules, got {len(cands)}")
+    overlap = set(sel["seeds"]) & (set(range(cfg["seeds"])) | set(eval_seeds))
+    if overlap:
+        raise ValueError(f"modules.select.seeds {sorted(overlap)} are evaluation seeds; use other seeds")
+    root = out / "select"
+    jobs, where = [], {}
+    for s in sel["seeds"]:
+        for t in TOPIC_NAMES:
+            jobs.append((f"filter_{t}", s, "filters"))
+        for i in range(len(cands)):
+            jobs.append(("modular", s, f"c{i}"))
+
+    def cand_cfg(tag):
+        c = copy.deepcopy(cfg)
+        if tag.startswith("c"):
+            c["modules"].update(cands[int(tag[1:])])
+        return c
+    results = {}
+    for tag in dict.fromkeys(j[2] for j in jobs):
+        c = cand_cfg(tag)
+        keys = [(m, s) for m, s, tg in jobs if tg == tag]
+        done, todo = split_finished(keys, lambda m, s: _run_path(root / tag, m, s), train_config(c), verbose=False)
+        done.update(run_jobs(todo, functools.partial(run_train, cfg=c, out=root / tag, device=device), workers,
+                             desc=f"select {tag}"))
+        for (m, s), r in done.items():
+            results[(m, s, tag)] = r
+    filter_val = {t: float(np.mean([results[(f"filter_{t}", s, "filters")]["val_losses"][t] for s in sel["seeds"]]))
+                  for t in TOPIC_NAMES}
+    cand_val = [_mean_configs([results[("modular", s, f"c{i}")] for s in sel["seeds"]]) for i in range(len(cands))]
+    choice = select_schedule(cand_val, filter_val, sel["removal"])
+    choice.update(rule=SELECT_RULE, seeds=sel["seeds"], removal=sel["removal"], candidates=cands,
+                  schedule=cands[choice["chosen"]])
+    return choice
+
+
+# ------------------------------------------------------------------------------------------
 # CLI
 # ------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -468,6 +568,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--p-as", type=float, default=None, help="probability of one module on during general stories")
     parser.add_argument("--spread", choices=["one", "each"], default=None,
                         help="general stories: one random module on with probability p_as (default), or each")
+    parser.add_argument("--no-select", action="store_true",
+                        help="use the profile's schedule (or --p-cr/--p-as/--spread) without selecting one on "
+                             "the validation split")
     parser.add_argument("--attack-rounds", type=int, default=None, help="elicitation rounds (override the profile)")
     parser.add_argument("--attack-patience", type=int, default=None, help="elicitation patience (override the profile)")
     parser.add_argument("--no-attack", action="store_true", help="skip gradient ascent and the elicitation attack")
@@ -496,8 +599,10 @@ def build_config(args: argparse.Namespace) -> dict:
             if v < 1:
                 raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
             cfg["attack"][key] = v
-    if args.spread is not None and args.spread != "one":
+    if args.spread is not None:
         cfg["modules"]["spread"] = args.spread
+    if getattr(args, "no_select", False) or any(getattr(args, f) is not None for f in ("p_cr", "p_as", "spread")):
+        cfg["modules"].pop("select", None)     # an explicit schedule: no selection
     return cfg
 
 
@@ -514,9 +619,15 @@ def run(args: argparse.Namespace) -> dict:
         methods = list(dict.fromkeys([*methods, "modular", f"filter_{cfg['attack']['topic']}"]))
     _, data, labels, _, counts = _prepare(_cfg_key(cfg))
     print(f"corpus: {len(labels)} training stories; per topic {counts}")
+    workers = 1 if device != "cpu" else max(1, args.workers)
+    selection = None
+    if cfg["modules"].get("select") and any(m in methods for m in ("modular", "modular_partial")):
+        selection = run_selection(cfg, out, device, workers, seeds)
+        cfg["modules"].update(selection["schedule"])
+        print(f"module schedule chosen on the validation split: {selection['schedule']} "
+              f"(candidate {selection['chosen']} of {len(selection['candidates'])})")
     jobs = [(m, s) for s in seeds for m in methods]
     results, todo = split_finished(jobs, lambda *k: _run_path(out, *k), train_config(cfg))
-    workers = 1 if device != "cpu" else max(1, args.workers)
     results.update(run_jobs(todo, functools.partial(run_train, cfg=cfg, out=out, device=device), workers,
                             desc="modules runs"))
     attacks = {}
@@ -531,14 +642,14 @@ def run(args: argparse.Namespace) -> dict:
     summary = summarize(results, attacks, seeds, cfg)
     claims = check_claims(summary)
     metrics = {"experiment": "modules", "profile": cfg["profile"], "config": cfg, "seeds": seeds,
-               "methods": methods, "corpus": counts, "summary": summary, "claims": claims,
+               "methods": methods, "corpus": counts, "selection": selection, "summary": summary, "claims": claims,
                "runs": {f"{m}_s{s}": {k: v for k, v in r.items() if k != "config"} for (m, s), r in results.items()},
                "attacks": {str(s): {k: v for k, v in r.items() if k != "config"} for s, r in attacks.items()},
                "wall_time_s": time.time() - t0}
     write_json(out / "metrics.json", metrics)
-    (out / "summary.md").write_text(summary_md(summary, claims))
+    (out / "summary.md").write_text(summary_md(summary, claims, selection))
     make_figures(out, summary, results)
-    print(summary_md(summary, claims))
+    print(summary_md(summary, claims, selection))
     print(f"wrote {out / 'metrics.json'} ({metrics['wall_time_s']:.0f} s)")
     return metrics
 
@@ -594,8 +705,16 @@ def _get(summary, method, config, set_name, key="loss"):
     return summary["table"].get(method, {}).get(config, {}).get(set_name, {}).get(key, {}).get("mean")
 
 
+def _seeds_of(summary, method, config, set_name) -> dict:
+    return summary["table"].get(method, {}).get(config, {}).get(set_name, {}).get("loss_by_seed", {})
+
+
+def _separate(a: dict, b: dict) -> bool:
+    return a["n"] > 1 and b["n"] > 1 and (a["hi"] < b["lo"] or b["hi"] < a["lo"])
+
+
 def check_claims(summary: dict) -> dict:
-    """The issue's "what it must show", on seed means."""
+    """The issue's "what it must show", on seed means (with 95% intervals over seeds)."""
     claims = {}
     T = summary["table"]
     if "modular" not in T:
@@ -612,7 +731,15 @@ def check_claims(summary: dict) -> dict:
         off_l, filt_l = _get(summary, "modular", c, t), _get(summary, f"filter_{t}", "all", t)
         others = {n: _get(summary, "modular", c, n) - _get(summary, "modular", everything, n)
                   for n in SETS if n != t}
-        single[t] = {"cr_off": off_cr, "cr_filter": filt_cr, "loss_off": off_l, "loss_filter": filt_l,
+        by_seed = {n: _seeds_of(summary, "modular", c, n) for n in SETS}
+        ref = {n: _seeds_of(summary, "modular", everything, n) for n in SETS}
+        worst = [max(abs(by_seed[n][sd] - ref[n][sd]) for n in SETS if n != t) for sd in by_seed[t]]
+        off_ci = _ci(list(by_seed[t].values()))
+        filt_ci = _ci(list(_seeds_of(summary, f"filter_{t}", "all", t).values()))
+        single[t] = {"loss_off_ci": off_ci, "loss_filter_ci": filt_ci, "off_vs_filter_separate": _separate(off_ci, filt_ci),
+                     "max_change_elsewhere_ci": _ci(worst),
+                     "max_change_elsewhere_below_0.05_ci": _ci(worst)["hi"] < 0.05 if len(worst) > 1 else None,
+                     "cr_off": off_cr, "cr_filter": filt_cr, "loss_off": off_l, "loss_filter": filt_l,
                      "loss_within_10pct": abs(off_l - filt_l) <= 0.1 * filt_l,
                      "cr_within_0.1": abs(off_cr - filt_cr) <= 0.1,
                      "others_change": others, "others_below_0.05": all(abs(v) < 0.05 for v in others.values())}
@@ -637,8 +764,12 @@ def check_claims(summary: dict) -> dict:
                                    for v in per.values()), "by_config": per}
     # 3. partial labels: removal at least as strong as filtering of the labelled data only
     if "modular_partial" in T and "filter_partial" in T:
-        by = {t: {"modular_partial_off": _get(summary, "modular_partial", "none", t),
-                  "filter_partial": _get(summary, "filter_partial", "all", t)} for t in TOPIC_NAMES}
+        by = {}
+        for t in TOPIC_NAMES:
+            a = _ci(list(_seeds_of(summary, "modular_partial", "none", t).values()))
+            b = _ci(list(_seeds_of(summary, "filter_partial", "all", t).values()))
+            by[t] = {"modular_partial_off": a["mean"], "filter_partial": b["mean"], "modular_partial_off_ci": a,
+                     "filter_partial_ci": b, "intervals_separate": _separate(a, b)}
         claims["50% unlabelled: modules off remove at least as much as filtering the labelled data"] = {
             "holds": all(v["modular_partial_off"] >= v["filter_partial"] for v in by.values()), "by_topic": by}
     # 4. elicitation: modules' recovered CR within 0.1 of filtering's
@@ -680,9 +811,18 @@ def main_table(summary: dict) -> tuple[list, list]:
     return ["model / profile", *[f"{n} loss / CR" for n in SETS]], rows
 
 
-def summary_md(summary: dict, claims: dict) -> str:
+def summary_md(summary: dict, claims: dict, selection: dict | None = None) -> str:
     h, rows = main_table(summary)
-    text = ["### Held-out loss (nats/token) / compute ratio, seed means\n", markdown_table(h, rows)]
+    text = []
+    if selection:
+        text.append(f"Module schedule {selection['schedule']}: candidate {selection['chosen']} of "
+                    f"{len(selection['candidates'])}, chosen on the validation split (seeds {selection['seeds']}): "
+                    f"{selection['rule']}.\n")
+        text.append(markdown_table(
+            ["candidate", "removal: min off/filter", "removal ok", "interference (nats)", "own module only: topic"],
+            [[str(selection["candidates"][r["candidate"]]), f"{r['removal_ratio_min']:.2f}", str(r["removal_ok"]),
+              f"{r['interference']:.3f}", f"{r['own_on_topic_loss']:.2f}"] for r in selection["rows"]]) + "\n")
+    text += ["### Held-out loss (nats/token) / compute ratio, seed means\n", markdown_table(h, rows)]
     if "attack" in summary:
         t = summary["attack_topic"]
         arows = [[n, _fmt(a["before"]), _fmt(a["after"]), _fmt(a["cr_before"], 2), _fmt(a["cr_after"], 2),
@@ -748,7 +888,10 @@ def report(out: Path) -> dict:
         "verdict": verdict,
         "detail": (f"{checks}. Profile {m['profile']}: {cfg['train']['steps']} steps of {cfg['batch_size']} stories, "
                    f"model {cfg['model']}, modules width {cfg['modules']['width']} of the MLP, p_cr "
-                   f"{cfg['modules']['p_cr']}, p_as {cfg['modules']['p_as']}, {len(m['seeds'])} seeds. "
+                   f"{cfg['modules']['p_cr']}, p_as {cfg['modules']['p_as']}, spread "
+                   f"{cfg['modules'].get('spread', 'one')}"
+                   + (" (chosen on the validation split among " f"{len(m['selection']['candidates'])} candidates)"
+                      if m.get("selection") else "") + f", {len(m['seeds'])} seeds. "
                    "Cells: held-out loss (nats/token) / compute ratio, seed means."),
         "table": {"header": h, "rows": rows},
         "figures": [f for f in ("modular_config_heatmap.png", "modular_partial_config_heatmap.png", "base_curves.png")
