@@ -47,7 +47,7 @@ PLAN: dict[str, dict[str, tuple[str, list[str]]]] = {
                                     "--attack-repeats", "1"]),
         "steering": ("quick", ["--steps", "100", "--hf-steps", "20", "--samples", "8", "--seeds", "0"]),
         "token-routing": ("quick", ["--steps", "60", "--attack-repeats", "1", "--seeds", "0"]),
-        "modules": ("quick", ["--steps", "40", "--seeds", "0"]),
+        "modules": ("quick", ["--steps", "40", "--seeds", "0", "--no-select"]),
     },
     "quick": {
         "mnist": ("quick", ["--setting", "1,8", "--threads", "1"]),
