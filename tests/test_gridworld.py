@@ -370,7 +370,11 @@ def test_report_section_from_metrics(tmp_path):
                                            "config": {"updates": 10, "num_envs": 4, "num_steps": 32}})
     sec = gw.report(tmp_path)
     assert sec["verdict"] == "reproduced"  # 0.5 beats both at 5%, and 0.5 >= 0.2 / 0.1 at 30%
-    assert sec["table"]["rows"][0][:2] == ["routing", 0.5]
+    assert sec["table"]["header"][:3] == ["method", "n seeds", "p=0.05"]
+    assert sec["table"]["rows"][0][:3] == ["routing", 1, 0.5]
+    # the re-run's per-step numbers sit only next to our per-step (headline) metric
+    assert sec["table"]["rows"][-1][0].startswith("third-party") and sec["table"]["rows"][-1][2] == 0.49
+    assert "stepwise" in sec["detail"]
     summary["routing"]["0.05"]["mean"] = -1.0
     write_json(tmp_path / "metrics.json", {"summary": summary, "claims": gw.check_claims(summary),
                                            "config": {"updates": 10, "num_envs": 4, "num_steps": 32}})

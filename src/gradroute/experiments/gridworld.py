@@ -130,21 +130,30 @@ class MoEPolicy(nn.Module):
                 self.b2.zero_()
 
     def expert_weights(self):
-        """The expert weights in the compute dtype. One cast per update is shared by every step
+        """The weights of the first layer of every expert *and* of the gate, as one
+        ``(obs_dim, experts*hidden [+ 64])`` matrix (one matmul per step for all of them), and the
+        experts' second layer, in the compute dtype. One cast per update is shared by every step
         of a rollout (the graph keeps it, so gradients reach the fp32 master weights)."""
         dt = DTYPES[self.precision]
-        return tuple(p.to(dt) for p in (self.w1, self.b1, self.w2, self.b2))
+        E, D, H = self.w1.shape
+        w1, b1 = self.w1.transpose(0, 1).reshape(D, E * H), self.b1.reshape(E * H)
+        if self.gate is not None:
+            w1 = torch.cat((w1, self.gate[0].weight.t()), 1)
+            b1 = torch.cat((b1, self.gate[0].bias))
+        return w1.to(dt), b1.to(dt), self.w2.to(dt), self.b2.to(dt)
 
     def features(self, x: torch.Tensor, weights=None, out_dtype=torch.float32):
         """Expert hidden states ``(experts, B, hidden)`` (in ``out_dtype``; None keeps the compute
         dtype) and gate logits ``(B,)`` (None with one expert) for flat observations ``(B, obs_dim)``."""
         w1, b1, w2, b2 = self.expert_weights() if weights is None else weights
-        xe = x.to(w1.dtype).unsqueeze(0).expand(self.experts, -1, -1)
-        h = torch.relu(torch.baddbmm(b1, xe, w1))
-        h = torch.relu(torch.baddbmm(b2, h, w2))
+        E, H = self.w2.shape[0], self.w2.shape[2]
+        y = torch.relu(torch.addmm(b1, x.to(w1.dtype), w1))            # (B, E*H [+ 64])
+        h = torch.relu(torch.baddbmm(b2, y[:, :E * H].view(-1, E, H).transpose(0, 1), w2))
         if out_dtype is not None:
             h = h.to(out_dtype)
-        gate_logit = self.gate(x).squeeze(-1) if self.gate is not None else None
+        gate_logit = None
+        if self.gate is not None:
+            gate_logit = self.gate[2](y[:, E * H:].float()).squeeze(-1)
         return h, gate_logit
 
     def mix(self, h: torch.Tensor, gate_logit, gate: float | None = None, route_w=None) -> torch.Tensor:
@@ -416,7 +425,7 @@ def make_policy(job: str, cfg: dict) -> MoEPolicy:
 
 def train(job: str, oversight: float, seed: int, cfg: dict, quiet: bool = True) -> dict:
     """Train one policy; return its flat result records plus a learning curve."""
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     train_seed = 100_000 * seed + round(oversight * 10_000)   # distinct per (seed, level)
     gen = set_seed(train_seed)
     steer = 1.0 if job in ("routing", "no_routing") else None    # headline policy is steered
@@ -476,7 +485,7 @@ def train(job: str, oversight: float, seed: int, cfg: dict, quiet: bool = True) 
     else:
         records = [record(job, None)]
     return {"job": job, "oversight": oversight, "seed": seed, "records": records,
-            "curve": curve, "config": cfg, "wall_s": time.time() - t0,
+            "curve": curve, "config": cfg, "wall_s": time.time() - t0, "cpu_s": time.process_time() - c0,
             "state_dict": final_state if job == "routing" else None}
 
 
@@ -562,18 +571,22 @@ def run(args: argparse.Namespace) -> dict:
 
     wanted = set(args.methods)
     runs = [r for key in jobs for r in results[key]["records"] if r["method"] in wanted]
-    summary = summarize(runs)
+    summary = summarize(runs, HEADLINE)
+    summary_ep = summarize(runs, "true_return")
     metrics = {
         "experiment": "gridworld", "profile": args.profile, "config": cfg, "seeds": seeds,
         "oversight_levels": list(args.oversight), "methods": list(args.methods),
-        "gamma": GAMMA, "runs": runs, "summary": summary, "claims": check_claims(summary),
+        "gamma": GAMMA, "runs": runs, "headline_metric": HEADLINE,
+        "summary": summary, "summary_per_episode": summary_ep, "claims": check_claims(summary),
         "wall_time_s": time.time() - t0,
         "train_wall_s_total": sum(results[k]["wall_s"] for k in jobs),
+        "train_cpu_s_total": sum(results[k].get("cpu_s", 0.0) for k in jobs),
     }
     write_json(out / "metrics.json", metrics)
-    (out / "summary.md").write_text(summary_table(summary))
+    tables = summary_table(summary, HEADLINE) + "\n" + summary_table(summary_ep, "true_return")
+    (out / "summary.md").write_text(tables)
     make_figures(out, runs, {k: results[k] for k in jobs})
-    print(summary_table(summary))
+    print(tables)
     print(f"wrote {out / 'metrics.json'} ({metrics['wall_time_s']:.0f} s)")
     return metrics
 
@@ -581,7 +594,15 @@ def run(args: argparse.Namespace) -> dict:
 # ------------------------------------------------------------------------------------------
 # reporting
 # ------------------------------------------------------------------------------------------
-def summarize(runs: list[dict], key: str = "true_return") -> dict:
+HEADLINE = "stepwise_return"
+METRIC_NAMES = {
+    "stepwise_return": "true stepwise discounted return (the paper's metric: mean return-to-go over a "
+                       "32-step window of 512 fresh envs)",
+    "true_return": "true discounted return per episode (first episode of each fresh env)",
+}
+
+
+def summarize(runs: list[dict], key: str = HEADLINE) -> dict:
     out: dict = {}
     for r in runs:
         out.setdefault(r["method"], {}).setdefault(f"{r['oversight']:g}", []).append(r[key])
@@ -590,13 +611,13 @@ def summarize(runs: list[dict], key: str = "true_return") -> dict:
 
 
 def check_claims(summary: dict) -> dict:
-    """The paper's claims, checked on means (and on 95% intervals where stated)."""
+    """The paper's claims, checked on means and on 95% intervals (headline metric)."""
     claims = {}
     r = summary.get("routing", {})
     for base in ("naive", "filtering", "naive_early_stop"):
         b = summary.get(base, {})
         for p in r:
-            if float(p) <= 0.05 and p in b:
+            if float(p) <= 0.1 and p in b:
                 claims[f"routing > {base} at p={p}"] = {
                     "holds_on_means": r[p]["mean"] > b[p]["mean"],
                     "intervals_separate": r[p]["lo"] > b[p]["hi"],
@@ -607,20 +628,23 @@ def check_claims(summary: dict) -> dict:
             if "0.3" in b:
                 claims[f"routing@5% >= {base}@30%"] = {
                     "holds_on_means": r["0.05"]["mean"] >= b["0.3"]["mean"],
+                    "intervals_separate": r["0.05"]["lo"] > b["0.3"]["hi"],
                     "routing@5%": r["0.05"]["mean"], f"{base}@30%": b["0.3"]["mean"]}
     return claims
 
 
-def summary_table(summary: dict) -> str:
+def summary_table(summary: dict, metric: str = HEADLINE) -> str:
     ps = sorted({p for d in summary.values() for p in d}, key=float)
     rows = []
     for m in [m for m in METHODS if m in summary]:
         cells = []
         for p in ps:
             c = summary[m].get(p)
-            cells.append("" if c is None else f"{c['mean']:.3f} ± {c['hi'] - c['mean']:.3f} (n={c['n']})")
+            cells.append("" if c is None else
+                         f"{c['mean']:.3f} ± {c['hi'] - c['mean']:.3f} (n={c['n']})" if c["n"] > 1
+                         else f"{c['mean']:.3f} (n=1)")
         rows.append([m, *cells])
-    return ("Mean true discounted return per episode (± 95% CI half-width, n seeds)\n\n"
+    return (f"`{metric}`: {METRIC_NAMES.get(metric, metric)}. Mean over seeds ± 95% t-interval half-width.\n\n"
             + markdown_table(["method", *[f"p={p}" for p in ps]], rows))
 
 
@@ -636,28 +660,30 @@ def make_figures(out: Path, runs: list[dict], results: dict) -> None:
         ax.fill_between(x, [summary[m][p]["lo"] for p in ps], [summary[m][p]["hi"] for p in ps], alpha=0.15)
     ax.set_xscale("log")
     ax.set_xlabel("oversight probability p")
-    ax.set_ylabel("true discounted return per episode")
+    ax.set_ylabel("true stepwise discounted return (paper's metric)")
     ax.axhline(0, color="grey", lw=0.5)
     ax.legend(fontsize=8)
     ax.set_title("Gridworld: true return vs oversight (mean, 95% CI)")
     savefig(fig, out / "return_vs_oversight.png")
 
-    # learning curves at 10% oversight (or the level closest to it)
-    levels = sorted({k[1] for k in results})
-    if levels:
-        p0 = min(levels, key=lambda p: abs(math.log(p / 0.1)))
+    # learning curves on the validation envs, one figure per oversight level (mean over seeds)
+    for p0 in sorted({k[1] for k in results}):
         fig, ax = pyplot.subplots(figsize=(7, 4.5))
-        for job in JOB_METHODS:
+        lines = [(job, "stepwise_return", job + (" (steered to diamond)" if job in ("routing", "no_routing") else ""))
+                 for job in JOB_METHODS] + [("routing", "stepwise_return_ghost", "routing (steered to ghost)")]
+        for job, key, label in lines:
             curves = [results[k]["curve"] for k in results if k[0] == job and k[1] == p0]
+            curves = [c for c in curves if c and key in c[0]]
             if not curves:
                 continue
             n = min(len(c) for c in curves)
-            x = [c["update"] for c in curves[0][:n]]
-            y = np.mean([[c["true_return"] for c in cv[:n]] for cv in curves], 0)
-            ax.plot(x, y, marker="." if n < 5 else None,
-                    label=job + (" (steered to diamond)" if job in ("routing", "no_routing") else ""))
-        ax.set_xlabel("update")
-        ax.set_ylabel("true return (validation episodes)")
+            x = [c["env_steps"] / 1e6 for c in curves[0][:n]]
+            y = np.mean([[c[key] for c in cv[:n]] for cv in curves], 0)
+            ax.plot(x, y, marker="." if n < 5 else None, ls="--" if key.endswith("ghost") else "-",
+                    label=f"{label} (n={len(curves)})")
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set_xlabel("env steps (M)")
+        ax.set_ylabel("true stepwise return, validation envs")
         ax.set_title(f"Learning curves at p={p0:g} (mean over seeds)")
         ax.legend(fontsize=8)
         savefig(fig, out / f"learning_curves_p{p0:g}.png")
@@ -707,29 +733,40 @@ def draw_episodes(policy: MoEPolicy, path: Path, title: str = "") -> None:
     savefig(fig, path)
 
 
+RERUN = {"0.05": 0.49, "0.1": 0.54, "0.3": 0.60}   # third-party re-run of the original code, per step
+
+
 def report(out: Path) -> dict:
     """This experiment's section of ``gradroute reproduce``'s report (claim, table, verdict)."""
     m = read_json(Path(out) / "metrics.json")
     summary, claims = m["summary"], m["claims"]
+    metric = m.get("headline_metric", HEADLINE)
     ps = sorted({p for d in summary.values() for p in d}, key=float)
-    rows = [[meth, *[summary[meth][p]["mean"] if p in summary[meth] else "" for p in ps]]
+
+    def cell(c):
+        return "" if c is None else (f"{c['mean']:.3f} ± {c['hi'] - c['mean']:.3f}" if c["n"] > 1 else c["mean"])
+
+    rows = [[meth, min(c["n"] for c in summary[meth].values()), *[cell(summary[meth].get(p)) for p in ps]]
             for meth in METHODS if meth in summary]
-    rows.append(["third-party re-run (paper setup)", *[{"0.05": 0.49, "0.1": 0.54, "0.3": 0.60}.get(p, "") for p in ps]])
+    if metric == "stepwise_return":      # the re-run reports the same per-step metric: like with like
+        rows.append(["third-party re-run of the original (routing)", "", *[RERUN.get(p, "") for p in ps]])
     verdict, checks = claim_summary(claims, "holds_on_means", "claim checks hold on means")
+    sep = [k for k, c in claims.items() if c.get("intervals_separate")]
     cfg = m["config"]
     steps = cfg["updates"] * cfg["num_envs"] * cfg["num_steps"]
     return {
         "title": "Scalable oversight in a gridworld (paper section 6)",
         "claim": "The routed MoE policy steered to the diamond expert beats naive training and data "
-                 "filtering at oversight p <= 5%, and at 5% matches the baselines at ~30%.",
+                 "filtering at low oversight, and at 5% matches the baselines at ~30%.",
         "paper": "Routing clearly nontrivial at 1% oversight; at 5% it matches baselines given 6x more "
-                 "oversight; a third-party re-run measured ~0.49 / 0.54 / 0.60 mean return at 5 / 10 / 30%.",
+                 "oversight; a third-party re-run measured ~0.49 / 0.54 / 0.60 (per step) at 5 / 10 / 30%.",
         "verdict": verdict,
-        "detail": (f"{checks}. "
-                   f"Trained for {steps:,} env steps per run ({cfg['updates']} updates), against the paper's "
-                   f"{20000 * 512 * 32:,}: the paper profile (`--profile paper`) was not run here. "
-                   "Table: mean true discounted return per episode over seeds."),
-        "table": {"header": ["method", *[f"p={p}" for p in ps]], "rows": rows},
-        "figures": [f for f in ("return_vs_oversight.png", "learning_curves_p0.1.png", "episodes.png")
+        "detail": (f"{checks}; 95% intervals separate for {len(sep)} of {len(claims)} ({', '.join(sep) or 'none'}). "
+                   f"Profile `{m.get('profile', '?')}`: {steps:,} env steps per run ({cfg['updates']} updates x "
+                   f"{cfg['num_envs']} envs, lr {cfg.get('lr', '?')}), against the paper's {20000 * 512 * 32:,}. "
+                   f"Table: {METRIC_NAMES.get(metric, metric)}; mean ± 95% t-interval half-width over n seeds. "
+                   "Per-episode returns are in summary.md."),
+        "table": {"header": ["method", "n seeds", *[f"p={p}" for p in ps]], "rows": rows},
+        "figures": [f for f in ["return_vs_oversight.png", *[f"learning_curves_p{p}.png" for p in ps], "episodes.png"]
                     if (Path(out) / f).exists()],
     }
