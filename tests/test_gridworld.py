@@ -340,7 +340,7 @@ def test_cli_end_to_end_and_resume(tmp_path, capsys):
     out = tmp_path / "gw"
     flags = ["run", "gridworld", "--out", str(out), "--oversight", "0.1", "--seeds", "0",
              "--updates", "2", "--num-envs", "8", "--val-episodes", "16", "--test-episodes", "32",
-             "--eval-every", "1", "--workers", "1"]
+             "--eval-every", "1", "--workers", "1", "--methods", *gw.METHODS]
     assert main(flags) == 0
     m = read_json(out / "metrics.json")
     methods = {r["method"] for r in m["runs"]}
@@ -350,6 +350,7 @@ def test_cli_end_to_end_and_resume(tmp_path, capsys):
                   "ghost_rate_when_closer_unobserved", "train_seed"):
             assert k in r
         assert r["oversight"] == 0.1 and r["seed"] == 0
+    assert m["headline_metric"] == "stepwise_return" and "summary_per_episode" in m
     for f in ("return_vs_oversight.png", "learning_curves_p0.1.png", "episodes.png", "summary.md"):
         assert (out / f).exists()
     before = {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir()}

@@ -44,7 +44,6 @@ DESCRIPTION = ("Scalable oversight in a 5x5 gridworld: gradient-routed two-exper
                "naive, data-filtering, oracle, no-routing and early-stopped naive baselines.")
 
 OVERSIGHT_LEVELS = [0.003, 0.01, 0.025, 0.05, 0.1, 0.3]
-CPU_OVERSIGHT_LEVELS = [0.05, 0.1, 0.3]
 # record names in metrics.json -> the training job that produces them
 METHOD_JOB = {"routing": "routing", "routing_ghost": "routing", "no_routing": "no_routing",
               "naive": "naive", "naive_early_stop": "naive", "filtering": "filtering",
@@ -67,6 +66,10 @@ PROFILES = {
     "quick": dict(updates=1_000, num_envs=128, num_steps=32, lr=3e-4, seeds=2,
                   eval_every=100, val_episodes=512, test_episodes=2048, precision="bf16", **FAITHFUL),
 }
+_CORE = ["routing", "routing_ghost", "naive", "naive_early_stop", "filtering"]
+PROFILE_DEFAULTS = {"paper": dict(methods=METHODS, oversight=OVERSIGHT_LEVELS),
+                    "cpu": dict(methods=_CORE, oversight=[0.05, 0.1, 0.3]),
+                    "quick": dict(methods=_CORE, oversight=[0.3])}
 GAMMA, ENT_COEF, VF_COEF, GATE_COEF = 0.97, 0.1, 0.5, 0.01
 HIDDEN = 256
 TEST_SEED, VAL_SEED = 10_000_000, 20_000_000   # held-out episode streams, shared by all methods
@@ -511,9 +514,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="quick (default), cpu (about 2 h on 2 cores) or paper (20,000 updates x 512 envs); "
                              "see docs/gridworld.md")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=None,
-                        help="default: all (cpu profile: routing, naive, naive_early_stop, filtering)")
+                        help="default: routing, routing_ghost, naive, naive_early_stop, filtering (paper profile: all)")
     parser.add_argument("--oversight", nargs="+", type=float, default=None,
-                        help="default: 0.003 ... 0.3 (cpu profile: 0.05 0.1 0.3)")
+                        help="default: quick 0.3; cpu 0.05 0.1 0.3; paper 0.003 0.01 0.025 0.05 0.1 0.3")
     parser.add_argument("--seeds", nargs="+", type=int, default=None,
                         help="seed indices (default: range(profile seeds))")
     parser.add_argument("--updates", type=int, default=None, help="override the profile")
@@ -554,10 +557,9 @@ def run(args: argparse.Namespace) -> dict:
         if getattr(args, k) is not None:
             cfg[k] = bool(getattr(args, k))
     if args.methods is None:
-        args.methods = (["routing", "routing_ghost", "naive", "naive_early_stop", "filtering"]
-                        if args.profile == "cpu" else METHODS)
+        args.methods = PROFILE_DEFAULTS[args.profile]["methods"]
     if args.oversight is None:
-        args.oversight = CPU_OVERSIGHT_LEVELS if args.profile == "cpu" else OVERSIGHT_LEVELS
+        args.oversight = PROFILE_DEFAULTS[args.profile]["oversight"]
     cfg["profile"] = args.profile
     seeds = args.seeds if args.seeds is not None else list(range(cfg["seeds"]))
     jobs_wanted = sorted({METHOD_JOB[m] for m in args.methods}, key=list(JOB_METHODS).index)
