@@ -376,6 +376,10 @@ def test_report_section_from_metrics(tmp_path):
     # the re-run's per-step numbers sit only next to our per-step (headline) metric
     assert sec["table"]["rows"][-1][0].startswith("third-party") and sec["table"]["rows"][-1][2] == 0.49
     assert "stepwise" in sec["detail"]
+    steer = gw.check_claims({"routing": {"0.3": {"mean": 0.2, "lo": 0.1, "hi": 0.3, "n": 2}},
+                             "routing_ghost": {"0.3": {"mean": -0.2, "lo": -0.4, "hi": 0.15, "n": 2}}})
+    c = steer["steered to diamond > steered to ghost at p=0.3"]
+    assert c["holds_on_means"] and not c["intervals_separate"]
     summary["routing"]["0.05"]["mean"] = -1.0
     write_json(tmp_path / "metrics.json", {"summary": summary, "claims": gw.check_claims(summary),
                                            "config": {"updates": 10, "num_envs": 4, "num_steps": 32}})

@@ -53,8 +53,11 @@ JOB_METHODS = {"routing": ["routing", "routing_ghost"], "no_routing": ["no_routi
                "oracle": ["oracle"]}
 METHODS = list(METHOD_JOB)
 
-# Faithfulness switches, each defaulting to the original code's choice (A/B in docs/gridworld.md).
-FAITHFUL = dict(unfinished="keep", critic="linear", zero_bias=True, filter_mode="original",
+# Faithfulness switches (A/B in docs/gridworld.md). Each defaults to the original code's choice,
+# except filtering: the original's variant (no-terminal episodes kept, loss scaled by the kept
+# fraction) scored 0.14 vs 0.50 for overseen-terminal-only filtering at p = 0.1, so the stronger
+# baseline is the default and `--filter-mode original` gives the original's.
+FAITHFUL = dict(unfinished="keep", critic="linear", zero_bias=True, filter_mode="overseen_only",
                 single_expert_baselines=True)
 # The paper's settings; a `cpu` profile that a 2-core machine finishes in about 2 hours; a quick
 # profile (p = 0.3 only in `gradroute reproduce`) that shows the routed experts separating.
@@ -63,8 +66,8 @@ PROFILES = {
                   eval_every=500, val_episodes=2048, test_episodes=8192, precision="fp32", **FAITHFUL),
     "cpu": dict(updates=2_000, num_envs=256, num_steps=32, lr=3e-4, seeds=3,
                 eval_every=100, val_episodes=1024, test_episodes=4096, precision="bf16", **FAITHFUL),
-    "quick": dict(updates=1_000, num_envs=128, num_steps=32, lr=3e-4, seeds=2,
-                  eval_every=100, val_episodes=512, test_episodes=2048, precision="bf16", **FAITHFUL),
+    "quick": dict(updates=500, num_envs=256, num_steps=32, lr=3e-4, seeds=2,
+                  eval_every=50, val_episodes=512, test_episodes=2048, precision="bf16", **FAITHFUL),
 }
 _CORE = ["routing", "routing_ghost", "naive", "naive_early_stop", "filtering"]
 PROFILE_DEFAULTS = {"paper": dict(methods=METHODS, oversight=OVERSIGHT_LEVELS),
@@ -376,7 +379,7 @@ def update(policy: MoEPolicy, batch: dict, job: str, cfg: dict) -> float:
     reward = training_reward(reward_kind, batch["reached"], batch["overseen"]) * batch["done"].float()
     ep_reached, ep_overseen, complete, returns = episode_outcomes(
         batch["done"], batch["reached"], batch["overseen"], reward, GAMMA)
-    w = loss_weights(job, cfg.get("unfinished", "keep"), cfg.get("filter_mode", "original"),
+    w = loss_weights(job, cfg.get("unfinished", "keep"), cfg.get("filter_mode", "overseen_only"),
                      ep_reached, ep_overseen, complete).flatten()
     er, eo = ep_reached.flatten(), ep_overseen.flatten()
     logits = batch["logits"].detach().requires_grad_(True)
@@ -534,8 +537,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--zero-bias", type=int, choices=[0, 1], default=None,
                         help="1: biases start at zero (original, default); 0: PyTorch's default init")
     parser.add_argument("--filter-mode", choices=["original", "overseen_only"], default=None,
-                        help="filtering keeps overseen and no-terminal episodes, loss scaled by the kept "
-                             "fraction (original, default), or overseen terminal episodes only")
+                        help="filtering trains on overseen terminal episodes only (default: the stronger "
+                             "baseline in our A/B) or, as the original, also on no-terminal episodes with the "
+                             "loss scaled by the kept fraction")
     parser.add_argument("--single-expert-baselines", type=int, choices=[0, 1], default=None,
                         help="1: naive, filtering and oracle use one expert (original, default); 0: the MoE with a free gate")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
@@ -616,6 +620,13 @@ def check_claims(summary: dict) -> dict:
     """The paper's claims, checked on means and on 95% intervals (headline metric)."""
     claims = {}
     r = summary.get("routing", {})
+    ghost = summary.get("routing_ghost", {})
+    for p in r:                             # steering: the two routed experts behave differently
+        if p in ghost:
+            claims[f"steered to diamond > steered to ghost at p={p}"] = {
+                "holds_on_means": r[p]["mean"] > ghost[p]["mean"],
+                "intervals_separate": r[p]["lo"] > ghost[p]["hi"],
+                "routing": r[p]["mean"], "routing_ghost": ghost[p]["mean"]}
     for base in ("naive", "filtering", "naive_early_stop"):
         b = summary.get(base, {})
         for p in r:
@@ -693,7 +704,8 @@ def make_figures(out: Path, runs: list[dict], results: dict) -> None:
     models = sorted((out / "models").glob("routing_p*_s*.pt")) if (out / "models").exists() else []
     if models:
         best = min(models, key=lambda f: abs(math.log(float(f.stem.split("_p")[1].split("_s")[0]) / 0.1)))
-        policy = MoEPolicy()
+        cfg = next(iter(results.values()))["config"] if results else {}
+        policy = make_policy("routing", cfg)        # the saved run's critic and precision
         policy.load_state_dict(torch.load(best, weights_only=True))
         draw_episodes(policy, out / "episodes.png", title=best.stem)
 
