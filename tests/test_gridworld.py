@@ -380,6 +380,9 @@ def test_report_section_from_metrics(tmp_path):
                              "routing_ghost": {"0.3": {"mean": -0.2, "lo": -0.4, "hi": 0.15, "n": 2}}})
     c = steer["steered to diamond > steered to ghost at p=0.3"]
     assert c["holds_on_means"] and not c["intervals_separate"]
+    write_json(tmp_path / "metrics.json", {"summary": {"routing": {"0.3": {"mean": 0.2, "lo": 0.1, "hi": 0.3, "n": 2}}},
+                                           "claims": steer, "config": {"updates": 10, "num_envs": 4, "num_steps": 32}})
+    assert gw.report(tmp_path)["verdict"] == "partly"      # steering alone never makes "reproduced"
     summary["routing"]["0.05"]["mean"] = -1.0
     write_json(tmp_path / "metrics.json", {"summary": summary, "claims": gw.check_claims(summary),
                                            "config": {"updates": 10, "num_envs": 4, "num_steps": 32}})
