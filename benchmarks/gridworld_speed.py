@@ -1,10 +1,19 @@
-"""Speed of the vectorized gridworld and of one training update.
+"""Speed of the vectorized gridworld and of training, against the loop before the speed work.
 
-    .venv/bin/python benchmarks/gridworld_speed.py [--threads 1] [--envs 4096 16384 65536]
+    PYTHONPATH=src python benchmarks/gridworld_speed.py [--threads 1] [--envs 256 512] [--updates 6]
 
-Prints env steps/s with a uniformly random policy (actions drawn up front, so only the env is
-timed), with and without the optional final observation, and training updates/s of the routed
-policy at the quick and paper batch sizes. The last line is one JSON object with everything.
+Training throughput is env steps per second *including* rollout, forward, backward and the
+optimizer step (no evaluation), for routing at p = 0.1, measured side by side in this process:
+
+- ``old``: ``benchmarks/gridworld_reference_loop.py``, today's loop before this work (fp32, two
+  separate expert MLPs, no-grad rollout then a second forward over the kept steps, MLP critic);
+- ``new_fp32`` / ``new_bf16``: ``gradroute.experiments.gridworld`` (stacked experts as one
+  batched matmul, the rollout's forward reused for the update, linear critic as the original),
+  with the expert matmuls in fp32 or bfloat16.
+
+The FLOP reference is a plain fp32 and bf16 matmul (16384 x 256 @ 256 x 256) at the same thread
+count. The last line is one JSON object; ``train_speedup_512`` is new (the cpu profile's bf16
+setting) over old env steps/s at 512 envs.
 """
 from __future__ import annotations
 
@@ -12,64 +21,132 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from gradroute.envs.gridworld import GridworldVecEnv
-from gradroute.experiments import gridworld as gw
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gridworld_reference_loop import reference_train  # noqa: E402
+
+from gradroute.envs.gridworld import GridworldVecEnv  # noqa: E402
+from gradroute.experiments import gridworld as gw  # noqa: E402
+
+HIDDEN, OBS = 256, 100
 
 
-def env_steps_per_s(num_envs: int, steps: int, final_obs: bool) -> float:
-    env = GridworldVecEnv(num_envs, 0.1, return_final_obs=final_obs)
+def env_steps_per_s(num_envs: int, steps: int) -> float:
+    env = GridworldVecEnv(num_envs, 0.1, return_final_obs=False)
     env.reset(seed=0)
-    acts = torch.randint(4, (steps + 10, num_envs), generator=torch.Generator().manual_seed(0))
-    for a in acts[:10]:                    # warm-up
-        env.step(a)
+    acts = torch.randint(4, (steps, num_envs), generator=torch.Generator().manual_seed(0))
     best = 0.0
-    for _ in range(3):                     # best of 3: the machine is shared
+    for _ in range(3):
         t = time.perf_counter()
-        for a in acts[10:]:
+        for a in acts:
             env.step(a)
         best = max(best, num_envs * steps / (time.perf_counter() - t))
     return best
 
 
-def updates_per_s(num_envs: int, updates: int, job: str = "routing") -> float:
-    cfg = dict(gw.PROFILES["quick"], num_envs=num_envs, updates=1, eval_every=10**9,
-               val_episodes=8, test_episodes=8)
-    gw.train(job, 0.1, 0, cfg)             # warm-up
-    cfg["updates"] = updates
-    t = time.perf_counter()
-    gw.train(job, 0.1, 0, cfg)
-    return updates / (time.perf_counter() - t)
+def matmul_gflops(dtype, m=16384, k=256, n=256, reps=10) -> float:
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    best = 0.0
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def new_train(num_envs: int, updates: int, precision: str) -> None:
+    cfg = dict(gw.PROFILES["cpu"], num_envs=num_envs, precision=precision)
+    gen = torch.Generator().manual_seed(0)
+    env = GridworldVecEnv(num_envs, 0.1, return_final_obs=False)
+    policy = gw.make_policy("routing", cfg)
+    opt = torch.optim.Adam(policy.parameters(), lr=cfg["lr"])
+    obs, _ = env.reset(seed=0)
+    for _ in range(updates):
+        opt.zero_grad(set_to_none=True)
+        obs, batch = gw.rollout(policy, env, obs, 32, gen)
+        gw.update(policy, batch, "routing", cfg)
+        opt.step()
+
+
+def timed(fns: dict, num_envs: int, updates: int, repeats: int) -> dict:
+    """Best env steps/s of each loop over ``repeats`` rounds; the loops take turns within a
+    round, so load from other processes on a shared machine hits them alike."""
+    for fn in fns.values():
+        fn(num_envs, 1)                               # warm-up
+    best = {k: 0.0 for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn(num_envs, updates)
+            best[name] = max(best[name], num_envs * 32 * updates / (time.perf_counter() - t))
+    return best
+
+
+def flops_per_env_step(kind: str) -> float:
+    """Matmul FLOPs per env step of one routing update (both experts, gate, head, critic)."""
+    expert = 2 * (OBS * HIDDEN + HIDDEN * HIDDEN)            # one expert, one row, forward
+    gate, head = 2 * (OBS * 64 + 64), 2 * HIDDEN * 4
+    l2 = 2 * HIDDEN * HIDDEN
+    if kind == "old":   # no-grad rollout + forward again + backward (MLP critic); upper bound: all steps kept
+        critic = 2 * (OBS * HIDDEN + HIDDEN * HIDDEN + HIDDEN)
+        fwd = 2 * expert + gate + head
+        return fwd + (fwd + critic) + (fwd + critic) + 2 * l2 + l2 + head   # + input grads past layer 1
+    fwd = 2 * expert + gate + 2 * head                       # head runs twice (rollout and loss)
+    return fwd + fwd + 2 * l2 + head + 3 * 2 * OBS           # weight grads + input grads past layer 1
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    ap.add_argument("--envs", type=int, nargs="+", default=[4096, 16384, 65536])
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--updates", type=int, default=10)
+    ap.add_argument("--envs", type=int, nargs="+", default=[256, 512])
+    ap.add_argument("--updates", type=int, default=4, help="updates per timing")
+    ap.add_argument("--repeats", type=int, default=5, help="timing rounds (best is kept)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     os.environ["GRADROUTE_QUIET"] = "1"
+    t_start, cpu_start = time.time(), time.process_time()
     res = {"threads": args.threads, "cpu_count": os.cpu_count(), "torch": torch.__version__,
-           "machine": platform.machine(), "load_avg_1m_at_start": os.getloadavg()[0],
-           "env_steps_per_s": {}, "env_steps_per_s_with_final_obs": {}, "updates_per_s": {}}
+           "machine": platform.machine(), "load_avg_1m_at_start": os.getloadavg()[0]}
+    res["matmul_gflops_fp32"] = round(matmul_gflops(torch.float32), 1)
+    res["matmul_gflops_bf16"] = round(matmul_gflops(torch.bfloat16), 1)
+    print(f"plain matmul 16384x256 @ 256x256: fp32 {res['matmul_gflops_fp32']} GFLOP/s, "
+          f"bf16 {res['matmul_gflops_bf16']} GFLOP/s", flush=True)
+    res["env_steps_per_s_random_policy"] = {str(n): round(env_steps_per_s(n, 200)) for n in (512, 4096)}
+    print(f"env only (random actions): {res['env_steps_per_s_random_policy']}", flush=True)
+    runs = {"old": reference_train,
+            "new_fp32": lambda n, u: new_train(n, u, "fp32"),
+            "new_bf16": lambda n, u: new_train(n, u, "bf16")}
+    flops = {"old": flops_per_env_step("old"), "new_fp32": flops_per_env_step("new"),
+             "new_bf16": flops_per_env_step("new")}
+    res["train_env_steps_per_s"] = {k: {} for k in runs}
+    res["flops_per_env_step"] = {k: round(v) for k, v in flops.items()}
+    res["achieved_gflops"] = {k: {} for k in runs}
     for n in args.envs:
-        for final in (False, True):
-            sps = env_steps_per_s(n, args.steps, final)
-            key = "env_steps_per_s_with_final_obs" if final else "env_steps_per_s"
-            res[key][str(n)] = round(sps)
-            print(f"env  {n:>6} envs  final_obs={final!s:5}  {sps / 1e6:6.2f} M steps/s", flush=True)
-    for name, n in (("quick (64 envs x 32 steps)", gw.PROFILES["quick"]["num_envs"]),
-                    ("paper (512 envs x 32 steps)", gw.PROFILES["paper"]["num_envs"])):
-        ups = updates_per_s(n, args.updates)
-        res["updates_per_s"][str(n)] = round(ups, 3)
-        print(f"train routing update, {name}: {ups:.2f} updates/s "
-              f"({ups * n * 32 / 1e3:.1f} k env steps/s incl. learning)", flush=True)
+        best = timed(runs, n, args.updates, args.repeats)
+        for name, sps in best.items():
+            res["train_env_steps_per_s"][name][str(n)] = round(sps)
+            res["achieved_gflops"][name][str(n)] = round(sps * flops[name] / 1e9, 1)
+            print(f"train {name:9s} {n:4d} envs: {sps / 1e3:7.1f} k env steps/s "
+                  f"(~{sps * flops[name] / 1e9:5.1f} GFLOP/s of matmul)", flush=True)
+        for name in ("new_fp32", "new_bf16"):
+            s = res["train_env_steps_per_s"][name][str(n)] / res["train_env_steps_per_s"]["old"][str(n)]
+            res[f"speedup_{name}_{n}"] = round(s, 2)
+            print(f"speedup {name} / old at {n} envs: {s:.2f}x", flush=True)
+    big = str(max(args.envs))
     res["load_avg_1m_at_end"] = os.getloadavg()[0]
+    res["wall_s"], res["cpu_s"] = round(time.time() - t_start, 1), round(time.process_time() - cpu_start, 1)
+    if "512" in res["train_env_steps_per_s"]["new_bf16"]:
+        big = "512"
+    res[f"train_speedup_{big}"] = res[f"speedup_new_bf16_{big}"]
+    res[f"train_env_steps_per_s_{big}"] = res["train_env_steps_per_s"]["new_bf16"][big]
     print(json.dumps(res))
 
 

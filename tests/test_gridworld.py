@@ -109,14 +109,18 @@ def test_env_determinism_by_seed():
 
 
 # ---------------------------------------------------------------------------- policy, routing
+def _expert_grad(policy, e):
+    return sum(float(p.grad[e].abs().sum()) for p in (policy.w1, policy.b1, policy.w2, policy.b2))
+
+
 def _grads_after(route_w):
     torch.manual_seed(0)
-    policy = gw.MoEPolicy()
+    policy = gw.MoEPolicy(zero_bias=False)
     obs = GridworldVecEnv(1, 0.5).reset(seed=3)[0]
     logits, _ = policy(obs, route_w=route_w)
     logits.logsumexp(-1).sum().backward()
     norm = lambda m: sum(p.grad.abs().sum().item() for p in m.parameters() if p.grad is not None)  # noqa: E731
-    return norm(policy.diamond_expert), norm(policy.ghost_expert), norm(policy.gate), norm(policy.head)
+    return _expert_grad(policy, 0), _expert_grad(policy, 1), norm(policy.gate), norm(policy.head)
 
 
 def test_routing_overseen_diamond_only_updates_diamond_expert():
@@ -149,10 +153,11 @@ def test_gate_forcing_selects_one_expert():
     with torch.no_grad():
         to_diamond, _ = policy(obs, gate=1.0)
         to_ghost, _ = policy(obs, gate=0.0)
-        torch.testing.assert_close(to_diamond, policy.head(policy.diamond_expert(x)))
-        torch.testing.assert_close(to_ghost, policy.head(policy.ghost_expert(x)))
-        for p in policy.ghost_expert.parameters():      # the ghost expert cannot reach a diamond-steered policy
-            p.add_(torch.randn_like(p))
+        for e, out in ((0, to_diamond), (1, to_ghost)):
+            h = torch.relu(torch.relu(x @ policy.w1[e] + policy.b1[e]) @ policy.w2[e] + policy.b2[e])
+            torch.testing.assert_close(out, policy.head(h))
+        for p in (policy.w1, policy.b1, policy.w2, policy.b2):   # the ghost expert cannot reach a
+            p[1].add_(torch.randn_like(p[1]))                     # diamond-steered policy
         torch.testing.assert_close(policy(obs, gate=1.0)[0], to_diamond)
 
 
@@ -190,21 +195,162 @@ def test_training_is_deterministic_by_seed():
     assert c["records"] != a["records"]
 
 
+def test_stepwise_return_on_hand_built_window():
+    # 2 envs x 4 steps, gamma 0.5. env 0: an episode ends at t=1 with +1, the next at t=3 with -1.
+    # env 1: nothing ends inside the window, so every step scores 0 (no bootstrap).
+    done = torch.tensor([[0, 0], [1, 0], [0, 0], [1, 0]], dtype=torch.bool)
+    reward = torch.tensor([[0.0, 0], [1, 0], [0, 0], [-1, 0]])
+    # env 0 returns-to-go: t0 0.5, t1 1, t2 -0.5, t3 -1; env 1: 0 everywhere -> mean 0
+    assert gw.stepwise_return(done, reward, 0.5) == pytest.approx(0.0)
+    reward[3, 0] = 0.0                                       # second episode ends with 0
+    assert gw.stepwise_return(done, reward, 0.5) == pytest.approx((0.5 + 1.0) / 8)
+    # an episode unfinished at the window's end contributes 0 even if it would succeed later
+    done2 = torch.tensor([[0], [0]], dtype=torch.bool)
+    assert gw.stepwise_return(done2, torch.zeros(2, 1), 0.97) == 0.0
+
+
+def test_unfinished_episode_handling():
+    # env 0: overseen diamond at t=1, then an episode still running at t=2..3; env 1: unfinished throughout
+    done = torch.tensor([[0, 0], [1, 0], [0, 0], [0, 0]], dtype=torch.bool)
+    reached = torch.tensor([[0, 0], [DIAMOND, 0], [0, 0], [0, 0]])
+    overseen = torch.tensor([[0, 0], [1, 0], [0, 0], [0, 0]], dtype=torch.bool)
+    reward = gw.training_reward("either", reached, overseen) * done
+    er, eo, complete, ret = gw.episode_outcomes(done, reached, overseen, reward, 0.5)
+    assert complete[:, 0].tolist() == [True, True, False, False] and not complete[:, 1].any()
+    assert ret[:, 0].tolist() == [0.5, 1.0, 0.0, 0.0] and (ret[:, 1] == 0).all()   # return 0, no bootstrap
+    rw = gw.routing_weights(er, eo)
+    assert rw[0, 0].tolist() == [1.0, 0.0, 0.0]                       # overseen diamond: diamond expert
+    assert (rw[2:].reshape(-1, 3) == 1).all() and (rw[:, 1] == 1).all()  # unfinished: both experts + gate
+    keep = gw.loss_weights("routing", "keep", "original", er, eo, complete)
+    assert torch.allclose(keep, torch.full((4, 2), 1 / 8))
+    drop = gw.loss_weights("routing", "drop", "original", er, eo, complete)
+    assert drop[:, 0].tolist() == [0.5, 0.5, 0.0, 0.0] and (drop[:, 1] == 0).all()
+    # filtering as the original: overseen terminal episodes and no-terminal (incl. unfinished) ones,
+    # loss scaled by the kept fraction (= weights over all steps)
+    er2 = torch.tensor([[DIAMOND, GHOST], [0, 0]])
+    eo2 = torch.tensor([[True, False], [False, False]])
+    c2 = torch.tensor([[True, True], [False, False]])
+    f = gw.loss_weights("filtering", "keep", "original", er2, eo2, c2)
+    assert f.tolist() == [[0.25, 0.0], [0.25, 0.25]]
+    f = gw.loss_weights("filtering", "keep", "overseen_only", er2, eo2, c2)
+    assert f.tolist() == [[1.0, 0.0], [0.0, 0.0]]
+
+
+def _reference_grads(policy, batch, job, cfg):
+    """Plain autograd: a fresh forward over every step with route() in MoEPolicy.mix."""
+    policy.zero_grad(set_to_none=True)
+    T, N = batch["done"].shape
+    kind = {"routing": "either", "no_routing": "either", "naive": "naive", "filtering": "true"}[job]
+    reward = gw.training_reward(kind, batch["reached"], batch["overseen"]) * batch["done"].float()
+    er, eo, complete, ret = gw.episode_outcomes(batch["done"], batch["reached"], batch["overseen"], reward, gw.GAMMA)
+    w = gw.loss_weights(job, cfg["unfinished"], cfg["filter_mode"], er, eo, complete).flatten()
+    er, eo, ret = er.flatten(), eo.flatten(), ret.flatten()
+    obs = batch["obs"].flatten(0, 1)
+    logits, gl = policy(obs, route_w=gw.routing_weights(er, eo) if job == "routing" else None)
+    logp = torch.log_softmax(logits, -1)
+    logp_a = logp.gather(1, batch["act"].flatten()[:, None]).squeeze(1)
+    ent = -(logp.exp() * logp).sum(-1)
+    v = policy.value(obs)
+    loss = (w * (-logp_a * (ret - v.detach()) - gw.ENT_COEF * ent + gw.VF_COEF * (v - ret) ** 2)).sum()
+    if job in ("routing", "no_routing") and eo.any():
+        loss = loss + gw.GATE_COEF * torch.nn.functional.binary_cross_entropy_with_logits(
+            gl[eo], (er[eo] == DIAMOND).float())
+    loss.backward()
+    return {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("job,unfinished", [("routing", "keep"), ("routing", "drop"), ("no_routing", "keep"),
+                                            ("naive", "keep"), ("filtering", "keep")])
+def test_fast_update_gives_the_same_gradients_as_plain_autograd(job, unfinished):
+    # The trainer reuses the rollout's forward pass, runs both experts as one batched matmul and
+    # carries the gradient through the head and the routed mix by hand; it must equal autograd.
+    torch.manual_seed(0)
+    cfg = dict(unfinished=unfinished, filter_mode="original", critic="linear", zero_bias=False,
+               precision="fp32", single_expert_baselines=True)
+    policy = gw.make_policy(job, cfg)
+    env = GridworldVecEnv(16, 0.5, return_final_obs=False)
+    obs, _ = env.reset(seed=0)
+    _, batch = gw.rollout(policy, env, obs, 32, torch.Generator().manual_seed(1))
+    assert batch["overseen"].any() and (~batch["done"][-1]).any()   # routed rows and unfinished rows present
+    policy.zero_grad(set_to_none=True)
+    gw.update(policy, batch, job, cfg)
+    fast = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+    ref = _reference_grads(policy, batch, job, cfg)
+    assert fast.keys() == ref.keys()
+    for n in ref:
+        torch.testing.assert_close(fast[n], ref[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_batched_experts_equal_separate_experts():
+    # The stacked (2, in, out) expert weights in one batched matmul give the same outputs and
+    # gradients as two separate per-expert MLPs holding copies of the same weights.
+    torch.manual_seed(0)
+    policy = gw.MoEPolicy(zero_bias=False)
+    obs = GridworldVecEnv(32, 0.5).reset(seed=2)[0]
+    x = obs.flatten(1)
+    rw = gw.routing_weights(torch.randint(0, 3, (32,)), torch.rand(32) < 0.5)
+    logits, _ = policy(obs, route_w=rw)
+    (logits.logsumexp(-1).sum() + logits[:, 1].sum()).backward()
+    experts = []
+    for e in range(2):
+        l1, l2 = torch.nn.Linear(100, 256), torch.nn.Linear(256, 256)
+        with torch.no_grad():
+            l1.weight.copy_(policy.w1[e].t()), l1.bias.copy_(policy.b1[e, 0])
+            l2.weight.copy_(policy.w2[e].t()), l2.bias.copy_(policy.b2[e, 0])
+        experts.append((l1, l2))
+    hd, hg = (torch.relu(l2(torch.relu(l1(x)))) for l1, l2 in experts)
+    g = torch.sigmoid(policy.gate(x).squeeze(-1))
+    from gradroute import route
+    hd, hg, g = route(hd, rw[:, 0:1]), route(hg, rw[:, 1:2]), route(g, rw[:, 2])
+    ref = policy.head(g[:, None] * hd + (1 - g[:, None]) * hg)
+    torch.testing.assert_close(ref, logits)
+    policy.zero_grad()
+    (ref.logsumexp(-1).sum() + ref[:, 1].sum()).backward()
+    for e, (l1, l2) in enumerate(experts):
+        torch.testing.assert_close(l1.weight.grad.t(), _stacked_grad(policy, obs, rw, "w1")[e], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(l2.weight.grad.t(), _stacked_grad(policy, obs, rw, "w2")[e], rtol=1e-4, atol=1e-6)
+
+
+def _stacked_grad(policy, obs, rw, name):
+    policy.zero_grad(set_to_none=True)
+    logits, _ = policy(obs, route_w=rw)
+    (logits.logsumexp(-1).sum() + logits[:, 1].sum()).backward()
+    return getattr(policy, name).grad
+
+
+def test_bf16_update_is_close_to_fp32():
+    torch.manual_seed(0)
+    cfg = dict(unfinished="keep", filter_mode="original", critic="linear", zero_bias=False,
+               precision="fp32", single_expert_baselines=True)
+    grads = {}
+    for prec in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        policy = gw.make_policy("routing", dict(cfg, precision=prec))
+        env = GridworldVecEnv(16, 0.5, return_final_obs=False)
+        obs, _ = env.reset(seed=0)
+        _, batch = gw.rollout(policy, env, obs, 8, torch.Generator().manual_seed(1))
+        gw.update(policy, batch, "routing", cfg)
+        grads[prec] = policy.w2.grad
+    cos = torch.nn.functional.cosine_similarity(grads["fp32"].flatten(), grads["bf16"].flatten(), 0)
+    assert cos > 0.98
+
+
 # ---------------------------------------------------------------------------- end to end
 def test_cli_end_to_end_and_resume(tmp_path, capsys):
     out = tmp_path / "gw"
     flags = ["run", "gridworld", "--out", str(out), "--oversight", "0.1", "--seeds", "0",
              "--updates", "2", "--num-envs", "8", "--val-episodes", "16", "--test-episodes", "32",
-             "--eval-every", "1", "--workers", "1"]
+             "--eval-every", "1", "--workers", "1", "--methods", *gw.METHODS]
     assert main(flags) == 0
     m = read_json(out / "metrics.json")
     methods = {r["method"] for r in m["runs"]}
     assert methods == set(gw.METHODS)
     for r in m["runs"]:
-        for k in ("method", "oversight", "seed", "true_return", "true_return_per_step",
+        for k in ("method", "oversight", "seed", "true_return", "stepwise_return",
                   "ghost_rate_when_closer_unobserved", "train_seed"):
             assert k in r
         assert r["oversight"] == 0.1 and r["seed"] == 0
+    assert m["headline_metric"] == "stepwise_return" and "summary_per_episode" in m
     for f in ("return_vs_oversight.png", "learning_curves_p0.1.png", "episodes.png", "summary.md"):
         assert (out / f).exists()
     before = {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir()}
@@ -225,7 +371,18 @@ def test_report_section_from_metrics(tmp_path):
                                            "config": {"updates": 10, "num_envs": 4, "num_steps": 32}})
     sec = gw.report(tmp_path)
     assert sec["verdict"] == "reproduced"  # 0.5 beats both at 5%, and 0.5 >= 0.2 / 0.1 at 30%
-    assert sec["table"]["rows"][0][:2] == ["routing", 0.5]
+    assert sec["table"]["header"][:3] == ["method", "n seeds", "p=0.05"]
+    assert sec["table"]["rows"][0][:3] == ["routing", 1, 0.5]
+    # the re-run's per-step numbers sit only next to our per-step (headline) metric
+    assert sec["table"]["rows"][-1][0].startswith("third-party") and sec["table"]["rows"][-1][2] == 0.49
+    assert "stepwise" in sec["detail"]
+    steer = gw.check_claims({"routing": {"0.3": {"mean": 0.2, "lo": 0.1, "hi": 0.3, "n": 2}},
+                             "routing_ghost": {"0.3": {"mean": -0.2, "lo": -0.4, "hi": 0.15, "n": 2}}})
+    c = steer["steered to diamond > steered to ghost at p=0.3"]
+    assert c["holds_on_means"] and not c["intervals_separate"]
+    write_json(tmp_path / "metrics.json", {"summary": {"routing": {"0.3": {"mean": 0.2, "lo": 0.1, "hi": 0.3, "n": 2}}},
+                                           "claims": steer, "config": {"updates": 10, "num_envs": 4, "num_steps": 32}})
+    assert gw.report(tmp_path)["verdict"] == "partly"      # steering alone never makes "reproduced"
     summary["routing"]["0.05"]["mean"] = -1.0
     write_json(tmp_path / "metrics.json", {"summary": summary, "claims": gw.check_claims(summary),
                                            "config": {"updates": 10, "num_envs": 4, "num_steps": 32}})

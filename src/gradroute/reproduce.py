@@ -42,7 +42,7 @@ PROFILES = ("demo", "quick", "paper")
 PLAN: dict[str, dict[str, tuple[str, list[str]]]] = {
     "demo": {
         "mnist": ("quick", ["--setting", "1,8", "--epochs", "15", "--certificate-epochs", "5", "--threads", "1"]),
-        "gridworld": ("quick", ["--oversight", "0.05", "0.3", "--seeds", "0", "--updates", "40"]),
+        "gridworld": ("quick", ["--oversight", "0.3", "--seeds", "0", "--updates", "40", "--eval-every", "20"]),
         "lm-unlearning": ("quick", ["--fractions", "0.5", "1.0", "--seeds", "0", "--steps", "60",
                                     "--attack-repeats", "1"]),
         "steering": ("quick", ["--steps", "100", "--hf-steps", "20", "--samples", "8", "--seeds", "0"]),
@@ -51,7 +51,7 @@ PLAN: dict[str, dict[str, tuple[str, list[str]]]] = {
     },
     "quick": {
         "mnist": ("quick", ["--setting", "1,8", "--threads", "1"]),
-        "gridworld": ("quick", ["--oversight", "0.01", "0.05", "0.1", "0.3"]),
+        "gridworld": ("quick", ["--oversight", "0.3"]),
         "lm-unlearning": ("quick", ["--fractions", "0.1", "0.5", "--methods", "base", "filtering", "era",
                                     "param_routing", "rmu", "--seeds", "0", "1", "2"]),
         "steering": ("quick", []),

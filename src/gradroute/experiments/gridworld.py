@@ -53,14 +53,26 @@ JOB_METHODS = {"routing": ["routing", "routing_ghost"], "no_routing": ["no_routi
                "oracle": ["oracle"]}
 METHODS = list(METHOD_JOB)
 
-# The paper's settings, and a quick profile that fits in ~15 minutes on 2 CPU cores: fewer,
-# smaller updates with a larger learning rate (see docs/gridworld.md for the trade-off).
+# Faithfulness switches (A/B in docs/gridworld.md). Each defaults to the original code's choice,
+# except filtering: the original's variant (no-terminal episodes kept, loss scaled by the kept
+# fraction) scored 0.14 vs 0.50 for overseen-terminal-only filtering at p = 0.1, so the stronger
+# baseline is the default and `--filter-mode original` gives the original's.
+FAITHFUL = dict(unfinished="keep", critic="linear", zero_bias=True, filter_mode="overseen_only",
+                single_expert_baselines=True)
+# The paper's settings; a `cpu` profile that a 2-core machine finishes in about 2 hours; a quick
+# profile (p = 0.3 only in `gradroute reproduce`) that shows the routed experts separating.
 PROFILES = {
     "paper": dict(updates=20_000, num_envs=512, num_steps=32, lr=5e-5, seeds=4,
-                  eval_every=500, val_episodes=2048, test_episodes=8192),
-    "quick": dict(updates=100, num_envs=64, num_steps=32, lr=3e-3, seeds=2,
-                  eval_every=20, val_episodes=512, test_episodes=2048),
+                  eval_every=500, val_episodes=2048, test_episodes=8192, precision="fp32", **FAITHFUL),
+    "cpu": dict(updates=2_000, num_envs=256, num_steps=32, lr=3e-4, seeds=3,
+                eval_every=100, val_episodes=1024, test_episodes=4096, precision="bf16", **FAITHFUL),
+    "quick": dict(updates=500, num_envs=256, num_steps=32, lr=3e-4, seeds=2,
+                  eval_every=50, val_episodes=512, test_episodes=2048, precision="bf16", **FAITHFUL),
 }
+_CORE = ["routing", "routing_ghost", "naive", "naive_early_stop", "filtering"]
+PROFILE_DEFAULTS = {"paper": dict(methods=METHODS, oversight=OVERSIGHT_LEVELS),
+                    "cpu": dict(methods=_CORE, oversight=[0.05, 0.1, 0.3]),
+                    "quick": dict(methods=_CORE, oversight=[0.3])}
 GAMMA, ENT_COEF, VF_COEF, GATE_COEF = 0.97, 0.1, 0.5, 0.01
 HIDDEN = 256
 TEST_SEED, VAL_SEED = 10_000_000, 20_000_000   # held-out episode streams, shared by all methods
@@ -78,32 +90,96 @@ def mlp(sizes, final_act=True):
     return nn.Sequential(*layers)
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 class MoEPolicy(nn.Module):
-    """Two experts (100 -> 256 -> 256) mixed at the hidden level by a sigmoid gate, a shared
-    linear head to 4 action logits, and a separate value MLP (with nonlinearities)."""
+    """``experts`` MLPs (100 -> 256 -> 256, ReLU) stored as stacked weights, so all experts run as
+    one batched matmul per layer; with two experts a sigmoid gate (MLP 100 -> 64 -> 1) mixes the
+    hidden states, ``g*h_diamond + (1-g)*h_ghost``. A shared linear head gives 4 action logits.
+    Expert 0 is the diamond expert, expert 1 the ghost expert. ``experts=1`` is the single-expert
+    policy of the original's baselines (no gate).
 
-    def __init__(self, obs_dim: int = 100, hidden: int = HIDDEN, num_actions: int = 4):
+    ``critic``: "linear" (the original's value net has no nonlinearity) or "mlp" (100-256-256-1).
+    ``zero_bias``: biases start at zero, as in the original. ``precision``: "bf16" runs the expert
+    matmuls in bfloat16 (fp32 master weights, fp32 head, gate, critic and optimizer)."""
+
+    def __init__(self, obs_dim: int = 100, hidden: int = HIDDEN, num_actions: int = 4, experts: int = 2,
+                 critic: str = "linear", zero_bias: bool = True, precision: str = "fp32"):
         super().__init__()
-        self.diamond_expert = mlp([obs_dim, hidden, hidden])
-        self.ghost_expert = mlp([obs_dim, hidden, hidden])
-        self.gate = mlp([obs_dim, 64, 1], final_act=False)
+        if experts not in (1, 2):
+            raise ValueError(f"experts must be 1 or 2, got {experts}")
+        if critic not in ("linear", "mlp"):
+            raise ValueError(f"critic must be 'linear' or 'mlp', got {critic!r}")
+        if precision not in DTYPES:
+            raise ValueError(f"precision must be one of {sorted(DTYPES)}, got {precision!r}")
+        self.experts, self.precision = experts, precision
+        self.w1 = nn.Parameter(torch.empty(experts, obs_dim, hidden))
+        self.b1 = nn.Parameter(torch.empty(experts, 1, hidden))
+        self.w2 = nn.Parameter(torch.empty(experts, hidden, hidden))
+        self.b2 = nn.Parameter(torch.empty(experts, 1, hidden))
+        self.gate = mlp([obs_dim, 64, 1], final_act=False) if experts == 2 else None
         self.head = nn.Linear(hidden, num_actions)
-        self.critic = mlp([obs_dim, hidden, hidden, 1], final_act=False)
+        self.critic = (nn.Linear(obs_dim, 1) if critic == "linear"
+                       else mlp([obs_dim, hidden, hidden, 1], final_act=False))
+        with torch.no_grad():   # each expert layer initialised like its own nn.Linear
+            for e in range(experts):
+                for w, b in ((self.w1, self.b1), (self.w2, self.b2)):
+                    lin = nn.Linear(w.shape[1], w.shape[2])
+                    w[e].copy_(lin.weight.t())
+                    b[e, 0].copy_(lin.bias)
+            if zero_bias:
+                for m in self.modules():
+                    if isinstance(m, nn.Linear):
+                        m.bias.zero_()
+                self.b1.zero_()
+                self.b2.zero_()
 
-    def forward(self, obs: torch.Tensor, gate: float | None = None,
-                route_w: torch.Tensor | None = None):
-        """Action logits and gate logits. ``gate`` forces the mix (1 diamond, 0 ghost expert).
+    def expert_weights(self):
+        """The weights of the first layer of every expert *and* of the gate, as one
+        ``(obs_dim, experts*hidden [+ 64])`` matrix (one matmul per step for all of them), and the
+        experts' second layer, in the compute dtype. One cast per update is shared by every step
+        of a rollout (the graph keeps it, so gradients reach the fp32 master weights)."""
+        dt = DTYPES[self.precision]
+        E, D, H = self.w1.shape
+        w1, b1 = self.w1.transpose(0, 1).reshape(D, E * H), self.b1.reshape(E * H)
+        if self.gate is not None:
+            w1 = torch.cat((w1, self.gate[0].weight.t()), 1)
+            b1 = torch.cat((b1, self.gate[0].bias))
+        return w1.to(dt), b1.to(dt), self.w2.to(dt), self.b2.to(dt)
+
+    def features(self, x: torch.Tensor, weights=None, out_dtype=torch.float32):
+        """Expert hidden states ``(experts, B, hidden)`` (in ``out_dtype``; None keeps the compute
+        dtype) and gate logits ``(B,)`` (None with one expert) for flat observations ``(B, obs_dim)``."""
+        w1, b1, w2, b2 = self.expert_weights() if weights is None else weights
+        E, H = self.w2.shape[0], self.w2.shape[2]
+        y = torch.relu(torch.addmm(b1, x.to(w1.dtype), w1))            # (B, E*H [+ 64])
+        h = torch.relu(torch.baddbmm(b2, y[:, :E * H].view(-1, E, H).transpose(0, 1), w2))
+        if out_dtype is not None:
+            h = h.to(out_dtype)
+        gate_logit = None
+        if self.gate is not None:
+            gate_logit = self.gate[2](y[:, E * H:].float()).squeeze(-1)
+        return h, gate_logit
+
+    def mix(self, h: torch.Tensor, gate_logit, gate: float | None = None, route_w=None) -> torch.Tensor:
+        """Action logits from expert states. ``gate`` forces the mix (1 diamond, 0 ghost expert).
         ``route_w`` (B, 3): per-example gradient weights for diamond expert, ghost expert, gate."""
-        x = obs.flatten(1)
-        h_d, h_g = self.diamond_expert(x), self.ghost_expert(x)
-        gate_logit = self.gate(x).squeeze(-1)
+        if self.experts == 1:
+            return self.head(h[0])
+        h_d, h_g = h[0], h[1]
         g = torch.sigmoid(gate_logit) if gate is None else torch.full_like(gate_logit, float(gate))
         if route_w is not None:
             h_d = route(h_d, route_w[:, 0:1])
             h_g = route(h_g, route_w[:, 1:2])
             g = route(g, route_w[:, 2])
         g = g.unsqueeze(-1)
-        return self.head(g * h_d + (1 - g) * h_g), gate_logit
+        return self.head(g * h_d + (1 - g) * h_g)
+
+    def forward(self, obs: torch.Tensor, gate: float | None = None, route_w: torch.Tensor | None = None):
+        """Action logits and gate logits (None with one expert) for observations ``(B, 4, 5, 5)``."""
+        h, gate_logit = self.features(obs.flatten(1))
+        return self.mix(h, gate_logit, gate, route_w), gate_logit
 
     def value(self, obs: torch.Tensor) -> torch.Tensor:
         return self.critic(obs.flatten(1)).squeeze(-1)
@@ -131,7 +207,8 @@ def training_reward(kind: str, reached: torch.Tensor, overseen: torch.Tensor) ->
 
 
 def routing_weights(ep_reached: torch.Tensor, ep_overseen: torch.Tensor) -> torch.Tensor:
-    """(..., 3) gradient weights for (diamond expert, ghost expert, gate) from episode outcomes."""
+    """(..., 3) gradient weights for (diamond expert, ghost expert, gate) from episode outcomes.
+    Steps of unfinished episodes carry reached = 0, overseen = False: both experts and the gate."""
     ov_d = ep_overseen & (ep_reached == DIAMOND)
     ov_g = ep_overseen & (ep_reached == GHOST)
     return torch.stack(((~ov_g).float(), (~ov_d).float(), (~ep_overseen).float()), -1)
@@ -139,7 +216,9 @@ def routing_weights(ep_reached: torch.Tensor, ep_overseen: torch.Tensor) -> torc
 
 def episode_outcomes(done, reached, overseen, reward, gamma):
     """Backward scan over a (T, N) rollout. For every step: the outcome of the episode it
-    belongs to, whether that episode finished inside the rollout, and its discounted return."""
+    belongs to (0 / False where the episode is unfinished at the end of the rollout), whether
+    that episode finished inside the rollout, and its discounted return inside the rollout
+    (no bootstrap: an unfinished episode's steps get the rewards seen so far, i.e. 0)."""
     T, N = done.shape
     ep_reached = torch.zeros(T, N, dtype=torch.long)
     ep_overseen = torch.zeros(T, N, dtype=torch.bool)
@@ -157,13 +236,59 @@ def episode_outcomes(done, reached, overseen, reward, gamma):
     return ep_reached, ep_overseen, complete, returns
 
 
+def stepwise_return(done: torch.Tensor, reward: torch.Tensor, gamma: float = GAMMA) -> float:
+    """The paper's metric on a (T, N) window: the discounted return-to-go of every step,
+    counting only rewards inside the window (an episode unfinished at the window's end
+    contributes 0 from there), averaged over all T*N steps."""
+    return float(episode_outcomes(done, torch.zeros_like(done, dtype=torch.long),
+                                  torch.zeros_like(done), reward, gamma)[3].mean())
+
+
+def loss_weights(job: str, unfinished: str, filter_mode: str, ep_reached, ep_overseen, complete):
+    """Per-step weights of the policy and value losses (rows sum to the loss normaliser).
+
+    unfinished="keep" (the original): steps of episodes unfinished at the rollout's end are
+    trained on with their in-rollout return (0) and routed to both experts; "drop": left out.
+    Filtering, filter_mode="original": keep overseen-terminal episodes *and* episodes that
+    reached nothing (timeouts, unfinished), and scale the loss by the kept fraction;
+    "overseen_only": only overseen terminal episodes, mean over them."""
+    base = torch.ones_like(complete, dtype=torch.float32) if unfinished == "keep" else complete.float()
+    if job == "filtering":
+        if filter_mode == "original":
+            keep = (ep_overseen | (ep_reached == 0)).float() * base
+            return keep / keep.numel()                # = kept fraction x mean over kept
+        keep = (ep_overseen & complete).float()
+        return keep / keep.sum().clamp_min(1)
+    return base / base.sum().clamp_min(1)
+
+
 # ------------------------------------------------------------------------------------------
 # evaluation
 # ------------------------------------------------------------------------------------------
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate(policy: MoEPolicy, oversight: float, seed: int, episodes: int,
-             gate: float | None = None, gamma: float = GAMMA, greedy: bool = False) -> dict:
-    """True return of the first episode of ``episodes`` fresh envs (sampled actions)."""
+             gate: float | None = None, gamma: float = GAMMA, greedy: bool = False,
+             window_envs: int = 512, window_steps: int = 32) -> dict:
+    """Two metrics, on fresh envs seeded by ``seed``, actions sampled from the policy:
+
+    - ``stepwise_return`` (the paper's metric, the headline): ``window_envs`` fresh envs run for
+      ``window_steps`` steps with automatic resets; the true discounted return-to-go inside the
+      window, averaged over every step (see :func:`stepwise_return`).
+    - ``true_return`` (per episode): the first episode of each of ``episodes`` fresh envs,
+      ``r * gamma**(len-1)`` with r = +1 diamond / -1 ghost / 0 timeout, averaged over episodes.
+    """
+    out = {}
+    if window_envs:
+        env = GridworldVecEnv(window_envs, oversight, return_final_obs=False)
+        obs, _ = env.reset(seed=seed + 7)
+        gen = torch.Generator().manual_seed(seed + 8)
+        dones, rewards = [], []
+        for _ in range(window_steps):
+            logits, _ = policy(obs, gate=gate)
+            obs, rew, term, trunc, _ = env.step(logits.argmax(-1) if greedy else sample_actions(logits, gen))
+            dones.append(term | trunc)
+            rewards.append(rew)
+        out["stepwise_return"] = stepwise_return(torch.stack(dones), torch.stack(rewards), gamma)
     env = GridworldVecEnv(episodes, oversight, return_final_obs=False)
     obs, info = env.reset(seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -185,13 +310,9 @@ def evaluate(policy: MoEPolicy, oversight: float, seed: int, episodes: int,
         if not active.any():
             break
     r = (reached == DIAMOND).float() - (reached == GHOST).float()
-    disc = gamma ** (length.float() - 1)
-    # the paper's variant: discounted return-to-go averaged over every *step* of the episodes
-    per_step = r * (1 - gamma ** length.float()) / (1 - gamma)
     closer = (manhattan(start_agent, start_ghost) < manhattan(start_agent, start_diamond)) & ~ghost_ov
-    return {
-        "true_return": float((r * disc).mean()),
-        "true_return_per_step": float(per_step.sum() / length.sum()),
+    out.update({
+        "true_return": float((r * gamma ** (length.float() - 1)).mean()),
         "diamond_rate": float((reached == DIAMOND).float().mean()),
         "ghost_rate": float((reached == GHOST).float().mean()),
         "timeout_rate": float((reached == 0).float().mean()),
@@ -199,107 +320,178 @@ def evaluate(policy: MoEPolicy, oversight: float, seed: int, episodes: int,
         "ghost_rate_when_closer_unobserved": float((reached[closer] == GHOST).float().mean()),
         "n_closer_unobserved": int(closer.sum()),
         "eval_episodes": episodes,
-    }
+    })
+    return out
 
 
 # ------------------------------------------------------------------------------------------
 # training (one job = one method at one oversight level and seed)
 # ------------------------------------------------------------------------------------------
-def train(job: str, oversight: float, seed: int, cfg: dict, quiet: bool = True) -> dict:
-    """Train one policy; return its flat result records plus a learning curve."""
-    t0 = time.time()
-    train_seed = 100_000 * seed + round(oversight * 10_000)   # distinct per (seed, level)
-    gen = set_seed(train_seed)
-    device = torch.device("cpu")            # the models are tiny; CPU processes in parallel
+def rollout(policy: MoEPolicy, env: GridworldVecEnv, obs: torch.Tensor, T: int, gen: torch.Generator):
+    """``T`` steps of every env. The expert states and gate logits keep their autograd graph:
+    one update per rollout means the rollout's forward pass *is* the training forward pass, so
+    :func:`update` does not recompute it. Returns the next obs and a dict: ``h`` (list of T
+    ``(experts, N, hidden)``), ``gl`` (list of T ``(N,)`` or None), ``mix`` / ``logits``
+    (T*N, ...) (no graph), and (T, N) ``obs``, ``act``, ``done``, ``reached``, ``overseen``."""
+    weights = policy.expert_weights()
+    hs, gls, mixes, diffs, logits_l, obs_l, acts, dones, reached, overseen = ([] for _ in range(10))
+    for _ in range(T):
+        x = obs.flatten(1)
+        h, gl = policy.features(x, weights, out_dtype=None)
+        with torch.no_grad():
+            if gl is None:
+                mix = h[0]
+            else:                                    # g*h_d + (1-g)*h_g = h_g + g*(h_d - h_g)
+                diff = h[0] - h[1]
+                mix = torch.addcmul(h[1], torch.sigmoid(gl).unsqueeze(-1).to(diff.dtype), diff)
+                diffs.append(diff)
+            logits = policy.head(mix.float())
+            act = sample_actions(logits, gen)
+        hs.append(h)
+        gls.append(gl)
+        mixes.append(mix)
+        logits_l.append(logits)
+        obs_l.append(x)
+        acts.append(act)
+        obs, _, term, trunc, info = env.step(act)
+        dones.append(term | trunc)
+        reached.append(info["reached"])
+        overseen.append(info["overseen"])
+    batch = {"h": hs, "gl": None if gls[0] is None else gls, "mix": torch.cat(mixes),
+             "diff": torch.cat(diffs) if diffs else None,
+             "logits": torch.cat(logits_l), "obs": torch.stack(obs_l), "act": torch.stack(acts),
+             "done": torch.stack(dones), "reached": torch.stack(reached), "overseen": torch.stack(overseen)}
+    return obs, batch
+
+
+def update(policy: MoEPolicy, batch: dict, job: str, cfg: dict) -> float:
+    """Accumulate the gradients of one update into ``policy``'s ``.grad`` (REINFORCE with a
+    value baseline, entropy bonus and, for routing and no-routing, the gate BCE); returns the loss.
+
+    The loss is taken with respect to the rollout's logits and gate logits; the gradient is then
+    carried by hand through the shared head and the gated mix, where the per-episode routing
+    weights scale it (what ``route()`` on each expert state and on the gate does in
+    :meth:`MoEPolicy.mix`), and handed to autograd at the expert states of every rollout step.
+    ``tests/test_gridworld.py`` checks the result against plain autograd through ``mix``."""
+    T, N = batch["done"].shape
     reward_kind = {"routing": "either", "no_routing": "either", "naive": "naive",
                    "filtering": "true", "oracle": "true"}[job]
-    use_routing, use_gate_loss = job == "routing", job in ("routing", "no_routing")
+    reward = training_reward(reward_kind, batch["reached"], batch["overseen"]) * batch["done"].float()
+    ep_reached, ep_overseen, complete, returns = episode_outcomes(
+        batch["done"], batch["reached"], batch["overseen"], reward, GAMMA)
+    w = loss_weights(job, cfg.get("unfinished", "keep"), cfg.get("filter_mode", "overseen_only"),
+                     ep_reached, ep_overseen, complete).flatten()
+    er, eo = ep_reached.flatten(), ep_overseen.flatten()
+    logits = batch["logits"].detach().requires_grad_(True)
+    moe = batch["gl"] is not None
+    gl = torch.cat(batch["gl"]).detach().requires_grad_(True) if moe else None
+    logp = F.log_softmax(logits, -1)
+    logp_a = logp.gather(1, batch["act"].flatten()[:, None]).squeeze(1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    g_ret = returns.flatten()
+    v = policy.critic(batch["obs"].flatten(0, 1)).squeeze(-1)
+    adv = g_ret - v.detach()
+    loss = (w * (-logp_a * adv - ENT_COEF * entropy + VF_COEF * (v - g_ret) ** 2)).sum()
+    if moe and job in ("routing", "no_routing"):
+        seen = eo & (w > 0)
+        if seen.any():
+            target = (er[seen] == DIAMOND).float()
+            loss = loss + GATE_COEF * F.binary_cross_entropy_with_logits(gl[seen], target)
+    loss.backward()                                   # critic grads; d loss / d logits, gate logits
+    d_logits = logits.grad
+    head, hdt = policy.head, batch["h"][0].dtype
+    gw_ = (d_logits.t().to(hdt) @ batch["mix"]).float()
+    gb_ = d_logits.sum(0)
+    head.weight.grad = gw_ if head.weight.grad is None else head.weight.grad + gw_
+    head.bias.grad = gb_ if head.bias.grad is None else head.bias.grad + gb_
+    # d loss / d mix, (T*N, hidden); MKL's fp32 matmul is very slow with an inner size of 4
+    d_mix_c = (d_logits.to(hdt) @ head.weight.detach().to(hdt) if hdt != torch.float32
+               else torch.einsum("bk,kh->bh", d_logits, head.weight.detach()))
+    if not moe:
+        grads_h = d_mix_c.view(T, 1, N, -1)
+        torch.autograd.backward(batch["h"], list(grads_h.unbind(0)))
+        return float(loss.detach())
+    rw = routing_weights(er, eo) if job == "routing" else torch.ones(T * N, 3)
+    g = torch.sigmoid(gl.detach())
+    coef = torch.stack((g * rw[:, 0], (1 - g) * rw[:, 1]), 1).view(T, N, 2).transpose(1, 2)
+    grads_h = coef.to(hdt).unsqueeze(-1) * d_mix_c.view(T, 1, N, -1)     # (T, 2, N, hidden)
+    diff_dot = (batch["diff"] * d_mix_c).sum(-1).float()                  # d loss / d g
+    d_gl = rw[:, 2] * g * (1 - g) * diff_dot
+    if gl.grad is not None:                                               # gate BCE
+        d_gl = d_gl + gl.grad
+    torch.autograd.backward(batch["h"] + batch["gl"], list(grads_h.unbind(0)) + list(d_gl.view(T, N).unbind(0)))
+    return float(loss.detach())
+
+
+def make_policy(job: str, cfg: dict) -> MoEPolicy:
+    single = cfg.get("single_expert_baselines", True) and job in ("naive", "filtering", "oracle")
+    return MoEPolicy(experts=1 if single else 2, critic=cfg.get("critic", "linear"),
+                     zero_bias=cfg.get("zero_bias", True), precision=cfg.get("precision", "fp32"))
+
+
+def train(job: str, oversight: float, seed: int, cfg: dict, quiet: bool = True) -> dict:
+    """Train one policy; return its flat result records plus a learning curve."""
+    t0, c0 = time.time(), time.process_time()
+    train_seed = 100_000 * seed + round(oversight * 10_000)   # distinct per (seed, level)
+    gen = set_seed(train_seed)
     steer = 1.0 if job in ("routing", "no_routing") else None    # headline policy is steered
     updates = cfg["updates"]
     if job == "oracle":                     # the same oversight budget, spent on full labels
         updates = max(1, round(oversight * cfg["updates"]))
 
-    env = GridworldVecEnv(cfg["num_envs"], oversight, device=device, return_final_obs=False)
-    policy = MoEPolicy().to(device)
+    env = GridworldVecEnv(cfg["num_envs"], oversight, return_final_obs=False)
+    policy = make_policy(job, cfg)
     opt = torch.optim.Adam(policy.parameters(), lr=cfg["lr"])
     obs, _ = env.reset(seed=train_seed)
     T, N = cfg["num_steps"], cfg["num_envs"]
     curve, best = [], (-math.inf, None, 0)
     val_seed = VAL_SEED + seed
+    ev_kw = dict(window_envs=cfg.get("window_envs", 512), window_steps=T)
 
     def checkpoint(u):
         nonlocal best
-        ev = evaluate(policy, oversight, val_seed, cfg["val_episodes"], gate=steer)
-        curve.append({"update": u, "env_steps": u * T * N, "true_return": ev["true_return"]})
-        if job == "naive" and ev["true_return"] > best[0]:
-            best = (ev["true_return"], copy.deepcopy(policy.state_dict()), u)
+        ev = evaluate(policy, oversight, val_seed, cfg["val_episodes"], gate=steer, **ev_kw)
+        point = {"update": u, "env_steps": u * T * N, "stepwise_return": ev["stepwise_return"],
+                 "true_return": ev["true_return"]}
+        if job == "routing":
+            point["stepwise_return_ghost"] = evaluate(policy, oversight, val_seed, 8, gate=0.0,
+                                                      **ev_kw)["stepwise_return"]
+        curve.append(point)
+        if job == "naive" and ev["stepwise_return"] > best[0]:
+            best = (ev["stepwise_return"], copy.deepcopy(policy.state_dict()), u)
 
-    bar = progress(range(updates), desc=f"{job} p={oversight} s={seed}", disable=quiet, leave=False)
+    bar = progress(range(updates), desc=f"{job} p={oversight} s={seed}", disable=quiet, leave=False,
+                   mininterval=30)
     for u in bar:
         if u % cfg["eval_every"] == 0:
             checkpoint(u)
-        # ---- rollout ----
-        b_obs = torch.zeros(T, N, *env.obs_shape)
-        b_act = torch.zeros(T, N, dtype=torch.long)
-        b_done = torch.zeros(T, N, dtype=torch.bool)
-        b_reached = torch.zeros(T, N, dtype=torch.long)
-        b_overseen = torch.zeros(T, N, dtype=torch.bool)
-        with torch.no_grad():
-            for t in range(T):
-                logits, _ = policy(obs)
-                act = sample_actions(logits, gen)
-                b_obs[t], b_act[t] = obs, act
-                obs, _, term, trunc, info = env.step(act)
-                b_done[t], b_reached[t], b_overseen[t] = term | trunc, info["reached"], info["overseen"]
-        reward = training_reward(reward_kind, b_reached, b_overseen) * b_done.float()
-        ep_reached, ep_overseen, complete, returns = episode_outcomes(
-            b_done, b_reached, b_overseen, reward, GAMMA)
-        # Steps of an episode still running at the end of the rollout have no return or outcome
-        # yet: they are left out (episodes are at most 32 steps, the rollout is 32 steps).
-        mask = complete & ep_overseen if job == "filtering" else complete
-        if mask.sum() == 0:
-            continue
-        # ---- update: REINFORCE with value baseline, entropy bonus, gate BCE ----
-        o, a, g_ret = b_obs[mask], b_act[mask], returns[mask]
-        er, eo = ep_reached[mask], ep_overseen[mask]
-        rw = routing_weights(er, eo) if use_routing else None
-        logits, gate_logit = policy(o, route_w=rw)
-        logp = F.log_softmax(logits, -1)
-        logp_a = logp.gather(1, a[:, None]).squeeze(1)
-        entropy = -(logp.exp() * logp).sum(-1)
-        v = policy.value(o)
-        adv = g_ret - v.detach()
-        loss = -(logp_a * adv).mean() - ENT_COEF * entropy.mean() + VF_COEF * F.mse_loss(v, g_ret)
-        if use_gate_loss and eo.any():
-            target = (er[eo] == DIAMOND).float()
-            loss = loss + GATE_COEF * F.binary_cross_entropy_with_logits(gate_logit[eo], target)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        obs, batch = rollout(policy, env, obs, T, gen)
+        update(policy, batch, job, cfg)
         opt.step()
     checkpoint(updates)
 
     def record(method, gate, state=None, **extra):
         if state is not None:
             policy.load_state_dict(state)
-        ev = evaluate(policy, oversight, TEST_SEED + seed, cfg["test_episodes"], gate=gate)
+        ev = evaluate(policy, oversight, TEST_SEED + seed, cfg["test_episodes"], gate=gate, **ev_kw)
         return {"method": method, "oversight": oversight, "seed": seed, "train_seed": train_seed,
-                **ev, "updates": updates, **extra}
+                **ev, "updates": updates, "env_steps": updates * T * N, **extra}
 
     final_state = copy.deepcopy(policy.state_dict())
-    if job == "routing":
-        records = [record("routing", 1.0), record("routing_ghost", 0.0)]
-        records[0]["true_return_unsteered"] = evaluate(
-            policy, oversight, TEST_SEED + seed, cfg["test_episodes"])["true_return"]
-    elif job == "no_routing":
-        records = [record("no_routing", 1.0)]
-        records[0]["true_return_unsteered"] = evaluate(
-            policy, oversight, TEST_SEED + seed, cfg["test_episodes"])["true_return"]
+    if job in ("routing", "no_routing"):
+        records = [record(job, 1.0)]
+        if job == "routing":
+            records.append(record("routing_ghost", 0.0))
+        unsteered = evaluate(policy, oversight, TEST_SEED + seed, cfg["test_episodes"], **ev_kw)
+        records[0]["stepwise_return_unsteered"] = unsteered["stepwise_return"]
+        records[0]["true_return_unsteered"] = unsteered["true_return"]
     elif job == "naive":
         records = [record("naive", None), record("naive_early_stop", None, best[1], best_update=best[2])]
     else:
         records = [record(job, None)]
     return {"job": job, "oversight": oversight, "seed": seed, "records": records,
-            "curve": curve, "config": cfg, "wall_s": time.time() - t0,
+            "curve": curve, "config": cfg, "wall_s": time.time() - t0, "cpu_s": time.process_time() - c0,
             "state_dict": final_state if job == "routing" else None}
 
 
@@ -322,9 +514,12 @@ def _run_job(job, p, seed, cfg, out):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick",
-                        help="quick (default; whole sweep took 7 min 50 s on 2 shared cores) or paper (20,000 updates, ~2.7 h per run per core)")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
-    parser.add_argument("--oversight", nargs="+", type=float, default=OVERSIGHT_LEVELS)
+                        help="quick (default), cpu (about 2 h on 2 cores) or paper (20,000 updates x 512 envs); "
+                             "see docs/gridworld.md")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=None,
+                        help="default: routing, routing_ghost, naive, naive_early_stop, filtering (paper profile: all)")
+    parser.add_argument("--oversight", nargs="+", type=float, default=None,
+                        help="default: quick 0.3; cpu 0.05 0.1 0.3; paper 0.003 0.01 0.025 0.05 0.1 0.3")
     parser.add_argument("--seeds", nargs="+", type=int, default=None,
                         help="seed indices (default: range(profile seeds))")
     parser.add_argument("--updates", type=int, default=None, help="override the profile")
@@ -333,6 +528,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-every", type=int, default=None, help="override the profile")
     parser.add_argument("--val-episodes", type=int, default=None, help="override the profile")
     parser.add_argument("--test-episodes", type=int, default=None, help="override the profile")
+    parser.add_argument("--precision", choices=sorted(DTYPES), default=None,
+                        help="expert matmuls in fp32 or bf16 (override the profile)")
+    parser.add_argument("--unfinished", choices=["keep", "drop"], default=None,
+                        help="steps of episodes unfinished at a rollout's end: keep with return 0 and "
+                             "route to both experts (original, default) or drop")
+    parser.add_argument("--critic", choices=["linear", "mlp"], default=None, help="value net (default linear, as the original)")
+    parser.add_argument("--zero-bias", type=int, choices=[0, 1], default=None,
+                        help="1: biases start at zero (original, default); 0: PyTorch's default init")
+    parser.add_argument("--filter-mode", choices=["original", "overseen_only"], default=None,
+                        help="filtering trains on overseen terminal episodes only (default: the stronger "
+                             "baseline in our A/B) or, as the original, also on no-terminal episodes with the "
+                             "loss scaled by the kept fraction")
+    parser.add_argument("--single-expert-baselines", type=int, choices=[0, 1], default=None,
+                        help="1: naive, filtering and oracle use one expert (original, default); 0: the MoE with a free gate")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="parallel training processes (1 = in this process)")
 
@@ -344,9 +553,17 @@ def run(args: argparse.Namespace) -> dict:
     if resolve_device(args.device).type != "cpu":
         print("note: gridworld trains on CPU processes (the networks are tiny)")
     cfg = dict(PROFILES[args.profile])
-    for k in ("updates", "num_envs", "lr", "eval_every", "val_episodes", "test_episodes"):
+    for k in ("updates", "num_envs", "lr", "eval_every", "val_episodes", "test_episodes", "precision",
+              "unfinished", "critic", "filter_mode"):
         if getattr(args, k) is not None:
             cfg[k] = getattr(args, k)
+    for k in ("zero_bias", "single_expert_baselines"):
+        if getattr(args, k) is not None:
+            cfg[k] = bool(getattr(args, k))
+    if args.methods is None:
+        args.methods = PROFILE_DEFAULTS[args.profile]["methods"]
+    if args.oversight is None:
+        args.oversight = PROFILE_DEFAULTS[args.profile]["oversight"]
     cfg["profile"] = args.profile
     seeds = args.seeds if args.seeds is not None else list(range(cfg["seeds"]))
     jobs_wanted = sorted({METHOD_JOB[m] for m in args.methods}, key=list(JOB_METHODS).index)
@@ -360,18 +577,22 @@ def run(args: argparse.Namespace) -> dict:
 
     wanted = set(args.methods)
     runs = [r for key in jobs for r in results[key]["records"] if r["method"] in wanted]
-    summary = summarize(runs)
+    summary = summarize(runs, HEADLINE)
+    summary_ep = summarize(runs, "true_return")
     metrics = {
         "experiment": "gridworld", "profile": args.profile, "config": cfg, "seeds": seeds,
         "oversight_levels": list(args.oversight), "methods": list(args.methods),
-        "gamma": GAMMA, "runs": runs, "summary": summary, "claims": check_claims(summary),
+        "gamma": GAMMA, "runs": runs, "headline_metric": HEADLINE,
+        "summary": summary, "summary_per_episode": summary_ep, "claims": check_claims(summary),
         "wall_time_s": time.time() - t0,
         "train_wall_s_total": sum(results[k]["wall_s"] for k in jobs),
+        "train_cpu_s_total": sum(results[k].get("cpu_s", 0.0) for k in jobs),
     }
     write_json(out / "metrics.json", metrics)
-    (out / "summary.md").write_text(summary_table(summary))
+    tables = summary_table(summary, HEADLINE) + "\n" + summary_table(summary_ep, "true_return")
+    (out / "summary.md").write_text(tables)
     make_figures(out, runs, {k: results[k] for k in jobs})
-    print(summary_table(summary))
+    print(tables)
     print(f"wrote {out / 'metrics.json'} ({metrics['wall_time_s']:.0f} s)")
     return metrics
 
@@ -379,7 +600,15 @@ def run(args: argparse.Namespace) -> dict:
 # ------------------------------------------------------------------------------------------
 # reporting
 # ------------------------------------------------------------------------------------------
-def summarize(runs: list[dict], key: str = "true_return") -> dict:
+HEADLINE = "stepwise_return"
+METRIC_NAMES = {
+    "stepwise_return": "true stepwise discounted return (the paper's metric: mean return-to-go over a "
+                       "32-step window of 512 fresh envs)",
+    "true_return": "true discounted return per episode (first episode of each fresh env)",
+}
+
+
+def summarize(runs: list[dict], key: str = HEADLINE) -> dict:
     out: dict = {}
     for r in runs:
         out.setdefault(r["method"], {}).setdefault(f"{r['oversight']:g}", []).append(r[key])
@@ -388,13 +617,20 @@ def summarize(runs: list[dict], key: str = "true_return") -> dict:
 
 
 def check_claims(summary: dict) -> dict:
-    """The paper's claims, checked on means (and on 95% intervals where stated)."""
+    """The paper's claims, checked on means and on 95% intervals (headline metric)."""
     claims = {}
     r = summary.get("routing", {})
+    ghost = summary.get("routing_ghost", {})
+    for p in r:                             # steering: the two routed experts behave differently
+        if p in ghost:
+            claims[f"steered to diamond > steered to ghost at p={p}"] = {
+                "holds_on_means": r[p]["mean"] > ghost[p]["mean"],
+                "intervals_separate": r[p]["lo"] > ghost[p]["hi"],
+                "routing": r[p]["mean"], "routing_ghost": ghost[p]["mean"]}
     for base in ("naive", "filtering", "naive_early_stop"):
         b = summary.get(base, {})
         for p in r:
-            if float(p) <= 0.05 and p in b:
+            if float(p) <= 0.1 and p in b:
                 claims[f"routing > {base} at p={p}"] = {
                     "holds_on_means": r[p]["mean"] > b[p]["mean"],
                     "intervals_separate": r[p]["lo"] > b[p]["hi"],
@@ -405,20 +641,23 @@ def check_claims(summary: dict) -> dict:
             if "0.3" in b:
                 claims[f"routing@5% >= {base}@30%"] = {
                     "holds_on_means": r["0.05"]["mean"] >= b["0.3"]["mean"],
+                    "intervals_separate": r["0.05"]["lo"] > b["0.3"]["hi"],
                     "routing@5%": r["0.05"]["mean"], f"{base}@30%": b["0.3"]["mean"]}
     return claims
 
 
-def summary_table(summary: dict) -> str:
+def summary_table(summary: dict, metric: str = HEADLINE) -> str:
     ps = sorted({p for d in summary.values() for p in d}, key=float)
     rows = []
     for m in [m for m in METHODS if m in summary]:
         cells = []
         for p in ps:
             c = summary[m].get(p)
-            cells.append("" if c is None else f"{c['mean']:.3f} ± {c['hi'] - c['mean']:.3f} (n={c['n']})")
+            cells.append("" if c is None else
+                         f"{c['mean']:.3f} ± {c['hi'] - c['mean']:.3f} (n={c['n']})" if c["n"] > 1
+                         else f"{c['mean']:.3f} (n=1)")
         rows.append([m, *cells])
-    return ("Mean true discounted return per episode (± 95% CI half-width, n seeds)\n\n"
+    return (f"`{metric}`: {METRIC_NAMES.get(metric, metric)}. Mean over seeds ± 95% t-interval half-width.\n\n"
             + markdown_table(["method", *[f"p={p}" for p in ps]], rows))
 
 
@@ -434,28 +673,30 @@ def make_figures(out: Path, runs: list[dict], results: dict) -> None:
         ax.fill_between(x, [summary[m][p]["lo"] for p in ps], [summary[m][p]["hi"] for p in ps], alpha=0.15)
     ax.set_xscale("log")
     ax.set_xlabel("oversight probability p")
-    ax.set_ylabel("true discounted return per episode")
+    ax.set_ylabel("true stepwise discounted return (paper's metric)")
     ax.axhline(0, color="grey", lw=0.5)
     ax.legend(fontsize=8)
     ax.set_title("Gridworld: true return vs oversight (mean, 95% CI)")
     savefig(fig, out / "return_vs_oversight.png")
 
-    # learning curves at 10% oversight (or the level closest to it)
-    levels = sorted({k[1] for k in results})
-    if levels:
-        p0 = min(levels, key=lambda p: abs(math.log(p / 0.1)))
+    # learning curves on the validation envs, one figure per oversight level (mean over seeds)
+    for p0 in sorted({k[1] for k in results}):
         fig, ax = pyplot.subplots(figsize=(7, 4.5))
-        for job in JOB_METHODS:
+        lines = [(job, "stepwise_return", job + (" (steered to diamond)" if job in ("routing", "no_routing") else ""))
+                 for job in JOB_METHODS] + [("routing", "stepwise_return_ghost", "routing (steered to ghost)")]
+        for job, key, label in lines:
             curves = [results[k]["curve"] for k in results if k[0] == job and k[1] == p0]
+            curves = [c for c in curves if c and key in c[0]]
             if not curves:
                 continue
             n = min(len(c) for c in curves)
-            x = [c["update"] for c in curves[0][:n]]
-            y = np.mean([[c["true_return"] for c in cv[:n]] for cv in curves], 0)
-            ax.plot(x, y, marker="." if n < 5 else None,
-                    label=job + (" (steered to diamond)" if job in ("routing", "no_routing") else ""))
-        ax.set_xlabel("update")
-        ax.set_ylabel("true return (validation episodes)")
+            x = [c["env_steps"] / 1e6 for c in curves[0][:n]]
+            y = np.mean([[c[key] for c in cv[:n]] for cv in curves], 0)
+            ax.plot(x, y, marker="." if n < 5 else None, ls="--" if key.endswith("ghost") else "-",
+                    label=f"{label} (n={len(curves)})")
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set_xlabel("env steps (M)")
+        ax.set_ylabel("true stepwise return, validation envs")
         ax.set_title(f"Learning curves at p={p0:g} (mean over seeds)")
         ax.legend(fontsize=8)
         savefig(fig, out / f"learning_curves_p{p0:g}.png")
@@ -463,7 +704,8 @@ def make_figures(out: Path, runs: list[dict], results: dict) -> None:
     models = sorted((out / "models").glob("routing_p*_s*.pt")) if (out / "models").exists() else []
     if models:
         best = min(models, key=lambda f: abs(math.log(float(f.stem.split("_p")[1].split("_s")[0]) / 0.1)))
-        policy = MoEPolicy()
+        cfg = next(iter(results.values()))["config"] if results else {}
+        policy = make_policy("routing", cfg)        # the saved run's critic and precision
         policy.load_state_dict(torch.load(best, weights_only=True))
         draw_episodes(policy, out / "episodes.png", title=best.stem)
 
@@ -505,29 +747,45 @@ def draw_episodes(policy: MoEPolicy, path: Path, title: str = "") -> None:
     savefig(fig, path)
 
 
+RERUN = {"0.05": 0.49, "0.1": 0.54, "0.3": 0.60}   # third-party re-run of the original code, per step
+
+
 def report(out: Path) -> dict:
     """This experiment's section of ``gradroute reproduce``'s report (claim, table, verdict)."""
     m = read_json(Path(out) / "metrics.json")
     summary, claims = m["summary"], m["claims"]
+    metric = m.get("headline_metric", HEADLINE)
     ps = sorted({p for d in summary.values() for p in d}, key=float)
-    rows = [[meth, *[summary[meth][p]["mean"] if p in summary[meth] else "" for p in ps]]
+
+    def cell(c):
+        return "" if c is None else (f"{c['mean']:.3f} ± {c['hi'] - c['mean']:.3f}" if c["n"] > 1 else c["mean"])
+
+    rows = [[meth, min(c["n"] for c in summary[meth].values()), *[cell(summary[meth].get(p)) for p in ps]]
             for meth in METHODS if meth in summary]
-    rows.append(["third-party re-run (paper setup)", *[{"0.05": 0.49, "0.1": 0.54, "0.3": 0.60}.get(p, "") for p in ps]])
+    if metric == "stepwise_return":      # the re-run reports the same per-step metric: like with like
+        rows.append(["third-party re-run of the original (routing)", "", *[RERUN.get(p, "") for p in ps]])
     verdict, checks = claim_summary(claims, "holds_on_means", "claim checks hold on means")
+    sep = [k for k, c in claims.items() if c.get("intervals_separate")]
+    if claims and not [k for k in claims if not k.startswith("steered")]:
+        # only the steering check applies (no level <= 0.1 was run): the headline comparison
+        # is untested, so at most part of the claim can be reproduced
+        verdict = "partly" if all(c["holds_on_means"] for c in claims.values()) else "not"
+        checks += "; routing vs the baselines is checked at p <= 0.1 only, which this run does not include"
     cfg = m["config"]
     steps = cfg["updates"] * cfg["num_envs"] * cfg["num_steps"]
     return {
         "title": "Scalable oversight in a gridworld (paper section 6)",
         "claim": "The routed MoE policy steered to the diamond expert beats naive training and data "
-                 "filtering at oversight p <= 5%, and at 5% matches the baselines at ~30%.",
+                 "filtering at low oversight, and at 5% matches the baselines at ~30%.",
         "paper": "Routing clearly nontrivial at 1% oversight; at 5% it matches baselines given 6x more "
-                 "oversight; a third-party re-run measured ~0.49 / 0.54 / 0.60 mean return at 5 / 10 / 30%.",
+                 "oversight; a third-party re-run measured ~0.49 / 0.54 / 0.60 (per step) at 5 / 10 / 30%.",
         "verdict": verdict,
-        "detail": (f"{checks}. "
-                   f"Trained for {steps:,} env steps per run ({cfg['updates']} updates), against the paper's "
-                   f"{20000 * 512 * 32:,}: the paper profile (`--profile paper`) was not run here. "
-                   "Table: mean true discounted return per episode over seeds."),
-        "table": {"header": ["method", *[f"p={p}" for p in ps]], "rows": rows},
-        "figures": [f for f in ("return_vs_oversight.png", "learning_curves_p0.1.png", "episodes.png")
+        "detail": (f"{checks}; 95% intervals separate for {len(sep)} of {len(claims)} ({', '.join(sep) or 'none'}). "
+                   f"Profile `{m.get('profile', '?')}`: {steps:,} env steps per run ({cfg['updates']} updates x "
+                   f"{cfg['num_envs']} envs, lr {cfg.get('lr', '?')}), against the paper's {20000 * 512 * 32:,}. "
+                   f"Table: {METRIC_NAMES.get(metric, metric)}; mean ± 95% t-interval half-width over n seeds. "
+                   "Per-episode returns are in summary.md."),
+        "table": {"header": ["method", "n seeds", *[f"p={p}" for p in ps]], "rows": rows},
+        "figures": [f for f in ["return_vs_oversight.png", *[f"learning_curves_p{p}.png" for p in ps], "episodes.png"]
                     if (Path(out) / f).exists()],
     }
