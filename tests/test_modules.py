@@ -478,7 +478,8 @@ def test_experiment_labels_and_filters():
     assert int(m.sum()) == 500 and torch.equal(m, unlabelled_subset(1000, 0.5, seed=3))
 
 
-def test_experiment_end_to_end_tiny(tmp_path, monkeypatch):
+def _tiny_experiment(tmp_path, monkeypatch, steps, curve_points, modules, attack_rounds):
+    """The modules experiment at toy size as the `quick` profile; returns (module, its parser)."""
     import argparse
 
     from gradroute.experiments import modules as E
@@ -486,9 +487,9 @@ def test_experiment_end_to_end_tiny(tmp_path, monkeypatch):
     tiny = dict(
         corpus=dict(n_train=400, topic_fraction=0.1, n_eval=6, n_val=6, n_attack=6, n_general_eval=6),
         vocab_size=300, model=dict(n_ctx=48, n_layer=1, n_head=2, d_model=16, d_mlp=32),
-        train=dict(steps=8, lr=3e-3, warmup=1), batch_size=8, curve_points=4,
-        modules=dict(width=0.1, p_cr=1.0, p_as=0.25), unlabelled_fraction=0.5,
-        attack=dict(topic="sea", rounds=3, patience=2, lr_factor=0.25),
+        train=dict(steps=steps, lr=3e-3, warmup=1), batch_size=8, curve_points=curve_points,
+        modules=modules, unlabelled_fraction=0.5,
+        attack=dict(topic="sea", rounds=attack_rounds, patience=2, lr_factor=0.25),
         ascent=dict(steps=2, lr_factor=0.1, eval_every=1, max_general_increase=0.05), seeds=1)
     monkeypatch.setitem(E.PROFILES, "quick", tiny)
     monkeypatch.setenv("GRADROUTE_CACHE", str(tmp_path / "cache"))
@@ -496,6 +497,12 @@ def test_experiment_end_to_end_tiny(tmp_path, monkeypatch):
     parser.add_argument("--out")
     parser.add_argument("--device", default="cpu")
     E.add_arguments(parser)
+    return E, parser
+
+
+def test_experiment_end_to_end_tiny(tmp_path, monkeypatch):
+    E, parser = _tiny_experiment(tmp_path, monkeypatch, steps=8, curve_points=4,
+                                 modules=dict(width=0.1, p_cr=1.0, p_as=0.25), attack_rounds=3)
     args = parser.parse_args(["--out", str(tmp_path / "o"), "--workers", "1", "--methods", "base", "modular",
                               "filter_sea", "demix"])
     m = E.run(args)
@@ -548,25 +555,11 @@ def test_select_schedule_rule():
 
 
 def test_experiment_selects_schedule_on_validation(tmp_path, monkeypatch):
-    import argparse
-
-    from gradroute.experiments import modules as E
-
     sel = dict(seeds=[7], removal=0.9, candidates=[dict(p_cr=1.0, p_as=0.5, spread="one"),
                                                    dict(p_cr=0.7, p_as=0.5, spread="each")])
-    tiny = dict(
-        corpus=dict(n_train=400, topic_fraction=0.1, n_eval=6, n_val=6, n_attack=6, n_general_eval=6),
-        vocab_size=300, model=dict(n_ctx=48, n_layer=1, n_head=2, d_model=16, d_mlp=32),
-        train=dict(steps=6, lr=3e-3, warmup=1), batch_size=8, curve_points=3,
-        modules=dict(width=0.1, p_cr=0.5, p_as=0.1, spread="one", select=sel), unlabelled_fraction=0.5,
-        attack=dict(topic="sea", rounds=2, patience=2, lr_factor=0.25),
-        ascent=dict(steps=2, lr_factor=0.1, eval_every=1, max_general_increase=0.05), seeds=1)
-    monkeypatch.setitem(E.PROFILES, "quick", tiny)
-    monkeypatch.setenv("GRADROUTE_CACHE", str(tmp_path / "cache"))
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out")
-    parser.add_argument("--device", default="cpu")
-    E.add_arguments(parser)
+    E, parser = _tiny_experiment(tmp_path, monkeypatch, steps=6, curve_points=3,
+                                 modules=dict(width=0.1, p_cr=0.5, p_as=0.1, spread="one", select=sel),
+                                 attack_rounds=2)
     args = parser.parse_args(["--out", str(tmp_path / "o"), "--workers", "1", "--methods", "base", "modular",
                               "--no-attack"])
     m = E.run(args)
