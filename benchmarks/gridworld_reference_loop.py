@@ -14,17 +14,9 @@ import torch.nn.functional as F
 from gradroute import route
 from gradroute.envs.gridworld import DIAMOND, GridworldVecEnv
 from gradroute.experiments.gridworld import episode_outcomes, routing_weights, training_reward
+from gradroute.experiments.gridworld import mlp as _mlp
 
 GAMMA, ENT_COEF, VF_COEF, GATE_COEF = 0.97, 0.1, 0.5, 0.01
-
-
-def _mlp(sizes, final_act=True):
-    layers = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(a, b))
-        if final_act or i < len(sizes) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
 
 
 class ReferenceMoEPolicy(nn.Module):
