@@ -120,6 +120,14 @@ def format_ci(stats: dict, digits: int = 3) -> str:
     return f"{m:.{digits}f} ± {stats['hi'] - m:.{digits}f}"
 
 
+def intervals_separate(a: dict, b: dict) -> bool | None:
+    """Whether two :func:`mean_ci` intervals do not overlap (None when either comes from one
+    value: there is no interval to compare)."""
+    if a.get("n", 1) < 2 or b.get("n", 1) < 2:
+        return None
+    return a["lo"] > b["hi"] or b["lo"] > a["hi"]
+
+
 def plt():
     """matplotlib.pyplot with the non-interactive Agg backend."""
     import matplotlib

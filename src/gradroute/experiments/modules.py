@@ -56,8 +56,8 @@ from gradroute.lm.tokenizer import get_tokenizer
 from gradroute.lm.train import TrainConfig, token_losses, train
 from gradroute.modules import GENERAL, UNLABELLED
 from gradroute.sweep import run_jobs, split_finished
-from gradroute.utils import (claim_summary, markdown_table, mean_ci, plt, read_json, resolve_device, savefig,
-                             set_seed, write_json)
+from gradroute.utils import (claim_summary, format_ci, intervals_separate, markdown_table, mean_ci, plt,
+                             read_json, resolve_device, savefig, set_seed, write_json)
 
 DESCRIPTION = ("Module routing (GRAM): one auxiliary MLP per story topic, 16 access profiles from one run, vs "
                "base, per-profile data filtering, DEMix and gradient ascent; partial labels; elicitation attack; "
@@ -709,10 +709,6 @@ def _seeds_of(summary, method, config, set_name) -> dict:
     return summary["table"].get(method, {}).get(config, {}).get(set_name, {}).get("loss_by_seed", {})
 
 
-def _separate(a: dict, b: dict) -> bool:
-    return a["n"] > 1 and b["n"] > 1 and (a["hi"] < b["lo"] or b["hi"] < a["lo"])
-
-
 def check_claims(summary: dict) -> dict:
     """The issue's "what it must show", on seed means (with 95% intervals over seeds)."""
     claims = {}
@@ -736,7 +732,7 @@ def check_claims(summary: dict) -> dict:
         worst = [max(abs(by_seed[n][sd] - ref[n][sd]) for n in SETS if n != t) for sd in by_seed[t]]
         off_ci = _ci(list(by_seed[t].values()))
         filt_ci = _ci(list(_seeds_of(summary, f"filter_{t}", "all", t).values()))
-        single[t] = {"loss_off_ci": off_ci, "loss_filter_ci": filt_ci, "off_vs_filter_separate": _separate(off_ci, filt_ci),
+        single[t] = {"loss_off_ci": off_ci, "loss_filter_ci": filt_ci, "off_vs_filter_separate": bool(intervals_separate(off_ci, filt_ci)),
                      "max_change_elsewhere_ci": _ci(worst),
                      "max_change_elsewhere_below_0.05_ci": _ci(worst)["hi"] < 0.05 if len(worst) > 1 else None,
                      "cr_off": off_cr, "cr_filter": filt_cr, "loss_off": off_l, "loss_filter": filt_l,
@@ -787,9 +783,7 @@ def check_claims(summary: dict) -> dict:
 
 
 def _fmt(c: dict, digits=3) -> str:
-    if c["n"] == 1:
-        return f"{c['mean']:.{digits}f} (n=1)"
-    return f"{c['mean']:.{digits}f} ± {c['hi'] - c['mean']:.{digits}f}"
+    return format_ci(c, digits) + (" (n=1)" if c["n"] == 1 else "")
 
 
 def main_table(summary: dict) -> tuple[list, list]:

@@ -20,6 +20,7 @@ from .corpus import ANIMALS, NAMES, PLACES, is_forest_topic, is_forget, load_cor
 from .data import IGNORE, BatchOrder, Stories, encode_stories, full_batches
 from .tokenizer import Tokenizer, get_tokenizer
 from .train import TrainConfig, lm_loss, token_losses, train
+from ..utils import intervals_separate  # noqa: F401  (re-exported for the experiments)
 
 TRAIN_STREAM, EVAL_STREAM = 0, 1   # generated corpus: seeds of the training and held-out streams
 
@@ -193,11 +194,3 @@ def fmt_ci(ci: dict, digits: int = 3, signed: bool = False) -> str:
     if ci["n"] == 1:
         return f"{f(ci['mean'])} (n=1)"
     return f"{f(ci['mean'])} [{f(ci['lo'])}, {f(ci['hi'])}] (n={ci['n']})"
-
-
-def intervals_separate(a: dict, b: dict) -> bool | None:
-    """Whether two :func:`gradroute.utils.mean_ci` intervals do not overlap (None with n=1:
-    there is no interval to compare)."""
-    if a["n"] < 2 or b["n"] < 2:
-        return None
-    return a["lo"] > b["hi"] or b["lo"] > a["hi"]
