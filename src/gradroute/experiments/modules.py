@@ -71,11 +71,15 @@ MLP_PATTERN = "transformer.h.*.mlp"
 # trains core + one module = the official ``robust_prc``): the official SimpleStories GRAM values
 # (aux_route_prc 0.3, robust_prc 0.5), the official partial-label setting's core freeze
 # (aux_route_prc 0), each with the official "one module" spread and our "each module" spread.
-# Rule (see select_schedule): keep candidates whose removal is within 10% of filtering for every
-# topic (val loss with only that module off >= 0.9 x the topic-filtered model's val loss), and
-# among them take the smallest interference (largest |change| of another topic's or general val
-# loss when one module is switched off, against all on); if none qualifies, the strongest removal.
-SELECT = dict(seeds=[100], removal=0.9, candidates=[
+# Rule (SELECT_RULE, select_schedule): a candidate qualifies when, for every topic, removal is
+# within 10% of filtering (val loss with only that module off >= 0.9 x the topic-filtered model's)
+# and the module is useful (val loss with only that module on <= 1.1 x the base model's: the
+# paper's retain-side compute ratio near 1); among qualifying candidates the smallest interference
+# (largest |change| of another topic's or general val loss when one module is switched off,
+# against all on); if none qualifies, the smallest worst shortfall of the two requirements. (The
+# usefulness requirement was added after a rule on removal alone chose modules that had not
+# learned their topic; docs/modules.md, "Why it fails".)
+SELECT = dict(seeds=[100], removal=0.9, useful=1.1, candidates=[
     dict(p_cr=0.7, p_as=0.5, spread="one"),
     dict(p_cr=0.7, p_as=0.5, spread="each"),
     dict(p_cr=1.0, p_as=0.5, spread="one"),
@@ -253,6 +257,51 @@ def evaluate_configs(model, mods, sets: dict, demix: bool = False, suffix: str =
     return res
 
 
+def general_token_ids(data: Stories, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Bool ``(vocab,)``: token ids that occur as a target in some general training story (the
+    rest occur only in topic stories: the topics' own vocabulary)."""
+    y = data.y[labels < 0]
+    y = y[y >= 0]
+    seen = torch.zeros(vocab_size, dtype=torch.bool)
+    seen[y] = True
+    return seen
+
+
+@torch.no_grad()
+def interference_by_token(model, mods, sets: dict, shared_ids: torch.Tensor) -> dict:
+    """Diagnostic: for each module ``A`` and each other set ``n``, the change of ``n``'s held-out
+    loss (nats/token; + = worse) when only ``A`` is switched off (against all on), split into
+    target tokens that also occur in general stories (``shared``) and tokens that occur only in
+    topic stories (``topic_only``)."""
+    from gradroute.lm.data import full_batches
+
+    def per_token(n, **kw):
+        L, Y = [], []
+        with mods.using(**kw):
+            for b in full_batches(sets[n], 64):
+                L.append(token_losses(model, b.x, b.y))
+                Y.append(b.y)
+        return torch.cat(L), torch.cat(Y)
+    ref = {n: per_token(n) for n in SETS}
+    out = {}
+    for a in mods.domains:
+        row = {}
+        for n in SETS:
+            if n == a:
+                continue
+            L1, _ = per_token(n, off=[a])
+            L0, Y = ref[n]
+            keep = Y >= 0
+            shared = keep & shared_ids[Y.clamp(min=0)]
+            only = keep & ~shared
+            d = L1 - L0
+            row[n] = {"all": float(d[keep].mean()), "shared": float(d[shared].mean()) if shared.any() else None,
+                      "topic_only": float(d[only].mean()) if only.any() else None,
+                      "topic_only_fraction": float(only.sum() / keep.sum())}
+        out[a] = row
+    return out
+
+
 def _run_path(out: Path, method: str, seed: int) -> Path:
     return out / "runs" / f"{method}_s{seed}.json"
 
@@ -299,6 +348,9 @@ def run_train(method: str, seed: int, cfg: dict, out: Path, device: str = "cpu")
     if mods is not None:
         result["configs"] = evaluate_configs(model, mods, sets, demix=method == "demix")
         result["val_configs"] = evaluate_configs(model, mods, sets, demix=method == "demix", suffix="_val")
+        if method != "demix":
+            result["interference_by_token"] = interference_by_token(model, mods, sets,
+                                                                    general_token_ids(data, labels, tok.vocab_size))
         result["module_params"] = mods.num_params()
         result["core_params"] = sum(p.numel() for p in mods.core_params())
     else:
@@ -481,33 +533,49 @@ def base_fits(base_run: dict, warmup: int) -> dict:
 # ------------------------------------------------------------------------------------------
 # schedule selection on the validation split
 # ------------------------------------------------------------------------------------------
-SELECT_RULE = ("on the validation split of the selection seeds (seed means): keep the candidates whose "
-               "val loss of each topic with only its module off is >= removal x the topic-filtered "
-               "model's val loss on it; among them the smallest interference (max over topics t and "
-               "sets n != t of |L_n(all but t on) - L_n(all on)|); if none qualifies, the largest "
-               "min over topics of (loss with its module off) / (filtered loss)")
+SELECT_RULE = ("on the validation split of the selection seeds (seed means), a candidate qualifies when "
+               "(removal) for every topic t its val loss with only module t off is >= removal x the "
+               "filter_t model's val loss on t, and (usefulness) for every topic t its val loss with only "
+               "module t on is <= useful x the base model's val loss on t; among qualifying candidates the "
+               "smallest interference (max over topics t and sets n != t of |L_n(all but t on) - "
+               "L_n(all on)|); if none qualifies, the smallest worst shortfall max(removal / min_t removal "
+               "ratio, max_t usefulness ratio / useful), ties by interference")
 
 
-def select_schedule(cand_val: list, filter_val: dict, removal: float) -> dict:
+def select_schedule(cand_val: list, filter_val: dict, removal: float, base_val: dict | None = None,
+                    useful: float | None = None) -> dict:
     """Apply :data:`SELECT_RULE`. ``cand_val[i]``: ``{config name: {set: val loss}}`` of candidate
-    ``i``; ``filter_val[t]``: the ``filter_<t>`` model's val loss on topic ``t``."""
+    ``i``; ``filter_val[t]``: the ``filter_<t>`` model's val loss on topic ``t``; ``base_val[t]``:
+    the base model's (``None``: no usefulness requirement)."""
     everything = config_name(tuple(TOPIC_NAMES))
     rows = []
     for i, cv in enumerate(cand_val):
-        inter, ratio, by = 0.0, math.inf, {}
+        inter, ratio, use, by = 0.0, math.inf, 0.0, {}
         for t in TOPIC_NAMES:
             c = config_name(tuple(x for x in TOPIC_NAMES if x != t))
             change = max(abs(cv[c][n] - cv[everything][n]) for n in SETS if n != t)
             r = cv[c][t] / filter_val[t]
-            by[t] = {"off_loss": cv[c][t], "filter_loss": filter_val[t], "ratio": r, "max_change_elsewhere": change}
+            own = cv[config_name((t,))][t]
+            by[t] = {"off_loss": cv[c][t], "filter_loss": filter_val[t], "ratio": r, "max_change_elsewhere": change,
+                     "own_on_loss": own}
+            if base_val is not None:
+                by[t].update(base_loss=base_val[t], useful_ratio=own / base_val[t])
+                use = max(use, own / base_val[t])
             inter, ratio = max(inter, change), min(ratio, r)
+        useful_ok = True if base_val is None or useful is None else use <= useful
+        shortfall = removal / ratio if ratio > 0 else math.inf
+        if base_val is not None and useful is not None:
+            shortfall = max(shortfall, use / useful)
         rows.append({"candidate": i, "interference": inter, "removal_ratio_min": ratio,
-                     "removal_ok": ratio >= removal, "own_on_topic_loss": float(np.mean(
-                         [cv[config_name((t,))][t] for t in TOPIC_NAMES])),
+                     "removal_ok": ratio >= removal, "useful_ratio_max": use if base_val is not None else None,
+                     "useful_ok": useful_ok, "shortfall": shortfall,
+                     "own_on_topic_loss": float(np.mean([by[t]["own_on_loss"] for t in TOPIC_NAMES])),
                      "all_on_general": cv[everything]["general"], "by_topic": by})
-    ok = [r for r in rows if r["removal_ok"]]
-    best = min(ok, key=lambda r: r["interference"]) if ok else max(rows, key=lambda r: r["removal_ratio_min"])
-    return {"chosen": best["candidate"], "any_removal_ok": bool(ok), "rows": rows}
+    ok = [r for r in rows if r["removal_ok"] and r["useful_ok"]]
+    best = (min(ok, key=lambda r: r["interference"]) if ok
+            else min(rows, key=lambda r: (r["shortfall"], r["interference"])))
+    return {"chosen": best["candidate"], "any_qualifies": bool(ok), "any_removal_ok": any(r["removal_ok"] for r in rows),
+            "rows": rows}
 
 
 def _mean_configs(runs: list) -> dict:
@@ -527,6 +595,8 @@ def run_selection(cfg: dict, out: Path, device: str, workers: int, eval_seeds=()
     root = out / "select"
     jobs, where = [], {}
     for s in sel["seeds"]:
+        if sel.get("useful") is not None:
+            jobs.append(("base", s, "filters"))
         for t in TOPIC_NAMES:
             jobs.append((f"filter_{t}", s, "filters"))
         for i in range(len(cands)):
@@ -549,8 +619,12 @@ def run_selection(cfg: dict, out: Path, device: str, workers: int, eval_seeds=()
     filter_val = {t: float(np.mean([results[(f"filter_{t}", s, "filters")]["val_losses"][t] for s in sel["seeds"]]))
                   for t in TOPIC_NAMES}
     cand_val = [_mean_configs([results[("modular", s, f"c{i}")] for s in sel["seeds"]]) for i in range(len(cands))]
-    choice = select_schedule(cand_val, filter_val, sel["removal"])
-    choice.update(rule=SELECT_RULE, seeds=sel["seeds"], removal=sel["removal"], candidates=cands,
+    base_val = None
+    if sel.get("useful") is not None:
+        base_val = {t: float(np.mean([results[("base", s, "filters")]["val_losses"][t] for s in sel["seeds"]]))
+                    for t in TOPIC_NAMES}
+    choice = select_schedule(cand_val, filter_val, sel["removal"], base_val, sel.get("useful"))
+    choice.update(rule=SELECT_RULE, seeds=sel["seeds"], removal=sel["removal"], useful=sel.get("useful"), candidates=cands,
                   schedule=cands[choice["chosen"]])
     return choice
 
@@ -683,6 +757,20 @@ def summarize(results: dict, attacks: dict, seeds, cfg) -> dict:
                         "cr": _ci([cr(s, n, row[n]) for s, row in rows]),
                         "loss_by_seed": {str(s): row[n] for s, row in rows}}
     summ["table"] = table
+    # diagnostic: what switching one module off does to the other topics, by token class
+    ibt = {}
+    for (m, s), r in results.items():
+        if "interference_by_token" not in r:
+            continue
+        d = r["interference_by_token"]
+        pairs = [d[a][n] for a in d for n in d[a] if n != "general"]
+        for key in ("all", "shared", "topic_only"):
+            vals = [p[key] for p in pairs if p[key] is not None]
+            if vals:
+                ibt.setdefault(m, {}).setdefault(f"other topics: {key}", []).append(float(np.mean(vals)))
+                ibt[m].setdefault(f"other topics: |{key}|", []).append(float(np.mean(np.abs(vals))))
+        ibt.setdefault(m, {}).setdefault("general: all", []).append(float(np.mean([d[a]["general"]["all"] for a in d])))
+    summ["interference_by_token"] = {m: {k: _ci(v) for k, v in d.items()} for m, d in ibt.items()}
     if attacks:
         att = {}
         for s, a in attacks.items():
@@ -802,6 +890,11 @@ def main_table(summary: dict) -> tuple[list, list]:
     for m, c, label in picks:
         if m in T and c in T[m]:
             rows.append([label, *[f"{T[m][c][n]['loss']['mean']:.3f} / {T[m][c][n]['cr']['mean']:.2f}" for n in SETS]])
+        if m == "modular" and c == everything and all(t in T[m] for t in TOPIC_NAMES):
+            # usefulness: each topic with only its own module on (one profile per column)
+            rows.append(["modules: only that topic's module on",
+                         *[f"{T[m][t][t]['loss']['mean']:.3f} / {T[m][t][t]['cr']['mean']:.2f}" for t in TOPIC_NAMES],
+                         "-"])
     return ["model / profile", *[f"{n} loss / CR" for n in SETS]], rows
 
 
@@ -813,9 +906,12 @@ def summary_md(summary: dict, claims: dict, selection: dict | None = None) -> st
                     f"{len(selection['candidates'])}, chosen on the validation split (seeds {selection['seeds']}): "
                     f"{selection['rule']}.\n")
         text.append(markdown_table(
-            ["candidate", "removal: min off/filter", "removal ok", "interference (nats)", "own module only: topic"],
+            ["candidate", "removal: min off/filter", "removal ok", "useful: max own-on/base", "useful ok",
+             "interference (nats)", "own module only: topic"],
             [[str(selection["candidates"][r["candidate"]]), f"{r['removal_ratio_min']:.2f}", str(r["removal_ok"]),
-              f"{r['interference']:.3f}", f"{r['own_on_topic_loss']:.2f}"] for r in selection["rows"]]) + "\n")
+              "-" if r.get("useful_ratio_max") is None else f"{r['useful_ratio_max']:.2f}",
+              str(r.get("useful_ok", True)), f"{r['interference']:.3f}", f"{r['own_on_topic_loss']:.2f}"]
+             for r in selection["rows"]]) + "\n")
     text += ["### Held-out loss (nats/token) / compute ratio, seed means\n", markdown_table(h, rows)]
     if "attack" in summary:
         t = summary["attack_topic"]
@@ -824,6 +920,15 @@ def summary_md(summary: dict, claims: dict, selection: dict | None = None) -> st
         text.append(f"\n### Elicitation attack on {t} (mean ± 95% CI half-width over seeds)\n")
         text.append(markdown_table([f"model ({t} removed)", f"{t} loss before", f"{t} loss after attack",
                                     "CR before", "CR after", "rounds run"], arows))
+    if summary.get("interference_by_token"):
+        text.append("\n### Switching one module off: change of the other sets' loss by token class (diagnostic)\n")
+        text.append("Mean over modules A and other topics B of L_B(all but A on) - L_B(all on), nats/token "
+                    "(+ = worse); `shared`: target tokens that also occur in general stories, `topic_only`: "
+                    "tokens that occur only in topic stories. Seed means ± 95% CI half-width.\n")
+        keys = ["other topics: all", "other topics: shared", "other topics: topic_only", "other topics: |all|",
+                "general: all"]
+        text.append(markdown_table(["model", *keys], [[m, *[_fmt(d[k]) if k in d else "-" for k in keys]]
+                                                      for m, d in summary["interference_by_token"].items()]))
     text.append("\n### Claim checks\n")
     for k, v in claims.items():
         text.append(f"- {k}: **{'holds' if v['holds'] else 'fails'}**")
