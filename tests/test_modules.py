@@ -532,8 +532,9 @@ def test_spread_each_switches_modules_independently():
 def test_select_schedule_rule():
     from gradroute.experiments.modules import SETS, TOPIC_NAMES, config_name, select_schedule
 
-    def cand(off_topic, elsewhere):
-        """val losses: all on 1.0 everywhere; with one module off its topic at off_topic, others moved."""
+    def cand(off_topic, elsewhere, own=1.0):
+        """val losses: all on 1.0 everywhere; with one module off its topic at off_topic, others moved;
+        with only one module on, its topic at ``own``."""
         res = {}
         for on in [tuple(TOPIC_NAMES)] + [tuple(x for x in TOPIC_NAMES if x != t) for t in TOPIC_NAMES] + \
                 [(t,) for t in TOPIC_NAMES]:
@@ -541,6 +542,8 @@ def test_select_schedule_rule():
             for t in TOPIC_NAMES:
                 if t not in on and len(on) == len(TOPIC_NAMES) - 1:
                     row = {n: (off_topic if n == t else 1.0 + elsewhere) for n in SETS}
+            if len(on) == 1:
+                row[on[0]] = own
             res[config_name(on)] = row
         return res
     filt = {t: 4.0 for t in TOPIC_NAMES}
@@ -552,10 +555,55 @@ def test_select_schedule_rule():
     # none removes enough: the strongest removal is taken
     out = select_schedule([cand(2.0, 0.0), cand(3.0, 0.5)], filt, removal=0.9)
     assert out["chosen"] == 1 and not out["any_removal_ok"]
+    # usefulness (own module only vs base): a candidate that removes but whose modules did not learn
+    # their topic does not qualify; the useful one with removal ok is taken despite more interference
+    base = {t: 1.0 for t in TOPIC_NAMES}
+    out = select_schedule([cand(3.8, 0.1, own=3.0), cand(3.7, 0.3, own=1.05)], filt, 0.9, base, useful=1.1)
+    assert out["chosen"] == 1 and out["any_qualifies"]
+    assert [r["useful_ok"] for r in out["rows"]] == [False, True]
+    assert out["rows"][0]["useful_ratio_max"] == pytest.approx(3.0)
+    # nobody qualifies: the smallest worst shortfall (removal 0.9/0.5 = 1.8 vs usefulness 1.5/1.1 = 1.36)
+    out = select_schedule([cand(4.0, 0.0, own=5.0), cand(2.0, 0.0, own=1.0), cand(3.2, 0.2, own=1.5)], filt, 0.9,
+                          base, useful=1.1)
+    assert not out["any_qualifies"] and out["chosen"] == 2
+    assert out["rows"][2]["shortfall"] == pytest.approx(1.5 / 1.1)
+
+
+def test_interference_by_token_splits_shared_and_topic_only():
+    from gradroute.experiments.modules import SETS, TOPIC_NAMES, general_token_ids, interference_by_token
+    from gradroute.lm.data import Stories
+
+    g = torch.Generator().manual_seed(0)
+
+    def stories(lo, hi, n=3, T=16):
+        x = torch.randint(lo, hi, (n, T), generator=g)
+        y = torch.cat([x[:, 1:], torch.full((n, 1), -100)], 1)
+        z = torch.zeros(n, dtype=torch.bool)
+        return Stories(x, y, torch.zeros_like(x, dtype=torch.bool), z, z)
+    # general stories use tokens 0..31; topic stories 0..63 (so 32..63 are topic-only)
+    train = stories(0, 32, n=4)
+    labels = torch.full((4,), -1)
+    shared = general_token_ids(train, labels, 64)
+    assert shared[:32].any() and not shared[32:].any()
+    sets = {n: stories(0, 64) for n in TOPIC_NAMES}
+    sets["general"] = train
+    model = gpt()
+    mods = gr.add_modules(model, "transformer.h.*.mlp", list(TOPIC_NAMES))
+    model.eval()
+    res = interference_by_token(model, mods, sets, shared)
+    assert set(res) == set(TOPIC_NAMES) and all(t not in res[t] for t in TOPIC_NAMES)
+    assert all(v["all"] == 0.0 for a in res for v in res[a].values())      # zero-initialised modules: no effect
+    randomise_modules(mods)
+    res = interference_by_token(model, mods, sets, shared)
+    d = res["forest"]["sea"]
+    assert d["all"] != 0.0
+    f = d["topic_only_fraction"]
+    assert 0 < f < 1 and d["all"] == pytest.approx((1 - f) * d["shared"] + f * d["topic_only"], abs=1e-5)
+    assert res["forest"]["general"]["topic_only"] is None and res["forest"]["general"]["topic_only_fraction"] == 0
 
 
 def test_experiment_selects_schedule_on_validation(tmp_path, monkeypatch):
-    sel = dict(seeds=[7], removal=0.9, candidates=[dict(p_cr=1.0, p_as=0.5, spread="one"),
+    sel = dict(seeds=[7], removal=0.9, useful=1.1, candidates=[dict(p_cr=1.0, p_as=0.5, spread="one"),
                                                    dict(p_cr=0.7, p_as=0.5, spread="each")])
     E, parser = _tiny_experiment(tmp_path, monkeypatch, steps=6, curve_points=3,
                                  modules=dict(width=0.1, p_cr=0.5, p_as=0.1, spread="one", select=sel),
@@ -568,6 +616,10 @@ def test_experiment_selects_schedule_on_validation(tmp_path, monkeypatch):
     # the headline runs use the chosen schedule, and the selection runs are separate (val split, seed 7)
     assert {k: m["config"]["modules"][k] for k in ("p_cr", "p_as", "spread")} == s["schedule"]
     assert (tmp_path / "o" / "select" / "c1" / "runs" / "modular_s7.json").exists()
+    # usefulness needs the base model of the selection seed (trained with the filters)
+    assert (tmp_path / "o" / "select" / "filters" / "runs" / "base_s7.json").exists()
+    assert all(r["useful_ratio_max"] > 0 for r in s["rows"]) and s["useful"] == 1.1
+    assert "interference_by_token" in m["runs"]["modular_s0"]
     assert "val_configs" in m["runs"]["modular_s0"] and set(m["seeds"]) == {0}
     # an explicit schedule skips selection; a selection seed that is also an evaluation seed is refused
     args2 = parser.parse_args(["--out", str(tmp_path / "o2"), "--workers", "1", "--methods", "modular",
