@@ -504,7 +504,7 @@ def test_experiment_end_to_end_tiny(tmp_path, monkeypatch):
     E, parser = _tiny_experiment(tmp_path, monkeypatch, steps=8, curve_points=4,
                                  modules=dict(width=0.1, p_cr=1.0, p_as=0.25), attack_rounds=3)
     args = parser.parse_args(["--out", str(tmp_path / "o"), "--workers", "1", "--methods", "base", "modular",
-                              "filter_sea", "demix"])
+                              "filter_sea", "demix", "modular_partial", "filter_partial"])
     m = E.run(args)
     T = m["summary"]["table"]
     assert len(T["modular"]) == 16 and len(T["demix"]) == 16
@@ -512,6 +512,7 @@ def test_experiment_end_to_end_tiny(tmp_path, monkeypatch):
     assert "sea" in m["summary"]["attack_topic"] and set(m["summary"]["attack"]) == {"modular", "filter_sea",
                                                                                       "ascent", "base"}
     assert any("single module off" in k for k in m["claims"])
+    assert any("50% unlabelled" in k for k in m["claims"])     # the partial-label claim is checked
     rep = E.report(tmp_path / "o")
     assert rep["figures"] and rep["table"]["rows"] and rep["verdict"] in ("reproduced", "partly", "not")
     assert (tmp_path / "o" / "modular_config_heatmap.png").exists()
