@@ -630,3 +630,21 @@ def test_experiment_selects_schedule_on_validation(tmp_path, monkeypatch):
                                "--no-attack", "--seeds", "7"])
     with pytest.raises(ValueError, match="evaluation seeds"):
         E.run(args3)
+
+
+def test_partial_label_runs_use_the_official_partial_schedule(tmp_path, monkeypatch):
+    E, parser = _tiny_experiment(tmp_path, monkeypatch, steps=2, curve_points=2,
+                                 modules=dict(width=0.1, p_cr=0.7, p_as=0.5, spread="each",
+                                              partial=dict(p_cr=1.0, p_as=0.2, spread="one")), attack_rounds=1)
+    seen = {}
+    real = E.modular_loss
+
+    def spy(mods, route_labels, p_cr, p_as, seed, spread="one"):
+        seen[bool((route_labels == UNLABELLED).any())] = (p_cr, p_as, spread)
+        return real(mods, route_labels, p_cr, p_as, seed, spread)
+    monkeypatch.setattr(E, "modular_loss", spy)
+    args = parser.parse_args(["--out", str(tmp_path / "o"), "--workers", "1", "--methods", "modular",
+                              "modular_partial", "--no-attack"])
+    E.run(args)
+    assert seen == {False: (0.7, 0.5, "each"), True: (1.0, 0.2, "one")}
+    assert E.PROFILES["paper"]["modules"]["partial"] == E.PARTIAL

@@ -85,6 +85,9 @@ SELECT = dict(seeds=[100], removal=0.9, useful=1.1, candidates=[
     dict(p_cr=1.0, p_as=0.5, spread="one"),
     dict(p_cr=1.0, p_as=0.5, spread="each"),
 ])
+# The 50%-unlabelled runs use the official partial-label GRAM schedule (src/run/experiment/partial/run.py:
+# aux_route_prc 0 -> p_cr 1, robust_prc 0.2 -> p_as 0.2, one module), not the selected one.
+PARTIAL = dict(p_cr=1.0, p_as=0.2, spread="one")
 PROFILES = {
     # the whole sweep (3 seeds) in about 15 min on 2 CPU cores
     "quick": dict(
@@ -92,7 +95,7 @@ PROFILES = {
         vocab_size=1024,
         model=dict(n_ctx=96, n_layer=2, n_head=4, d_model=64, d_mlp=256),
         train=dict(steps=200, lr=3e-3, warmup=10), batch_size=24, curve_points=16,
-        modules=dict(width=0.1, p_cr=0.7, p_as=0.5, spread="one", select=SELECT), unlabelled_fraction=0.5,
+        modules=dict(width=0.1, p_cr=0.7, p_as=0.5, spread="one", select=SELECT, partial=PARTIAL), unlabelled_fraction=0.5,
         attack=dict(topic="forest", rounds=40, patience=5, lr_factor=0.25),
         ascent=dict(steps=30, lr_factor=0.1, eval_every=3, max_general_increase=0.05),
         seeds=3),
@@ -102,7 +105,7 @@ PROFILES = {
         vocab_size=4096,
         model=dict(n_ctx=256, n_layer=8, n_head=8, d_model=512, d_mlp=2048),
         train=dict(steps=5000, lr=5e-4, warmup=100), batch_size=64, curve_points=30,
-        modules=dict(width=0.1, p_cr=0.7, p_as=0.5, spread="one", select=SELECT), unlabelled_fraction=0.5,
+        modules=dict(width=0.1, p_cr=0.7, p_as=0.5, spread="one", select=SELECT, partial=PARTIAL), unlabelled_fraction=0.5,
         attack=dict(topic="forest", rounds=200, patience=10, lr_factor=0.25),
         ascent=dict(steps=300, lr_factor=0.1, eval_every=10, max_general_increase=0.05),
         seeds=3),
@@ -330,6 +333,8 @@ def run_train(method: str, seed: int, cfg: dict, out: Path, device: str = "cpu")
     if method in ("modular", "modular_partial"):
         mods = attach_modules(model, cfg, method)
         mc = cfg["modules"]
+        if method == "modular_partial" and mc.get("partial"):
+            mc = {**mc, **mc["partial"]}        # the official partial-label schedule (fixed, not selected)
         loss_fn = modular_loss(mods, routing_labels(labels, unl if method == "modular_partial" else None),
                                mc["p_cr"], mc["p_as"], seed, mc.get("spread", "one"))
     elif method == "demix":
@@ -695,7 +700,7 @@ def run(args: argparse.Namespace) -> dict:
     print(f"corpus: {len(labels)} training stories; per topic {counts}")
     workers = 1 if device != "cpu" else max(1, args.workers)
     selection = None
-    if cfg["modules"].get("select") and any(m in methods for m in ("modular", "modular_partial")):
+    if cfg["modules"].get("select") and "modular" in methods:
         selection = run_selection(cfg, out, device, workers, seeds)
         cfg["modules"].update(selection["schedule"])
         print(f"module schedule chosen on the validation split: {selection['schedule']} "
