@@ -995,7 +995,10 @@ def report(out: Path) -> dict:
                    f"{cfg['modules']['p_cr']}, p_as {cfg['modules']['p_as']}, spread "
                    f"{cfg['modules'].get('spread', 'one')}"
                    + (" (chosen on the validation split among " f"{len(m['selection']['candidates'])} candidates)"
-                      if m.get("selection") else "") + f", {len(m['seeds'])} seeds. "
+                      if m.get("selection") else "")
+                   + ("; 50%-unlabelled model: p_cr {p_cr}, p_as {p_as}, spread {spread} (official partial-label "
+                      "schedule)".format(**cfg["modules"]["partial"]) if cfg["modules"].get("partial") else "")
+                   + f", {len(m['seeds'])} seeds. "
                    "Cells: held-out loss (nats/token) / compute ratio, seed means."),
         "table": {"header": h, "rows": rows},
         "figures": [f for f in ("modular_config_heatmap.png", "modular_partial_config_heatmap.png", "base_curves.png")
