@@ -1,14 +1,15 @@
 """Token-routed unlearning with absorption (paper section 5, the "virology" experiment).
 
-A handful of forget-topic tokens (default 20, as the paper's 20 hand-picked virology words,
-chosen here by a documented score instead of by hand: the smoothed per-token frequency ratio
-between forget-rule and other training stories, among tokens seen at least ``min_count`` times
-there and, by default, only *whole-word* tokens: :func:`gradroute.lm.analysis.whole_word_ids`;
-``--tokens any`` allows BPE fragments such as ' th' or 'rough') are routed *as prediction
-targets* to a block
-of MLP units (units 0..k-1) in the early blocks: wherever the next token is a routed token, the
-gradient through the other units of those MLPs is 0. Nothing else is routed; no story labels
-are used in training. Then, for the routed model and an unrouted control trained identically:
+A handful of forget-topic tokens (at most 20, as the paper's 20 hand-picked virology words) are
+routed *as prediction targets* to a block of MLP units (units 0..k-1) in the early blocks:
+wherever the next token is a routed token, the gradient through the other units of those MLPs
+is 0. Which tokens (``--tokens``; :func:`routed_token_ids`): ``topic-words`` (default) the words
+of the forest topic's vocabulary :data:`FOREST_TOPIC_WORDS` that are single whole-word tokens,
+ranked by the smoothed frequency ratio between forget-rule and other training stories;
+``whole-words`` the top tokens by that ratio among all whole-word tokens
+(:func:`gradroute.lm.analysis.whole_word_ids`); ``any`` BPE fragments allowed; or exactly the
+words of ``--routed-tokens WORD ...``. Nothing else is routed; no story labels are used in
+training. Then, for the routed model and an unrouted control trained identically:
 
 1. ablate those units *completely* (their input rows and biases and their output columns:
    ``gradroute.ablate``), fine-tune briefly on general stories;
@@ -18,12 +19,15 @@ are used in training. Then, for the routed model and an unrouted control trained
    routed tokens' targets excluded (absorption: the effect is not just on routed tokens), and
    on held-out general stories, before and after the attack.
 
-The evaluation stories, the attack stories and the fine-tuning stories are disjoint. Every
-(arm, seed) is one resumable job (``--out``/runs/*.json) run in ``--workers`` processes;
-results are means over seeds with 95% intervals.
+The evaluation stories, the attack stories, the fine-tuning stories and a validation split (for
+choices made before evaluation: ``val_`` keys) are disjoint. Every (arm, seed) is one resumable
+job (``--out``/runs/*.json; pre-trained models in ``--out``/models/, reused when only the token
+selection or the evaluation changes) run in ``--workers`` processes; results are means over
+seeds with 95% intervals.
 
     gradroute run token-routing --out runs/token_routing          # quick profile, 3 seeds
-    gradroute run token-routing --tokens any --seeds 0            # the fragment-selecting variant
+    gradroute run token-routing --tokens whole-words              # the frequency-ratio selection
+    gradroute run token-routing --routed-tokens forest tree owl   # your own words
 """
 from __future__ import annotations
 
@@ -49,7 +53,7 @@ from gradroute.sweep import run_jobs, split_finished
 from gradroute.utils import (claim_summary, markdown_table, mean_ci, plt, read_json, resolve_device, savefig,
                              set_seed, write_json)
 
-DESCRIPTION = ("Token-routed unlearning: route 20 whole-word topic tokens to MLP units of the early blocks, ablate "
+DESCRIPTION = ("Token-routed unlearning: route up to 20 topical whole-word tokens to MLP units of the early blocks, ablate "
                "them completely, fine-tune, retraining attack; loss increase on topic (with and without the "
                "routed tokens) vs general text, routed vs control.")
 
