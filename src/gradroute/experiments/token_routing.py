@@ -63,7 +63,9 @@ PROFILES = {
         corpus=dict(n_train=3000, n_eval=128, n_attack=16, n_general_train=64, vocab_size=1024, n_val=128),
         model=dict(n_ctx=96, n_layer=4, n_head=4, d_model=64, d_mlp=256),
         train=dict(steps=800, lr=3e-3, warmup=40), batch_size=24,
-        route=dict(n_tokens=20, min_count=20, blocks=2, units=32, tokens="whole-words", min_whole_rate=0.9),
+        # tokens and units chosen on the validation split (docs/token_routing.md): the topic vocabulary
+        # (17 tokens qualify) and units 0-127 of blocks 0-1 (16, 32, 64, 128 measured)
+        route=dict(n_tokens=20, min_count=20, blocks=2, units=128, tokens="topic-words", min_whole_rate=0.9),
         # fine-tune / attack lr: at 3e-4 (or 1e-4) the fine-tune alone raised the *intact* model's topic
         # loss by 0.1 (0.03) and 20 steps on 2 stories by 0.4 (0.1); at 3e-5 both leave it near where it was
         finetune=dict(steps=32, lr=3e-5, batch_size=8),
@@ -74,7 +76,7 @@ PROFILES = {
         corpus=dict(n_train=50_000, n_eval=512, n_attack=64, n_general_train=512, vocab_size=4096, n_val=512),
         model=dict(n_ctx=256, n_layer=8, n_head=8, d_model=256, d_mlp=1024),
         train=dict(steps=3000, lr=1e-3, warmup=100), batch_size=64,
-        route=dict(n_tokens=20, min_count=50, blocks=4, units=80, tokens="whole-words", min_whole_rate=0.9),
+        route=dict(n_tokens=20, min_count=50, blocks=4, units=80, tokens="topic-words", min_whole_rate=0.9),
         finetune=dict(steps=32, lr=5e-5, batch_size=32),
         attack=dict(docs=2, steps=20, lr=5e-5, repeats=5), seeds=3),
 }
