@@ -360,3 +360,21 @@ def test_routed_tokens_flag_validation_and_model_reuse(tiny, tmp_path):
     assert m2["summary"]["control"][g]["mean"] == pytest.approx(m["summary"]["control"][g]["mean"], abs=1e-6)
     with pytest.raises(ValueError, match="'zzzq'"):
         main(base + ["--routed-tokens", "forest", "zzzq"])
+
+
+def test_diagnostic_split_of_nonrouted_targets(monkeypatch):
+    from types import SimpleNamespace
+
+    x = torch.zeros(1, 4, dtype=torch.long)
+    no = torch.zeros(1, 4, dtype=torch.bool)
+    topic = Stories(x, torch.tensor([[5, 6, 7, IGNORE]]), no, torch.ones(1, dtype=torch.bool), torch.zeros(1, dtype=torch.bool))
+    general = Stories(x, torch.tensor([[6, 6, 8, IGNORE]]), no, torch.zeros(1, dtype=torch.bool),
+                      torch.zeros(1, dtype=torch.bool))
+    corpus = SimpleNamespace(topic=topic, general=general, general_train=general, val_topic=None, val_general=None)
+    assert T.general_token_ids(corpus).tolist() == [6, 8]
+    # per-token losses 1, 2, 3 on targets 5, 6, 7 (NaN at padding)
+    monkeypatch.setattr(T, "per_token_losses", lambda m, d: torch.tensor([[1.0, 2.0, 3.0, float("nan")]]))
+    out = T.losses(None, corpus, torch.tensor([5]))
+    # routed 5 is out; 7 never occurs in general text (topical), 6 does (shared)
+    assert out["topic_excluding_routed"] == pytest.approx(2.5)
+    assert out["topic_topical"] == pytest.approx(3.0) and out["topic_shared"] == pytest.approx(2.0)

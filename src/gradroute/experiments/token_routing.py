@@ -153,6 +153,18 @@ def token_routing_loss(units: gr.Units, routed_ids: torch.Tensor):
 # ------------------------------------------------------------------------------------------
 PARTS = ("topic", "topic_excluding_routed", "general")
 SPLITS = (("", "topic", "general"), ("val_", "val_topic", "val_general"))   # evaluation; validation
+# diagnostics (not claims): the evaluation topic stories' non-routed targets split into tokens that
+# never occur in general text ("topical": the forest sentences' other words) and the rest ("shared")
+DIAG_PARTS = ("topic_topical", "topic_shared")
+DIAG_KEYS = ("topical_nonrouted_loss_increase", "shared_nonrouted_loss_increase")
+
+
+def general_token_ids(corpus) -> torch.Tensor:
+    """Token ids seen as targets in the held-out general stories that are not evaluated (the
+    fine-tuning set and, when present, the validation set)."""
+    ys = [d.y for d in (corpus.general_train, corpus.val_general) if d is not None]
+    y = torch.cat([t.flatten() for t in ys])
+    return torch.unique(y[y >= 0])
 
 
 def losses(model: nn.Module, corpus, routed_ids: torch.Tensor) -> dict:
@@ -165,9 +177,14 @@ def losses(model: nn.Module, corpus, routed_ids: torch.Tensor) -> dict:
         if topic_data is None:
             continue
         topic = per_token_losses(model, topic_data)
+        nonrouted = ~torch.isin(topic_data.y, routed_ids)
         out.update({prefix + "topic": masked_mean(topic),
-                    prefix + "topic_excluding_routed": masked_mean(topic, ~torch.isin(topic_data.y, routed_ids)),
+                    prefix + "topic_excluding_routed": masked_mean(topic, nonrouted),
                     prefix + "general": masked_mean(per_token_losses(model, getattr(corpus, general_set)))})
+        if not prefix and corpus.general_train is not None:
+            shared = torch.isin(topic_data.y, general_token_ids(corpus))
+            out.update(topic_topical=masked_mean(topic, nonrouted & ~shared),
+                       topic_shared=masked_mean(topic, nonrouted & shared))
     return out
 
 
@@ -207,7 +224,7 @@ def evaluate_arm(name: str, model: nn.Module, units: gr.Units, corpus, routed_id
     for stage, suffix in (("after_attack", ""), ("after_finetune", "_before_attack")):
         ab, it = variants["ablated"][stage], variants["intact"][stage]
         for prefix in ("", "val_"):
-            for key, part in zip(KEYS, PARTS):
+            for key, part in zip(KEYS + DIAG_KEYS, PARTS + DIAG_PARTS):
                 if prefix + part in ab:
                     out[prefix + key + suffix] = ab[prefix + part] - it[prefix + part]
     # attack draws: per-draw increases, for their spread
@@ -418,6 +435,9 @@ def run(args: argparse.Namespace) -> dict:
                                   "count_forget_train": int(cf[i]), "count_other_train": int(co[i])} for i in ids],
                "routed_share_of_topic_targets": float(torch.isin(topic_targets, routed_ids).float().mean()),
                "routed_share_of_general_targets": float(torch.isin(general_targets, routed_ids).float().mean()),
+               "topical_nonrouted_share_of_topic_targets": float(
+                   (~torch.isin(topic_targets, routed_ids) & ~torch.isin(topic_targets, general_token_ids(corpus)))
+                   .float().mean()),
                "routed_blocks": list(range(rc["blocks"])), "routed_units_per_block": rc["units"],
                "paper": PAPER, "summary": summary,
                "runs": {f"{a}-seed{s}": {k: v for k, v in results[(a, s)].items() if k != "config"} for a, s in jobs},
@@ -446,7 +466,7 @@ def summarize(results: dict, seeds: list[int]) -> dict:
         out[arm] = {}
         for suffix, _ in STAGES:
             for prefix in ("", "val_"):
-                for k in KEYS:
+                for k in KEYS + DIAG_KEYS:
                     if prefix + k + suffix not in results[(arm, seeds[0])]:
                         continue
                     v = [results[(arm, s)][prefix + k + suffix] for s in seeds]
@@ -532,6 +552,12 @@ def summary_md(m: dict) -> str:
              markdown_table(HEADER, _rows(m))]
     for name, c in m["claims"].items():
         lines.append(f"- {'HOLDS' if c['holds'] else 'FAILS'}: {name} ({c['intervals']})")
+    if DIAG_KEYS[0] in m["summary"]["routed"]:
+        lines.append(f"\nDiagnostics, topic stories' non-routed targets split in two: tokens never seen in general text "
+                     f"({100 * m['topical_nonrouted_share_of_topic_targets']:.1f}% of topic targets) and the rest; "
+                     "loss increase after the attack:\n")
+        lines.append(markdown_table(["model", "topical non-routed", "shared with general text"], [
+            [arm, *[fmt_ci(m["summary"][arm][k], 3, True) for k in DIAG_KEYS]] for arm in ("routed", "control")]))
     val = m["summary"].get("validation")
     if val:
         rows = [[f"{arm}, {stage}", *[fmt_ci(m["summary"][arm]["val_" + k + suffix], 3, True) for k in KEYS]]
