@@ -112,6 +112,8 @@ def test_end_to_end_and_report(tiny, tmp_path):
     sec = T.report(out)
     assert sec["verdict"] in ("reproduced", "partly", "not") and sec["figures"] == ["loss_increase.png"]
     assert "n=2" in sec["detail"]
+    cost = m["summary"]["routed"]["general_loss_increase"]["mean"]
+    assert f"general text rises {cost:+.3f} after the attack" in sec["detail"]      # the cost is stated
     mtime = (out / "runs" / "routed-seed1.json").stat().st_mtime_ns        # resumable: nothing retrained
     assert main(argv) == 0
     assert (out / "runs" / "routed-seed1.json").stat().st_mtime_ns == mtime

@@ -624,7 +624,13 @@ def report(out: Path) -> dict:
                    f"({', '.join(repr(t['token']) for t in m['routed_tokens'])}) to units "
                    f"0-{cfg['route']['units'] - 1} of blocks 0-{cfg['route']['blocks'] - 1}; increases are ablated "
                    f"minus intact after the same fine-tune and attack, mean over {cfg['attack']['repeats']} attack "
-                   f"draws per seed; cells: mean [95% interval] (n)."),
+                   f"draws per seed; cells: mean [95% interval] (n). Cost: the ablation removes "
+                   f"{cfg['route']['units']} of {cfg['model']['d_mlp']} MLP units "
+                   f"({cfg['route']['units'] / cfg['model']['d_mlp']:.0%}) in {cfg['route']['blocks']} of "
+                   f"{cfg['model']['n_layer']} blocks; general text rises "
+                   f"{m['summary']['routed']['general_loss_increase']['mean']:+.3f} after the attack (paper "
+                   f"{PAPER['general_loss_increase']:+.3f}; the unrouted control, same units ablated, "
+                   f"{m['summary']['control']['general_loss_increase']['mean']:+.3f})."),
         "table": {"header": HEADER, "rows": _rows(m)},
         "figures": [f for f in ("loss_increase.png",) if (Path(out) / f).exists()],
     }
