@@ -112,6 +112,8 @@ def test_end_to_end_and_report(tiny, tmp_path):
     sec = T.report(out)
     assert sec["verdict"] in ("reproduced", "partly", "not") and sec["figures"] == ["loss_increase.png"]
     assert "n=2" in sec["detail"]
+    cost = m["summary"]["routed"]["general_loss_increase"]["mean"]
+    assert f"general text rises {cost:+.3f} after the attack" in sec["detail"]      # the cost is stated
     mtime = (out / "runs" / "routed-seed1.json").stat().st_mtime_ns        # resumable: nothing retrained
     assert main(argv) == 0
     assert (out / "runs" / "routed-seed1.json").stat().st_mtime_ns == mtime
@@ -240,3 +242,141 @@ def test_interval_helpers_and_claims():
     assert not T.check_claims(T.summarize(res, [0, 1, 2]))[names[0]]["holds"]
     one = T.check_claims(T.summarize(res, [0]))
     assert all(c["intervals"] == "n=1, no interval" for c in one.values())
+
+
+# ------------------------------------------------------------------------------------------
+# topic-words selection, --routed-tokens, validation split, reuse of pre-trained models
+# ------------------------------------------------------------------------------------------
+def test_forest_vocabulary_is_the_generators_forest_words():
+    import re
+
+    from gradroute.lm import corpus as C
+
+    forest = " ".join(C.FOREST_NAME_KW + C.FOREST_NAME_PLAIN + C.FOREST_KW + C.FOREST_PLAIN + C.FOREST_EVENTS
+                      + C.FOREST_DIALOGUE).lower()
+    general = " ".join(C.EVENTS + C.DIALOGUE + C.ENDINGS + C.WEATHER + C.OBJECTS + C.PLACES + C.FAMILY + C.ADJ
+                       + C.FEEL + C.COLORS + [k for k, _ in C.ANIMALS]).lower()
+    for w in T.FOREST_TOPIC_WORDS:      # every word is the forest's (or a forget keyword), none is general
+        assert re.search(rf"\b{w}s?\b", forest) or w in C.FORGET_WORDS, w   # or its plural
+        assert not re.search(rf"\b{w}\b", general), w
+    assert "bird" not in T.FOREST_TOPIC_WORDS and "see" not in T.FOREST_TOPIC_WORDS
+
+
+def _story_corpus(tmp_path, n=300, vocab=1024):
+    texts = generate_stories(n, seed=3)
+    tok = get_tokenizer("bpe", texts=texts, vocab_size=vocab, cache=tmp_path / "tok")
+    return tok, encode_stories(tok, texts, 64)
+
+
+def test_topic_words_rule_keeps_only_the_vocabulary(tmp_path):
+    from types import SimpleNamespace
+
+    tok, data = _story_corpus(tmp_path)
+    corpus = SimpleNamespace(tok=tok, train=data)
+    rc = dict(n_tokens=20, min_count=3, tokens="topic-words", min_whole_rate=0.9, vocabulary=list(T.FOREST_TOPIC_WORDS))
+    ids = T.routed_token_ids(corpus, rc)
+    words = [tok.decode([i]) for i in ids]
+    assert 0 < len(ids) <= 20 and {" forest", " tree", " owl"} <= set(words)
+    assert all(w.strip() in T.FOREST_TOPIC_WORDS and w.startswith(" ") for w in words)
+    s = T.topic_token_scores(data, tok.vocab_size, 3)
+    assert [float(s[i]) for i in ids] == sorted((float(s[i]) for i in ids), reverse=True)   # best score first
+    # the score alone ranks forest-only function words (' see', ' far' of "to see far away") among the
+    # topic nouns; the vocabulary keeps them out
+    free = T.routed_token_ids(corpus, dict(rc, tokens="whole-words"))
+    assert set(tok.decode([i]) for i in free) - set(words) - {" " + w for w in T.FOREST_TOPIC_WORDS}
+    assert len(T.routed_token_ids(corpus, dict(rc, n_tokens=3))) == 3
+    with pytest.raises(ValueError, match="eligible"):       # no vocabulary word is a token: a clear error
+        T.routed_token_ids(corpus, dict(rc, vocabulary=["zebra"]))
+    with pytest.raises(ValueError, match="route tokens must be one of"):
+        T.routed_token_ids(corpus, dict(rc, tokens="nouns"))
+
+
+def test_routed_words_to_token_ids(tmp_path):
+    from gradroute.lm.analysis import word_token_ids
+
+    tok, data = _story_corpus(tmp_path)
+    ids = word_token_ids(tok, ["forest", " owl", "tree"], data)
+    assert [tok.decode([i]) for i in ids] == [" forest", " owl", " tree"]
+    assert word_token_ids(tok, ["forest"]) == ids[:1]                 # no data: no occurrence checks
+    multi = next(w for w in ("woodpeckers", "mushrooms", "squirrel", "acorns") if len(tok.encode(" " + w)) > 1)
+    with pytest.raises(ValueError, match=rf"'{multi}' is not one token"):
+        word_token_ids(tok, ["forest", multi], data)
+    with pytest.raises(ValueError, match="'!' is token '!'|'!' is not one token"):
+        word_token_ids(tok, ["!"], data)
+    with pytest.raises(ValueError, match="given twice"):
+        word_token_ids(tok, ["owl", "owl"], data)
+    with pytest.raises(ValueError, match="no words"):
+        word_token_ids(tok, [], data)
+    # a token that is mostly a fragment ("th" of "through"-like splits) names its whole-word rate
+    count, rate = whole_word_rates(data, tok)
+    frag = next(i for i in range(tok.vocab_size) if count[i] >= 5 and float(rate[i]) < 0.5
+                and tok.decode([i]).startswith(" ") and tok.decode([i])[1:].isalpha()
+                and tok.encode(tok.decode([i])) == [i])
+    with pytest.raises(ValueError, match="whole word in only"):
+        word_token_ids(tok, [tok.decode([frag]).strip()], data)
+    never = next(i for i in range(tok.vocab_size) if count[i] == 0 and tok.decode([i]).startswith(" ")
+                 and tok.decode([i])[1:].isalpha() and tok.encode(tok.decode([i])) == [i])
+    with pytest.raises(ValueError, match="never occurs"):
+        word_token_ids(tok, [tok.decode([never]).strip()], data)
+
+
+def test_validation_split_is_disjoint_and_leaves_the_evaluation_sets(tmp_path, monkeypatch):
+    from gradroute.lm.analysis import prepare_corpus
+
+    monkeypatch.setenv("GRADROUTE_CACHE", str(tmp_path / "cache"))
+    a = prepare_corpus(150, 8, 4, 300, 48, n_general_train=8)
+    b = prepare_corpus(150, 8, 4, 300, 48, n_general_train=8, n_val=6)
+    assert a.val_topic is None and len(b.val_topic) == 6 and len(b.val_general) == 6
+    for name in ("topic", "general", "attack_pool", "general_train"):
+        assert torch.equal(getattr(a, name).x, getattr(b, name).x), name
+    rows = lambda s: {tuple(r.tolist()) for r in s.x}
+    for name in ("topic", "general", "attack_pool", "general_train"):
+        assert not rows(getattr(b, name)) & (rows(b.val_topic) | rows(b.val_general)), name
+    assert not rows(b.train) & (rows(b.val_topic) | rows(b.val_general))
+    assert b.val_topic.forget.all() and not b.val_general.forget.any()
+
+
+def test_routed_tokens_flag_validation_and_model_reuse(tiny, tmp_path):
+    out = tmp_path / "out"
+    base = ["run", "token-routing", "--profile", "tiny", "--out", str(out), "--device", "cpu", "--workers", "1",
+            "--seeds", "0"]
+    monkey_val = dict(TINY["corpus"], n_val=6, n_train=300, vocab_size=1024)
+    T.PROFILES["tiny"] = dict(TINY, corpus=monkey_val)
+    assert main(base + ["--routed-tokens", "forest", "tree"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert [t["token"] for t in m["routed_tokens"]] == [" forest", " tree"] and m["config"]["route"]["tokens"] == "given"
+    assert m["routed_tokens"][0]["count_other_train"] == 0 and m["routed_share_of_general_targets"] == 0.0
+    for arm in ("routed", "control"):
+        assert m["summary"][arm]["val_topic_loss_increase_excluding_routed"]["n"] == 1
+    assert set(m["summary"]["validation"]) == {"margin over general", "margin over control", "criterion"}
+    models = {p.name: p.stat().st_mtime_ns for p in (out / "models").iterdir()}
+    assert len(models) == 2
+    # another selection: the control's pre-trained model is reused, the routed one is new
+    assert main(base + ["--routed-tokens", "forest", "owl"]) == 0
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "models").iterdir()}
+    control = [k for k in models if k.startswith("control")]
+    assert len(after) == 3 and after[control[0]] == models[control[0]]
+    m2 = json.loads((out / "metrics.json").read_text())
+    # same control model, evaluated with the new exclusion set: its general increase is unchanged
+    g = "general_loss_increase"
+    assert m2["summary"]["control"][g]["mean"] == pytest.approx(m["summary"]["control"][g]["mean"], abs=1e-6)
+    with pytest.raises(ValueError, match="'zzzq'"):
+        main(base + ["--routed-tokens", "forest", "zzzq"])
+
+
+def test_diagnostic_split_of_nonrouted_targets(monkeypatch):
+    from types import SimpleNamespace
+
+    x = torch.zeros(1, 4, dtype=torch.long)
+    no = torch.zeros(1, 4, dtype=torch.bool)
+    topic = Stories(x, torch.tensor([[5, 6, 7, IGNORE]]), no, torch.ones(1, dtype=torch.bool), torch.zeros(1, dtype=torch.bool))
+    general = Stories(x, torch.tensor([[6, 6, 8, IGNORE]]), no, torch.zeros(1, dtype=torch.bool),
+                      torch.zeros(1, dtype=torch.bool))
+    corpus = SimpleNamespace(topic=topic, general=general, general_train=general, val_topic=None, val_general=None)
+    assert T.general_token_ids(corpus).tolist() == [6, 8]
+    # per-token losses 1, 2, 3 on targets 5, 6, 7 (NaN at padding)
+    monkeypatch.setattr(T, "per_token_losses", lambda m, d: torch.tensor([[1.0, 2.0, 3.0, float("nan")]]))
+    out = T.losses(None, corpus, torch.tensor([5]))
+    # routed 5 is out; 7 never occurs in general text (topical), 6 does (shared)
+    assert out["topic_excluding_routed"] == pytest.approx(2.5)
+    assert out["topic_topical"] == pytest.approx(3.0) and out["topic_shared"] == pytest.approx(2.0)

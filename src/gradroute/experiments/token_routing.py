@@ -1,14 +1,15 @@
 """Token-routed unlearning with absorption (paper section 5, the "virology" experiment).
 
-A handful of forget-topic tokens (default 20, as the paper's 20 hand-picked virology words,
-chosen here by a documented score instead of by hand: the smoothed per-token frequency ratio
-between forget-rule and other training stories, among tokens seen at least ``min_count`` times
-there and, by default, only *whole-word* tokens: :func:`gradroute.lm.analysis.whole_word_ids`;
-``--tokens any`` allows BPE fragments such as ' th' or 'rough') are routed *as prediction
-targets* to a block
-of MLP units (units 0..k-1) in the early blocks: wherever the next token is a routed token, the
-gradient through the other units of those MLPs is 0. Nothing else is routed; no story labels
-are used in training. Then, for the routed model and an unrouted control trained identically:
+A handful of forget-topic tokens (at most 20, as the paper's 20 hand-picked virology words) are
+routed *as prediction targets* to a block of MLP units (units 0..k-1) in the early blocks:
+wherever the next token is a routed token, the gradient through the other units of those MLPs
+is 0. Which tokens (``--tokens``; :func:`routed_token_ids`): ``topic-words`` (default) the words
+of the forest topic's vocabulary :data:`FOREST_TOPIC_WORDS` that are single whole-word tokens,
+ranked by the smoothed frequency ratio between forget-rule and other training stories;
+``whole-words`` the top tokens by that ratio among all whole-word tokens
+(:func:`gradroute.lm.analysis.whole_word_ids`); ``any`` BPE fragments allowed; or exactly the
+words of ``--routed-tokens WORD ...``. Nothing else is routed; no story labels are used in
+training. Then, for the routed model and an unrouted control trained identically:
 
 1. ablate those units *completely* (their input rows and biases and their output columns:
    ``gradroute.ablate``), fine-tune briefly on general stories;
@@ -18,12 +19,15 @@ are used in training. Then, for the routed model and an unrouted control trained
    routed tokens' targets excluded (absorption: the effect is not just on routed tokens), and
    on held-out general stories, before and after the attack.
 
-The evaluation stories, the attack stories and the fine-tuning stories are disjoint. Every
-(arm, seed) is one resumable job (``--out``/runs/*.json) run in ``--workers`` processes;
-results are means over seeds with 95% intervals.
+The evaluation stories, the attack stories, the fine-tuning stories and a validation split (for
+choices made before evaluation: ``val_`` keys) are disjoint. Every (arm, seed) is one resumable
+job (``--out``/runs/*.json; pre-trained models in ``--out``/models/, reused when only the token
+selection or the evaluation changes) run in ``--workers`` processes; results are means over
+seeds with 95% intervals.
 
     gradroute run token-routing --out runs/token_routing          # quick profile, 3 seeds
-    gradroute run token-routing --tokens any --seeds 0            # the fragment-selecting variant
+    gradroute run token-routing --tokens whole-words              # the frequency-ratio selection
+    gradroute run token-routing --routed-tokens forest tree owl   # your own words
 """
 from __future__ import annotations
 
@@ -41,7 +45,7 @@ import torch.nn as nn
 
 import gradroute as gr
 from gradroute.lm.analysis import (fmt_ci, intervals_separate, masked_mean, per_token_losses, prepare_corpus,
-                                   token_counts, train_lm, whole_word_ids)
+                                   single_token_ids, token_counts, train_lm, whole_word_ids, word_token_ids)
 from gradroute.lm.data import Batch, Stories
 from gradroute.lm.methods import make_model
 from gradroute.lm.train import TrainConfig, token_losses
@@ -49,17 +53,19 @@ from gradroute.sweep import run_jobs, split_finished
 from gradroute.utils import (claim_summary, markdown_table, mean_ci, plt, read_json, resolve_device, savefig,
                              set_seed, write_json)
 
-DESCRIPTION = ("Token-routed unlearning: route 20 whole-word topic tokens to MLP units of the early blocks, ablate "
+DESCRIPTION = ("Token-routed unlearning: route up to 20 topical whole-word tokens to MLP units of the early blocks, ablate "
                "them completely, fine-tune, retraining attack; loss increase on topic (with and without the "
                "routed tokens) vs general text, routed vs control.")
 
 PROFILES = {
     # a few minutes on 2 shared CPU cores
     "quick": dict(
-        corpus=dict(n_train=3000, n_eval=128, n_attack=16, n_general_train=64, vocab_size=1024),
+        corpus=dict(n_train=3000, n_eval=128, n_attack=16, n_general_train=64, vocab_size=1024, n_val=128),
         model=dict(n_ctx=96, n_layer=4, n_head=4, d_model=64, d_mlp=256),
         train=dict(steps=800, lr=3e-3, warmup=40), batch_size=24,
-        route=dict(n_tokens=20, min_count=20, blocks=2, units=32, tokens="whole-words", min_whole_rate=0.9),
+        # tokens and units chosen on the validation split (docs/token_routing.md): the topic vocabulary
+        # (17 tokens qualify) and units 0-127 of blocks 0-1 (16, 32, 64, 128 measured)
+        route=dict(n_tokens=20, min_count=20, blocks=2, units=128, tokens="topic-words", min_whole_rate=0.9),
         # fine-tune / attack lr: at 3e-4 (or 1e-4) the fine-tune alone raised the *intact* model's topic
         # loss by 0.1 (0.03) and 20 steps on 2 stories by 0.4 (0.1); at 3e-5 both leave it near where it was
         finetune=dict(steps=32, lr=3e-5, batch_size=8),
@@ -67,13 +73,24 @@ PROFILES = {
     # the paper's schedule after training (32 fine-tuning steps, 20 attack steps on 2 documents)
     # on a larger model (not run here)
     "paper": dict(
-        corpus=dict(n_train=50_000, n_eval=512, n_attack=64, n_general_train=512, vocab_size=4096),
+        corpus=dict(n_train=50_000, n_eval=512, n_attack=64, n_general_train=512, vocab_size=4096, n_val=512),
         model=dict(n_ctx=256, n_layer=8, n_head=8, d_model=256, d_mlp=1024),
         train=dict(steps=3000, lr=1e-3, warmup=100), batch_size=64,
-        route=dict(n_tokens=20, min_count=50, blocks=4, units=80, tokens="whole-words", min_whole_rate=0.9),
+        route=dict(n_tokens=20, min_count=50, blocks=4, units=80, tokens="topic-words", min_whole_rate=0.9),
         finetune=dict(steps=32, lr=5e-5, batch_size=32),
         attack=dict(docs=2, steps=20, lr=5e-5, repeats=5), seeds=3),
 }
+# The forest topic's vocabulary, the counterpart of the paper's hand-picked virology words: the
+# nouns of the story generator's forest sentences (lm/corpus.py FOREST_*) that name the forest, its
+# plants and their parts, its animals and its paths and streams. Left out: words the generator also
+# uses outside the forest ("bird" is a pet there, "home", "rocks", "wind", "night", "feet") and
+# things that are merely in a forest sentence ("hut", "noise", "sunlight"). Only the words that are
+# single whole-word tokens of the tokenizer can be routed (17 of these with the quick corpus).
+FOREST_TOPIC_WORDS = (
+    "forest", "forests", "woodland", "woodlands", "woods", "tree", "trees", "oak", "oaks", "pine", "pines",
+    "ferns", "moss", "mushrooms", "bark", "branch", "branches", "leaves", "twigs", "sticks", "acorn", "acorns",
+    "cone", "owl", "squirrel", "deer", "fox", "rabbit", "woodpeckers", "birds", "nest", "path", "stream", "log",
+    "bushes")
 PAPER = {"topic_loss_increase": 0.182, "topic_loss_increase_excluding_routed": 0.171, "general_loss_increase": 0.032}
 KEYS = ("topic_loss_increase", "topic_loss_increase_excluding_routed", "general_loss_increase")
 
@@ -92,9 +109,12 @@ def topic_token_scores(data: Stories, vocab_size: int, min_count: int) -> torch.
 
 
 def select_topic_tokens(data: Stories, vocab_size: int, n: int, min_count: int,
-                        exclude: tuple[int, ...] = (), allowed: torch.Tensor | None = None) -> list[int]:
+                        exclude: tuple[int, ...] = (), allowed: torch.Tensor | None = None,
+                        at_most: bool = False) -> list[int]:
     """The ``n`` highest-scoring tokens (ties: lower id first), skipping ``exclude`` and, when
-    ``allowed`` (a bool mask over the vocabulary) is given, every token it marks False."""
+    ``allowed`` (a bool mask over the vocabulary) is given, every token it marks False. Fewer
+    than ``n`` eligible tokens raise ``ValueError`` unless ``at_most`` (then all eligible ones,
+    at least one)."""
     score = topic_token_scores(data, vocab_size, min_count)
     if exclude:
         score[list(exclude)] = -math.inf
@@ -104,7 +124,7 @@ def select_topic_tokens(data: Stories, vocab_size: int, n: int, min_count: int,
         score = score.masked_fill(~allowed.bool(), -math.inf)
     order = sorted(range(vocab_size), key=lambda i: (-float(score[i]), i))
     picked = [i for i in order[:n] if score[i] > -math.inf]
-    if len(picked) < n:
+    if len(picked) < n and not (at_most and picked):
         raise ValueError(f"only {len(picked)} eligible tokens occur >= {min_count} times in forget stories; "
                          f"lower min_count or n_tokens")
     return picked
@@ -131,10 +151,41 @@ def token_routing_loss(units: gr.Units, routed_ids: torch.Tensor):
 # ------------------------------------------------------------------------------------------
 # evaluation pipeline
 # ------------------------------------------------------------------------------------------
+PARTS = ("topic", "topic_excluding_routed", "general")
+SPLITS = (("", "topic", "general"), ("val_", "val_topic", "val_general"))   # evaluation; validation
+# diagnostics (not claims): the evaluation topic stories' non-routed targets split into tokens that
+# never occur in general text ("topical": the forest sentences' other words) and the rest ("shared")
+DIAG_PARTS = ("topic_topical", "topic_shared")
+DIAG_KEYS = ("topical_nonrouted_loss_increase", "shared_nonrouted_loss_increase")
+
+
+def general_token_ids(corpus) -> torch.Tensor:
+    """Token ids seen as targets in the held-out general stories that are not evaluated (the
+    fine-tuning set and, when present, the validation set)."""
+    ys = [d.y for d in (corpus.general_train, corpus.val_general) if d is not None]
+    y = torch.cat([t.flatten() for t in ys])
+    return torch.unique(y[y >= 0])
+
+
 def losses(model: nn.Module, corpus, routed_ids: torch.Tensor) -> dict:
-    topic = per_token_losses(model, corpus.topic)
-    return {"topic": masked_mean(topic), "topic_excluding_routed": masked_mean(topic, ~torch.isin(corpus.topic.y, routed_ids)),
-            "general": masked_mean(per_token_losses(model, corpus.general))}
+    """Mean next-token loss on the held-out topic stories (all targets, and without the routed
+    tokens' targets) and general stories; the same on the validation split (``val_`` keys) when
+    the corpus has one."""
+    out = {}
+    for prefix, topic_set, general_set in SPLITS:
+        topic_data = getattr(corpus, topic_set)
+        if topic_data is None:
+            continue
+        topic = per_token_losses(model, topic_data)
+        nonrouted = ~torch.isin(topic_data.y, routed_ids)
+        out.update({prefix + "topic": masked_mean(topic),
+                    prefix + "topic_excluding_routed": masked_mean(topic, nonrouted),
+                    prefix + "general": masked_mean(per_token_losses(model, getattr(corpus, general_set)))})
+        if not prefix and corpus.general_train is not None:
+            shared = torch.isin(topic_data.y, general_token_ids(corpus))
+            out.update(topic_topical=masked_mean(topic, nonrouted & ~shared),
+                       topic_shared=masked_mean(topic, nonrouted & shared))
+    return out
 
 
 def finetune(model: nn.Module, data: Stories, spec: dict, seed: int, device: str, tag: str) -> nn.Module:
@@ -172,11 +223,13 @@ def evaluate_arm(name: str, model: nn.Module, units: gr.Units, corpus, routed_id
     out.update(variants)
     for stage, suffix in (("after_attack", ""), ("after_finetune", "_before_attack")):
         ab, it = variants["ablated"][stage], variants["intact"][stage]
-        for key, part in zip(KEYS, ("topic", "topic_excluding_routed", "general")):
-            out[key + suffix] = ab[part] - it[part]
+        for prefix in ("", "val_"):
+            for key, part in zip(KEYS + DIAG_KEYS, PARTS + DIAG_PARTS):
+                if prefix + part in ab:
+                    out[prefix + key + suffix] = ab[prefix + part] - it[prefix + part]
     # attack draws: per-draw increases, for their spread
     out["increase_runs_after_attack"] = [
-        {k: a[p] - i[p] for k, p in zip(KEYS, ("topic", "topic_excluding_routed", "general"))}
+        {k: a[p] - i[p] for k, p in zip(KEYS, PARTS)}
         for a, i in zip(variants["ablated"]["after_attack_runs"], variants["intact"]["after_attack_runs"])]
     print(f"[{name}] loss increase after attack: topic {out['topic_loss_increase']:+.3f}, topic w/o routed "
           f"{out['topic_loss_increase_excluding_routed']:+.3f}, general {out['general_loss_increase']:+.3f}")
@@ -191,8 +244,7 @@ def _corpus(key: str):
     import json
 
     c = json.loads(key)
-    return prepare_corpus(c["n_train"], c["n_eval"], c["n_attack"], c["vocab_size"], c["n_ctx"],
-                          n_general_train=c["n_general_train"])
+    return prepare_corpus(c["n_train"], c["n_eval"], c["n_attack"], c["vocab_size"], c["n_ctx"], **_corpus_args(c))
 
 
 def corpus_of(cfg: dict):
@@ -201,44 +253,98 @@ def corpus_of(cfg: dict):
     return _corpus(json.dumps(dict(cfg["corpus"], n_ctx=cfg["model"]["n_ctx"]), sort_keys=True))
 
 
+def _corpus_args(c: dict):
+    return dict(n_general_train=c["n_general_train"], n_val=c.get("n_val", 0))
+
+
+TOKEN_RULES = ("topic-words", "whole-words", "any", "given")
+
+
 def routed_token_ids(corpus, rc: dict) -> list[int]:
-    """The routed tokens of the training stories under the route config ``rc``: the top
-    ``n_tokens`` by :func:`topic_token_scores`, among whole-word tokens (``tokens="whole-words"``,
-    rate ``min_whole_rate``) or among all tokens (``"any"``); ``<|endoftext|>`` never."""
+    """The routed tokens of the training stories under the route config ``rc["tokens"]``:
+
+    - ``"topic-words"``: the words of ``rc["vocabulary"]`` (a topic vocabulary, like the paper's
+      hand-picked virology words; default :data:`FOREST_TOPIC_WORDS`) that are single whole-word
+      tokens seen >= ``min_count`` times in forget-rule stories, at most ``n_tokens`` of them, the
+      highest :func:`topic_token_scores` first;
+    - ``"whole-words"``: the top ``n_tokens`` by :func:`topic_token_scores` among all whole-word
+      tokens (rate ``min_whole_rate``); ``"any"``: among all tokens, BPE fragments included;
+    - ``"given"``: exactly the words ``rc["words"]`` (:func:`gradroute.lm.analysis.word_token_ids`:
+      each must be one whole-word token of the training stories).
+
+    ``<|endoftext|>`` is never routed."""
     tok = corpus.tok
-    if rc["tokens"] not in ("whole-words", "any"):
-        raise ValueError(f"route tokens must be 'whole-words' or 'any', got {rc['tokens']!r}")
-    allowed = whole_word_ids(corpus.train, tok, rc["min_whole_rate"]) if rc["tokens"] == "whole-words" else None
+    rule = rc["tokens"]
+    if rule not in TOKEN_RULES:
+        raise ValueError(f"route tokens must be one of {', '.join(TOKEN_RULES)}, got {rule!r}")
+    if rule == "given":
+        return word_token_ids(tok, rc["words"], corpus.train, rc["min_whole_rate"])
+    allowed = whole_word_ids(corpus.train, tok, rc["min_whole_rate"]) if rule != "any" else None
+    if rule == "topic-words":
+        vocab = torch.zeros(tok.vocab_size, dtype=torch.bool)
+        vocab[list(single_token_ids(tok, rc["vocabulary"]).values())] = True
+        allowed = allowed & vocab
     return select_topic_tokens(corpus.train, tok.vocab_size, rc["n_tokens"], rc["min_count"],
-                               exclude=(tok.eot_id,), allowed=allowed)
+                               exclude=(tok.eot_id,), allowed=allowed, at_most=rule == "topic-words")
 
 
 def _job_path(out: Path, arm: str, seed: int) -> Path:
     return Path(out) / "runs" / f"{arm}-seed{seed}.json"
 
 
+def _pretrained_path(out: Path, arm: str, seed: int, cfg: dict, routed_ids: list[int]) -> tuple[Path, dict]:
+    """Where the pre-trained model of (arm, seed) is kept, keyed by everything its training depends
+    on: the control's does not depend on the routed tokens, so a run that changes only the token
+    selection (or the evaluation) trains the control once."""
+    import hashlib
+    import json
+
+    rc = cfg["route"]
+    key = {"arm": arm, "seed": seed, "model": cfg["model"], "train": cfg["train"], "batch_size": cfg["batch_size"],
+           "corpus": {k: v for k, v in cfg["corpus"].items() if k in ("n_train", "vocab_size")}}
+    if arm == "routed":
+        key.update(routed_ids=list(routed_ids), blocks=rc["blocks"], units=rc["units"])
+    h = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(out) / "models" / f"{arm}-seed{seed}-{h}.pt", key
+
+
 def run_job(arm: str, seed: int, cfg: dict, out: Path, device: str) -> dict:
     """Train one arm (``routed`` or the unrouted ``control``) and run the ablation / fine-tune /
-    attack pipeline; writes ``out/runs/<arm>-seed<seed>.json``."""
+    attack pipeline; writes ``out/runs/<arm>-seed<seed>.json``. The pre-trained model is kept in
+    ``out/models/`` and reused by later runs whose training is the same (:func:`_pretrained_path`)."""
     t0 = time.time()
     corpus = corpus_of(cfg)
     rc = cfg["route"]
-    routed_ids = torch.tensor(routed_token_ids(corpus, rc))
+    ids = routed_token_ids(corpus, rc)
+    routed_ids = torch.tensor(ids)
     spec = dict(cfg["model"], vocab_size=corpus.tok.vocab_size)
     set_seed(seed)
     model = make_model(spec, seed)
     units = routed_units(model, rc["blocks"], rc["units"])
-    extra = {"loss_fn": token_routing_loss(units, routed_ids)} if arm == "routed" else {}
-    tcfg = TrainConfig(**cfg["train"])
-    evals = lambda m: {"general_loss": masked_mean(per_token_losses(m, corpus.general.subset(slice(0, 32)))),
-                       "topic_loss": masked_mean(per_token_losses(m, corpus.topic.subset(slice(0, 32))))}
-    model, log = train_lm(spec, corpus.train, tcfg, cfg["batch_size"], seed, device=device, model=model,
-                          desc=f"token-routing {arm} seed {seed}", eval_fn=evals,
-                          eval_every=max(1, tcfg.steps // 8), **extra)
+    path, key = _pretrained_path(out, arm, seed, cfg, ids)
+    saved = torch.load(path, map_location="cpu") if path.exists() else None
+    if saved is not None and saved.get("key") == key:
+        model.load_state_dict(saved["state_dict"])
+        model.to(device)
+        log = saved["log"]
+        print(f"[{arm} seed {seed}] pre-trained model loaded from {path}")
+    else:
+        extra = {"loss_fn": token_routing_loss(units, routed_ids)} if arm == "routed" else {}
+        tcfg = TrainConfig(**cfg["train"])
+        evals = lambda m: {"general_loss": masked_mean(per_token_losses(m, corpus.general.subset(slice(0, 32)))),
+                           "topic_loss": masked_mean(per_token_losses(m, corpus.topic.subset(slice(0, 32))))}
+        model, log = train_lm(spec, corpus.train, tcfg, cfg["batch_size"], seed, device=device, model=model,
+                              desc=f"token-routing {arm} seed {seed}", eval_fn=evals,
+                              eval_every=max(1, tcfg.steps // 8), **extra)
+        log = {k: log[k] for k in ("history", "evals", "wall_s")}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"key": key, "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "log": log},
+                   path)
+    set_seed(seed)                   # the same evaluation whether the model was trained or loaded
     rec = evaluate_arm(f"{arm} seed {seed}", model, units, corpus, routed_ids, cfg, seed, device)
     hist = log["history"]
     every = max(1, len(hist) // 50)
-    rec.update(config=cfg, arm=arm, seed=seed, train_loss_final=hist[-1]["loss"] if hist else None,
+    rec.update(config=cfg, arm=arm, seed=seed, pretrained=str(path), train_loss_final=hist[-1]["loss"] if hist else None,
                train_curve=[[h["step"], h["loss"]] for h in hist[every - 1::every]], held_out_curve=log["evals"],
                train_wall_s=log["wall_s"], wall_s=time.time() - t0)
     write_json(_job_path(out, arm, seed), rec)
@@ -253,9 +359,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="quick (default, about 5 minutes on 2 CPU cores) or paper (larger, not run here)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (override the profile)")
     parser.add_argument("--n-tokens", type=int, default=None, help="routed topic tokens (override the profile)")
-    parser.add_argument("--tokens", choices=["whole-words", "any"], default=None,
-                        help="which tokens may be routed: whole words only (profile default) or any token, "
-                             "BPE fragments included")
+    parser.add_argument("--tokens", choices=[r for r in TOKEN_RULES if r != "given"], default=None,
+                        help="how the routed tokens are chosen: topic-words (the forest topic's vocabulary, like "
+                             "the paper's hand-picked words), whole-words (top score among all whole-word tokens) "
+                             "or any (BPE fragments included); see docs/token_routing.md")
+    parser.add_argument("--routed-tokens", nargs="+", metavar="WORD", default=None,
+                        help="route exactly these words (each must be one whole-word token of the training "
+                             "stories, e.g. --routed-tokens forest tree owl); overrides --tokens and --n-tokens")
     parser.add_argument("--units", type=int, default=None, help="routed MLP units per block (override)")
     parser.add_argument("--route-blocks", type=int, default=None, help="route blocks 0..N-1 (override)")
     parser.add_argument("--attack-repeats", type=int, default=None, help="attack draws (override)")
@@ -279,6 +389,10 @@ def build_config(args) -> dict:
             cfg[sec][key] = v
     if args.tokens is not None:
         cfg["route"]["tokens"] = args.tokens
+    if getattr(args, "routed_tokens", None):
+        cfg["route"].update(tokens="given", words=[w.strip() for w in args.routed_tokens])
+    if cfg["route"]["tokens"] == "topic-words":
+        cfg["route"].setdefault("vocabulary", list(FOREST_TOPIC_WORDS))
     cfg["train"]["warmup"] = min(cfg["train"]["warmup"], cfg["train"]["steps"] // 10)
     if cfg["route"]["units"] >= cfg["model"]["d_mlp"]:
         raise ValueError(f"--units must be below d_mlp ({cfg['model']['d_mlp']})")
@@ -303,8 +417,11 @@ def run(args: argparse.Namespace) -> dict:
     rc = cfg["route"]
     ids = routed_token_ids(corpus, rc)
     scores = topic_token_scores(corpus.train, V, rc["min_count"])
+    cf = token_counts(corpus.train, V, corpus.train.forget)
+    co = token_counts(corpus.train, V, ~corpus.train.forget)
     routed_ids = torch.tensor(ids)
     topic_targets = corpus.topic.y[corpus.topic.y >= 0]
+    general_targets = corpus.general.y[corpus.general.y >= 0]
     print(f"routed tokens ({rc['tokens']}): " + ", ".join(repr(tok.decode([i])) for i in ids))
     jobs = [(arm, s) for s in seeds for arm in ("routed", "control")]
     results, todo = split_finished(jobs, lambda a, s: _job_path(out, a, s), cfg)
@@ -314,8 +431,13 @@ def run(args: argparse.Namespace) -> dict:
     summary = summarize(results, seeds)
     metrics = {"experiment": "token-routing", "profile": args.profile, "config": cfg, "seeds": seeds,
                "corpus": corpus.counts,
-               "routed_tokens": [{"token": tok.decode([i]), "id": i, "score": float(scores[i])} for i in ids],
+               "routed_tokens": [{"token": tok.decode([i]), "id": i, "score": float(scores[i]),
+                                  "count_forget_train": int(cf[i]), "count_other_train": int(co[i])} for i in ids],
                "routed_share_of_topic_targets": float(torch.isin(topic_targets, routed_ids).float().mean()),
+               "routed_share_of_general_targets": float(torch.isin(general_targets, routed_ids).float().mean()),
+               "topical_nonrouted_share_of_topic_targets": float(
+                   (~torch.isin(topic_targets, routed_ids) & ~torch.isin(topic_targets, general_token_ids(corpus)))
+                   .float().mean()),
                "routed_blocks": list(range(rc["blocks"])), "routed_units_per_block": rc["units"],
                "paper": PAPER, "summary": summary,
                "runs": {f"{a}-seed{s}": {k: v for k, v in results[(a, s)].items() if k != "config"} for a, s in jobs},
@@ -343,11 +465,20 @@ def summarize(results: dict, seeds: list[int]) -> dict:
     for arm in ("routed", "control"):
         out[arm] = {}
         for suffix, _ in STAGES:
-            for k in KEYS:
-                v = [results[(arm, s)][k + suffix] for s in seeds]
-                out[arm][k + suffix] = {"per_seed": v, **mean_ci(v)}
+            for prefix in ("", "val_"):
+                for k in KEYS + DIAG_KEYS:
+                    if prefix + k + suffix not in results[(arm, seeds[0])]:
+                        continue
+                    v = [results[(arm, s)][prefix + k + suffix] for s in seeds]
+                    out[arm][prefix + k + suffix] = {"per_seed": v, **mean_ci(v)}
     ex = "topic_loss_increase_excluding_routed"
     r, c = out["routed"], out["control"]
+    if "val_" + ex in r:
+        # the validation split's absorption margins (after the attack), for choices made before evaluation
+        m_gen = [a - b for a, b in zip(r["val_" + ex]["per_seed"], r["val_general_loss_increase"]["per_seed"])]
+        m_ctl = [a - b for a, b in zip(r["val_" + ex]["per_seed"], c["val_" + ex]["per_seed"])]
+        out["validation"] = {"margin over general": mean_ci(m_gen), "margin over control": mean_ci(m_ctl),
+                             "criterion": min(float(np.mean(m_gen)), float(np.mean(m_ctl)))}
     out["differences"] = {
         "routed excluding-routed minus routed general": mean_ci(
             [a - b for a, b in zip(r[ex]["per_seed"], r["general_loss_increase"]["per_seed"])]),
@@ -421,6 +552,21 @@ def summary_md(m: dict) -> str:
              markdown_table(HEADER, _rows(m))]
     for name, c in m["claims"].items():
         lines.append(f"- {'HOLDS' if c['holds'] else 'FAILS'}: {name} ({c['intervals']})")
+    if DIAG_KEYS[0] in m["summary"]["routed"]:
+        lines.append(f"\nDiagnostics, topic stories' non-routed targets split in two: tokens never seen in general text "
+                     f"({100 * m['topical_nonrouted_share_of_topic_targets']:.1f}% of topic targets) and the rest; "
+                     "loss increase after the attack:\n")
+        lines.append(markdown_table(["model", "topical non-routed", "shared with general text"], [
+            [arm, *[fmt_ci(m["summary"][arm][k], 3, True) for k in DIAG_KEYS]] for arm in ("routed", "control")]))
+    val = m["summary"].get("validation")
+    if val:
+        rows = [[f"{arm}, {stage}", *[fmt_ci(m["summary"][arm]["val_" + k + suffix], 3, True) for k in KEYS]]
+                for arm in ("routed", "control") for suffix, stage in STAGES[::-1]]
+        lines += ["\nValidation split (held-out stories disjoint from the evaluation, attack and fine-tuning "
+                  "sets; for choices made before evaluation):\n", markdown_table(HEADER, rows),
+                  f"\nValidation absorption margins after the attack (routed, topic without routed tokens): over "
+                  f"general {fmt_ci(val['margin over general'], 3, True)}, over the control "
+                  f"{fmt_ci(val['margin over control'], 3, True)}; criterion (smaller mean) {val['criterion']:+.3f}"]
     return "\n".join(lines) + "\n"
 
 
@@ -478,7 +624,13 @@ def report(out: Path) -> dict:
                    f"({', '.join(repr(t['token']) for t in m['routed_tokens'])}) to units "
                    f"0-{cfg['route']['units'] - 1} of blocks 0-{cfg['route']['blocks'] - 1}; increases are ablated "
                    f"minus intact after the same fine-tune and attack, mean over {cfg['attack']['repeats']} attack "
-                   f"draws per seed; cells: mean [95% interval] (n)."),
+                   f"draws per seed; cells: mean [95% interval] (n). Cost: the ablation removes "
+                   f"{cfg['route']['units']} of {cfg['model']['d_mlp']} MLP units "
+                   f"({cfg['route']['units'] / cfg['model']['d_mlp']:.0%}) in {cfg['route']['blocks']} of "
+                   f"{cfg['model']['n_layer']} blocks; general text rises "
+                   f"{m['summary']['routed']['general_loss_increase']['mean']:+.3f} after the attack (paper "
+                   f"{PAPER['general_loss_increase']:+.3f}; the unrouted control, same units ablated, "
+                   f"{m['summary']['control']['general_loss_increase']['mean']:+.3f})."),
         "table": {"header": HEADER, "rows": _rows(m)},
         "figures": [f for f in ("loss_increase.png",) if (Path(out) / f).exists()],
     }

@@ -30,7 +30,9 @@ class Corpus:
     """Training stories and disjoint held-out sets: ``topic`` (forget-rule stories),
     ``general`` (stories neither matching the rule nor about the forest topic at all),
     ``attack_pool`` (more forget-rule stories, for retraining attacks only) and
-    ``general_train`` (more general stories, for fine-tuning only)."""
+    ``general_train`` (more general stories, for fine-tuning only); ``val_topic`` /
+    ``val_general`` (more of each, a validation split for choices made before evaluation; None
+    unless asked for)."""
     tok: Tokenizer
     train: Stories
     topic: Stories
@@ -38,30 +40,37 @@ class Corpus:
     attack_pool: Stories | None     # None when no attack stories were asked for
     general_train: Stories | None   # None when no fine-tuning stories were asked for
     counts: dict
+    val_topic: Stories | None = None
+    val_general: Stories | None = None
 
 
 def prepare_corpus(n_train: int, n_eval: int, n_attack: int, vocab_size: int, n_ctx: int,
-                   n_general_train: int = 0, source: str = "generated", tokenizer: str = "bpe") -> Corpus:
+                   n_general_train: int = 0, source: str = "generated", tokenizer: str = "bpe",
+                   n_val: int = 0) -> Corpus:
     """The LM suite's corpus and tokenizer (same generator, same cached BPE for the same
     stories), with held-out sets drawn from a second generated stream (or the stories after
-    the training ones for a file / TinyStories), deduplicated against the training stories."""
+    the training ones for a file / TinyStories), deduplicated against the training stories.
+    The validation sets (``n_val`` topic and ``n_val`` general stories) come after all the others
+    in the held-out stream, so asking for them leaves the other sets unchanged."""
     texts = load_corpus(source, n_train, seed=TRAIN_STREAM)
-    n_held = 8 * (2 * n_eval + n_attack) + 2 * n_general_train
+    n_held = 8 * (2 * n_eval + n_attack + 2 * n_val) + 2 * n_general_train
     held = (load_corpus("generated", n_held, seed=EVAL_STREAM) if source == "generated"
             else load_corpus(source, n_held, start=n_train))
     seen = set(texts)
     held = [t for t in dict.fromkeys(held) if t not in seen]
     topic = [t for t in held if is_forget(t)]
     general = [t for t in held if not is_forget(t) and not is_forest_topic(t)]
-    if len(topic) < n_eval + n_attack or len(general) < n_eval + n_general_train:
+    if len(topic) < n_eval + n_attack + n_val or len(general) < n_eval + n_general_train + n_val:
         raise ValueError(f"held-out corpus too small: {len(topic)} topic / {len(general)} general stories, "
-                         f"need {n_eval + n_attack} / {n_eval + n_general_train}")
+                         f"need {n_eval + n_attack + n_val} / {n_eval + n_general_train + n_val}")
     tok = get_tokenizer(tokenizer, texts=texts, vocab_size=vocab_size)
     enc = lambda xs: encode_stories(tok, xs, n_ctx)
     counts = {"train_stories": len(texts), "train_forget": sum(map(is_forget, texts))}
     return Corpus(tok, enc(texts), enc(topic[:n_eval]), enc(general[:n_eval]),
                   enc(topic[n_eval:n_eval + n_attack]) if n_attack else None,
-                  enc(general[n_eval:n_eval + n_general_train]) if n_general_train else None, counts)
+                  enc(general[n_eval:n_eval + n_general_train]) if n_general_train else None, counts,
+                  enc(topic[n_eval + n_attack:n_eval + n_attack + n_val]) if n_val else None,
+                  enc(general[n_eval + n_general_train:n_eval + n_general_train + n_val]) if n_val else None)
 
 
 def train_lm(spec: dict, data: Stories, cfg: TrainConfig, batch_size: int, seed: int,
@@ -185,6 +194,43 @@ def whole_word_ids(data: Stories, tok, min_rate: float = 0.9) -> torch.Tensor:
     count, rate = whole_word_rates(data, tok)
     looks = torch.tensor([re.fullmatch(WORD_TOKEN, tok.decode([i])) is not None for i in range(tok.vocab_size)])
     return looks & (count > 0) & (rate >= min_rate)
+
+
+def word_token_ids(tok, words: Sequence[str], data: Stories | None = None, min_rate: float = 0.9) -> list[int]:
+    """Token ids of ``words`` as they appear mid-sentence (``" " + word``), in order. Each word
+    must be one token that looks like a word (:data:`WORD_TOKEN`); with ``data``, it must also be
+    a target there and a whole word in at least ``min_rate`` of those occurrences
+    (:func:`whole_word_rates`: ``' acorn'`` of " acorns" is not). Raises ``ValueError`` naming
+    the first word that fails and why."""
+    import re
+
+    if not words:
+        raise ValueError("no words given")
+    count = rate = None
+    if data is not None:
+        count, rate = whole_word_rates(data, tok)
+    out = []
+    for w in words:
+        word = w.strip()
+        ids = tok.encode(" " + word) if word else []
+        if len(ids) != 1:
+            pieces = ", ".join(repr(tok.decode([i])) for i in ids)
+            raise ValueError(f"routed word {w!r} is not one token of this tokenizer (' {word}' -> {pieces or 'nothing'}); "
+                             f"give words that are single whole-word tokens")
+        i = ids[0]
+        if re.fullmatch(WORD_TOKEN, tok.decode([i])) is None:
+            raise ValueError(f"routed word {w!r} is token {tok.decode([i])!r}, which is not a word (letters only)")
+        if count is not None:
+            if int(count[i]) == 0:
+                raise ValueError(f"routed word {w!r} (token {i}) never occurs as a target in the training stories")
+            if float(rate[i]) < min_rate:
+                raise ValueError(f"routed word {w!r} is a whole word in only {100 * float(rate[i]):.0f}% of its "
+                                 f"{int(count[i])} occurrences (below {100 * min_rate:.0f}%): the token is also a "
+                                 f"fragment of longer words")
+        if i in out:
+            raise ValueError(f"routed word {w!r} is given twice")
+        out.append(i)
+    return out
 
 
 def fmt_ci(ci: dict, digits: int = 3, signed: bool = False) -> str:
