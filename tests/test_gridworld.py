@@ -259,14 +259,16 @@ def _reference_grads(policy, batch, job, cfg):
     return {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("job,unfinished", [("routing", "keep"), ("routing", "drop"), ("no_routing", "keep"),
-                                            ("naive", "keep"), ("filtering", "keep")])
-def test_fast_update_gives_the_same_gradients_as_plain_autograd(job, unfinished):
-    # The trainer reuses the rollout's forward pass, runs both experts as one batched matmul and
-    # carries the gradient through the head and the routed mix by hand; it must equal autograd.
+@pytest.mark.parametrize("job,unfinished,gate", [("routing", "keep", "original"), ("routing", "drop", "original"),
+                                                 ("routing", "keep", "mlp64"), ("no_routing", "keep", "original"),
+                                                 ("naive", "keep", "original"), ("filtering", "keep", "original")])
+def test_fast_update_gives_the_same_gradients_as_plain_autograd(job, unfinished, gate):
+    # The trainer reuses the rollout's forward pass, runs both experts (and the gate's first
+    # layer) as one matmul and carries the gradient through the head and the routed mix by hand;
+    # it must equal autograd.
     torch.manual_seed(0)
     cfg = dict(unfinished=unfinished, filter_mode="original", critic="linear", zero_bias=False,
-               precision="fp32", single_expert_baselines=True)
+               precision="fp32", single_expert_baselines=True, gate=gate)
     policy = gw.make_policy(job, cfg)
     env = GridworldVecEnv(16, 0.5, return_final_obs=False)
     obs, _ = env.reset(seed=0)
@@ -279,6 +281,47 @@ def test_fast_update_gives_the_same_gradients_as_plain_autograd(job, unfinished)
     assert fast.keys() == ref.keys()
     for n in ref:
         torch.testing.assert_close(fast[n], ref[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_original_gate_equals_conv_then_mlp():
+    # The original code's gate is Conv2d(4, 4, 1) -> flatten -> MLP 100-256-256-1. Ours folds the
+    # 1x1 conv into the first linear layer (to fuse it with the experts' first layer): outputs and
+    # the gradients of every gate parameter must equal the plain stack's.
+    torch.manual_seed(0)
+    gate = gw.Gate("original")
+    with torch.no_grad():
+        gate.conv.bias.normal_()                       # a non-zero conv bias exercises the folding
+    ref = torch.nn.Sequential(gate.conv, torch.nn.Flatten(), gate.fc1, torch.nn.ReLU(), gate.fc2,
+                              torch.nn.ReLU(), gate.out)
+    obs = GridworldVecEnv(32, 0.5).reset(seed=3)[0]
+    out = gate(obs.flatten(1))
+    torch.testing.assert_close(out, ref(obs).squeeze(-1))
+    out.square().sum().backward()
+    fast = {n: p.grad.clone() for n, p in gate.named_parameters()}
+    gate.zero_grad()
+    ref(obs).square().sum().backward()
+    for n, p in gate.named_parameters():
+        torch.testing.assert_close(fast[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+    assert all(g.abs().sum() > 0 for g in fast.values())
+    # the policy's fused first layer gives the same gate logits, in fp32 and (closely) in bf16
+    for prec, tol in (("fp32", 1e-5), ("bf16", 5e-2)):
+        torch.manual_seed(0)
+        policy = gw.MoEPolicy(gate="original", precision=prec, zero_bias=False)
+        _, gl = policy.features(obs.flatten(1))
+        torch.testing.assert_close(gl, policy.gate(obs.flatten(1)), rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match="gate must be one of"):
+        gw.Gate("conv")
+
+
+def test_single_expert_jobs_do_not_depend_on_the_gate_setting():
+    # A finished naive or filtering run stays valid when only the MoE gate changes (it has no
+    # gate); a routing run does not.
+    cfg = dict(gw.PROFILES["cpu"], profile="cpu")
+    for job in ("naive", "filtering", "oracle"):
+        assert gw.job_config(job, dict(cfg, gate="mlp64")) == gw.job_config(job, dict(cfg, gate="original"))
+        assert gw.make_policy(job, cfg).gate is None
+    assert gw.job_config("routing", dict(cfg, gate="mlp64")) != gw.job_config("routing", dict(cfg, gate="original"))
+    assert gw.job_config("naive", dict(cfg, single_expert_baselines=False))["gate"] == "original"
 
 
 def test_batched_experts_equal_separate_experts():

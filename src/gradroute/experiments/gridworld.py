@@ -58,7 +58,7 @@ METHODS = list(METHOD_JOB)
 # fraction) scored 0.14 vs 0.50 for overseen-terminal-only filtering at p = 0.1, so the stronger
 # baseline is the default and `--filter-mode original` gives the original's.
 FAITHFUL = dict(unfinished="keep", critic="linear", zero_bias=True, filter_mode="overseen_only",
-                single_expert_baselines=True)
+                single_expert_baselines=True, gate="original")
 # The paper's settings; a `cpu` profile that a 2-core machine finishes in about 2 hours; a quick
 # profile (p = 0.3 only in `gradroute reproduce`) that shows the routed experts separating.
 PROFILES = {
@@ -93,10 +93,59 @@ def mlp(sizes, final_act=True):
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+GATES = ("mlp64", "original")
+
+
+class Gate(nn.Module):
+    """The MoE's gate: observations ``(B, 100)`` -> one logit per example.
+
+    ``"original"``: the original code's gate, a 1x1 convolution mixing the 4 observation
+    channels (4 -> 4) followed by an MLP 100 -> 256 -> 256 -> 1 (ReLU). ``"mlp64"``: a smaller
+    MLP 100 -> 64 -> 1 (this project's earlier choice). Both expose their first layer as one
+    ``(100, width)`` matrix (:meth:`first_layer`; the convolution is linear, so it is folded into
+    it with gradients reaching the conv's own weights), which the policy fuses with the experts'
+    first layer into one matmul per step; :meth:`rest` runs the layers after it."""
+
+    def __init__(self, kind: str = "original", obs_dim: int = 100, channels: int = 4):
+        super().__init__()
+        if kind not in GATES:
+            raise ValueError(f"gate must be one of {GATES}, got {kind!r}")
+        self.kind, self.channels, self.cells = kind, channels, obs_dim // channels
+        if kind == "original":
+            self.conv = nn.Conv2d(channels, channels, kernel_size=1)
+            self.fc1, self.fc2, self.out = nn.Linear(obs_dim, 256), nn.Linear(256, 256), nn.Linear(256, 1)
+        else:
+            self.conv, self.fc2 = None, None
+            self.fc1, self.out = nn.Linear(obs_dim, 64), nn.Linear(64, 1)
+        self.width = self.fc1.out_features
+
+    def first_layer(self):
+        """``(W, b)`` with ``relu(x @ W + b)`` the first hidden layer for flat observations ``x``."""
+        w, b = self.fc1.weight.t(), self.fc1.bias
+        if self.conv is None:
+            return w, b
+        c = self.conv.weight[:, :, 0, 0]                              # (out, in) channel mix
+        eye = torch.eye(self.cells, dtype=c.dtype, device=c.device)
+        mix = torch.kron(c.t().contiguous(), eye)                                 # flat (in*cells, out*cells)
+        return mix @ w, self.conv.bias.repeat_interleave(self.cells) @ w + b
+
+    def rest(self, y: torch.Tensor) -> torch.Tensor:
+        """Gate logits ``(B,)`` from the first hidden layer (after its ReLU); a second hidden layer
+        runs in ``y``'s dtype, the output layer in fp32."""
+        if self.fc2 is not None:
+            y = torch.relu(F.linear(y, self.fc2.weight.to(y.dtype), self.fc2.bias.to(y.dtype)))
+        return self.out(y.float()).squeeze(-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.first_layer()
+        return self.rest(torch.relu(torch.addmm(b, x, w)))
+
+
 class MoEPolicy(nn.Module):
     """``experts`` MLPs (100 -> 256 -> 256, ReLU) stored as stacked weights, so all experts run as
     one batched matmul per layer; with two experts a sigmoid gate (MLP 100 -> 64 -> 1) mixes the
     hidden states, ``g*h_diamond + (1-g)*h_ghost``. A shared linear head gives 4 action logits.
+    ``gate``: "original" (the original code's 1x1 conv + MLP 100-256-256-1) or "mlp64" (:class:`Gate`).
     Expert 0 is the diamond expert, expert 1 the ghost expert. ``experts=1`` is the single-expert
     policy of the original's baselines (no gate).
 
@@ -105,7 +154,8 @@ class MoEPolicy(nn.Module):
     matmuls in bfloat16 (fp32 master weights, fp32 head, gate, critic and optimizer)."""
 
     def __init__(self, obs_dim: int = 100, hidden: int = HIDDEN, num_actions: int = 4, experts: int = 2,
-                 critic: str = "linear", zero_bias: bool = True, precision: str = "fp32"):
+                 critic: str = "linear", zero_bias: bool = True, precision: str = "fp32",
+                 gate: str = "original"):
         super().__init__()
         if experts not in (1, 2):
             raise ValueError(f"experts must be 1 or 2, got {experts}")
@@ -118,7 +168,7 @@ class MoEPolicy(nn.Module):
         self.b1 = nn.Parameter(torch.empty(experts, 1, hidden))
         self.w2 = nn.Parameter(torch.empty(experts, hidden, hidden))
         self.b2 = nn.Parameter(torch.empty(experts, 1, hidden))
-        self.gate = mlp([obs_dim, 64, 1], final_act=False) if experts == 2 else None
+        self.gate = Gate(gate, obs_dim) if experts == 2 else None
         self.head = nn.Linear(hidden, num_actions)
         self.critic = (nn.Linear(obs_dim, 1) if critic == "linear"
                        else mlp([obs_dim, hidden, hidden, 1], final_act=False))
@@ -130,7 +180,7 @@ class MoEPolicy(nn.Module):
                     b[e, 0].copy_(lin.bias)
             if zero_bias:
                 for m in self.modules():
-                    if isinstance(m, nn.Linear):
+                    if isinstance(m, (nn.Linear, nn.Conv2d)):
                         m.bias.zero_()
                 self.b1.zero_()
                 self.b2.zero_()
@@ -144,8 +194,9 @@ class MoEPolicy(nn.Module):
         E, D, H = self.w1.shape
         w1, b1 = self.w1.transpose(0, 1).reshape(D, E * H), self.b1.reshape(E * H)
         if self.gate is not None:
-            w1 = torch.cat((w1, self.gate[0].weight.t()), 1)
-            b1 = torch.cat((b1, self.gate[0].bias))
+            gw1, gb1 = self.gate.first_layer()
+            w1 = torch.cat((w1, gw1), 1)
+            b1 = torch.cat((b1, gb1))
         return w1.to(dt), b1.to(dt), self.w2.to(dt), self.b2.to(dt)
 
     def features(self, x: torch.Tensor, weights=None, out_dtype=torch.float32):
@@ -159,7 +210,7 @@ class MoEPolicy(nn.Module):
             h = h.to(out_dtype)
         gate_logit = None
         if self.gate is not None:
-            gate_logit = self.gate[2](y[:, E * H:].float()).squeeze(-1)
+            gate_logit = self.gate.rest(y[:, E * H:])
         return h, gate_logit
 
     def mix(self, h: torch.Tensor, gate_logit, gate: float | None = None, route_w=None) -> torch.Tensor:
@@ -423,10 +474,21 @@ def update(policy: MoEPolicy, batch: dict, job: str, cfg: dict) -> float:
     return float(loss.detach())
 
 
+def _single_expert(job: str, cfg: dict) -> bool:
+    return bool(cfg.get("single_expert_baselines", True)) and job in ("naive", "filtering", "oracle")
+
+
+def job_config(job: str, cfg: dict) -> dict:
+    """The settings one job depends on (recorded in its result file and compared on resume):
+    the gate's architecture is left out for single-expert jobs, which have no gate."""
+    return {k: v for k, v in cfg.items() if not (k == "gate" and _single_expert(job, cfg))}
+
+
 def make_policy(job: str, cfg: dict) -> MoEPolicy:
-    single = cfg.get("single_expert_baselines", True) and job in ("naive", "filtering", "oracle")
+    single = _single_expert(job, cfg)
     return MoEPolicy(experts=1 if single else 2, critic=cfg.get("critic", "linear"),
-                     zero_bias=cfg.get("zero_bias", True), precision=cfg.get("precision", "fp32"))
+                     zero_bias=cfg.get("zero_bias", True), precision=cfg.get("precision", "fp32"),
+                     gate=cfg.get("gate", "original"))
 
 
 def train(job: str, oversight: float, seed: int, cfg: dict, quiet: bool = True) -> dict:
@@ -503,7 +565,7 @@ def _job_path(out: Path, job: str, p: float, seed: int) -> Path:
 
 
 def _run_job(job, p, seed, cfg, out):
-    res = train(job, p, seed, cfg)
+    res = train(job, p, seed, job_config(job, cfg))
     state = res.pop("state_dict")
     if state is not None:
         (Path(out) / "models").mkdir(parents=True, exist_ok=True)
@@ -540,6 +602,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="filtering trains on overseen terminal episodes only (default: the stronger "
                              "baseline in our A/B) or, as the original, also on no-terminal episodes with the "
                              "loss scaled by the kept fraction")
+    parser.add_argument("--gate", choices=list(GATES), default=None,
+                        help="the MoE gate: original (1x1 conv + MLP 100-256-256-1, as the original code; default) "
+                             "or mlp64 (MLP 100-64-1, this project's earlier choice)")
     parser.add_argument("--single-expert-baselines", type=int, choices=[0, 1], default=None,
                         help="1: naive, filtering and oracle use one expert (original, default); 0: the MoE with a free gate")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
@@ -554,7 +619,7 @@ def run(args: argparse.Namespace) -> dict:
         print("note: gridworld trains on CPU processes (the networks are tiny)")
     cfg = dict(PROFILES[args.profile])
     for k in ("updates", "num_envs", "lr", "eval_every", "val_episodes", "test_episodes", "precision",
-              "unfinished", "critic", "filter_mode"):
+              "unfinished", "critic", "filter_mode", "gate"):
         if getattr(args, k) is not None:
             cfg[k] = getattr(args, k)
     for k in ("zero_bias", "single_expert_baselines"):
@@ -569,7 +634,18 @@ def run(args: argparse.Namespace) -> dict:
     jobs_wanted = sorted({METHOD_JOB[m] for m in args.methods}, key=list(JOB_METHODS).index)
     jobs = [(j, p, s) for p in args.oversight for s in seeds for j in jobs_wanted]
 
-    results, todo = split_finished(jobs, lambda *k: _job_path(out, *k), cfg)
+    results, todo = {}, []
+    for job in jobs_wanted:                 # each job's own settings decide whether it reruns
+        done, left = split_finished([k for k in jobs if k[0] == job], lambda *k: _job_path(out, *k),
+                                    job_config(job, cfg), verbose=False)
+        results.update(done)
+        todo += left
+    todo.sort(key=lambda k: jobs.index(k))
+    for k in todo:
+        if _job_path(out, *k).exists():
+            print(f"recomputing {_job_path(out, *k).name}: it was made with different settings")
+    if results:
+        print(f"resuming: {len(results)} of {len(jobs)} runs already done")
     # long jobs first, so the parallel workers finish together
     todo.sort(key=lambda k: (k[0] == "oracle", -k[1] if k[0] == "oracle" else 0))
     results.update(run_jobs(todo, functools.partial(_run_job, cfg=cfg, out=str(out)), args.workers,
