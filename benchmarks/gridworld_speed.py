@@ -8,8 +8,10 @@ optimizer step (no evaluation), for routing at p = 0.1, measured side by side in
 - ``old``: ``benchmarks/gridworld_reference_loop.py``, today's loop before this work (fp32, two
   separate expert MLPs, no-grad rollout then a second forward over the kept steps, MLP critic);
 - ``new_fp32`` / ``new_bf16``: ``gradroute.experiments.gridworld`` (stacked experts as one
-  batched matmul, the rollout's forward reused for the update, linear critic as the original),
-  with the expert matmuls in fp32 or bfloat16.
+  batched matmul, the rollout's forward reused for the update, linear critic and gate as the
+  original: 1x1 conv + MLP 100-256-256-1), with the expert and gate matmuls in fp32 or bfloat16;
+- ``new_bf16_mlp64``: the same with the smaller gate (100-64-1) that the old loop also has, so
+  the loops compare like with like.
 
 The FLOP reference is a plain fp32 and bf16 matmul (16384 x 256 @ 256 x 256) at the same thread
 count. The last line is one JSON object; ``train_speedup_512`` is new (the cpu profile's bf16
@@ -62,8 +64,8 @@ def matmul_gflops(dtype, m=16384, k=256, n=256, reps=10) -> float:
     return best
 
 
-def new_train(num_envs: int, updates: int, precision: str) -> None:
-    cfg = dict(gw.PROFILES["cpu"], num_envs=num_envs, precision=precision)
+def new_train(num_envs: int, updates: int, precision: str, gate: str = "original") -> None:
+    cfg = dict(gw.PROFILES["cpu"], num_envs=num_envs, precision=precision, gate=gate)
     gen = torch.Generator().manual_seed(0)
     env = GridworldVecEnv(num_envs, 0.1, return_final_obs=False)
     policy = gw.make_policy("routing", cfg)
@@ -90,17 +92,21 @@ def timed(fns: dict, num_envs: int, updates: int, repeats: int) -> dict:
     return best
 
 
-def flops_per_env_step(kind: str) -> float:
+def flops_per_env_step(kind: str, gate_kind: str = "mlp64") -> float:
     """Matmul FLOPs per env step of one routing update (both experts, gate, head, critic)."""
     expert = 2 * (OBS * HIDDEN + HIDDEN * HIDDEN)            # one expert, one row, forward
-    gate, head = 2 * (OBS * 64 + 64), 2 * HIDDEN * 4
+    head = 2 * HIDDEN * 4
+    if gate_kind == "mlp64":                                 # 100-64-1
+        gate, gate_in = 2 * (OBS * 64 + 64), 0
+    else:                                                    # original: (conv folded) 100-256-256-1
+        gate, gate_in = 2 * (OBS * 256 + 256 * 256 + 256), 2 * 256 * 256   # + input grad past its layer 1
     l2 = 2 * HIDDEN * HIDDEN
     if kind == "old":   # no-grad rollout + forward again + backward (MLP critic); upper bound: all steps kept
         critic = 2 * (OBS * HIDDEN + HIDDEN * HIDDEN + HIDDEN)
         fwd = 2 * expert + gate + head
         return fwd + (fwd + critic) + (fwd + critic) + 2 * l2 + l2 + head   # + input grads past layer 1
     fwd = 2 * expert + gate + 2 * head                       # head runs twice (rollout and loss)
-    return fwd + fwd + 2 * l2 + head + 3 * 2 * OBS           # weight grads + input grads past layer 1
+    return fwd + fwd + 2 * l2 + gate_in + head + 3 * 2 * OBS  # weight grads + input grads past layer 1
 
 
 def main() -> None:
@@ -123,9 +129,11 @@ def main() -> None:
     print(f"env only (random actions): {res['env_steps_per_s_random_policy']}", flush=True)
     runs = {"old": reference_train,
             "new_fp32": lambda n, u: new_train(n, u, "fp32"),
-            "new_bf16": lambda n, u: new_train(n, u, "bf16")}
-    flops = {"old": flops_per_env_step("old"), "new_fp32": flops_per_env_step("new"),
-             "new_bf16": flops_per_env_step("new")}
+            "new_bf16": lambda n, u: new_train(n, u, "bf16"),
+            "new_bf16_mlp64": lambda n, u: new_train(n, u, "bf16", "mlp64")}
+    flops = {"old": flops_per_env_step("old"), "new_fp32": flops_per_env_step("new", "original"),
+             "new_bf16": flops_per_env_step("new", "original"),
+             "new_bf16_mlp64": flops_per_env_step("new", "mlp64")}
     res["train_env_steps_per_s"] = {k: {} for k in runs}
     res["flops_per_env_step"] = {k: round(v) for k, v in flops.items()}
     res["achieved_gflops"] = {k: {} for k in runs}
@@ -136,7 +144,7 @@ def main() -> None:
             res["achieved_gflops"][name][str(n)] = round(sps * flops[name] / 1e9, 1)
             print(f"train {name:9s} {n:4d} envs: {sps / 1e3:7.1f} k env steps/s "
                   f"(~{sps * flops[name] / 1e9:5.1f} GFLOP/s of matmul)", flush=True)
-        for name in ("new_fp32", "new_bf16"):
+        for name in ("new_fp32", "new_bf16", "new_bf16_mlp64"):
             s = res["train_env_steps_per_s"][name][str(n)] / res["train_env_steps_per_s"]["old"][str(n)]
             res[f"speedup_{name}_{n}"] = round(s, 2)
             print(f"speedup {name} / old at {n} envs: {s:.2f}x", flush=True)
