@@ -402,6 +402,16 @@ def test_cli_end_to_end_and_resume(tmp_path, capsys):
     assert "resuming: 5 of 5" in capsys.readouterr().out
     assert before == {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir()}
     assert read_json(out / "metrics.json")["runs"] == m["runs"]
+    # another gate: the MoE jobs rerun, the single-expert ones (no gate) are reused, and the
+    # episode figure is drawn from a routing model of this call with its own gate
+    capsys.readouterr()
+    assert main(flags + ["--gate", "mlp64"]) == 0
+    printed = capsys.readouterr().out
+    assert "resuming: 3 of 5" in printed and "recomputing routing_p0.1_s0.json" in printed
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir()}
+    assert sorted(n for n in after if after[n] != before[n]) == ["no_routing_p0.1_s0.json", "routing_p0.1_s0.json"]
+    assert read_json(out / "runs" / "routing_p0.1_s0.json")["config"]["gate"] == "mlp64"
+    assert "gate" not in read_json(out / "runs" / "naive_p0.1_s0.json")["config"]
 
 
 def test_report_section_from_metrics(tmp_path):

@@ -777,11 +777,13 @@ def make_figures(out: Path, runs: list[dict], results: dict) -> None:
         ax.legend(fontsize=8)
         savefig(fig, out / f"learning_curves_p{p0:g}.png")
 
-    models = sorted((out / "models").glob("routing_p*_s*.pt")) if (out / "models").exists() else []
+    # one routing model of this call (the level closest to p = 0.1), built with its own run's settings
+    models = [k for k in sorted(results) if k[0] == "routing"
+              and (out / "models" / f"routing_p{k[1]:g}_s{k[2]}.pt").exists()]
     if models:
-        best = min(models, key=lambda f: abs(math.log(float(f.stem.split("_p")[1].split("_s")[0]) / 0.1)))
-        cfg = next(iter(results.values()))["config"] if results else {}
-        policy = make_policy("routing", cfg)        # the saved run's critic and precision
+        key = min(models, key=lambda k: abs(math.log(max(k[1], 1e-6) / 0.1)))
+        best = out / "models" / f"routing_p{key[1]:g}_s{key[2]}.pt"
+        policy = make_policy("routing", results[key]["config"])    # its gate, critic and precision
         policy.load_state_dict(torch.load(best, weights_only=True))
         draw_episodes(policy, out / "episodes.png", title=best.stem)
 
