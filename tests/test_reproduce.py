@@ -70,6 +70,20 @@ def test_report_and_resume_after_interruption(tmp_path, fakes):
     assert reproduce.main(args(tmp_path, redo=["alpha"])) == 0 and fakes.count("alpha") == 2
 
 
+def test_report_keeps_experiments_finished_earlier(tmp_path, fakes):
+    with pytest.raises(KeyboardInterrupt):
+        reproduce.main(args(tmp_path))                      # alpha finishes, beta is interrupted
+    assert reproduce.main(args(tmp_path, only=["beta"])) == 0
+    md = (tmp_path / "report.md").read_text()
+    assert "Fake alpha" in md and "Fake beta" in md       # alpha kept though only beta ran now
+    walls = [json.loads((tmp_path / n / "done.json").read_text())["wall_s"] for n in ("alpha", "beta")]
+    assert f"Total wall time of the 2 finished experiment(s): {sum(walls):.0f} s" in md
+    done = tmp_path / "alpha" / "done.json"                 # a result from another profile is left out
+    done.write_text(json.dumps(dict(json.loads(done.read_text()), profile="paper")))
+    assert reproduce.main(args(tmp_path, only=["beta"])) == 0
+    assert "Fake alpha" not in (tmp_path / "report.md").read_text()
+
+
 def test_corrupt_result_is_reported_and_kept(tmp_path, fakes, capsys):
     with pytest.raises(KeyboardInterrupt):
         reproduce.main(args(tmp_path))

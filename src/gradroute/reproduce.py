@@ -122,6 +122,15 @@ def is_done(exp_dir: Path) -> bool:
     return True
 
 
+def _finished_with(exp_dir: Path, profile: str) -> bool:
+    """True when exp_dir holds a finished result made with this profile (corrupt files: False here;
+    they are reported when the experiment itself is selected)."""
+    try:
+        return is_done(exp_dir) and read_json(exp_dir / "done.json").get("profile") == profile
+    except ValueError:
+        return False
+
+
 def run_one(name: str, profile: str, out: Path, device: str, mnist_dir: Path | None = None) -> dict:
     module = experiments.get(name)
     exp_profile, flags = PLAN[profile][name]
@@ -154,6 +163,9 @@ def main(args: argparse.Namespace) -> int:
     if args.only:
         names = [n for n in names if n in args.only]
     _check_out(args.out)
+    # the report covers what this call runs plus what an earlier call finished in the same folder
+    # with the same profile, so running one experiment again does not drop the others from it
+    shown = [n for n in available() if n in names or _finished_with(args.out / n, args.profile)]
     failures = {}
     print(f"gradroute reproduce --profile {args.profile}: {', '.join(names)} -> {args.out}", flush=True)
     for i, name in enumerate(names, 1):
@@ -173,8 +185,8 @@ def main(args: argparse.Namespace) -> int:
         except Exception as e:  # one experiment failing must not lose the others
             failures[name] = f"{type(e).__name__}: {e}"
             traceback.print_exc()
-        write_report(args.out, names, args.profile)
-    paths = write_report(args.out, names, args.profile)
+        write_report(args.out, shown, args.profile)
+    paths = write_report(args.out, shown, args.profile)
     print(f"report: {paths[0]} and {paths[1]}")
     if failures:
         for n, msg in failures.items():
@@ -215,6 +227,10 @@ def write_report(out: Path, names: list[str], profile: str) -> tuple[Path, Path]
     for s in sections:
         wall = f"{s['done']['wall_s']:.0f} s" if "done" in s else "-"
         md.append(f"| {s.get('title', s['name'])} | {s.get('verdict', s['status'])} | {wall} |")
+    walls = [s["done"]["wall_s"] for s in sections if "done" in s]
+    if walls:
+        md.append(f"\nTotal wall time of the {len(walls)} finished experiment(s): {sum(walls):.0f} s "
+                  f"({sum(walls) / 60:.1f} min), each as measured when it ran.\n")
     for s in sections:
         md.append(f"\n## {s.get('title', s['name'])}\n")
         if s["status"] != "finished":
