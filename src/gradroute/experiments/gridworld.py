@@ -379,40 +379,125 @@ def evaluate(policy: MoEPolicy, oversight: float, seed: int, episodes: int,
 # training (one job = one method at one oversight level and seed)
 # ------------------------------------------------------------------------------------------
 def rollout(policy: MoEPolicy, env: GridworldVecEnv, obs: torch.Tensor, T: int, gen: torch.Generator):
-    """``T`` steps of every env. The expert states and gate logits keep their autograd graph:
-    one update per rollout means the rollout's forward pass *is* the training forward pass, so
-    :func:`update` does not recompute it. Returns the next obs and a dict: ``h`` (list of T
-    ``(experts, N, hidden)``), ``gl`` (list of T ``(N,)`` or None), ``mix`` / ``logits``
-    (T*N, ...) (no graph), and (T, N) ``obs``, ``act``, ``done``, ``reached``, ``overseen``."""
-    weights = policy.expert_weights()
-    hs, gls, mixes, diffs, logits_l, obs_l, acts, dones, reached, overseen = ([] for _ in range(10))
-    for _ in range(T):
-        x = obs.flatten(1)
-        h, gl = policy.features(x, weights, out_dtype=None)
-        with torch.no_grad():
-            if gl is None:
-                mix = h[0]
-            else:                                    # g*h_d + (1-g)*h_g = h_g + g*(h_d - h_g)
-                diff = h[0] - h[1]
-                mix = torch.addcmul(h[1], torch.sigmoid(gl).unsqueeze(-1).to(diff.dtype), diff)
-                diffs.append(diff)
+    """``T`` steps of every env, without an autograd graph. One update per rollout means the
+    rollout's forward pass *is* the training forward pass: it keeps the activations that the
+    backward pass needs (:func:`update` carries the gradient by hand through them with one matmul
+    per layer over all ``T*N`` steps, instead of recomputing or keeping ``T`` small graphs).
+    Returns the next obs and a dict: ``y`` (T*N, experts*hidden [+ gate width]) first hidden
+    layer of the experts and the gate, ``h`` (experts, T*N, hidden) expert states, ``y2``
+    (T*N, 256) the original gate's second hidden layer (or None), ``gl`` (T*N,) gate logits (or
+    None), ``mix`` / ``diff`` / ``logits`` (T*N, ...), and (T, N) ``obs``, ``act``, ``done``,
+    ``reached``, ``overseen``; all activations after their ReLU, in the compute dtype."""
+    gate = policy.gate
+    N = obs.shape[0]
+    gls, logits_l, obs_l, acts, dones, reached, overseen = ([] for _ in range(7))
+    with torch.no_grad():
+        w1, b1, w2, b2 = policy.expert_weights()
+        E, H, dt = w2.shape[0], w2.shape[2], w1.dtype
+        # preallocated (T*N, ...) buffers: every step writes its rows in place (no concatenation)
+        y_all = torch.empty(T * N, w1.shape[1], dtype=dt)
+        h_all = torch.empty(E, T * N, H, dtype=dt)
+        mix_all = h_all[0] if gate is None else torch.empty(T * N, H, dtype=dt)
+        diff_all = None if gate is None else torch.empty(T * N, H, dtype=dt)
+        y2_all = None
+        if gate is not None and gate.fc2 is not None:
+            fc2_wt, fc2_b = gate.fc2.weight.to(dt).t(), gate.fc2.bias.to(dt)
+            y2_all = torch.empty(T * N, fc2_b.shape[0], dtype=dt)
+        for t in range(T):
+            sl = slice(t * N, (t + 1) * N)
+            x = obs.flatten(1)
+            y = torch.relu_(torch.addmm(b1, x.to(dt), w1, out=y_all[sl]))   # (N, E*H [+ gate])
+            for e in range(E):                                             # each expert's rows are contiguous
+                torch.relu_(torch.addmm(b2[e, 0], y[:, e * H:(e + 1) * H], w2[e], out=h_all[e, sl]))
+            if gate is None:
+                mix = mix_all[sl]
+            else:
+                yg = y[:, E * H:]
+                if y2_all is not None:
+                    yg = torch.relu_(torch.addmm(fc2_b, yg, fc2_wt, out=y2_all[sl]))
+                gl = gate.out(yg.float()).squeeze(-1)
+                gls.append(gl)
+                # g*h_d + (1-g)*h_g = h_g + g*(h_d - h_g)
+                diff = torch.sub(h_all[0, sl], h_all[1, sl], out=diff_all[sl])
+                mix = torch.addcmul(h_all[1, sl], torch.sigmoid(gl).unsqueeze(-1).to(dt), diff, out=mix_all[sl])
             logits = policy.head(mix.float())
             act = sample_actions(logits, gen)
-        hs.append(h)
-        gls.append(gl)
-        mixes.append(mix)
-        logits_l.append(logits)
-        obs_l.append(x)
-        acts.append(act)
-        obs, _, term, trunc, info = env.step(act)
-        dones.append(term | trunc)
-        reached.append(info["reached"])
-        overseen.append(info["overseen"])
-    batch = {"h": hs, "gl": None if gls[0] is None else gls, "mix": torch.cat(mixes),
-             "diff": torch.cat(diffs) if diffs else None,
-             "logits": torch.cat(logits_l), "obs": torch.stack(obs_l), "act": torch.stack(acts),
-             "done": torch.stack(dones), "reached": torch.stack(reached), "overseen": torch.stack(overseen)}
+            logits_l.append(logits)
+            obs_l.append(x)
+            acts.append(act)
+            obs, _, term, trunc, info = env.step(act)
+            dones.append(term | trunc)
+            reached.append(info["reached"])
+            overseen.append(info["overseen"])
+    batch = {"y": y_all, "h": h_all, "y2": y2_all, "gl": torch.cat(gls) if gls else None,
+             "mix": mix_all, "diff": diff_all, "logits": torch.cat(logits_l),
+             "obs": torch.stack(obs_l), "act": torch.stack(acts), "done": torch.stack(dones),
+             "reached": torch.stack(reached), "overseen": torch.stack(overseen)}
     return obs, batch
+
+
+def _relu_grad(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The gradient at a ReLU's input from the gradient at its output ``out`` (autograd's rule)."""
+    return torch.ops.aten.threshold_backward(grad, out, 0)
+
+
+def _add_grad(p: torch.Tensor, g: torch.Tensor) -> None:
+    g = g.to(p.dtype).view_as(p)
+    p.grad = g if p.grad is None else p.grad + g
+
+
+def _expert_backward(policy: MoEPolicy, batch: dict, coef: torch.Tensor, d_mix: torch.Tensor, d_gl,
+                     chunk: int = 2048) -> None:
+    """Hand backward through the experts and the gate. d loss / d expert state ``e`` at row ``i``
+    is ``coef[e, i] * d_mix[i]`` (``coef`` (experts, T*N): the mix weight times the routing
+    weight; ``d_mix`` (T*N, hidden)); ``d_gl`` (T*N,) is d loss / d gate logits. Rows are taken
+    ``chunk`` at a time (elementwise passes stay in cache; the matmuls are still large); the
+    weight gradients of the fused first layer and the stacked second layer are summed in fp32
+    and handed to autograd at the compute-dtype weights of :meth:`MoEPolicy.expert_weights`,
+    which carries them through the casts, the concatenation and the gate's folded 1x1 conv."""
+    y_all, h_all, x_all = batch["y"], batch["h"], batch["obs"].flatten(0, 1)
+    dt, E, H = y_all.dtype, policy.w2.shape[0], policy.w2.shape[2]
+    w1, b1, w2, b2 = policy.expert_weights()
+    w2t = w2.detach().transpose(1, 2)
+    gate = policy.gate
+    if gate is not None:
+        out_w = gate.out.weight.detach()
+        fc2_w = gate.fc2.weight.detach().to(dt) if gate.fc2 is not None else None
+    acc: dict = {}
+
+    def add(name, g):
+        acc[name] = g.float() if name not in acc else acc[name] + g
+
+    coef = coef.to(dt)
+    for lo in range(0, y_all.shape[0], chunk):
+        sl = slice(lo, lo + chunk)
+        y, x = y_all[sl], x_all[sl].to(dt)
+        d_pre2 = _relu_grad(coef[:, sl, None] * d_mix[sl], h_all[:, sl])          # (E, C, H)
+        add("w2", torch.stack([y[:, e * H:(e + 1) * H].t() @ d_pre2[e] for e in range(E)]))
+        add("b2", d_pre2.sum(1, keepdim=True))
+        d_y = [torch.bmm(d_pre2, w2t).transpose(0, 1).reshape(-1, E * H)]
+        if gate is not None:
+            d_g = d_gl[sl].float()
+            yg = batch["y2"][sl] if fc2_w is not None else y[:, E * H:]
+            add("out_w", d_g @ yg.float())
+            add("out_b", d_g.sum())
+            d_yg = (d_g[:, None] * out_w).to(dt)
+            if fc2_w is not None:
+                d_pre = _relu_grad(d_yg, yg)
+                add("fc2_w", d_pre.t() @ y[:, E * H:])
+                add("fc2_b", d_pre.sum(0))
+                d_yg = d_pre @ fc2_w
+            d_y.append(d_yg)
+        d_pre1 = _relu_grad(torch.cat(d_y, 1), y)                                 # (C, E*H [+ gate])
+        add("w1", x.t() @ d_pre1)
+        add("b1", d_pre1.sum(0))
+    if gate is not None:
+        _add_grad(gate.out.weight, acc["out_w"])
+        _add_grad(gate.out.bias, acc["out_b"])
+        if fc2_w is not None:
+            _add_grad(gate.fc2.weight, acc["fc2_w"])
+            _add_grad(gate.fc2.bias, acc["fc2_b"])
+    torch.autograd.backward([w1, b1, w2, b2], [acc[k].to(dt) for k in ("w1", "b1", "w2", "b2")])
 
 
 def update(policy: MoEPolicy, batch: dict, job: str, cfg: dict) -> float:
@@ -435,7 +520,7 @@ def update(policy: MoEPolicy, batch: dict, job: str, cfg: dict) -> float:
     er, eo = ep_reached.flatten(), ep_overseen.flatten()
     logits = batch["logits"].detach().requires_grad_(True)
     moe = batch["gl"] is not None
-    gl = torch.cat(batch["gl"]).detach().requires_grad_(True) if moe else None
+    gl = batch["gl"].detach().requires_grad_(True) if moe else None
     logp = F.log_softmax(logits, -1)
     logp_a = logp.gather(1, batch["act"].flatten()[:, None]).squeeze(1)
     entropy = -(logp.exp() * logp).sum(-1)
@@ -450,7 +535,7 @@ def update(policy: MoEPolicy, batch: dict, job: str, cfg: dict) -> float:
             loss = loss + GATE_COEF * F.binary_cross_entropy_with_logits(gl[seen], target)
     loss.backward()                                   # critic grads; d loss / d logits, gate logits
     d_logits = logits.grad
-    head, hdt = policy.head, batch["h"][0].dtype
+    head, hdt = policy.head, batch["h"].dtype
     gw_ = (d_logits.t().to(hdt) @ batch["mix"]).float()
     gb_ = d_logits.sum(0)
     head.weight.grad = gw_ if head.weight.grad is None else head.weight.grad + gw_
@@ -459,18 +544,16 @@ def update(policy: MoEPolicy, batch: dict, job: str, cfg: dict) -> float:
     d_mix_c = (d_logits.to(hdt) @ head.weight.detach().to(hdt) if hdt != torch.float32
                else torch.einsum("bk,kh->bh", d_logits, head.weight.detach()))
     if not moe:
-        grads_h = d_mix_c.view(T, 1, N, -1)
-        torch.autograd.backward(batch["h"], list(grads_h.unbind(0)))
+        _expert_backward(policy, batch, torch.ones(1, T * N), d_mix_c, None)
         return float(loss.detach())
     rw = routing_weights(er, eo) if job == "routing" else torch.ones(T * N, 3)
     g = torch.sigmoid(gl.detach())
-    coef = torch.stack((g * rw[:, 0], (1 - g) * rw[:, 1]), 1).view(T, N, 2).transpose(1, 2)
-    grads_h = coef.to(hdt).unsqueeze(-1) * d_mix_c.view(T, 1, N, -1)     # (T, 2, N, hidden)
+    coef = torch.stack((g * rw[:, 0], (1 - g) * rw[:, 1]))                # (2, T*N)
     diff_dot = (batch["diff"] * d_mix_c).sum(-1).float()                  # d loss / d g
     d_gl = rw[:, 2] * g * (1 - g) * diff_dot
     if gl.grad is not None:                                               # gate BCE
         d_gl = d_gl + gl.grad
-    torch.autograd.backward(batch["h"] + batch["gl"], list(grads_h.unbind(0)) + list(d_gl.view(T, N).unbind(0)))
+    _expert_backward(policy, batch, coef, d_mix_c, d_gl)
     return float(loss.detach())
 
 
