@@ -378,7 +378,8 @@ def evaluate(policy: MoEPolicy, oversight: float, seed: int, episodes: int,
 # ------------------------------------------------------------------------------------------
 # training (one job = one method at one oversight level and seed)
 # ------------------------------------------------------------------------------------------
-def rollout(policy: MoEPolicy, env: GridworldVecEnv, obs: torch.Tensor, T: int, gen: torch.Generator):
+def rollout(policy: MoEPolicy, env: GridworldVecEnv, obs: torch.Tensor, T: int, gen: torch.Generator,
+            buffers: dict | None = None):
     """``T`` steps of every env, without an autograd graph. One update per rollout means the
     rollout's forward pass *is* the training forward pass: it keeps the activations that the
     backward pass needs (:func:`update` carries the gradient by hand through them with one matmul
@@ -387,7 +388,11 @@ def rollout(policy: MoEPolicy, env: GridworldVecEnv, obs: torch.Tensor, T: int, 
     layer of the experts and the gate, ``h`` (experts, T*N, hidden) expert states, ``y2``
     (T*N, 256) the original gate's second hidden layer (or None), ``gl`` (T*N,) gate logits (or
     None), ``mix`` / ``diff`` / ``logits`` (T*N, ...), and (T, N) ``obs``, ``act``, ``done``,
-    ``reached``, ``overseen``; all activations after their ReLU, in the compute dtype."""
+    ``reached``, ``overseen``; all activations after their ReLU, in the compute dtype.
+
+    ``buffers``: a dict kept by the caller across rollouts; the large activation buffers are
+    reused from it (fresh multi-MB allocations cost page faults on every rollout), so the
+    previous rollout's batch is overwritten: pass it only when that batch is no longer needed."""
     gate = policy.gate
     N = obs.shape[0]
     gls, logits_l, obs_l, acts, dones, reached, overseen = ([] for _ in range(7))
@@ -395,14 +400,21 @@ def rollout(policy: MoEPolicy, env: GridworldVecEnv, obs: torch.Tensor, T: int, 
         w1, b1, w2, b2 = policy.expert_weights()
         E, H, dt = w2.shape[0], w2.shape[2], w1.dtype
         # preallocated (T*N, ...) buffers: every step writes its rows in place (no concatenation)
-        y_all = torch.empty(T * N, w1.shape[1], dtype=dt)
-        h_all = torch.empty(E, T * N, H, dtype=dt)
-        mix_all = h_all[0] if gate is None else torch.empty(T * N, H, dtype=dt)
-        diff_all = None if gate is None else torch.empty(T * N, H, dtype=dt)
+        bufs = {} if buffers is None else buffers
+
+        def empty(name, *shape):
+            b = bufs.get(name)
+            if b is None or b.shape != shape or b.dtype != dt:
+                b = bufs[name] = torch.empty(shape, dtype=dt)
+            return b
+        y_all = empty("y", T * N, w1.shape[1])
+        h_all = empty("h", E, T * N, H)
+        mix_all = h_all[0] if gate is None else empty("mix", T * N, H)
+        diff_all = None if gate is None else empty("diff", T * N, H)
         y2_all = None
         if gate is not None and gate.fc2 is not None:
             fc2_wt, fc2_b = gate.fc2.weight.to(dt).t(), gate.fc2.bias.to(dt)
-            y2_all = torch.empty(T * N, fc2_b.shape[0], dtype=dt)
+            y2_all = empty("y2", T * N, fc2_b.shape[0])
         for t in range(T):
             sl = slice(t * N, (t + 1) * N)
             x = obs.flatten(1)
@@ -446,19 +458,25 @@ def _add_grad(p: torch.Tensor, g: torch.Tensor) -> None:
     p.grad = g if p.grad is None else p.grad + g
 
 
-def _expert_backward(policy: MoEPolicy, batch: dict, coef: torch.Tensor, d_mix: torch.Tensor, d_gl,
-                     chunk: int = 2048) -> None:
-    """Hand backward through the experts and the gate. d loss / d expert state ``e`` at row ``i``
-    is ``coef[e, i] * d_mix[i]`` (``coef`` (experts, T*N): the mix weight times the routing
-    weight; ``d_mix`` (T*N, hidden)); ``d_gl`` (T*N,) is d loss / d gate logits. Rows are taken
-    ``chunk`` at a time (elementwise passes stay in cache; the matmuls are still large); the
-    weight gradients of the fused first layer and the stacked second layer are summed in fp32
-    and handed to autograd at the compute-dtype weights of :meth:`MoEPolicy.expert_weights`,
-    which carries them through the casts, the concatenation and the gate's folded 1x1 conv."""
+def _expert_backward(policy: MoEPolicy, batch: dict, coef: torch.Tensor, d_logits: torch.Tensor,
+                     gate_coef=None, d_gl_extra=None, chunk: int = 2048) -> None:
+    """Hand backward from the action logits through the shared head, the gated mix, the experts
+    and the gate. ``d_logits`` (T*N, actions) is d loss / d logits; d loss / d mix is
+    ``d_mix = d_logits @ head.weight``; d loss / d expert state ``e`` at row ``i`` is
+    ``coef[e, i] * d_mix[i]`` (``coef`` (experts, T*N): the mix weight times the routing
+    weight); d loss / d gate logit is ``gate_coef * <h_d - h_g, d_mix> + d_gl_extra``
+    (``gate_coef`` (T*N,): the gate's routing weight times sigmoid'; ``d_gl_extra``: the gate
+    BCE's gradient or None). Rows are taken ``chunk`` at a time, so elementwise passes stay in
+    cache while the matmuls stay large; the weight gradients of the fused first layer and the
+    stacked second layer are summed in fp32 and handed to autograd at the compute-dtype weights of
+    :meth:`MoEPolicy.expert_weights`, which carries them through the casts, the concatenation
+    and the gate's folded 1x1 conv."""
     y_all, h_all, x_all = batch["y"], batch["h"], batch["obs"].flatten(0, 1)
     dt, E, H = y_all.dtype, policy.w2.shape[0], policy.w2.shape[2]
     w1, b1, w2, b2 = policy.expert_weights()
     w2t = w2.detach().transpose(1, 2)
+    head_w = policy.head.weight.detach()
+    head_w_dt = head_w.to(dt)
     gate = policy.gate
     if gate is not None:
         out_w = gate.out.weight.detach()
@@ -472,12 +490,17 @@ def _expert_backward(policy: MoEPolicy, batch: dict, coef: torch.Tensor, d_mix: 
     for lo in range(0, y_all.shape[0], chunk):
         sl = slice(lo, lo + chunk)
         y, x = y_all[sl], x_all[sl].to(dt)
-        d_pre2 = _relu_grad(coef[:, sl, None] * d_mix[sl], h_all[:, sl])          # (E, C, H)
+        # d loss / d mix (C, hidden); MKL's fp32 matmul is very slow with an inner size of 4
+        d_mix = (d_logits[sl].to(dt) @ head_w_dt if dt != torch.float32
+                 else torch.einsum("bk,kh->bh", d_logits[sl], head_w))
+        d_pre2 = _relu_grad(coef[:, sl, None] * d_mix, h_all[:, sl])               # (E, C, H)
         add("w2", torch.stack([y[:, e * H:(e + 1) * H].t() @ d_pre2[e] for e in range(E)]))
         add("b2", d_pre2.sum(1, keepdim=True))
         d_y = [torch.bmm(d_pre2, w2t).transpose(0, 1).reshape(-1, E * H)]
         if gate is not None:
-            d_g = d_gl[sl].float()
+            d_g = gate_coef[sl] * (batch["diff"][sl] * d_mix).sum(-1).float()         # d loss / d gate logits
+            if d_gl_extra is not None:
+                d_g = d_g + d_gl_extra[sl]
             yg = batch["y2"][sl] if fc2_w is not None else y[:, E * H:]
             add("out_w", d_g @ yg.float())
             add("out_b", d_g.sum())
@@ -540,20 +563,13 @@ def update(policy: MoEPolicy, batch: dict, job: str, cfg: dict) -> float:
     gb_ = d_logits.sum(0)
     head.weight.grad = gw_ if head.weight.grad is None else head.weight.grad + gw_
     head.bias.grad = gb_ if head.bias.grad is None else head.bias.grad + gb_
-    # d loss / d mix, (T*N, hidden); MKL's fp32 matmul is very slow with an inner size of 4
-    d_mix_c = (d_logits.to(hdt) @ head.weight.detach().to(hdt) if hdt != torch.float32
-               else torch.einsum("bk,kh->bh", d_logits, head.weight.detach()))
     if not moe:
-        _expert_backward(policy, batch, torch.ones(1, T * N), d_mix_c, None)
+        _expert_backward(policy, batch, torch.ones(1, T * N), d_logits)
         return float(loss.detach())
     rw = routing_weights(er, eo) if job == "routing" else torch.ones(T * N, 3)
     g = torch.sigmoid(gl.detach())
     coef = torch.stack((g * rw[:, 0], (1 - g) * rw[:, 1]))                # (2, T*N)
-    diff_dot = (batch["diff"] * d_mix_c).sum(-1).float()                  # d loss / d g
-    d_gl = rw[:, 2] * g * (1 - g) * diff_dot
-    if gl.grad is not None:                                               # gate BCE
-        d_gl = d_gl + gl.grad
-    _expert_backward(policy, batch, coef, d_mix_c, d_gl)
+    _expert_backward(policy, batch, coef, d_logits, rw[:, 2] * g * (1 - g), gl.grad)   # gl.grad: gate BCE
     return float(loss.detach())
 
 
@@ -605,13 +621,14 @@ def train(job: str, oversight: float, seed: int, cfg: dict, quiet: bool = True) 
         if job == "naive" and ev["stepwise_return"] > best[0]:
             best = (ev["stepwise_return"], copy.deepcopy(policy.state_dict()), u)
 
+    buffers: dict = {}                      # rollout activations, reused across updates
     bar = progress(range(updates), desc=f"{job} p={oversight} s={seed}", disable=quiet, leave=False,
                    mininterval=30)
     for u in bar:
         if u % cfg["eval_every"] == 0:
             checkpoint(u)
         opt.zero_grad(set_to_none=True)
-        obs, batch = rollout(policy, env, obs, T, gen)
+        obs, batch = rollout(policy, env, obs, T, gen, buffers)
         update(policy, batch, job, cfg)
         opt.step()
     checkpoint(updates)
