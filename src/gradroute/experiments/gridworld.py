@@ -409,12 +409,13 @@ def rollout(policy: MoEPolicy, env: GridworldVecEnv, obs: torch.Tensor, T: int, 
             return b
         y_all = empty("y", T * N, w1.shape[1])
         h_all = empty("h", E, T * N, H)
-        mix_all = h_all[0] if gate is None else empty("mix", T * N, H)
-        diff_all = None if gate is None else empty("diff", T * N, H)
         y2_all = None
         if gate is not None and gate.fc2 is not None:
             fc2_wt, fc2_b = gate.fc2.weight.to(dt).t(), gate.fc2.bias.to(dt)
             y2_all = empty("y2", T * N, fc2_b.shape[0])
+        # the Gumbel noise of every step in one call (the same numbers as T calls of sample_actions)
+        u = torch.rand((T, N, policy.head.out_features), generator=gen).clamp_(1e-20, 1.0)
+        gumbel = u.log_().neg_().log_().neg_()
         for t in range(T):
             sl = slice(t * N, (t + 1) * N)
             x = obs.flatten(1)
@@ -422,7 +423,7 @@ def rollout(policy: MoEPolicy, env: GridworldVecEnv, obs: torch.Tensor, T: int, 
             for e in range(E):                                             # each expert's rows are contiguous
                 torch.relu_(torch.addmm(b2[e, 0], y[:, e * H:(e + 1) * H], w2[e], out=h_all[e, sl]))
             if gate is None:
-                mix = mix_all[sl]
+                mix = h_all[0, sl]
             else:
                 yg = y[:, E * H:]
                 if y2_all is not None:
@@ -430,10 +431,9 @@ def rollout(policy: MoEPolicy, env: GridworldVecEnv, obs: torch.Tensor, T: int, 
                 gl = gate.out(yg.float()).squeeze(-1)
                 gls.append(gl)
                 # g*h_d + (1-g)*h_g = h_g + g*(h_d - h_g)
-                diff = torch.sub(h_all[0, sl], h_all[1, sl], out=diff_all[sl])
-                mix = torch.addcmul(h_all[1, sl], torch.sigmoid(gl).unsqueeze(-1).to(dt), diff, out=mix_all[sl])
+                mix = _mix(h_all[0, sl], h_all[1, sl], gl)
             logits = policy.head(mix.float())
-            act = sample_actions(logits, gen)
+            act = (logits + gumbel[t]).argmax(-1)
             logits_l.append(logits)
             obs_l.append(x)
             acts.append(act)
@@ -442,10 +442,17 @@ def rollout(policy: MoEPolicy, env: GridworldVecEnv, obs: torch.Tensor, T: int, 
             reached.append(info["reached"])
             overseen.append(info["overseen"])
     batch = {"y": y_all, "h": h_all, "y2": y2_all, "gl": torch.cat(gls) if gls else None,
-             "mix": mix_all, "diff": diff_all, "logits": torch.cat(logits_l),
+             "logits": torch.cat(logits_l),
              "obs": torch.stack(obs_l), "act": torch.stack(acts), "done": torch.stack(dones),
              "reached": torch.stack(reached), "overseen": torch.stack(overseen)}
     return obs, batch
+
+
+def _mix(h_d: torch.Tensor, h_g: torch.Tensor, gate_logit: torch.Tensor) -> torch.Tensor:
+    """``g*h_d + (1-g)*h_g = h_g + g*(h_d - h_g)``, g = sigmoid(gate_logit), in the states' dtype;
+    the rollout and the backward pass compute it with the same ops (the backward recomputes it
+    from the stored expert states instead of storing it)."""
+    return torch.addcmul(h_g, torch.sigmoid(gate_logit).unsqueeze(-1).to(h_d.dtype), h_d - h_g)
 
 
 def _relu_grad(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -466,7 +473,8 @@ def _expert_backward(policy: MoEPolicy, batch: dict, coef: torch.Tensor, d_logit
     ``coef[e, i] * d_mix[i]`` (``coef`` (experts, T*N): the mix weight times the routing
     weight); d loss / d gate logit is ``gate_coef * <h_d - h_g, d_mix> + d_gl_extra``
     (``gate_coef`` (T*N,): the gate's routing weight times sigmoid'; ``d_gl_extra``: the gate
-    BCE's gradient or None). Rows are taken ``chunk`` at a time, so elementwise passes stay in
+    BCE's gradient or None). The head's gradient is accumulated here too, from the mix recomputed
+    per chunk. Rows are taken ``chunk`` at a time, so elementwise passes stay in
     cache while the matmuls stay large; the weight gradients of the fused first layer and the
     stacked second layer are summed in fp32 and handed to autograd at the compute-dtype weights of
     :meth:`MoEPolicy.expert_weights`, which carries them through the casts, the concatenation
@@ -482,6 +490,7 @@ def _expert_backward(policy: MoEPolicy, batch: dict, coef: torch.Tensor, d_logit
         out_w = gate.out.weight.detach()
         fc2_w = gate.fc2.weight.detach().to(dt) if gate.fc2 is not None else None
     acc: dict = {}
+    gl_all = batch["gl"]
 
     def add(name, g):
         acc[name] = g.float() if name not in acc else acc[name] + g
@@ -493,12 +502,15 @@ def _expert_backward(policy: MoEPolicy, batch: dict, coef: torch.Tensor, d_logit
         # d loss / d mix (C, hidden); MKL's fp32 matmul is very slow with an inner size of 4
         d_mix = (d_logits[sl].to(dt) @ head_w_dt if dt != torch.float32
                  else torch.einsum("bk,kh->bh", d_logits[sl], head_w))
-        d_pre2 = _relu_grad(coef[:, sl, None] * d_mix, h_all[:, sl])               # (E, C, H)
+        h = h_all[:, sl]
+        mix = h[0] if gate is None else _mix(h[0], h[1], gl_all[sl])
+        add("head_w", d_logits[sl].t().to(dt) @ mix)
+        d_pre2 = _relu_grad(coef[:, sl, None] * d_mix, h)                          # (E, C, H)
         add("w2", torch.stack([y[:, e * H:(e + 1) * H].t() @ d_pre2[e] for e in range(E)]))
         add("b2", d_pre2.sum(1, keepdim=True))
         d_y = [torch.bmm(d_pre2, w2t).transpose(0, 1).reshape(-1, E * H)]
         if gate is not None:
-            d_g = gate_coef[sl] * (batch["diff"][sl] * d_mix).sum(-1).float()         # d loss / d gate logits
+            d_g = gate_coef[sl] * ((h[0] - h[1]) * d_mix).sum(-1).float()             # d loss / d gate logits
             if d_gl_extra is not None:
                 d_g = d_g + d_gl_extra[sl]
             yg = batch["y2"][sl] if fc2_w is not None else y[:, E * H:]
@@ -514,6 +526,8 @@ def _expert_backward(policy: MoEPolicy, batch: dict, coef: torch.Tensor, d_logit
         d_pre1 = _relu_grad(torch.cat(d_y, 1), y)                                 # (C, E*H [+ gate])
         add("w1", x.t() @ d_pre1)
         add("b1", d_pre1.sum(0))
+    _add_grad(policy.head.weight, acc["head_w"])
+    _add_grad(policy.head.bias, d_logits.sum(0))
     if gate is not None:
         _add_grad(gate.out.weight, acc["out_w"])
         _add_grad(gate.out.bias, acc["out_b"])
@@ -558,11 +572,6 @@ def update(policy: MoEPolicy, batch: dict, job: str, cfg: dict) -> float:
             loss = loss + GATE_COEF * F.binary_cross_entropy_with_logits(gl[seen], target)
     loss.backward()                                   # critic grads; d loss / d logits, gate logits
     d_logits = logits.grad
-    head, hdt = policy.head, batch["h"].dtype
-    gw_ = (d_logits.t().to(hdt) @ batch["mix"]).float()
-    gb_ = d_logits.sum(0)
-    head.weight.grad = gw_ if head.weight.grad is None else head.weight.grad + gw_
-    head.bias.grad = gb_ if head.bias.grad is None else head.bias.grad + gb_
     if not moe:
         _expert_backward(policy, batch, torch.ones(1, T * N), d_logits)
         return float(loss.detach())
