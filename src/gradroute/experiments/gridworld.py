@@ -496,9 +496,11 @@ def _expert_backward(policy: MoEPolicy, batch: dict, coef: torch.Tensor, d_logit
         acc[name] = g.float() if name not in acc else acc[name] + g
 
     coef = coef.to(dt)
+    d_y_buf = torch.empty(min(chunk, y_all.shape[0]), y_all.shape[1], dtype=dt)   # d loss / d first layer
     for lo in range(0, y_all.shape[0], chunk):
         sl = slice(lo, lo + chunk)
         y, x = y_all[sl], x_all[sl].to(dt)
+        d_y = d_y_buf[:y.shape[0]]          # each layer's input gradient is written into its columns
         # d loss / d mix (C, hidden); MKL's fp32 matmul is very slow with an inner size of 4
         d_mix = (d_logits[sl].to(dt) @ head_w_dt if dt != torch.float32
                  else torch.einsum("bk,kh->bh", d_logits[sl], head_w))
@@ -508,7 +510,8 @@ def _expert_backward(policy: MoEPolicy, batch: dict, coef: torch.Tensor, d_logit
         d_pre2 = _relu_grad(coef[:, sl, None] * d_mix, h)                          # (E, C, H)
         add("w2", torch.stack([y[:, e * H:(e + 1) * H].t() @ d_pre2[e] for e in range(E)]))
         add("b2", d_pre2.sum(1, keepdim=True))
-        d_y = [torch.bmm(d_pre2, w2t).transpose(0, 1).reshape(-1, E * H)]
+        for e in range(E):
+            torch.mm(d_pre2[e], w2t[e], out=d_y[:, e * H:(e + 1) * H])
         if gate is not None:
             d_g = gate_coef[sl] * ((h[0] - h[1]) * d_mix).sum(-1).float()             # d loss / d gate logits
             if d_gl_extra is not None:
@@ -517,13 +520,14 @@ def _expert_backward(policy: MoEPolicy, batch: dict, coef: torch.Tensor, d_logit
             add("out_w", d_g @ yg.float())
             add("out_b", d_g.sum())
             d_yg = (d_g[:, None] * out_w).to(dt)
-            if fc2_w is not None:
+            if fc2_w is None:
+                d_y[:, E * H:].copy_(d_yg)
+            else:
                 d_pre = _relu_grad(d_yg, yg)
                 add("fc2_w", d_pre.t() @ y[:, E * H:])
                 add("fc2_b", d_pre.sum(0))
-                d_yg = d_pre @ fc2_w
-            d_y.append(d_yg)
-        d_pre1 = _relu_grad(torch.cat(d_y, 1), y)                                 # (C, E*H [+ gate])
+                torch.mm(d_pre, fc2_w, out=d_y[:, E * H:])
+        d_pre1 = _relu_grad(d_y, y)                                               # (C, E*H [+ gate])
         add("w1", x.t() @ d_pre1)
         add("b1", d_pre1.sum(0))
     _add_grad(policy.head.weight, acc["head_w"])
