@@ -460,6 +460,12 @@ def _relu_grad(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten.threshold_backward(grad, out, 0)
 
 
+def _relu_grad_(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """:func:`_relu_grad` in place on ``grad`` (a buffer reused across chunks: fresh multi-MB
+    tensors cost page faults on every allocation)."""
+    return torch.ops.aten.threshold_backward.grad_input(grad, out, 0, grad_input=grad)
+
+
 def _add_grad(p: torch.Tensor, g: torch.Tensor) -> None:
     g = g.to(p.dtype).view_as(p)
     p.grad = g if p.grad is None else p.grad + g
@@ -496,7 +502,9 @@ def _expert_backward(policy: MoEPolicy, batch: dict, coef: torch.Tensor, d_logit
         acc[name] = g.float() if name not in acc else acc[name] + g
 
     coef = coef.to(dt)
-    d_y_buf = torch.empty(min(chunk, y_all.shape[0]), y_all.shape[1], dtype=dt)   # d loss / d first layer
+    rows = min(chunk, y_all.shape[0])
+    d_y_buf = torch.empty(rows, y_all.shape[1], dtype=dt)        # d loss / d first layer (after its ReLU)
+    d_h_buf = torch.empty(E, rows, H, dtype=dt)                  # d loss / d expert states
     for lo in range(0, y_all.shape[0], chunk):
         sl = slice(lo, lo + chunk)
         y, x = y_all[sl], x_all[sl].to(dt)
@@ -507,7 +515,7 @@ def _expert_backward(policy: MoEPolicy, batch: dict, coef: torch.Tensor, d_logit
         h = h_all[:, sl]
         mix = h[0] if gate is None else _mix(h[0], h[1], gl_all[sl])
         add("head_w", d_logits[sl].t().to(dt) @ mix)
-        d_pre2 = _relu_grad(coef[:, sl, None] * d_mix, h)                          # (E, C, H)
+        d_pre2 = _relu_grad_(torch.mul(coef[:, sl, None], d_mix, out=d_h_buf[:, :y.shape[0]]), h)   # (E, C, H)
         add("w2", torch.stack([y[:, e * H:(e + 1) * H].t() @ d_pre2[e] for e in range(E)]))
         add("b2", d_pre2.sum(1, keepdim=True))
         for e in range(E):
@@ -527,7 +535,7 @@ def _expert_backward(policy: MoEPolicy, batch: dict, coef: torch.Tensor, d_logit
                 add("fc2_w", d_pre.t() @ y[:, E * H:])
                 add("fc2_b", d_pre.sum(0))
                 torch.mm(d_pre, fc2_w, out=d_y[:, E * H:])
-        d_pre1 = _relu_grad(d_y, y)                                               # (C, E*H [+ gate])
+        d_pre1 = _relu_grad_(d_y, y)                                              # (C, E*H [+ gate])
         add("w1", x.t() @ d_pre1)
         add("b1", d_pre1.sum(0))
     _add_grad(policy.head.weight, acc["head_w"])
