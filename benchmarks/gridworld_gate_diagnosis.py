@@ -63,8 +63,8 @@ def main(argv=None) -> dict:
             with torch.no_grad():
                 done, reached = batch["done"], batch["reached"]
                 er, eo, _, _ = gw.episode_outcomes(done, reached, batch["overseen"], (reached > 0).float(), gw.GAMMA)
-                h = torch.stack([x.float() for x in batch["h"]], 1).flatten(1, 2)     # (2, T*N, hidden)
-                g = torch.sigmoid(torch.cat(batch["gl"]).float())
+                h = batch["h"].float()                                               # (2, T*N, hidden)
+                g = torch.sigmoid(batch["gl"].float())
                 ov_d, ov_g = (eo & (er == DIAMOND)).flatten(), (eo & (er == GHOST)).flatten()
                 row = {"update": u,
                        "reached_terminal": float(((reached > 0) & done).sum() / done.sum().clamp_min(1)),

@@ -71,9 +71,10 @@ def new_train(num_envs: int, updates: int, precision: str, gate: str = "original
     policy = gw.make_policy("routing", cfg)
     opt = torch.optim.Adam(policy.parameters(), lr=cfg["lr"])
     obs, _ = env.reset(seed=0)
+    buffers: dict = {}                       # as gw.train: rollout buffers reused across updates
     for _ in range(updates):
         opt.zero_grad(set_to_none=True)
-        obs, batch = gw.rollout(policy, env, obs, 32, gen)
+        obs, batch = gw.rollout(policy, env, obs, 32, gen, buffers)
         gw.update(policy, batch, "routing", cfg)
         opt.step()
 

@@ -440,3 +440,30 @@ def test_report_section_from_metrics(tmp_path):
     write_json(tmp_path / "metrics.json", {"summary": summary, "claims": gw.check_claims(summary),
                                            "config": {"updates": 10, "num_envs": 4, "num_steps": 32}})
     assert gw.report(tmp_path)["verdict"] == "not"
+
+
+def test_rollout_samples_like_sample_actions_and_reuses_buffers():
+    # The rollout draws the Gumbel noise of all steps in one call; the actions must be exactly
+    # those of sample_actions called once per step on the same generator. Reused buffers (as in
+    # train) must give the same batch as fresh ones.
+    torch.manual_seed(0)
+    cfg = dict(critic="linear", zero_bias=False, precision="bf16", gate="original")
+    policy = gw.make_policy("routing", cfg)
+    batches = []
+    for bufs in (None, {}, "again"):
+        env = GridworldVecEnv(8, 0.5, return_final_obs=False)
+        obs, _ = env.reset(seed=0)
+        if bufs == "again":                       # second use of the same dict
+            bufs = reuse
+            other = GridworldVecEnv(8, 0.5, return_final_obs=False)
+            gw.rollout(policy, other, other.reset(seed=3)[0], 6, torch.Generator().manual_seed(5), bufs)
+        _, batch = gw.rollout(policy, env, obs, 6, torch.Generator().manual_seed(1), bufs)
+        reuse = bufs
+        batches.append({k: v.clone() for k, v in batch.items() if v is not None})
+    gen = torch.Generator().manual_seed(1)
+    logits = batches[0]["logits"].view(6, 8, 4)
+    assert torch.equal(torch.stack([gw.sample_actions(lg, gen) for lg in logits]), batches[0]["act"])
+    for b in batches[1:]:
+        assert b.keys() == batches[0].keys()
+        for k in b:
+            assert torch.equal(b[k], batches[0][k]), k

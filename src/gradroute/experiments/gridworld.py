@@ -378,41 +378,175 @@ def evaluate(policy: MoEPolicy, oversight: float, seed: int, episodes: int,
 # ------------------------------------------------------------------------------------------
 # training (one job = one method at one oversight level and seed)
 # ------------------------------------------------------------------------------------------
-def rollout(policy: MoEPolicy, env: GridworldVecEnv, obs: torch.Tensor, T: int, gen: torch.Generator):
-    """``T`` steps of every env. The expert states and gate logits keep their autograd graph:
-    one update per rollout means the rollout's forward pass *is* the training forward pass, so
-    :func:`update` does not recompute it. Returns the next obs and a dict: ``h`` (list of T
-    ``(experts, N, hidden)``), ``gl`` (list of T ``(N,)`` or None), ``mix`` / ``logits``
-    (T*N, ...) (no graph), and (T, N) ``obs``, ``act``, ``done``, ``reached``, ``overseen``."""
-    weights = policy.expert_weights()
-    hs, gls, mixes, diffs, logits_l, obs_l, acts, dones, reached, overseen = ([] for _ in range(10))
-    for _ in range(T):
-        x = obs.flatten(1)
-        h, gl = policy.features(x, weights, out_dtype=None)
-        with torch.no_grad():
-            if gl is None:
-                mix = h[0]
-            else:                                    # g*h_d + (1-g)*h_g = h_g + g*(h_d - h_g)
-                diff = h[0] - h[1]
-                mix = torch.addcmul(h[1], torch.sigmoid(gl).unsqueeze(-1).to(diff.dtype), diff)
-                diffs.append(diff)
+def rollout(policy: MoEPolicy, env: GridworldVecEnv, obs: torch.Tensor, T: int, gen: torch.Generator,
+            buffers: dict | None = None):
+    """``T`` steps of every env, without an autograd graph. One update per rollout means the
+    rollout's forward pass *is* the training forward pass: it keeps the activations that the
+    backward pass needs (:func:`update` carries the gradient by hand through them with one matmul
+    per layer over all ``T*N`` steps, instead of recomputing or keeping ``T`` small graphs).
+    Returns the next obs and a dict: ``y`` (T*N, experts*hidden [+ gate width]) first hidden
+    layer of the experts and the gate, ``h`` (experts, T*N, hidden) expert states, ``y2``
+    (T*N, 256) the original gate's second hidden layer (or None), ``gl`` (T*N,) gate logits (or
+    None), ``mix`` / ``diff`` / ``logits`` (T*N, ...), and (T, N) ``obs``, ``act``, ``done``,
+    ``reached``, ``overseen``; all activations after their ReLU, in the compute dtype.
+
+    ``buffers``: a dict kept by the caller across rollouts; the large activation buffers are
+    reused from it (fresh multi-MB allocations cost page faults on every rollout), so the
+    previous rollout's batch is overwritten: pass it only when that batch is no longer needed."""
+    gate = policy.gate
+    N = obs.shape[0]
+    gls, logits_l, obs_l, acts, dones, reached, overseen = ([] for _ in range(7))
+    with torch.no_grad():
+        w1, b1, w2, b2 = policy.expert_weights()
+        E, H, dt = w2.shape[0], w2.shape[2], w1.dtype
+        # preallocated (T*N, ...) buffers: every step writes its rows in place (no concatenation)
+        bufs = {} if buffers is None else buffers
+
+        def empty(name, *shape):
+            b = bufs.get(name)
+            if b is None or b.shape != shape or b.dtype != dt:
+                b = bufs[name] = torch.empty(shape, dtype=dt)
+            return b
+        y_all = empty("y", T * N, w1.shape[1])
+        h_all = empty("h", E, T * N, H)
+        y2_all = None
+        if gate is not None and gate.fc2 is not None:
+            fc2_wt, fc2_b = gate.fc2.weight.to(dt).t(), gate.fc2.bias.to(dt)
+            y2_all = empty("y2", T * N, fc2_b.shape[0])
+        # the Gumbel noise of every step in one call (the same numbers as T calls of sample_actions)
+        u = torch.rand((T, N, policy.head.out_features), generator=gen).clamp_(1e-20, 1.0)
+        gumbel = u.log_().neg_().log_().neg_()
+        for t in range(T):
+            sl = slice(t * N, (t + 1) * N)
+            x = obs.flatten(1)
+            y = torch.relu_(torch.addmm(b1, x.to(dt), w1, out=y_all[sl]))   # (N, E*H [+ gate])
+            for e in range(E):                                             # each expert's rows are contiguous
+                torch.relu_(torch.addmm(b2[e, 0], y[:, e * H:(e + 1) * H], w2[e], out=h_all[e, sl]))
+            if gate is None:
+                mix = h_all[0, sl]
+            else:
+                yg = y[:, E * H:]
+                if y2_all is not None:
+                    yg = torch.relu_(torch.addmm(fc2_b, yg, fc2_wt, out=y2_all[sl]))
+                gl = gate.out(yg.float()).squeeze(-1)
+                gls.append(gl)
+                # g*h_d + (1-g)*h_g = h_g + g*(h_d - h_g)
+                mix = _mix(h_all[0, sl], h_all[1, sl], gl)
             logits = policy.head(mix.float())
-            act = sample_actions(logits, gen)
-        hs.append(h)
-        gls.append(gl)
-        mixes.append(mix)
-        logits_l.append(logits)
-        obs_l.append(x)
-        acts.append(act)
-        obs, _, term, trunc, info = env.step(act)
-        dones.append(term | trunc)
-        reached.append(info["reached"])
-        overseen.append(info["overseen"])
-    batch = {"h": hs, "gl": None if gls[0] is None else gls, "mix": torch.cat(mixes),
-             "diff": torch.cat(diffs) if diffs else None,
-             "logits": torch.cat(logits_l), "obs": torch.stack(obs_l), "act": torch.stack(acts),
-             "done": torch.stack(dones), "reached": torch.stack(reached), "overseen": torch.stack(overseen)}
+            act = (logits + gumbel[t]).argmax(-1)
+            logits_l.append(logits)
+            obs_l.append(x)
+            acts.append(act)
+            obs, _, term, trunc, info = env.step(act)
+            dones.append(term | trunc)
+            reached.append(info["reached"])
+            overseen.append(info["overseen"])
+    batch = {"y": y_all, "h": h_all, "y2": y2_all, "gl": torch.cat(gls) if gls else None,
+             "logits": torch.cat(logits_l),
+             "obs": torch.stack(obs_l), "act": torch.stack(acts), "done": torch.stack(dones),
+             "reached": torch.stack(reached), "overseen": torch.stack(overseen)}
     return obs, batch
+
+
+def _mix(h_d: torch.Tensor, h_g: torch.Tensor, gate_logit: torch.Tensor) -> torch.Tensor:
+    """``g*h_d + (1-g)*h_g = h_g + g*(h_d - h_g)``, g = sigmoid(gate_logit), in the states' dtype;
+    the rollout and the backward pass compute it with the same ops (the backward recomputes it
+    from the stored expert states instead of storing it)."""
+    return torch.addcmul(h_g, torch.sigmoid(gate_logit).unsqueeze(-1).to(h_d.dtype), h_d - h_g)
+
+
+def _relu_grad(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The gradient at a ReLU's input from the gradient at its output ``out`` (autograd's rule)."""
+    return torch.ops.aten.threshold_backward(grad, out, 0)
+
+
+def _relu_grad_(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """:func:`_relu_grad` in place on ``grad`` (a buffer reused across chunks: fresh multi-MB
+    tensors cost page faults on every allocation)."""
+    return torch.ops.aten.threshold_backward.grad_input(grad, out, 0, grad_input=grad)
+
+
+def _add_grad(p: torch.Tensor, g: torch.Tensor) -> None:
+    g = g.to(p.dtype).view_as(p)
+    p.grad = g if p.grad is None else p.grad + g
+
+
+def _expert_backward(policy: MoEPolicy, batch: dict, coef: torch.Tensor, d_logits: torch.Tensor,
+                     gate_coef=None, d_gl_extra=None, chunk: int = 2048) -> None:
+    """Hand backward from the action logits through the shared head, the gated mix, the experts
+    and the gate. ``d_logits`` (T*N, actions) is d loss / d logits; d loss / d mix is
+    ``d_mix = d_logits @ head.weight``; d loss / d expert state ``e`` at row ``i`` is
+    ``coef[e, i] * d_mix[i]`` (``coef`` (experts, T*N): the mix weight times the routing
+    weight); d loss / d gate logit is ``gate_coef * <h_d - h_g, d_mix> + d_gl_extra``
+    (``gate_coef`` (T*N,): the gate's routing weight times sigmoid'; ``d_gl_extra``: the gate
+    BCE's gradient or None). The head's gradient is accumulated here too, from the mix recomputed
+    per chunk. Rows are taken ``chunk`` at a time, so elementwise passes stay in
+    cache while the matmuls stay large; the weight gradients of the fused first layer and the
+    stacked second layer are summed in fp32 and handed to autograd at the compute-dtype weights of
+    :meth:`MoEPolicy.expert_weights`, which carries them through the casts, the concatenation
+    and the gate's folded 1x1 conv."""
+    y_all, h_all, x_all = batch["y"], batch["h"], batch["obs"].flatten(0, 1)
+    dt, E, H = y_all.dtype, policy.w2.shape[0], policy.w2.shape[2]
+    w1, b1, w2, b2 = policy.expert_weights()
+    w2t = w2.detach().transpose(1, 2)
+    head_w = policy.head.weight.detach()
+    head_w_dt = head_w.to(dt)
+    gate = policy.gate
+    if gate is not None:
+        out_w = gate.out.weight.detach()
+        fc2_w = gate.fc2.weight.detach().to(dt) if gate.fc2 is not None else None
+    acc: dict = {}
+    gl_all = batch["gl"]
+
+    def add(name, g):
+        acc[name] = g.float() if name not in acc else acc[name] + g
+
+    coef = coef.to(dt)
+    rows = min(chunk, y_all.shape[0])
+    d_y_buf = torch.empty(rows, y_all.shape[1], dtype=dt)        # d loss / d first layer (after its ReLU)
+    d_h_buf = torch.empty(E, rows, H, dtype=dt)                  # d loss / d expert states
+    for lo in range(0, y_all.shape[0], chunk):
+        sl = slice(lo, lo + chunk)
+        y, x = y_all[sl], x_all[sl].to(dt)
+        d_y = d_y_buf[:y.shape[0]]          # each layer's input gradient is written into its columns
+        # d loss / d mix (C, hidden); MKL's fp32 matmul is very slow with an inner size of 4
+        d_mix = (d_logits[sl].to(dt) @ head_w_dt if dt != torch.float32
+                 else torch.einsum("bk,kh->bh", d_logits[sl], head_w))
+        h = h_all[:, sl]
+        mix = h[0] if gate is None else _mix(h[0], h[1], gl_all[sl])
+        add("head_w", d_logits[sl].t().to(dt) @ mix)
+        d_pre2 = _relu_grad_(torch.mul(coef[:, sl, None], d_mix, out=d_h_buf[:, :y.shape[0]]), h)   # (E, C, H)
+        add("w2", torch.stack([y[:, e * H:(e + 1) * H].t() @ d_pre2[e] for e in range(E)]))
+        add("b2", d_pre2.sum(1, keepdim=True))
+        for e in range(E):
+            torch.mm(d_pre2[e], w2t[e], out=d_y[:, e * H:(e + 1) * H])
+        if gate is not None:
+            d_g = gate_coef[sl] * ((h[0] - h[1]) * d_mix).sum(-1).float()             # d loss / d gate logits
+            if d_gl_extra is not None:
+                d_g = d_g + d_gl_extra[sl]
+            yg = batch["y2"][sl] if fc2_w is not None else y[:, E * H:]
+            add("out_w", d_g @ yg.float())
+            add("out_b", d_g.sum())
+            d_yg = (d_g[:, None] * out_w).to(dt)
+            if fc2_w is None:
+                d_y[:, E * H:].copy_(d_yg)
+            else:
+                d_pre = _relu_grad(d_yg, yg)
+                add("fc2_w", d_pre.t() @ y[:, E * H:])
+                add("fc2_b", d_pre.sum(0))
+                torch.mm(d_pre, fc2_w, out=d_y[:, E * H:])
+        d_pre1 = _relu_grad_(d_y, y)                                              # (C, E*H [+ gate])
+        add("w1", x.t() @ d_pre1)
+        add("b1", d_pre1.sum(0))
+    _add_grad(policy.head.weight, acc["head_w"])
+    _add_grad(policy.head.bias, d_logits.sum(0))
+    if gate is not None:
+        _add_grad(gate.out.weight, acc["out_w"])
+        _add_grad(gate.out.bias, acc["out_b"])
+        if fc2_w is not None:
+            _add_grad(gate.fc2.weight, acc["fc2_w"])
+            _add_grad(gate.fc2.bias, acc["fc2_b"])
+    torch.autograd.backward([w1, b1, w2, b2], [acc[k].to(dt) for k in ("w1", "b1", "w2", "b2")])
 
 
 def update(policy: MoEPolicy, batch: dict, job: str, cfg: dict) -> float:
@@ -435,7 +569,7 @@ def update(policy: MoEPolicy, batch: dict, job: str, cfg: dict) -> float:
     er, eo = ep_reached.flatten(), ep_overseen.flatten()
     logits = batch["logits"].detach().requires_grad_(True)
     moe = batch["gl"] is not None
-    gl = torch.cat(batch["gl"]).detach().requires_grad_(True) if moe else None
+    gl = batch["gl"].detach().requires_grad_(True) if moe else None
     logp = F.log_softmax(logits, -1)
     logp_a = logp.gather(1, batch["act"].flatten()[:, None]).squeeze(1)
     entropy = -(logp.exp() * logp).sum(-1)
@@ -450,27 +584,13 @@ def update(policy: MoEPolicy, batch: dict, job: str, cfg: dict) -> float:
             loss = loss + GATE_COEF * F.binary_cross_entropy_with_logits(gl[seen], target)
     loss.backward()                                   # critic grads; d loss / d logits, gate logits
     d_logits = logits.grad
-    head, hdt = policy.head, batch["h"][0].dtype
-    gw_ = (d_logits.t().to(hdt) @ batch["mix"]).float()
-    gb_ = d_logits.sum(0)
-    head.weight.grad = gw_ if head.weight.grad is None else head.weight.grad + gw_
-    head.bias.grad = gb_ if head.bias.grad is None else head.bias.grad + gb_
-    # d loss / d mix, (T*N, hidden); MKL's fp32 matmul is very slow with an inner size of 4
-    d_mix_c = (d_logits.to(hdt) @ head.weight.detach().to(hdt) if hdt != torch.float32
-               else torch.einsum("bk,kh->bh", d_logits, head.weight.detach()))
     if not moe:
-        grads_h = d_mix_c.view(T, 1, N, -1)
-        torch.autograd.backward(batch["h"], list(grads_h.unbind(0)))
+        _expert_backward(policy, batch, torch.ones(1, T * N), d_logits)
         return float(loss.detach())
     rw = routing_weights(er, eo) if job == "routing" else torch.ones(T * N, 3)
     g = torch.sigmoid(gl.detach())
-    coef = torch.stack((g * rw[:, 0], (1 - g) * rw[:, 1]), 1).view(T, N, 2).transpose(1, 2)
-    grads_h = coef.to(hdt).unsqueeze(-1) * d_mix_c.view(T, 1, N, -1)     # (T, 2, N, hidden)
-    diff_dot = (batch["diff"] * d_mix_c).sum(-1).float()                  # d loss / d g
-    d_gl = rw[:, 2] * g * (1 - g) * diff_dot
-    if gl.grad is not None:                                               # gate BCE
-        d_gl = d_gl + gl.grad
-    torch.autograd.backward(batch["h"] + batch["gl"], list(grads_h.unbind(0)) + list(d_gl.view(T, N).unbind(0)))
+    coef = torch.stack((g * rw[:, 0], (1 - g) * rw[:, 1]))                # (2, T*N)
+    _expert_backward(policy, batch, coef, d_logits, rw[:, 2] * g * (1 - g), gl.grad)   # gl.grad: gate BCE
     return float(loss.detach())
 
 
@@ -522,13 +642,14 @@ def train(job: str, oversight: float, seed: int, cfg: dict, quiet: bool = True) 
         if job == "naive" and ev["stepwise_return"] > best[0]:
             best = (ev["stepwise_return"], copy.deepcopy(policy.state_dict()), u)
 
+    buffers: dict = {}                      # rollout activations, reused across updates
     bar = progress(range(updates), desc=f"{job} p={oversight} s={seed}", disable=quiet, leave=False,
                    mininterval=30)
     for u in bar:
         if u % cfg["eval_every"] == 0:
             checkpoint(u)
         opt.zero_grad(set_to_none=True)
-        obs, batch = rollout(policy, env, obs, T, gen)
+        obs, batch = rollout(policy, env, obs, T, gen, buffers)
         update(policy, batch, job, cfg)
         opt.step()
     checkpoint(updates)
