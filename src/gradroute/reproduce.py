@@ -34,7 +34,7 @@ from .utils import markdown_table, read_json, write_json
 PROFILES = ("demo", "quick", "paper")
 
 # profile -> experiment -> (the experiment's own --profile, extra flags).
-# quick: the whole reproduction in about 30 minutes on 2 CPU cores (1,780 s measured; target 45 min) (where an experiment's own
+# quick: the whole reproduction in about 30 minutes on 2 CPU cores (2,142 s measured on 2026-11-30; target 45 min) (where an experiment's own
 #   quick profile is a longer sweep, a subset is named here).
 # demo: every experiment at toy length (about 5-10 minutes): the report's pipeline end to end,
 #   numbers not meant to reproduce anything.

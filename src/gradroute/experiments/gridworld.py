@@ -66,7 +66,7 @@ PROFILES = {
                   eval_every=500, val_episodes=2048, test_episodes=8192, precision="fp32", **FAITHFUL),
     "cpu": dict(updates=2_000, num_envs=256, num_steps=32, lr=3e-4, seeds=3,
                 eval_every=100, val_episodes=1024, test_episodes=4096, precision="bf16", **FAITHFUL),
-    "quick": dict(updates=500, num_envs=256, num_steps=32, lr=3e-4, seeds=2,
+    "quick": dict(updates=500, num_envs=256, num_steps=32, lr=3e-4, seeds=3,
                   eval_every=50, val_episodes=512, test_episodes=2048, precision="bf16", **FAITHFUL),
 }
 _CORE = ["routing", "routing_ghost", "naive", "naive_early_stop", "filtering"]
