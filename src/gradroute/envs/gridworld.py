@@ -140,11 +140,11 @@ class GridworldVecEnv:
 
         hit = self._pos[:, 1:] == agent.unsqueeze(1)          # (n, 2): on the ghost, on the diamond
         terminated = hit.any(1)
-        truncated = (self.t >= self.max_steps) & ~terminated
-        reached = (hit.long() * self._reached_of).sum(1)
+        done = terminated | (self.t >= self.max_steps)
+        truncated = done ^ terminated
+        reached = (hit * self._reached_of).sum(1)
         overseen = (hit & self._flags).any(1)
         reward = self._reward_of[reached]
-        done = terminated | truncated
         info = {"reached": reached, "overseen": overseen, "true_reward": reward,
                 "episode_length": self.t * done}
         if self.return_final_obs:
