@@ -161,6 +161,18 @@ def test_only_finished_envs_get_new_episodes():
     assert info["episode_length"].tolist() == [1, 0, 5]
 
 
+def test_big_grid_sampler_and_bad_actions():
+    env = GridworldVecEnv(5000, 0.2, size=11, max_steps=2)      # 11**6 > 1e6: no triple table
+    assert env._triples is None
+    obs, info = env.reset(seed=0)
+    _check_episodes(env, obs, info, torch.ones(5000, dtype=torch.bool), 0.2)
+    assert torch.bincount(env.diamond, minlength=121).min() > 0
+    for _ in range(2):
+        obs, _, term, trunc, info = env.step(torch.zeros(5000, dtype=torch.long))
+    _check_episodes(env, obs, info, term | trunc, 0.2)
+    with pytest.raises(ValueError, match="actions must be in 0..3"):
+        env.step(torch.full((5000,), 4))
+
 def test_step_matches_the_reference_env():
     """Same state and actions: the same outcomes as the env before the speed work (whose fresh
     episodes come from another random stream, so its state is synced after every step)."""

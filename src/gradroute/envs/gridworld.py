@@ -64,9 +64,12 @@ class GridworldVecEnv:
                                   (r + 1).clamp(max=s - 1) * s + k, r * s + (k - 1).clamp(min=0)), 1).flatten()
         # every ordered triple of distinct cells (agent, ghost, diamond): drawing one row uniformly
         # is the same distribution as drawing agent, then ghost, then diamond on the free cells
-        cells = torch.arange(c, device=dev)
-        tri = torch.cartesian_prod(cells, cells, cells)
-        self._triples = tri[(tri[:, 0] != tri[:, 1]) & (tri[:, 0] != tri[:, 2]) & (tri[:, 1] != tri[:, 2])]
+        # (built only for small grids; bigger ones draw the three cells one after another)
+        self._triples = None
+        if c ** 3 <= 1_000_000:
+            cells = torch.arange(c, device=dev)
+            tri = torch.cartesian_prod(cells, cells, cells)
+            self._triples = tri[(tri[:, 0] != tri[:, 1]) & (tri[:, 0] != tri[:, 2]) & (tri[:, 1] != tri[:, 2])]
         self._reward_of = torch.tensor([0.0, 1.0, -1.0], device=dev)     # indexed by reached
         self._reached_of = torch.tensor([GHOST, DIAMOND], device=dev)    # hit columns: ghost, diamond
         self._obs_cols = torch.tensor([0, 1, 2, 1, 2], device=dev)       # agent, ghost, diamond, ghost, diamond
@@ -93,7 +96,18 @@ class GridworldVecEnv:
         uniformly and two independent oversight flags, each True with probability ``oversight``."""
         k = self.num_envs if ids is None else ids.numel()
         g, dev = self.generator, self.device
-        pos = self._triples[torch.randint(len(self._triples), (k,), generator=g, device=dev)]
+        if self._triples is not None:
+            pos = self._triples[torch.randint(len(self._triples), (k,), generator=g, device=dev)]
+        else:
+            c = self.size * self.size
+            a = torch.randint(c, (k,), generator=g, device=dev)
+            gh = torch.randint(c - 1, (k,), generator=g, device=dev)
+            gh = gh + (gh >= a).long()                       # skip the agent's cell
+            lo, hi = torch.minimum(a, gh), torch.maximum(a, gh)
+            d = torch.randint(c - 2, (k,), generator=g, device=dev)
+            d = d + (d >= lo).long()                         # skip both occupied cells,
+            d = d + (d >= hi).long()                         # smallest first
+            pos = torch.stack((a, gh, d), 1)
         flags = torch.rand(k, 2, generator=g, device=dev) < self.oversight
         if ids is None:
             self._pos.copy_(pos)
@@ -134,6 +148,10 @@ class GridworldVecEnv:
         actions = torch.as_tensor(actions, device=self.device)
         if actions.dtype != torch.long:
             actions = actions.long()
+        lo, hi = torch.aminmax(actions)
+        if lo < 0 or hi >= self.num_actions:
+            raise ValueError(f"GridworldVecEnv.step: actions must be in 0..{self.num_actions - 1}, "
+                             f"got values from {int(lo)} to {int(hi)}")
         agent = self._move[self._pos[:, 0] * 4 + actions]
         self._pos[:, 0] = agent
         self.t += 1
