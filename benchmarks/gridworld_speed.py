@@ -6,7 +6,8 @@ Training throughput is env steps per second *including* rollout, forward, backwa
 optimizer step (no evaluation), for routing at p = 0.1, measured side by side in this process:
 
 - ``old``: ``benchmarks/gridworld_reference_loop.py``, today's loop before this work (fp32, two
-  separate expert MLPs, no-grad rollout then a second forward over the kept steps, MLP critic);
+  separate expert MLPs, no-grad rollout then a second forward over the kept steps, MLP critic),
+  stepping the env as it was then (``benchmarks/gridworld_reference_env.py``);
 - ``new_fp32`` / ``new_bf16``: ``gradroute.experiments.gridworld`` (stacked experts as one
   batched matmul, the rollout's forward reused for the update, linear critic and gate as the
   original: 1x1 conv + MLP 100-256-256-1), with the expert and gate matmuls in fp32 or bfloat16;
@@ -30,16 +31,21 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gridworld_reference_loop  # noqa: E402
+from gridworld_reference_env import GridworldVecEnv as ReferenceGridworldVecEnv  # noqa: E402
 from gridworld_reference_loop import reference_train  # noqa: E402
 
 from gradroute.envs.gridworld import GridworldVecEnv  # noqa: E402
 from gradroute.experiments import gridworld as gw  # noqa: E402
 
 HIDDEN, OBS = 256, 100
+# the old loop steps the old env (every env draws a fresh episode on every step), so the speedup
+# counts the env-step work too
+gridworld_reference_loop.GridworldVecEnv = ReferenceGridworldVecEnv
 
 
-def env_steps_per_s(num_envs: int, steps: int) -> float:
-    env = GridworldVecEnv(num_envs, 0.1, return_final_obs=False)
+def env_steps_per_s(num_envs: int, steps: int, env_cls=GridworldVecEnv) -> float:
+    env = env_cls(num_envs, 0.1, return_final_obs=False)
     env.reset(seed=0)
     acts = torch.randint(4, (steps, num_envs), generator=torch.Generator().manual_seed(0))
     best = 0.0
@@ -127,7 +133,10 @@ def main() -> None:
     print(f"plain matmul 16384x256 @ 256x256: fp32 {res['matmul_gflops_fp32']} GFLOP/s, "
           f"bf16 {res['matmul_gflops_bf16']} GFLOP/s", flush=True)
     res["env_steps_per_s_random_policy"] = {str(n): round(env_steps_per_s(n, 200)) for n in (512, 4096)}
-    print(f"env only (random actions): {res['env_steps_per_s_random_policy']}", flush=True)
+    res["old_env_steps_per_s_random_policy"] = {
+        str(n): round(env_steps_per_s(n, 200, ReferenceGridworldVecEnv)) for n in (512, 4096)}
+    print(f"env only (random actions): {res['env_steps_per_s_random_policy']}, "
+          f"old env {res['old_env_steps_per_s_random_policy']}", flush=True)
     runs = {"old": reference_train,
             "new_fp32": lambda n, u: new_train(n, u, "fp32"),
             "new_bf16": lambda n, u: new_train(n, u, "bf16"),

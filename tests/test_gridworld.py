@@ -108,6 +108,102 @@ def test_env_determinism_by_seed():
     assert not torch.equal(GridworldVecEnv(64, 0.2).reset(seed=8)[0], oa)
 
 
+
+def _check_episodes(env, obs, info, rows, p):
+    """Episodes in ``rows``: three distinct cells, obs planes matching the state, oversight ~ p."""
+    a, g, d = env.agent[rows], env.ghost[rows], env.diamond[rows]
+    assert ((a != g) & (a != d) & (g != d)).all()
+    o = obs[rows]
+    for plane, pos in enumerate((a, g, d)):
+        assert torch.equal(o[:, plane].flatten(1).argmax(1), pos) and o[:, plane].sum((1, 2)).eq(1).all()
+    gov, dov = info["ghost_overseen"][rows], info["diamond_overseen"][rows]
+    assert torch.equal(o[:, 3].flatten(1).gather(1, g[:, None]).squeeze(1).bool(), gov)
+    assert torch.equal(o[:, 3].flatten(1).gather(1, d[:, None]).squeeze(1).bool(), dov)
+    assert torch.equal(o[:, 3].sum((1, 2)), gov.float() + dov.float())
+    for flag in (gov, dov):
+        assert abs(flag.float().mean().item() - p) < 4 * (p * (1 - p) / len(flag)) ** 0.5 + 1e-9
+    return a, g, d
+
+
+def test_auto_reset_episodes_follow_the_reset_distribution():
+    env = GridworldVecEnv(4000, 0.3, max_steps=4, return_final_obs=False)
+    env.reset(seed=5)
+    acts = torch.randint(4, (12, 4000), generator=torch.Generator().manual_seed(1))
+    fresh = [[], [], []]
+    for act in acts:
+        obs, _, term, trunc, info = env.step(act)
+        done = term | trunc
+        if done.any():
+            for store, pos in zip(fresh, _check_episodes(env, obs, info, done, 0.3)):
+                store.append(pos)
+    assert all(t == 0 for t in env.t[done].tolist())
+    # new episodes use every cell for every piece, roughly uniformly
+    for pos in (torch.cat(f) for f in fresh):
+        assert len(pos) > 10_000
+        counts = torch.bincount(pos, minlength=25).float()
+        assert counts.min() > 0.6 * counts.mean() and counts.max() < 1.4 * counts.mean()
+
+
+def test_only_finished_envs_get_new_episodes():
+    env = GridworldVecEnv(3, 0.5, max_steps=5)
+    env.reset(seed=0)
+    env.set_state((2, 2), (2, 1), (2, 3), ghost_overseen=True, diamond_overseen=False)
+    env.t[2] = 4                                      # env 2 times out on this step
+    obs, _, term, trunc, info = env.step(torch.tensor([RIGHT, UP, DOWN]))
+    assert term.tolist() == [True, False, False] and trunc.tolist() == [False, False, True]
+    # env 1 keeps its episode: moved agent, same ghost, diamond, flags; counter advanced
+    assert (env.agent[1], env.ghost[1], env.diamond[1]) == (7, 11, 13) and env.t.tolist()[1] == 1
+    assert bool(info["ghost_overseen"][1]) and not bool(info["diamond_overseen"][1])
+    assert env.t[0] == 0 and env.t[2] == 0
+    for i in (0, 2):                                  # the finished ones start over, consistently
+        assert len({int(env.agent[i]), int(env.ghost[i]), int(env.diamond[i])}) == 3
+        assert agent_cell(obs, i) == divmod(int(env.agent[i]), 5)
+    assert info["episode_length"].tolist() == [1, 0, 5]
+
+
+def test_big_grid_sampler_and_bad_actions():
+    env = GridworldVecEnv(5000, 0.2, size=11, max_steps=2)      # 11**6 > 1e6: no triple table
+    assert env._triples is None
+    obs, info = env.reset(seed=0)
+    _check_episodes(env, obs, info, torch.ones(5000, dtype=torch.bool), 0.2)
+    assert torch.bincount(env.diamond, minlength=121).min() > 0
+    for _ in range(2):
+        obs, _, term, trunc, info = env.step(torch.zeros(5000, dtype=torch.long))
+    _check_episodes(env, obs, info, term | trunc, 0.2)
+    with pytest.raises(ValueError, match="actions must be in 0..3"):
+        env.step(torch.full((5000,), 4))
+
+def test_step_matches_the_reference_env():
+    """Same state and actions: the same outcomes as the env before the speed work (whose fresh
+    episodes come from another random stream, so its state is synced after every step)."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gridworld_reference_env.py"
+    spec = importlib.util.spec_from_file_location("gridworld_reference_env", path)
+    ref_mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ref_mod)
+    new, old = GridworldVecEnv(256, 0.4, max_steps=6), ref_mod.GridworldVecEnv(256, 0.4, max_steps=6)
+    obs, info = new.reset(seed=3)
+    old.reset(seed=0)
+
+    def sync():
+        for k in ("agent", "ghost", "diamond", "ghost_overseen", "diamond_overseen", "t"):
+            setattr(old, k, getattr(new, k).clone())
+
+    sync()
+    assert torch.equal(old._obs(), obs)
+    for act in torch.randint(4, (20, 256), generator=torch.Generator().manual_seed(2)):
+        r_new, r_old = new.step(act), old.step(act)
+        for x, y in zip(r_new[1:4], r_old[1:4]):              # reward, terminated, truncated
+            assert torch.equal(x, y)
+        for k in ("reached", "overseen", "true_reward", "episode_length", "final_obs"):
+            assert torch.equal(r_new[4][k], r_old[4][k]), k
+        done = r_new[2] | r_new[3]
+        assert torch.equal(r_new[0][~done], r_old[0][~done])  # unfinished: same next observation
+        assert done.any() and (~done).any()
+        sync()
+        assert torch.equal(old._obs(), r_new[0])
+
 # ---------------------------------------------------------------------------- policy, routing
 def _expert_grad(policy, e):
     return sum(float(p.grad[e].abs().sum()) for p in (policy.w1, policy.b1, policy.w2, policy.b2))

@@ -56,44 +56,80 @@ class GridworldVecEnv:
         self.return_final_obs = return_final_obs
         self.obs_shape = (4, self.size, self.size)
         self.generator = torch.Generator(device=self.device)
-        self._ones = torch.ones(self.num_envs, device=self.device)
-        # per-env state: flat cell indices, oversight flags, step counter
-        n = self.num_envs
-        self.agent = torch.zeros(n, dtype=torch.long, device=self.device)
-        self.ghost = torch.zeros_like(self.agent)
-        self.diamond = torch.zeros_like(self.agent)
-        self.ghost_overseen = torch.zeros(n, dtype=torch.bool, device=self.device)
-        self.diamond_overseen = torch.zeros_like(self.ghost_overseen)
-        self.t = torch.zeros_like(self.agent)
+        n, s, c, dev = self.num_envs, self.size, self.size * self.size, self.device
+        # tables built once, so a step is a handful of tensor ops:
+        # next cell of (cell, action), flattened as cell * 4 + action
+        r, k = torch.arange(c, device=dev).div(s, rounding_mode="floor"), torch.arange(c, device=dev) % s
+        self._move = torch.stack(((r - 1).clamp(min=0) * s + k, r * s + (k + 1).clamp(max=s - 1),
+                                  (r + 1).clamp(max=s - 1) * s + k, r * s + (k - 1).clamp(min=0)), 1).flatten()
+        # every ordered triple of distinct cells (agent, ghost, diamond): drawing one row uniformly
+        # is the same distribution as drawing agent, then ghost, then diamond on the free cells
+        # (built only for small grids; bigger ones draw the three cells one after another)
+        self._triples = None
+        if c ** 3 <= 1_000_000:
+            cells = torch.arange(c, device=dev)
+            tri = torch.cartesian_prod(cells, cells, cells)
+            self._triples = tri[(tri[:, 0] != tri[:, 1]) & (tri[:, 0] != tri[:, 2]) & (tri[:, 1] != tri[:, 2])]
+        self._reward_of = torch.tensor([0.0, 1.0, -1.0], device=dev)     # indexed by reached
+        self._reached_of = torch.tensor([GHOST, DIAMOND], device=dev)    # hit columns: ghost, diamond
+        self._obs_cols = torch.tensor([0, 1, 2, 1, 2], device=dev)       # agent, ghost, diamond, ghost, diamond
+        self._obs_offset = torch.tensor([0, c, 2 * c, 3 * c, 3 * c], device=dev)
+        # per-env state, updated in place: cells (agent, ghost, diamond) as flat indices, oversight
+        # flags (ghost, diamond), the values scattered into the observation (1, 1, 1, flags) and
+        # the step counter
+        self._pos = torch.zeros(n, 3, dtype=torch.long, device=dev)
+        self._flags = torch.zeros(n, 2, dtype=torch.bool, device=dev)
+        self._val = torch.ones(n, 5, device=dev)
+        self.t = torch.zeros(n, dtype=torch.long, device=dev)
         self._started = False
 
+    # the pieces' cells and the oversight flags, as views of the state (changed in place by step)
+    agent = property(lambda self: self._pos[:, 0])
+    ghost = property(lambda self: self._pos[:, 1])
+    diamond = property(lambda self: self._pos[:, 2])
+    ghost_overseen = property(lambda self: self._flags[:, 0])
+    diamond_overseen = property(lambda self: self._flags[:, 1])
+
     # ----------------------------------------------------------------------------------
-    def _sample(self, n: int):
-        """Fresh episodes for ``n`` envs: three distinct cells and two oversight flags."""
-        c, g, dev = self.size * self.size, self.generator, self.device
-        a = torch.randint(c, (n,), generator=g, device=dev)
-        gh = torch.randint(c - 1, (n,), generator=g, device=dev)
-        gh = gh + (gh >= a).long()                       # skip the agent's cell
-        lo, hi = torch.minimum(a, gh), torch.maximum(a, gh)
-        d = torch.randint(c - 2, (n,), generator=g, device=dev)
-        d = d + (d >= lo).long()                         # skip both occupied cells,
-        d = d + (d >= hi).long()                         # smallest first
-        flags = torch.rand(2, n, generator=g, device=dev) < self.oversight
-        return a, gh, d, flags[0], flags[1]
+    def _new_episodes(self, ids: torch.Tensor | None = None):
+        """Fresh episodes for the envs ``ids`` (all when None): three distinct cells drawn
+        uniformly and two independent oversight flags, each True with probability ``oversight``."""
+        k = self.num_envs if ids is None else ids.numel()
+        g, dev = self.generator, self.device
+        if self._triples is not None:
+            pos = self._triples[torch.randint(len(self._triples), (k,), generator=g, device=dev)]
+        else:
+            c = self.size * self.size
+            a = torch.randint(c, (k,), generator=g, device=dev)
+            gh = torch.randint(c - 1, (k,), generator=g, device=dev)
+            gh = gh + (gh >= a).long()                       # skip the agent's cell
+            lo, hi = torch.minimum(a, gh), torch.maximum(a, gh)
+            d = torch.randint(c - 2, (k,), generator=g, device=dev)
+            d = d + (d >= lo).long()                         # skip both occupied cells,
+            d = d + (d >= hi).long()                         # smallest first
+            pos = torch.stack((a, gh, d), 1)
+        flags = torch.rand(k, 2, generator=g, device=dev) < self.oversight
+        if ids is None:
+            self._pos.copy_(pos)
+            self._flags.copy_(flags)
+            self._val[:, 3:] = flags
+            self.t.zero_()
+        else:
+            self._pos.index_copy_(0, ids, pos)
+            self._flags.index_copy_(0, ids, flags)
+            self._val.index_copy_(0, ids, torch.cat((self._val.new_ones(k, 3), flags.float()), 1))
+            self.t.index_fill_(0, ids, 0)
 
     def _obs(self) -> torch.Tensor:
         # one scatter into a zero buffer: three one-hot piece planes plus the oversight plane
         n, c = self.num_envs, self.size * self.size
-        idx = torch.stack((self.agent, self.ghost + c, self.diamond + 2 * c,
-                           self.ghost + 3 * c, self.diamond + 3 * c), 1)
-        val = torch.stack((self._ones, self._ones, self._ones,
-                           self.ghost_overseen.float(), self.diamond_overseen.float()), 1)
-        obs = torch.zeros(n, 4 * c, device=self.device).scatter_add_(1, idx, val)
+        idx = self._pos[:, self._obs_cols] + self._obs_offset
+        obs = torch.zeros(n, 4 * c, device=self.device).scatter_add_(1, idx, self._val)
         return obs.view(n, 4, self.size, self.size)
 
     def _info_state(self) -> dict:
-        return {"ghost_overseen": self.ghost_overseen.clone(),
-                "diamond_overseen": self.diamond_overseen.clone()}
+        flags = self._flags.clone()
+        return {"ghost_overseen": flags[:, 0], "diamond_overseen": flags[:, 1]}
 
     # ----------------------------------------------------------------------------------
     def reset(self, seed: int | None = None):
@@ -103,43 +139,39 @@ class GridworldVecEnv:
         elif not self._started:
             self.generator.seed()
         self._started = True
-        (self.agent, self.ghost, self.diamond,
-         self.ghost_overseen, self.diamond_overseen) = self._sample(self.num_envs)
-        self.t.zero_()
+        self._new_episodes()
         return self._obs(), self._info_state()
 
     def step(self, actions: torch.Tensor):
         if not self._started:
             raise RuntimeError("call reset() before step()")
-        actions = torch.as_tensor(actions, device=self.device).long()
-        s = self.size
-        row, col = torch.div(self.agent, s, rounding_mode="floor"), self.agent % s
-        row = (row + (actions == DOWN).long() - (actions == UP).long()).clamp_(0, s - 1)
-        col = (col + (actions == RIGHT).long() - (actions == LEFT).long()).clamp_(0, s - 1)
-        self.agent = row * s + col
+        actions = torch.as_tensor(actions, device=self.device)
+        if actions.dtype != torch.long:
+            actions = actions.long()
+        lo, hi = torch.aminmax(actions)
+        if lo < 0 or hi >= self.num_actions:
+            raise ValueError(f"GridworldVecEnv.step: actions must be in 0..{self.num_actions - 1}, "
+                             f"got values from {int(lo)} to {int(hi)}")
+        agent = self._move[self._pos[:, 0] * 4 + actions]
+        self._pos[:, 0] = agent
         self.t += 1
 
-        at_diamond = self.agent == self.diamond
-        at_ghost = self.agent == self.ghost
-        terminated = at_diamond | at_ghost
-        truncated = (self.t >= self.max_steps) & ~terminated
-        reached = at_diamond.long() * DIAMOND + at_ghost.long() * GHOST
-        overseen = (at_diamond & self.diamond_overseen) | (at_ghost & self.ghost_overseen)
-        reward = at_diamond.float() - at_ghost.float()
-        done = terminated | truncated
+        hit = self._pos[:, 1:] == agent.unsqueeze(1)          # (n, 2): on the ghost, on the diamond
+        terminated = hit.any(1)
+        done = terminated | (self.t >= self.max_steps)
+        truncated = done ^ terminated
+        reached = (hit * self._reached_of).sum(1)
+        overseen = (hit & self._flags).any(1)
+        reward = self._reward_of[reached]
         info = {"reached": reached, "overseen": overseen, "true_reward": reward,
-                "episode_length": torch.where(done, self.t, torch.zeros_like(self.t))}
+                "episode_length": self.t * done}
         if self.return_final_obs:
             info["final_obs"] = self._obs()
 
-        # automatic reset, branch-free: fresh episodes are drawn for every env and kept where done
-        a, gh, d, gov, dov = self._sample(self.num_envs)
-        self.agent = torch.where(done, a, self.agent)
-        self.ghost = torch.where(done, gh, self.ghost)
-        self.diamond = torch.where(done, d, self.diamond)
-        self.ghost_overseen = torch.where(done, gov, self.ghost_overseen)
-        self.diamond_overseen = torch.where(done, dov, self.diamond_overseen)
-        self.t = torch.where(done, torch.zeros_like(self.t), self.t)
+        # automatic reset: fresh episodes only for the envs that finished
+        ids = done.nonzero().view(-1)
+        if ids.numel():
+            self._new_episodes(ids)
         info.update(self._info_state())
         return self._obs(), reward, terminated, truncated, info
 
@@ -149,14 +181,13 @@ class GridworldVecEnv:
         def flat(p):
             return p[0] * self.size + p[1] if isinstance(p, (tuple, list)) else int(p)
 
-        n = self.num_envs
-        full = lambda v, dt: torch.full((n,), v, dtype=dt, device=self.device)  # noqa: E731
-        self.agent, self.ghost, self.diamond = (full(flat(p), torch.long) for p in (agent, ghost, diamond))
-        if len({int(self.agent[0]), int(self.ghost[0]), int(self.diamond[0])}) != 3:
+        cells = [flat(p) for p in (agent, ghost, diamond)]
+        if len(set(cells)) != 3:
             raise ValueError("agent, ghost and diamond must be on distinct cells")
-        self.ghost_overseen = full(bool(ghost_overseen), torch.bool)
-        self.diamond_overseen = full(bool(diamond_overseen), torch.bool)
-        self.t = torch.zeros(n, dtype=torch.long, device=self.device)
+        self._pos[:] = torch.tensor(cells, device=self.device)
+        self._flags[:] = torch.tensor([bool(ghost_overseen), bool(diamond_overseen)], device=self.device)
+        self._val[:, 3:] = self._flags
+        self.t.zero_()
         self._started = True
         return self._obs()
 
