@@ -34,7 +34,7 @@ from .utils import markdown_table, read_json, write_json
 PROFILES = ("demo", "quick", "paper")
 
 # profile -> experiment -> (the experiment's own --profile, extra flags).
-# quick: the whole reproduction in about 36 minutes on 2 CPU cores (2,142 s measured on 2026-11-30; target 45 min) (where an experiment's own
+# quick: the whole reproduction in about 35 minutes on 2 CPU cores (2,110 s measured on 2026-11-30; target 45 min) (where an experiment's own
 #   quick profile is a longer sweep, a subset is named here).
 # demo: every experiment at toy length (about 5-10 minutes): the report's pipeline end to end,
 #   numbers not meant to reproduce anything.
@@ -84,7 +84,7 @@ def _importable(name: str) -> bool:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default="quick",
-                   help="demo (toy lengths, ~5-10 min), quick (default; ~36 min on 2 CPU cores) or paper "
+                   help="demo (toy lengths, ~5-10 min), quick (default; ~35 min on 2 CPU cores) or paper "
                         "(paper settings; hours, meant for a GPU)")
     p.add_argument("--mnist-dir", type=Path, default=None,
                    help="MNIST IDX folder for the mnist experiment (e.g. the real 10k test set as held-out data)")
