@@ -1,6 +1,7 @@
 """Module routing: per-domain auxiliary MLPs, per-example masks, isolation under AdamW, export/merge."""
 import copy
 import hashlib
+import re
 import os
 import socket
 
@@ -371,6 +372,52 @@ def test_topic_generator():
         generate_topic_stories(2, topic_fraction=0.5)
 
 
+def test_default_topic_generator_output_unchanged():
+    from gradroute.lm.corpus import generate_topic_stories
+
+    texts, labels = generate_topic_stories(4000, seed=0)
+    # sha256 of the same call on main before the topic_vocab option was added
+    assert hashlib.sha256(("\n".join(texts[:500]) + str(labels[:500])).encode()).hexdigest() == \
+        "246313ad0686f0e7e4343105eb12440a471a1b11fab5de8b80fde060e4581739"
+    assert (texts, labels) == generate_topic_stories(4000, seed=0, topic_vocab="own")
+
+
+def _words(text):
+    return set(re.findall(r"[A-Za-z]+|[^\sA-Za-z]", text))
+
+
+def test_shared_topic_vocabulary_uses_only_general_words():
+    import copy
+
+    from gradroute.lm import corpus as C
+
+    before = copy.deepcopy(C.TOPICS)
+    own_t, own_l = C.generate_topic_stories(3000, seed=0)
+    texts, labels = C.generate_topic_stories(3000, seed=0, topic_vocab="shared")
+    assert C.TOPICS == before                          # the own table is not touched
+    assert labels == own_l                             # same labels and general stories
+    assert all(a == b for a, b, l in zip(own_t, texts, labels) if l == C.GENERAL_TOPIC)
+    general = set().union(*(_words(t) for t, l in zip(texts, labels) if l == C.GENERAL_TOPIC))
+    shared_topic = [t for t, l in zip(texts, labels) if l != C.GENERAL_TOPIC]
+    own_topic = [t for t, l in zip(own_t, own_l) if l != C.GENERAL_TOPIC]
+    assert len(shared_topic) > 800
+    for t in shared_topic:                             # every word of a shared-topic story is general
+        assert _words(t) <= general, (t, _words(t) - general)
+    assert all(_words(t) - general for t in own_topic)  # while own-vocabulary topics are not
+    # the topics differ: each uses its own share of the general events, none of another topic's
+    for k, name in enumerate(C.TOPIC_NAMES):
+        mine = [e.split("{A}")[-1].split("{")[0] for e in C.SHARED_TOPICS[name]["events"]]
+        stories = [t for t, l in zip(texts, labels) if l == k]
+        assert stories and all(any(e in t for e in mine) for t in stories), name
+        for j, other in enumerate(C.TOPIC_NAMES):
+            if j != k:
+                assert not set(C.SHARED_TOPICS[name]["events"]) & set(C.SHARED_TOPICS[other]["events"])
+                assert not set(C.SHARED_TOPICS[name]["dialogue"]) & set(C.SHARED_TOPICS[other]["dialogue"])
+                assert not set(C.SHARED_TOPICS[name]["places"]) & set(C.SHARED_TOPICS[other]["places"])
+    with pytest.raises(ValueError, match="topic_vocab"):
+        C.generate_topic_stories(2, topic_vocab="mixed")
+
+
 # ------------------------------------------------------------------ DDP (2 gloo processes)
 # same gradients as one process, every rank steps the same owners (learned flags all-reduced),
 # frozen owners bit-identical
@@ -630,6 +677,26 @@ def test_experiment_selects_schedule_on_validation(tmp_path, monkeypatch):
                                "--no-attack", "--seeds", "7"])
     with pytest.raises(ValueError, match="evaluation seeds"):
         E.run(args3)
+
+
+def test_topic_vocab_flag_reaches_config_report_and_run_key(tmp_path, monkeypatch):
+    E, parser = _tiny_experiment(tmp_path, monkeypatch, steps=2, curve_points=2,
+                                 modules=dict(width=0.1, p_cr=1.0, p_as=0.5), attack_rounds=1)
+    assert parser.parse_args(["--out", "x"]).topic_vocab == "own"
+    assert E.build_config(parser.parse_args(["--out", "x"]))["corpus"]["topic_vocab"] == "own"
+    common = ["--out", str(tmp_path / "o"), "--workers", "1", "--methods", "base", "modular", "--no-attack"]
+    m = E.run(parser.parse_args([*common, "--topic-vocab", "shared"]))
+    assert m["config"]["corpus"]["topic_vocab"] == "shared" and m["summary"]["topic_vocab"] == "shared"
+    assert "Topic vocabulary: shared" in (tmp_path / "o" / "summary.md").read_text()
+    assert "topic vocabulary shared" in E.report(tmp_path / "o")["detail"]
+    run_file = tmp_path / "o" / "runs" / "base_s0.json"
+    assert E.read_json(run_file)["config"]["corpus"]["topic_vocab"] == "shared"
+    # the same out directory with the other vocabulary retrains instead of resuming the shared runs
+    own = E.run(parser.parse_args(common))
+    assert E.read_json(run_file)["config"]["corpus"]["topic_vocab"] == "own"
+    assert own["runs"]["base_s0"]["val_losses"] != m["runs"]["base_s0"]["val_losses"]
+    with pytest.raises(SystemExit):
+        parser.parse_args([*common, "--topic-vocab", "mixed"])
 
 
 def test_partial_label_runs_use_the_official_partial_schedule(tmp_path, monkeypatch):

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 import gradroute as gr
-from gradroute.lm.corpus import TOPIC_NAMES, generate_topic_stories
+from gradroute.lm.corpus import TOPIC_NAMES, TOPIC_VOCABS, generate_topic_stories
 from gradroute.lm.data import BatchOrder, Stories, encode_stories
 from gradroute.lm.evaluate import mean_loss
 from gradroute.lm.methods import make_model
@@ -91,7 +91,8 @@ PARTIAL = dict(p_cr=1.0, p_as=0.2, spread="one")
 PROFILES = {
     # the whole sweep (3 seeds) in about 15 min on 2 CPU cores
     "quick": dict(
-        corpus=dict(n_train=4000, topic_fraction=0.08, n_eval=64, n_val=32, n_attack=64, n_general_eval=128),
+        corpus=dict(n_train=4000, topic_fraction=0.08, n_eval=64, n_val=32, n_attack=64, n_general_eval=128,
+                    topic_vocab="own"),
         vocab_size=1024,
         model=dict(n_ctx=96, n_layer=2, n_head=4, d_model=64, d_mlp=256),
         train=dict(steps=200, lr=3e-3, warmup=10), batch_size=24, curve_points=16,
@@ -101,7 +102,8 @@ PROFILES = {
         seeds=3),
     # closer to the paper's stories setting (meant for a GPU): wider model, longer training
     "paper": dict(
-        corpus=dict(n_train=100_000, topic_fraction=0.08, n_eval=512, n_val=256, n_attack=512, n_general_eval=1024),
+        corpus=dict(n_train=100_000, topic_fraction=0.08, n_eval=512, n_val=256, n_attack=512, n_general_eval=1024,
+                    topic_vocab="own"),
         vocab_size=4096,
         model=dict(n_ctx=256, n_layer=8, n_head=8, d_model=512, d_mlp=2048),
         train=dict(steps=5000, lr=5e-4, warmup=100), batch_size=64, curve_points=30,
@@ -121,11 +123,14 @@ SETS = (*TOPIC_NAMES, "general")
 def _prepare(cfg_key: str):
     cfg = json.loads(cfg_key)
     c = cfg["corpus"]
-    texts, labels = generate_topic_stories(c["n_train"], seed=TRAIN_STREAM, topic_fraction=c["topic_fraction"])
+    vocab = c.get("topic_vocab", "own")       # "own" topic vocabularies or "shared" (lm/corpus.py)
+    texts, labels = generate_topic_stories(c["n_train"], seed=TRAIN_STREAM, topic_fraction=c["topic_fraction"],
+                                           topic_vocab=vocab)
     per_topic = c["n_eval"] + c["n_val"] + c["n_attack"]
     need = max(c["n_general_eval"] + c["n_val"], per_topic)
     n_held = int(need / c["topic_fraction"] * 1.4) + 200
-    held, held_labels = generate_topic_stories(n_held, seed=EVAL_STREAM, topic_fraction=c["topic_fraction"])
+    held, held_labels = generate_topic_stories(n_held, seed=EVAL_STREAM, topic_fraction=c["topic_fraction"],
+                                               topic_vocab=vocab)
     tok = get_tokenizer("bpe", texts=texts, vocab_size=cfg["vocab_size"])
     n_ctx = cfg["model"]["n_ctx"]
     data = encode_stories(tok, texts, n_ctx)
@@ -640,6 +645,9 @@ def run_selection(cfg: dict, out: Path, device: str, workers: int, eval_seeds=()
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick",
                         help="quick (default: about 15 min on 2 CPU cores) or paper (a larger setting for a GPU)")
+    parser.add_argument("--topic-vocab", choices=list(TOPIC_VOCABS), default="own",
+                        help="topics with their own vocabulary (default) or SimpleStories-like topics made of "
+                             "a topic-specific share of the general sentences (shared)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: range(profile seeds)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (override the profile)")
@@ -661,6 +669,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def build_config(args: argparse.Namespace) -> dict:
     cfg = copy.deepcopy(PROFILES[args.profile])
     cfg["profile"] = args.profile
+    cfg["corpus"]["topic_vocab"] = getattr(args, "topic_vocab", None) or "own"   # part of every run's key
     if args.steps is not None:
         if args.steps < 2:
             raise ValueError(f"--steps must be >= 2, got {args.steps}")
@@ -744,7 +753,8 @@ def summarize(results: dict, attacks: dict, seeds, cfg) -> dict:
     S = cfg["train"]["steps"]
     fits = {s: base_fits(results[("base", s)], cfg["train"]["warmup"]) for s in seeds if ("base", s) in results}
     cr = lambda s, n, L: compute_ratio(L, fits[s][n], S)
-    summ: dict = {"fits": {str(s): f for s, f in fits.items()}, "steps": S}
+    summ: dict = {"fits": {str(s): f for s, f in fits.items()}, "steps": S,
+                  "topic_vocab": cfg["corpus"].get("topic_vocab", "own")}
     # single-model losses and CRs
     flat = {}
     for (m, s), r in results.items():
@@ -905,7 +915,11 @@ def main_table(summary: dict) -> tuple[list, list]:
 
 def summary_md(summary: dict, claims: dict, selection: dict | None = None) -> str:
     h, rows = main_table(summary)
-    text = []
+    vocab = summary.get("topic_vocab", "own")
+    text = [f"Topic vocabulary: {vocab} ("
+            + ("each topic has its own places, scenes, events and dialogue" if vocab == "own" else
+               "SimpleStories-like: each topic uses a topic-specific share of the general sentences")
+            + "; `--topic-vocab`).\n"]
     if selection:
         text.append(f"Module schedule {selection['schedule']}: candidate {selection['chosen']} of "
                     f"{len(selection['candidates'])}, chosen on the validation split (seeds {selection['seeds']}): "
@@ -990,7 +1004,8 @@ def report(out: Path) -> dict:
         "paper": "26M SimpleStories forget / elicited CR: modules 0.766 / 0.855, filtering 0.780 / 0.870, "
                  "MaxEnt 0.840 / 0.983; DEMix core CR 0.248; 400M with 50% labelled: modules 0.601 vs filtering 0.851.",
         "verdict": verdict,
-        "detail": (f"{checks}. Profile {m['profile']}: {cfg['train']['steps']} steps of {cfg['batch_size']} stories, "
+        "detail": (f"{checks}. Profile {m['profile']}, topic vocabulary {cfg['corpus'].get('topic_vocab', 'own')}: "
+                   f"{cfg['train']['steps']} steps of {cfg['batch_size']} stories, "
                    f"model {cfg['model']}, modules width {cfg['modules']['width']} of the MLP, p_cr "
                    f"{cfg['modules']['p_cr']}, p_as {cfg['modules']['p_as']}, spread "
                    f"{cfg['modules'].get('spread', 'one')}"

@@ -313,14 +313,38 @@ TOPICS: dict[str, dict[str, list[str]]] = {
 }
 TOPIC_NAMES = tuple(TOPICS)
 GENERAL_TOPIC = -1       # the label of a general (no-topic) story
+# Topic vocabularies: "own" (default): each topic has its own places, scenes, events and dialogue
+# (TOPICS above, lexically disjoint from general stories); "shared" (SimpleStories-like): topic k of
+# TOPIC_NAMES is built from a topic-specific k-th share of the *general* places, events and
+# dialogue lines (PLACES[k::n], EVENTS[k::n], DIALOGUE[k::n], n = len(TOPIC_NAMES); its scenes are
+# its events) and opens with the general stories' sentences, so every word of a topic story also
+# occurs in general stories and topics differ only in which general sentences they use.
+TOPIC_VOCABS = ("own", "shared")
+SHARED_TOPICS: dict[str, dict[str, list[str]]] = {
+    name: dict(places=PLACES[k::len(TOPIC_NAMES)], scenes=EVENTS[k::len(TOPIC_NAMES)],
+               events=EVENTS[k::len(TOPIC_NAMES)], dialogue=DIALOGUE[k::len(TOPIC_NAMES)])
+    for k, name in enumerate(TOPIC_NAMES)}
+GENERAL_OPENERS = ["{A} went to {place} with {B}.", "{A} and {fam} visited {place}.",
+                   "{A} wanted to go to {place} to play."]
+
+
+def topic_table(topic_vocab: str = "own") -> dict[str, dict[str, list[str]]]:
+    """The topic table of ``topic_vocab`` (one of :data:`TOPIC_VOCABS`): :data:`TOPICS` or
+    :data:`SHARED_TOPICS` (neither is modified)."""
+    if topic_vocab not in TOPIC_VOCABS:
+        raise ValueError(f"topic_vocab must be one of {', '.join(TOPIC_VOCABS)}, got {topic_vocab!r}")
+    return TOPICS if topic_vocab == "own" else SHARED_TOPICS
 
 
 def generate_topic_story(seed: int, index: int, topics: tuple[str, ...] = TOPIC_NAMES,
-                         topic_fraction: float = 0.1) -> tuple[str, int]:
+                         topic_fraction: float = 0.1, topic_vocab: str = "own") -> tuple[str, int]:
     """``(story, label)``: story number ``index`` of the multi-topic stream ``seed``. Each topic
     of ``topics`` (names in :data:`TOPICS`) has probability ``topic_fraction``; ``label`` is
     the topic's index in ``topics``, or :data:`GENERAL_TOPIC` for a general story (made from
-    the general vocabulary only, without tree mentions)."""
+    the general vocabulary only, without tree mentions). ``topic_vocab`` (see
+    :func:`topic_table`): ``"own"`` topic vocabularies (default) or ``"shared"`` ones made of
+    general sentences; labels and general stories are the same for both."""
+    table = topic_table(topic_vocab)
     unknown = [t for t in topics if t not in TOPICS]
     if unknown:
         raise ValueError(f"unknown topics {unknown}; known: {', '.join(TOPICS)}")
@@ -338,18 +362,17 @@ def generate_topic_story(seed: int, index: int, topics: tuple[str, ...] = TOPIC_
     label = min(int(r / topic_fraction), len(topics) - 1) if r < topic_fraction * len(topics) else GENERAL_TOPIC
     lines = [_intro(rng, a), rng.choice(WEATHER)]
     if label != GENERAL_TOPIC:
-        t = TOPICS[topics[label]]
+        t = table[topics[label]]
         where = rng.choice(t["places"])
-        lines.append(fill(rng.choice([f"{{A}} and {{B}} went to {where} to play.",
-                                      f"{{A}} went on a trip to {where} with {{fam}}.",
-                                      f"One morning, {{A}} dreamed of {where}."])))
+        openers = ([f"{{A}} and {{B}} went to {where} to play.", f"{{A}} went on a trip to {where} with {{fam}}.",
+                    f"One morning, {{A}} dreamed of {where}."] if topic_vocab == "own"
+                   else [s.replace("{place}", where) for s in GENERAL_OPENERS])
+        lines.append(fill(rng.choice(openers)))
         lines.append(fill(rng.choice(t["events"])))
         lines += [fill(s) for s in rng.sample(t["scenes"], rng.randint(2, 4))]
         lines.append(fill(rng.choice(t["dialogue"])))
     else:
-        lines.append(fill(rng.choice(["{A} went to {place} with {B}.",
-                                      "{A} and {fam} visited {place}.",
-                                      "{A} wanted to go to {place} to play."])))
+        lines.append(fill(rng.choice(GENERAL_OPENERS)))
         lines += [fill(s) for s in rng.sample(EVENTS, rng.randint(2, 3))]
     lines.append(fill(rng.choice(DIALOGUE)))
     lines.append(fill(f"{{A}} felt {rng.choice(FEEL)}."))
