@@ -32,6 +32,7 @@ the topic-filtered model, gradient ascent, and base.
 
     gradroute run modules --out runs/modules                 # quick profile
     gradroute run modules --seeds 0 --steps 60 --out /tmp/m  # a smoke run
+    gradroute run modules --topic-vocab shared --out runs/modules_shared  # topics sharing the general vocabulary
 """
 from __future__ import annotations
 
