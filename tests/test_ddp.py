@@ -1,14 +1,14 @@
 """Routing inside DistributedDataParallel: 2 gloo processes give the single-process gradients."""
 import os
-import socket
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import gradroute as gr
 from gradroute.models import GPT, GPTConfig
+
+from distributed import spawn2
 
 
 def make_model():
@@ -55,15 +55,9 @@ def worker(rank, port, path, mode, forget_first=False):
         dist.destroy_process_group()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_both(tmp_path, mode, forget_first=False):
     path = tmp_path / f"{mode}.pt"
-    mp.spawn(worker, args=(free_port(), str(path), mode, forget_first), nprocs=2, join=True)
+    spawn2(worker, str(path), mode, forget_first)
     ddp_grads = torch.load(path)
     model, units = make_model()
     ids, forget = batch(forget_first)
@@ -83,3 +77,35 @@ def test_parameter_routing_under_ddp(tmp_path):
 def test_parameter_routing_under_ddp_with_an_all_forget_rank(tmp_path):
     # plain DDP (find_unused_parameters=False): every parameter must stay in each rank's graph
     run_both(tmp_path, "param", forget_first=True)
+
+
+def _abort_once(rank, port, marker):
+    """rank 1 dies by SIGABRT on the first attempt only (like gloo's teardown abort)."""
+    import signal
+    from pathlib import Path
+    if rank == 1:
+        tries = Path(marker)
+        n = int(tries.read_text()) if tries.exists() else 0
+        tries.write_text(str(n + 1))
+        if n == 0:
+            os.kill(os.getpid(), signal.SIGABRT)
+
+
+def _raise(rank, port, marker):
+    from pathlib import Path
+    if rank == 0:
+        Path(marker).write_text(Path(marker).read_text() + "x" if Path(marker).exists() else "x")
+        raise AssertionError("a wrong result must fail the test, not be retried")
+
+
+def test_spawn2_retries_a_signal_death_once_but_never_a_raised_error(tmp_path):
+    import pytest
+    from torch.multiprocessing.spawn import ProcessRaisedException
+
+    marker = tmp_path / "tries"
+    spawn2(_abort_once, str(marker))
+    assert marker.read_text() == "2"                      # killed once, then passed
+    marker2 = tmp_path / "raised"
+    with pytest.raises(ProcessRaisedException, match="must fail the test"):
+        spawn2(_raise, str(marker2))
+    assert marker2.read_text() == "x"                     # not retried

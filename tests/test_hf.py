@@ -207,15 +207,10 @@ def _trainer_worker(rank, port, path):
 
 def test_trainer_under_two_processes(tmp_path):
     """2 gloo processes with 2 examples each give the weights of 1 process with batches of 4."""
-    import socket
+    from distributed import spawn2
 
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     path = tmp_path / "ddp.pt"
-    mp.spawn(_trainer_worker, args=(port, str(path)), nprocs=2, join=True)
+    spawn2(_trainer_worker, str(path))
     ids, forget = _examples()
     single = _hf_train("param", ids, forget, 4, 3, 1e-2, tmp_path / "one").state_dict()
     init = _model_and_router("param")[0].state_dict()

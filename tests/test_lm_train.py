@@ -1,16 +1,16 @@
 """The shared LM training loop: schedule, resume, keep-best, DDP equivalence, bad inputs."""
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import gradroute as gr
 from gradroute.lm.data import Batch, BatchOrder, Stories
 from gradroute.lm.train import TrainConfig, token_losses, train
 from gradroute.models import GPT, GPTConfig
+
+from distributed import spawn2
 
 V, T = 32, 12
 
@@ -110,12 +110,6 @@ def test_hf_model_loss_matches_manual(hf_gpt2):
 
 
 # ---------------------------------------------------------------- DDP: 2 gloo processes
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank, port, path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -155,7 +149,7 @@ def test_ddp_matches_single_process(tmp_path):
     """Activation routing (ERA) and parameter routing, trained 4 steps by 2 gloo processes (7-row
     batches split 4 + 3 rows) == one process, up to float rounding."""
     path = tmp_path / "ddp.pt"
-    mp.spawn(_ddp_worker, args=(_free_port(), str(path)), nprocs=2, join=True)
+    spawn2(_ddp_worker, str(path))
     ddp = torch.load(path)
     for mode in MODES:
         assert _train_for_ddp(mode)["world"] == 1

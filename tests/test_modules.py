@@ -3,17 +3,17 @@ import copy
 import hashlib
 import re
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import gradroute as gr
 from gradroute.models import GPT, GPTConfig
 from gradroute.modules import GENERAL, UNLABELLED
+
+from distributed import spawn2
 
 DOMAINS = ["forest", "sea", "space", "dino"]
 
@@ -470,11 +470,8 @@ def ddp_worker(rank, port, path):
 
 
 def test_module_routing_under_ddp(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     path = str(tmp_path / "snaps")
-    mp.spawn(ddp_worker, args=(port, path), nprocs=2, join=True)
+    spawn2(ddp_worker, path)
     r0, r1 = torch.load(f"{path}.0"), torch.load(f"{path}.1")
     model, mods = ddp_make()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
