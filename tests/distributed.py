@@ -3,8 +3,8 @@
 ``spawn2(worker, *args)`` calls ``worker(rank, port, *args)`` in two processes on a free port.
 A worker that *raises* (a failed assertion, a wrong result) fails the test at once. A worker
 killed by a signal is retried once on a fresh port: gloo's threads sometimes abort at process
-teardown ("terminate called without an active exception", SIGABRT, seen about once in 50 runs
-of the suite on 2 cores), after the results were written, which says nothing about routing.
+teardown ("terminate called without an active exception", SIGABRT; seen once here, in a
+clean-clone run of the suite on 2 cores on 2026-11-30), which says nothing about routing.
 """
 import socket
 
