@@ -34,6 +34,8 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import hashlib
+import json
 import math
 import os
 import time
@@ -241,15 +243,11 @@ def evaluate_arm(name: str, model: nn.Module, units: gr.Units, corpus, routed_id
 # ------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=2)
 def _corpus(key: str):
-    import json
-
     c = json.loads(key)
     return prepare_corpus(c["n_train"], c["n_eval"], c["n_attack"], c["vocab_size"], c["n_ctx"], **_corpus_args(c))
 
 
 def corpus_of(cfg: dict):
-    import json
-
     return _corpus(json.dumps(dict(cfg["corpus"], n_ctx=cfg["model"]["n_ctx"]), sort_keys=True))
 
 
@@ -296,9 +294,6 @@ def _pretrained_path(out: Path, arm: str, seed: int, cfg: dict, routed_ids: list
     """Where the pre-trained model of (arm, seed) is kept, keyed by everything its training depends
     on: the control's does not depend on the routed tokens, so a run that changes only the token
     selection (or the evaluation) trains the control once."""
-    import hashlib
-    import json
-
     rc = cfg["route"]
     key = {"arm": arm, "seed": seed, "model": cfg["model"], "train": cfg["train"], "batch_size": cfg["batch_size"],
            "corpus": {k: v for k, v in cfg["corpus"].items() if k in ("n_train", "vocab_size")}}

@@ -10,6 +10,7 @@ losses, and which category words of the story generator are single tokens.
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -187,8 +188,6 @@ def whole_word_ids(data: Stories, tok, min_rate: float = 0.9) -> torch.Tensor:
     space: :data:`WORD_TOKEN`) and are a whole word (:func:`whole_word_rates`) in at least
     ``min_rate`` of their occurrences in ``data``. Fragments such as ``' th'`` (of " through")
     or ``'rough'`` fail the rate; punctuation fails the look."""
-    import re
-
     if not 0.0 < min_rate <= 1.0:
         raise ValueError(f"min_rate must be in (0, 1], got {min_rate}")
     count, rate = whole_word_rates(data, tok)
@@ -202,8 +201,6 @@ def word_token_ids(tok, words: Sequence[str], data: Stories | None = None, min_r
     a target there and a whole word in at least ``min_rate`` of those occurrences
     (:func:`whole_word_rates`: ``' acorn'`` of " acorns" is not). Raises ``ValueError`` naming
     the first word that fails and why."""
-    import re
-
     if not words:
         raise ValueError("no words given")
     count = rate = None
