@@ -64,7 +64,10 @@ FAITHFUL = dict(unfinished="keep", critic="linear", zero_bias=True, filter_mode=
 PROFILES = {
     "paper": dict(updates=20_000, num_envs=512, num_steps=32, lr=5e-5, seeds=4,
                   eval_every=500, val_episodes=2048, test_episodes=8192, precision="fp32", **FAITHFUL),
-    "cpu": dict(updates=2_000, num_envs=256, num_steps=32, lr=3e-4, seeds=3,
+    # 5 seeds (was 3): the 3-seed run's routing vs filtering intervals at p = 0.05 overlapped by
+    # 0.01 with a 0.08 gap between means; the t multiplier falls from 4.30 (n=3) to 2.78 (n=5).
+    # Decided before the 5-seed run; both runs are reported in docs/gridworld.md.
+    "cpu": dict(updates=2_000, num_envs=256, num_steps=32, lr=3e-4, seeds=5,
                 eval_every=100, val_episodes=1024, test_episodes=4096, precision="bf16", **FAITHFUL),
     "quick": dict(updates=500, num_envs=256, num_steps=32, lr=3e-4, seeds=3,
                   eval_every=50, val_episodes=512, test_episodes=2048, precision="bf16", **FAITHFUL),
