@@ -185,6 +185,95 @@ def test_module_can_run_without_learning():
     mods.release_unlearned()
 
 
+def test_p_other_zero_is_the_schedule_without_it():
+    """p_other = 0 (the default) gives the same masks and leaves the generator where it was; p_other > 0
+    switches other modules on (forward only) on domain rows and changes nothing else."""
+    mods = gr.add_modules(gpt(), "transformer.h.*.mlp", DOMAINS)
+    labels = torch.tensor([0, 1, 2, 3, GENERAL, UNLABELLED] * 50)
+    for spread in ("one", "each"):
+        g1, g2, g3 = (torch.Generator().manual_seed(5) for _ in range(3))
+        a = mods.masks(labels, p_cr=0.7, p_as=0.5, generator=g1, spread=spread)
+        b = mods.masks(labels, p_cr=0.7, p_as=0.5, generator=g2, spread=spread, p_other=0.0)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))   # no extra draws
+        f, l = mods.masks(labels, p_cr=0.7, p_as=0.5, generator=g3, spread=spread, p_other=0.5)
+        assert torch.equal(l, a[1])                               # nobody learns more (or less)
+        dom = labels >= 0
+        assert torch.equal(f[~dom], a[0][~dom])                   # general and unlabelled rows unchanged
+        rows = torch.arange(len(labels))[dom]
+        assert (f[rows, 1 + labels[dom]] == 1).all() and (f[:, 0] == 1).all()
+        extra = (f[dom] - a[0][dom])[:, 1:]                       # other modules switched on
+        assert set(extra.unique().tolist()) <= {0.0, 1.0}
+        assert 0.4 < float(extra.sum()) / (int(dom.sum()) * (len(DOMAINS) - 1)) < 0.6
+    f, l = mods.masks(labels, p_other=1.0, generator=torch.Generator().manual_seed(0))
+    assert (f[labels >= 0] == 1).all() and torch.equal(l[labels >= 0, 1:].sum(1), torch.ones(200, dtype=torch.long))
+    with pytest.raises(ValueError, match="p_other"):
+        mods.masks(labels, p_other=1.5)
+
+
+def test_running_module_gets_no_gradient_from_rows_it_does_not_learn():
+    """Per example: a module that runs on example i without learning (p_other) gets no gradient from i;
+    its gradient in a mixed batch is exactly the sum over the rows where it learns."""
+    model = gpt()
+    mods = gr.add_modules(model, "transformer.h.*.mlp", DOMAINS)
+    randomise_modules(mods)
+    x = ids(3, seed=4)
+    labels = torch.tensor([0, 1, 0])          # forest, sea, forest; every module runs on every row
+    fwd, learn = mods.masks(labels, p_cr=0.0, p_other=1.0)
+    assert (fwd == 1).all() and learn[:, 2].tolist() == [False, True, False]
+
+    def grads_for(rows):
+        model.zero_grad(set_to_none=True)
+        with mods.route(forward=fwd[rows], learn=learn[rows]):
+            model(x[rows], x[rows], reduction="sum")[1].backward()
+        mods.release_unlearned()                # clear the flags (no optimizer here)
+        return grads(model)
+    mixed, sea_row, forest_rows = grads_for([0, 1, 2]), grads_for([1]), grads_for([0, 2])
+    sea = [n for n in mixed if ".aux_modules.sea." in n]
+    forest = [n for n in mixed if ".aux_modules.forest." in n]
+    assert all(torch.count_nonzero(forest_rows[n]) == 0 for n in sea)      # ran on rows 0, 2: no gradient
+    assert all(sea_row[n].abs().sum() > 0 for n in sea)
+    assert all(torch.allclose(mixed[n], sea_row[n], atol=1e-6) for n in sea)
+    assert all(torch.count_nonzero(sea_row[n]) == 0 for n in forest)
+    assert all(torch.allclose(mixed[n], forest_rows[n], atol=1e-6) for n in forest)
+    # the core learns from every row (p_cr 0): its gradient is the sum of both parts
+    core = [n for n in mixed if ".aux_modules." not in n]
+    assert all(torch.allclose(mixed[n], sea_row[n] + forest_rows[n], atol=1e-5) for n in core)
+    # and the sea module's output on rows 0 and 2 did change the loss (it ran)
+    with torch.no_grad():
+        with mods.route(forward=fwd, learn=learn):
+            on = model(x)[0]
+        with mods.using(on=["forest"]):
+            off = model(x)[0]
+    assert not torch.allclose(on[0], off[0], atol=1e-4)
+
+
+def test_p_other_modules_do_not_move_under_adamw():
+    """A module that only ran without learning since the last step is not stepped (moments, weight decay),
+    also after it has moments from earlier steps."""
+    model = gpt()
+    mods = gr.add_modules(model, "transformer.h.*.mlp", DOMAINS)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    g = torch.Generator().manual_seed(0)
+    for s in range(3):
+        with mods.route(torch.tensor([0, 1, 2, 3, GENERAL]), p_as=0.5, generator=g):
+            model(ids(5, seed=s), ids(5, seed=s))[1].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    others = [_snapshot(mods.module_params(d)) for d in DOMAINS[1:]]
+    core, forest = _snapshot(mods.core_params()), _snapshot(mods.module_params("forest"))
+    for s in range(3):   # forest rows only; every other module runs on them (p_other 1), core frozen
+        with mods.route(torch.tensor([0, 0, 0]), p_cr=1.0, p_other=1.0):
+            model(ids(3, seed=20 + s), ids(3, seed=20 + s))[1].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert _same(core, mods.core_params())
+    for snap, d in zip(others, DOMAINS[1:]):
+        assert _same(snap, mods.module_params(d)), d
+    assert not _same(forest, mods.module_params("forest"))
+    mods.remove()
+
+
 # ------------------------------------------------------------------ isolation under AdamW
 def _snapshot(params):
     return [p.detach().clone() for p in params]
@@ -698,17 +787,41 @@ def test_topic_vocab_flag_reaches_config_report_and_run_key(tmp_path, monkeypatc
 
 def test_partial_label_runs_use_the_official_partial_schedule(tmp_path, monkeypatch):
     E, parser = _tiny_experiment(tmp_path, monkeypatch, steps=2, curve_points=2,
-                                 modules=dict(width=0.1, p_cr=0.7, p_as=0.5, spread="each",
-                                              partial=dict(p_cr=1.0, p_as=0.2, spread="one")), attack_rounds=1)
+                                 modules=dict(width=0.1, p_cr=0.7, p_as=0.5, spread="each", p_other=0.5,
+                                              partial=dict(p_cr=1.0, p_as=0.2, spread="one", p_other=0.0)),
+                                 attack_rounds=1)
     seen = {}
     real = E.modular_loss
 
-    def spy(mods, route_labels, p_cr, p_as, seed, spread="one"):
-        seen[bool((route_labels == UNLABELLED).any())] = (p_cr, p_as, spread)
-        return real(mods, route_labels, p_cr, p_as, seed, spread)
+    def spy(mods, route_labels, p_cr, p_as, seed, spread="one", p_other=0.0):
+        seen[bool((route_labels == UNLABELLED).any())] = (p_cr, p_as, spread, p_other)
+        return real(mods, route_labels, p_cr, p_as, seed, spread, p_other=p_other)
     monkeypatch.setattr(E, "modular_loss", spy)
     args = parser.parse_args(["--out", str(tmp_path / "o"), "--workers", "1", "--methods", "modular",
                               "modular_partial", "--no-attack"])
     E.run(args)
-    assert seen == {False: (0.7, 0.5, "each"), True: (1.0, 0.2, "one")}
+    assert seen == {False: (0.7, 0.5, "each", 0.5), True: (1.0, 0.2, "one", 0.0)}
     assert E.PROFILES["paper"]["modules"]["partial"] == E.PARTIAL
+
+
+def test_p_other_flag_reaches_config_and_run_key(tmp_path, monkeypatch):
+    """--p-other is part of the config and of every run's resume key; p_other 0 trains exactly the
+    model that the schedule without p_other trains."""
+    E, parser = _tiny_experiment(tmp_path, monkeypatch, steps=3, curve_points=2,
+                                 modules=dict(width=0.1, p_cr=0.7, p_as=0.5, spread="one"), attack_rounds=1)
+    cfg = E.build_config(parser.parse_args(["--out", "x", "--p-other", "0.5"]))
+    assert cfg["modules"]["p_other"] == 0.5 and "select" not in cfg["modules"]
+    assert E.PROFILES["paper"]["modules"]["p_other"] == 0.0 and E.PARTIAL["p_other"] == 0.0
+    with pytest.raises(ValueError, match="p-other"):
+        E.build_config(parser.parse_args(["--out", "x", "--p-other", "2"]))
+    common = ["--out", str(tmp_path / "o"), "--workers", "1", "--methods", "modular", "--no-attack"]
+    without = E.run(parser.parse_args(common))["runs"]["modular_s0"]
+    run_file = tmp_path / "o" / "runs" / "modular_s0.json"
+    assert "p_other" not in E.read_json(run_file)["config"]["modules"]
+    zero = E.run(parser.parse_args([*common, "--p-other", "0"]))["runs"]["modular_s0"]
+    assert E.read_json(run_file)["config"]["modules"]["p_other"] == 0.0        # retrained under its own key
+    assert zero["configs"] == without["configs"] and zero["val_configs"] == without["val_configs"]
+    one = E.run(parser.parse_args([*common, "--p-other", "1"]))
+    assert E.read_json(run_file)["config"]["modules"]["p_other"] == 1.0
+    assert one["runs"]["modular_s0"]["configs"] != without["configs"]
+    assert "p_other 1.0" in E.report(tmp_path / "o")["detail"]

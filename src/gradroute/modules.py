@@ -15,6 +15,9 @@ domain ``k``        core + module ``k``          module ``k``; the core too with
 ``UNLABELLED`` (-1) core + every module          everything
 ==================  ===========================  ===========================================
 
+Option (ours, default off): ``p_other`` lets each *other* module also run on a domain-``k``
+example with that probability, without learning from it (:meth:`ModuleSet.masks`).
+
 "Core" is every parameter that is not in a module (embeddings, attention, norms, the MLPs).
 At inference any subset of modules is switched on or off (float strengths allowed), so K
 modules give 2**K access profiles from one training run.
@@ -249,12 +252,18 @@ class ModuleSet:
 
     # ------------------------------------------------------------------ training
     def masks(self, labels: torch.Tensor, p_cr: float = 1.0, p_as: float = 0.0,
-              generator: torch.Generator | None = None, spread: str = "one") -> tuple[torch.Tensor, torch.Tensor]:
+              generator: torch.Generator | None = None, spread: str = "one",
+              p_other: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-example ``(forward, learn)`` masks of shape ``(B, 1 + K)`` (column 0 the core) for
         ``labels``: domain index ``k`` in [0, K), :data:`GENERAL` (-2) or :data:`UNLABELLED` (-1).
         ``spread``: on general examples, ``"one"`` random module runs and learns with probability
         ``p_as`` (the official schedule), or ``"each"`` module independently with probability
-        ``p_as`` (so modules also learn to coexist on general text)."""
+        ``p_as`` (so modules also learn to coexist on general text).
+        ``p_other`` (ours, not in the official schedule; default 0): on a domain-``k`` example each
+        *other* module runs independently with probability ``p_other`` without learning from it
+        (forward on, backward off), so module ``k`` and the core learn in its presence. With
+        ``p_other = 0`` no extra random numbers are drawn: the masks and the generator's state are
+        those of the schedule without it."""
         labels = torch.as_tensor(labels)
         if labels.ndim != 1:
             raise ValueError(f"labels must be one int per example, shape (B,), got {tuple(labels.shape)}")
@@ -266,7 +275,7 @@ class ModuleSet:
                              f"{sorted(set(labels[bad].tolist()))}")
         if spread not in ("one", "each"):
             raise ValueError(f"spread must be 'one' or 'each', got {spread!r}")
-        for n, p in (("p_cr", p_cr), ("p_as", p_as)):
+        for n, p in (("p_cr", p_cr), ("p_as", p_as), ("p_other", p_other)):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{n} must be in [0, 1], got {p}")
         labels = labels.cpu().long()
@@ -294,12 +303,17 @@ class ModuleSet:
         unl = labels == UNLABELLED
         fwd[unl] = 1.0
         learn[unl] = True
+        if p_other > 0 and bool(dom.any()):
+            # drawn last, and only when used, so that p_other = 0 leaves every other draw unchanged
+            other = dom.view(-1, 1) & (torch.rand(B, self.K, generator=generator) < p_other)
+            other[rows[dom], labels[dom]] = False        # the example's own module is already on
+            fwd[:, 1:][other] = 1.0                       # runs; learn stays False for these
         return fwd, learn
 
     @contextlib.contextmanager
     def route(self, labels: torch.Tensor | None = None, *, p_cr: float = 1.0, p_as: float = 0.0,
               generator: torch.Generator | None = None, forward: torch.Tensor | None = None,
-              learn: torch.Tensor | None = None, spread: str = "one"):
+              learn: torch.Tensor | None = None, spread: str = "one", p_other: float = 0.0):
         """Context manager for a routed forward pass (backward may run inside or after it).
 
         Either ``labels`` (see :meth:`masks`) or explicit ``forward`` (float ``(B, 1 + K)``:
@@ -309,7 +323,7 @@ class ModuleSet:
         if labels is not None:
             if forward is not None or learn is not None:
                 raise ValueError("pass labels= or forward=/learn=, not both")
-            forward, learn = self.masks(labels, p_cr, p_as, generator, spread)
+            forward, learn = self.masks(labels, p_cr, p_as, generator, spread, p_other)
         elif forward is None or learn is None:
             raise ValueError("route() needs labels= or both forward= and learn=")
         forward = torch.as_tensor(forward, dtype=torch.float32)
