@@ -1,6 +1,7 @@
 """Speed of the vectorized gridworld and of training, against the loop before the speed work.
 
     PYTHONPATH=src python benchmarks/gridworld_speed.py [--threads 1] [--envs 256 512] [--updates 6]
+    PYTHONPATH=src python benchmarks/gridworld_speed.py --breakdown   # ms per update by phase
 
 Training throughput is env steps per second *including* rollout, forward, backward and the
 optimizer step (no evaluation), for routing at p = 0.1, measured side by side in this process:
@@ -92,6 +93,56 @@ def new_train(num_envs: int, updates: int, precision: str, gate: str = "original
         opt.step()
 
 
+def breakdown(num_envs: int, rounds: int = 7, compile: bool = False) -> dict:
+    """Milliseconds per update of the default loop by phase (best of ``rounds`` updates): the
+    rollout split into the policy's forward (everything but the env) and the env's steps; the
+    update split into the hand backward (``_expert_backward``) and the rest (losses, critic,
+    advantage scan); Adam."""
+    cfg = dict(gw.PROFILES["cpu"], num_envs=num_envs)
+    gen = torch.Generator().manual_seed(0)
+    env = GridworldVecEnv(num_envs, 0.1, return_final_obs=False)
+    policy = gw.make_policy("routing", cfg)
+    opt = torch.optim.Adam(policy.parameters(), lr=cfg["lr"])
+    obs, _ = env.reset(seed=0)
+    buffers: dict = {}
+    acc = {"env_steps": 0.0, "expert_backward": 0.0}
+    env_step, expert_backward = env.step, gw._expert_backward
+
+    def timed_env(a):
+        t = time.perf_counter()
+        out = env_step(a)
+        acc["env_steps"] += time.perf_counter() - t
+        return out
+
+    def timed_backward(*a, **k):
+        t = time.perf_counter()
+        expert_backward(*a, **k)
+        acc["expert_backward"] += time.perf_counter() - t
+
+    env.step, gw._expert_backward = timed_env, timed_backward
+    best = None
+    try:
+        for r in range(rounds + 2):                     # two warm-up updates
+            acc.update(env_steps=0.0, expert_backward=0.0)
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            obs, batch = gw.rollout(policy, env, obs, 32, gen, buffers)
+            t1 = time.perf_counter()
+            gw.update(policy, batch, "routing", cfg, compile=compile)
+            t2 = time.perf_counter()
+            opt.step()
+            t3 = time.perf_counter()
+            ms = {"total": t3 - t0, "rollout": t1 - t0, "rollout_env_steps": acc["env_steps"],
+                  "rollout_policy_and_rest": t1 - t0 - acc["env_steps"], "update": t2 - t1,
+                  "update_expert_backward": acc["expert_backward"],
+                  "update_losses_critic_scan": t2 - t1 - acc["expert_backward"], "adam": t3 - t2}
+            if r >= 2 and (best is None or ms["total"] < best["total"]):
+                best = ms
+    finally:
+        gw._expert_backward = expert_backward
+    return {k: round(v * 1e3, 2) for k, v in best.items()}
+
+
 def timed(fns: dict, num_envs: int, updates: int, repeats: int):
     """Best env steps/s of each loop over ``repeats`` rounds, by wall clock and by the thread's
     CPU time, and each loop's warm-up time (one update, after compilation for compiled loops);
@@ -136,9 +187,17 @@ def main() -> None:
     ap.add_argument("--envs", type=int, nargs="+", default=[256, 512])
     ap.add_argument("--updates", type=int, default=4, help="updates per timing")
     ap.add_argument("--repeats", type=int, default=5, help="timing rounds (best is kept)")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="only print ms per update of the default loop by phase (eager and compiled)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     os.environ["GRADROUTE_QUIET"] = "1"
+    if args.breakdown:
+        res = {f"{n}_{'compiled' if c else 'eager'}": breakdown(n, compile=c) for n in args.envs for c in (False, True)}
+        for k, v in res.items():
+            print(k, v, flush=True)
+        print(json.dumps({"breakdown_ms_per_update": res, "load_avg_1m": os.getloadavg()[0]}))
+        return
     t_start, cpu_start = time.time(), time.process_time()
     res = {"threads": args.threads, "cpu_count": os.cpu_count(), "torch": torch.__version__,
            "machine": platform.machine(), "load_avg_1m_at_start": os.getloadavg()[0]}
