@@ -419,23 +419,34 @@ def rollout(policy: MoEPolicy, env: GridworldVecEnv, obs: torch.Tensor, T: int, 
         # the Gumbel noise of every step in one call (the same numbers as T calls of sample_actions)
         u = torch.rand((T, N, policy.head.out_features), generator=gen).clamp_(1e-20, 1.0)
         gumbel = u.log_().neg_().log_().neg_()
+        # every view the steps write into or read from, made in a few bulk calls (one slice per
+        # step and buffer from Python costs ~1 us each, ~30 per step)
+        ys = y_all.split(N)                                                # (N, E*H [+ gate]) per step
+        ys_e = [y_all[:, e * H:(e + 1) * H].split(N) for e in range(E)]   # each expert's columns
+        hs_e = [h_all[e].split(N) for e in range(E)]                      # each expert's rows
+        w2_e, b2_e = w2.unbind(0), b2[:, 0].unbind(0)
+        if gate is not None:
+            ygs = y_all[:, E * H:].split(N)
+            y2s = y2_all.split(N) if y2_all is not None else None
+            out_w, out_b = gate.out.weight, gate.out.bias
+        head_w, head_b = policy.head.weight, policy.head.bias
+        gum = gumbel.unbind(0)
         for t in range(T):
-            sl = slice(t * N, (t + 1) * N)
             x = obs.flatten(1)
-            y = torch.relu_(torch.addmm(b1, x.to(dt), w1, out=y_all[sl]))   # (N, E*H [+ gate])
-            for e in range(E):                                             # each expert's rows are contiguous
-                torch.relu_(torch.addmm(b2[e, 0], y[:, e * H:(e + 1) * H], w2[e], out=h_all[e, sl]))
+            torch.relu_(torch.addmm(b1, x.to(dt), w1, out=ys[t]))
+            for e in range(E):
+                torch.relu_(torch.addmm(b2_e[e], ys_e[e][t], w2_e[e], out=hs_e[e][t]))
             if gate is None:
-                mix = h_all[0, sl]
+                mix = hs_e[0][t]
             else:
-                yg = y[:, E * H:]
-                if y2_all is not None:
-                    yg = torch.relu_(torch.addmm(fc2_b, yg, fc2_wt, out=y2_all[sl]))
-                gl = gate.out(yg.float()).squeeze(-1)
+                yg = ygs[t]
+                if y2s is not None:
+                    yg = torch.relu_(torch.addmm(fc2_b, yg, fc2_wt, out=y2s[t]))
+                gl = F.linear(yg.float(), out_w, out_b).squeeze(-1)
                 gls.append(gl)
-                mix = _mix(h_all[0, sl], h_all[1, sl], gl)
-            logits = policy.head(mix.float())
-            act = (logits + gumbel[t]).argmax(-1)
+                mix = _mix(hs_e[0][t], hs_e[1][t], gl)
+            logits = F.linear(mix.float(), head_w, head_b)
+            act = (logits + gum[t]).argmax(-1)
             logits_l.append(logits)
             obs_l.append(x)
             acts.append(act)
@@ -662,9 +673,11 @@ def update(policy: MoEPolicy, batch: dict, job: str, cfg: dict, compile: bool = 
     logits = batch["logits"].detach().requires_grad_(True)
     moe = batch["gl"] is not None
     gl = batch["gl"].detach().requires_grad_(True) if moe else None
-    logp = F.log_softmax(logits, -1)
-    logp_a = logp.gather(1, batch["act"].flatten()[:, None]).squeeze(1)
-    entropy = -(logp.exp() * logp).sum(-1)
+    # actions along dim 0: with only 4 actions, softmax and sums over the last dim of (T*N, 4)
+    # do not vectorise (log_softmax of 8,192 rows: 296 vs 48 us, 1 thread)
+    logp = F.log_softmax(logits.t(), 0)                                    # (actions, T*N)
+    logp_a = logp.gather(0, batch["act"].flatten()[None]).squeeze(0)
+    entropy = -(logp.exp() * logp).sum(0)
     g_ret = returns.flatten()
     v = policy.critic(batch["obs"].flatten(0, 1)).squeeze(-1)
     adv = g_ret - v.detach()
