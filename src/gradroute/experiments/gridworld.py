@@ -498,7 +498,7 @@ def _compiled(fn):
 
 def _mix(h_d: torch.Tensor, h_g: torch.Tensor, gate_logit: torch.Tensor) -> torch.Tensor:
     """``g*h_d + (1-g)*h_g``, g = sigmoid(gate_logit), as one ``lerp`` in the states' dtype (one
-    pass and one rounding; ``h_g + g*(h_d - h_g)`` as sub then addcmul was two passes and 3%
+    pass and one rounding; ``h_g + g*(h_d - h_g)`` as sub then addcmul was two passes, ~1%
     slower per update); the rollout and the backward pass compute it with the same op (the
     backward recomputes it from the stored expert states instead of storing it)."""
     return torch.lerp(h_g, h_d, torch.sigmoid(gate_logit).unsqueeze(-1).to(h_d.dtype))
@@ -839,7 +839,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="1: naive, filtering and oracle use one expert (original, default); 0: the MoE with a free gate")
     parser.add_argument("--compile", type=int, choices=[0, 1], default=None,
                         help="1: the backward pass's per-chunk work runs compiled with torch.compile (inductor; "
-                             "bf16 only; ~3%% faster per update, ~5-10 s of compilation per process and network); "
+                             "bf16 only; 1-2%% faster per update; per process and network ~5 s of compilation with a warm "
+                             "inductor cache, ~25 s cold); "
                              "default: 1 for the cpu profile, 0 otherwise; a failed compilation falls back to eager")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="parallel training processes (1 = in this process)")
