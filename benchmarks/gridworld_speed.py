@@ -1,6 +1,7 @@
 """Speed of the vectorized gridworld and of training, against the loop before the speed work.
 
     PYTHONPATH=src python benchmarks/gridworld_speed.py [--threads 1] [--envs 256 512] [--updates 6]
+    PYTHONPATH=src python benchmarks/gridworld_speed.py --breakdown   # ms per update by phase
 
 Training throughput is env steps per second *including* rollout, forward, backward and the
 optimizer step (no evaluation), for routing at p = 0.1, measured side by side in this process:
@@ -11,12 +12,19 @@ optimizer step (no evaluation), for routing at p = 0.1, measured side by side in
 - ``new_fp32`` / ``new_bf16``: ``gradroute.experiments.gridworld`` (stacked experts as one
   batched matmul, the rollout's forward reused for the update, linear critic and gate as the
   original: 1x1 conv + MLP 100-256-256-1), with the expert and gate matmuls in fp32 or bfloat16;
+  ``new_bf16`` runs as the cpu profile does, with the backward's per-chunk work compiled
+  (``torch.compile``; its one-off compilation happens in the warm-up and is reported as
+  ``compile_warmup_s``), ``new_bf16_eager`` the same loop without compilation;
 - ``new_bf16_mlp64``: the same with the smaller gate (100-64-1) that the old loop also has, so
   the loops compare like with like.
 
+Each loop's speed is its best round; rounds interleave the loops. Besides wall-clock env steps/s,
+the JSON has the same ratios from the thread's CPU time (``cpu_time_speedup_*``), which other
+processes on a shared machine disturb less (they still share caches and memory bandwidth).
+
 The FLOP reference is a plain fp32 and bf16 matmul (16384 x 256 @ 256 x 256) at the same thread
-count. The last line is one JSON object; ``train_speedup_512`` is new (the cpu profile's bf16
-setting) over old env steps/s at 512 envs.
+count. The last line is one JSON object; ``train_speedup_512`` / ``train_speedup_256`` are new
+(the cpu profile's setting) over old env steps/s at 512 / 256 envs.
 """
 from __future__ import annotations
 
@@ -70,7 +78,7 @@ def matmul_gflops(dtype, m=16384, k=256, n=256, reps=10) -> float:
     return best
 
 
-def new_train(num_envs: int, updates: int, precision: str, gate: str = "original") -> None:
+def new_train(num_envs: int, updates: int, precision: str, gate: str = "original", compile: bool = False) -> None:
     cfg = dict(gw.PROFILES["cpu"], num_envs=num_envs, precision=precision, gate=gate)
     gen = torch.Generator().manual_seed(0)
     env = GridworldVecEnv(num_envs, 0.1, return_final_obs=False)
@@ -81,22 +89,79 @@ def new_train(num_envs: int, updates: int, precision: str, gate: str = "original
     for _ in range(updates):
         opt.zero_grad(set_to_none=True)
         obs, batch = gw.rollout(policy, env, obs, 32, gen, buffers)
-        gw.update(policy, batch, "routing", cfg)
+        gw.update(policy, batch, "routing", cfg, compile=compile)
         opt.step()
 
 
-def timed(fns: dict, num_envs: int, updates: int, repeats: int) -> dict:
-    """Best env steps/s of each loop over ``repeats`` rounds; the loops take turns within a
-    round, so load from other processes on a shared machine hits them alike."""
-    for fn in fns.values():
-        fn(num_envs, 1)                               # warm-up
+def breakdown(num_envs: int, rounds: int = 7, compile: bool = False) -> dict:
+    """Milliseconds per update of the default loop by phase (best of ``rounds`` updates): the
+    rollout split into the policy's forward (everything but the env) and the env's steps; the
+    update split into the hand backward (``_expert_backward``) and the rest (losses, critic,
+    advantage scan); Adam."""
+    cfg = dict(gw.PROFILES["cpu"], num_envs=num_envs)
+    gen = torch.Generator().manual_seed(0)
+    env = GridworldVecEnv(num_envs, 0.1, return_final_obs=False)
+    policy = gw.make_policy("routing", cfg)
+    opt = torch.optim.Adam(policy.parameters(), lr=cfg["lr"])
+    obs, _ = env.reset(seed=0)
+    buffers: dict = {}
+    acc = {"env_steps": 0.0, "expert_backward": 0.0}
+    env_step, expert_backward = env.step, gw._expert_backward
+
+    def timed_env(a):
+        t = time.perf_counter()
+        out = env_step(a)
+        acc["env_steps"] += time.perf_counter() - t
+        return out
+
+    def timed_backward(*a, **k):
+        t = time.perf_counter()
+        expert_backward(*a, **k)
+        acc["expert_backward"] += time.perf_counter() - t
+
+    env.step, gw._expert_backward = timed_env, timed_backward
+    best = None
+    try:
+        for r in range(rounds + 2):                     # two warm-up updates
+            acc.update(env_steps=0.0, expert_backward=0.0)
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            obs, batch = gw.rollout(policy, env, obs, 32, gen, buffers)
+            t1 = time.perf_counter()
+            gw.update(policy, batch, "routing", cfg, compile=compile)
+            t2 = time.perf_counter()
+            opt.step()
+            t3 = time.perf_counter()
+            ms = {"total": t3 - t0, "rollout": t1 - t0, "rollout_env_steps": acc["env_steps"],
+                  "rollout_policy_and_rest": t1 - t0 - acc["env_steps"], "update": t2 - t1,
+                  "update_expert_backward": acc["expert_backward"],
+                  "update_losses_critic_scan": t2 - t1 - acc["expert_backward"], "adam": t3 - t2}
+            if r >= 2 and (best is None or ms["total"] < best["total"]):
+                best = ms
+    finally:
+        gw._expert_backward = expert_backward
+    return {k: round(v * 1e3, 2) for k, v in best.items()}
+
+
+def timed(fns: dict, num_envs: int, updates: int, repeats: int):
+    """Best env steps/s of each loop over ``repeats`` rounds, by wall clock and by the thread's
+    CPU time, and each loop's warm-up time (one update, after compilation for compiled loops);
+    the loops take turns within a round, so load from other processes hits them alike."""
+    warm = {}
+    for name, fn in fns.items():
+        t = time.perf_counter()
+        fn(num_envs, 1)                               # warm-up (compiles, where a loop compiles)
+        warm[name] = time.perf_counter() - t
     best = {k: 0.0 for k in fns}
+    best_cpu = {k: 0.0 for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.thread_time()
             fn(num_envs, updates)
-            best[name] = max(best[name], num_envs * 32 * updates / (time.perf_counter() - t))
-    return best
+            steps = num_envs * 32 * updates
+            best[name] = max(best[name], steps / (time.perf_counter() - t))
+            best_cpu[name] = max(best_cpu[name], steps / (time.thread_time() - c))
+    return best, best_cpu, warm
 
 
 def flops_per_env_step(kind: str, gate_kind: str = "mlp64") -> float:
@@ -122,9 +187,17 @@ def main() -> None:
     ap.add_argument("--envs", type=int, nargs="+", default=[256, 512])
     ap.add_argument("--updates", type=int, default=4, help="updates per timing")
     ap.add_argument("--repeats", type=int, default=5, help="timing rounds (best is kept)")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="only print ms per update of the default loop by phase (eager and compiled)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     os.environ["GRADROUTE_QUIET"] = "1"
+    if args.breakdown:
+        res = {f"{n}_{'compiled' if c else 'eager'}": breakdown(n, compile=c) for n in args.envs for c in (False, True)}
+        for k, v in res.items():
+            print(k, v, flush=True)
+        print(json.dumps({"breakdown_ms_per_update": res, "load_avg_1m": os.getloadavg()[0]}))
+        return
     t_start, cpu_start = time.time(), time.process_time()
     res = {"threads": args.threads, "cpu_count": os.cpu_count(), "torch": torch.__version__,
            "machine": platform.machine(), "load_avg_1m_at_start": os.getloadavg()[0]}
@@ -139,32 +212,40 @@ def main() -> None:
           f"old env {res['old_env_steps_per_s_random_policy']}", flush=True)
     runs = {"old": reference_train,
             "new_fp32": lambda n, u: new_train(n, u, "fp32"),
-            "new_bf16": lambda n, u: new_train(n, u, "bf16"),
+            "new_bf16": lambda n, u: new_train(n, u, "bf16", compile=True),
+            "new_bf16_eager": lambda n, u: new_train(n, u, "bf16"),
             "new_bf16_mlp64": lambda n, u: new_train(n, u, "bf16", "mlp64")}
     flops = {"old": flops_per_env_step("old"), "new_fp32": flops_per_env_step("new", "original"),
              "new_bf16": flops_per_env_step("new", "original"),
+             "new_bf16_eager": flops_per_env_step("new", "original"),
              "new_bf16_mlp64": flops_per_env_step("new", "mlp64")}
     res["train_env_steps_per_s"] = {k: {} for k in runs}
     res["flops_per_env_step"] = {k: round(v) for k, v in flops.items()}
     res["achieved_gflops"] = {k: {} for k in runs}
+    res["train_env_steps_per_cpu_s"] = {k: {} for k in runs}
+    res["compile_warmup_s"] = {}
     for n in args.envs:
-        best = timed(runs, n, args.updates, args.repeats)
+        best, best_cpu, warm = timed(runs, n, args.updates, args.repeats)
+        # the first warm-up of the compiled loop includes compilation (shared by later sizes
+        # where the chunk shape repeats); minus the eager loop's warm-up update
+        res["compile_warmup_s"][str(n)] = round(warm["new_bf16"] - warm["new_bf16_eager"], 2)
         for name, sps in best.items():
             res["train_env_steps_per_s"][name][str(n)] = round(sps)
+            res["train_env_steps_per_cpu_s"][name][str(n)] = round(best_cpu[name])
             res["achieved_gflops"][name][str(n)] = round(sps * flops[name] / 1e9, 1)
             print(f"train {name:9s} {n:4d} envs: {sps / 1e3:7.1f} k env steps/s "
                   f"(~{sps * flops[name] / 1e9:5.1f} GFLOP/s of matmul)", flush=True)
-        for name in ("new_fp32", "new_bf16", "new_bf16_mlp64"):
+        for name in ("new_fp32", "new_bf16", "new_bf16_eager", "new_bf16_mlp64"):
             s = res["train_env_steps_per_s"][name][str(n)] / res["train_env_steps_per_s"]["old"][str(n)]
+            sc = res["train_env_steps_per_cpu_s"][name][str(n)] / res["train_env_steps_per_cpu_s"]["old"][str(n)]
             res[f"speedup_{name}_{n}"] = round(s, 2)
-            print(f"speedup {name} / old at {n} envs: {s:.2f}x", flush=True)
-    big = str(max(args.envs))
+            res[f"cpu_time_speedup_{name}_{n}"] = round(sc, 2)
+            print(f"speedup {name} / old at {n} envs: {s:.2f}x (by CPU time {sc:.2f}x)", flush=True)
     res["load_avg_1m_at_end"] = os.getloadavg()[0]
     res["wall_s"], res["cpu_s"] = round(time.time() - t_start, 1), round(time.process_time() - cpu_start, 1)
-    if "512" in res["train_env_steps_per_s"]["new_bf16"]:
-        big = "512"
-    res[f"train_speedup_{big}"] = res[f"speedup_new_bf16_{big}"]
-    res[f"train_env_steps_per_s_{big}"] = res["train_env_steps_per_s"]["new_bf16"][big]
+    for n in map(str, args.envs):
+        res[f"train_speedup_{n}"] = res[f"speedup_new_bf16_{n}"]
+        res[f"train_env_steps_per_s_{n}"] = res["train_env_steps_per_s"]["new_bf16"][n]
     print(json.dumps(res))
 
 

@@ -563,3 +563,46 @@ def test_rollout_samples_like_sample_actions_and_reuses_buffers():
         assert b.keys() == batches[0].keys()
         for k in b:
             assert torch.equal(b[k], batches[0][k]), k
+
+
+def _bf16_update_grads(compile, job="routing", gate="original"):
+    torch.manual_seed(0)
+    cfg = dict(unfinished="keep", filter_mode="overseen_only", critic="linear", zero_bias=False,
+               precision="bf16", single_expert_baselines=True, gate=gate)
+    policy = gw.make_policy(job, cfg)
+    env = GridworldVecEnv(32, 0.5, return_final_obs=False)
+    _, batch = gw.rollout(policy, env, env.reset(seed=0)[0], 8, torch.Generator().manual_seed(1))
+    gw.update(policy, batch, job, cfg, compile=compile)
+    return {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+
+
+def test_compiled_backward_equals_eager(monkeypatch):
+    # The compiled per-chunk backward (torch.compile, bf16 intermediates rounded as in eager
+    # mode) must give the eager loop's gradients; it must really be compiled here (gcc is part of
+    # the dev setup), not the eager fallback.
+    import warnings
+    assert gw.compile_available()
+    monkeypatch.setattr(gw, "_COMPILED", {})
+    eager = _bf16_update_grads(False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="gridworld: torch.compile failed")   # no silent fallback
+        compiled = _bf16_update_grads(True)
+    assert gw._COMPILED[gw._chunk_grads] is not gw._chunk_grads
+    assert compiled.keys() == eager.keys()
+    for n in eager:       # the same ops and roundings; only fp32 sums may add in another order
+        torch.testing.assert_close(compiled[n], eager[n], rtol=1e-3, atol=1e-7, msg=n)
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch):
+    def broken(fn, **kw):
+        def run(*a):
+            raise RuntimeError("no compiler")
+        return run
+    monkeypatch.setattr(gw, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", broken)
+    eager = _bf16_update_grads(False)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed"):
+        fallback = _bf16_update_grads(True)
+    assert gw._COMPILED[gw._chunk_grads] is gw._chunk_grads
+    for n in eager:
+        assert torch.equal(fallback[n], eager[n]), n
