@@ -825,3 +825,91 @@ def test_p_other_flag_reaches_config_and_run_key(tmp_path, monkeypatch):
     assert E.read_json(run_file)["config"]["modules"]["p_other"] == 1.0
     assert one["runs"]["modular_s0"]["configs"] != without["configs"]
     assert "p_other 1.0" in E.report(tmp_path / "o")["detail"]
+
+
+# ------------------------------------------------------------------ always_learn (embeddings free; ours)
+def test_always_learn_embedding_moves_on_domain_steps_core_stays_bit_identical():
+    """With the token embedding (tied unembedding) in always_learn and p_cr 1, a domain-only step under
+    AdamW moves the embedding (with its true gradient) while every other core weight and the other
+    modules stay bit-identical (moments and weight decay included)."""
+    model = gpt()
+    mods = gr.add_modules(model, "transformer.h.*.mlp", DOMAINS, always_learn=["transformer.wte.weight"])
+    assert model.lm_head.weight is model.transformer.wte.weight            # tied
+    randomise_modules(mods)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    g = torch.Generator().manual_seed(0)
+    for s in range(3):   # mixed steps first: every owner has Adam moments
+        with mods.route(torch.tensor([0, 1, 2, 3, GENERAL, UNLABELLED]), p_as=0.5, generator=g):
+            model(ids(6, seed=s), ids(6, seed=s))[1].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    wte = model.transformer.wte.weight
+    frozen = [p for p in mods.core_params() if p is not wte]
+    assert len(frozen) == len(mods.core_params()) - 1
+    # the embedding's gradient on core-frozen rows is its ordinary gradient (the core is frozen, not cut)
+    x = ids(3, seed=30)
+    fwd, learn = mods.masks(torch.tensor([0, 0, 0]), p_cr=1.0)
+    with mods.route(forward=fwd, learn=torch.ones_like(learn)):
+        model(x, x)[1].backward()
+    plain = wte.grad.clone()
+    opt.zero_grad(set_to_none=True)
+    mods._pending, mods._free_pending = None, False          # that pass was a probe, not a step
+    core, emb = _snapshot(frozen), wte.detach().clone()
+    others, forest = [_snapshot(mods.module_params(d)) for d in DOMAINS[1:]], _snapshot(mods.module_params("forest"))
+    for s in range(3):   # forest stories only, core frozen
+        with mods.route(torch.tensor([0, 0, 0]), p_cr=1.0):
+            xs = x if s == 0 else ids(3, seed=30 + s)
+            model(xs, xs)[1].backward()
+        if s == 0:
+            assert torch.allclose(wte.grad, plain, atol=1e-6)
+            assert all(p.grad is None or not p.grad.any() for p in frozen)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert _same(core, frozen)
+    for snap, d in zip(others, DOMAINS[1:]):
+        assert _same(snap, mods.module_params(d)), d
+    assert not _same(forest, mods.module_params("forest"))
+    assert not torch.equal(emb, wte)
+    mods.remove()
+
+
+def test_always_learn_default_off_and_bad_names():
+    model = gpt()
+    mods = gr.add_modules(model, "transformer.h.*.mlp", DOMAINS)
+    assert mods.always_learn == []
+    mods.remove()
+    with pytest.raises(ValueError, match="unknown parameter 'transformer.wte.weigth'.*transformer.wte.weight"):
+        gr.add_modules(gpt(), "transformer.h.*.mlp", DOMAINS, always_learn=["transformer.wte.weigth"])
+    with pytest.raises(ValueError, match="module parameter"):
+        gr.add_modules(gpt(), "transformer.h.*.mlp", DOMAINS,
+                       always_learn=["transformer.h.0.mlp.aux_modules.sea.up.weight"])
+    tied = gr.add_modules(gpt(), "transformer.h.*.mlp", DOMAINS, always_learn="lm_head.weight")  # either name
+    assert tied.always_learn == ["lm_head.weight"]
+    tied.remove()
+
+
+def test_embed_free_flag_reaches_config_and_run_key(tmp_path, monkeypatch):
+    """--embed-free is in the config and every run's resume key only when on (default configs unchanged);
+    with it the embedding learns on core-frozen topic stories, so the model differs."""
+    E, parser = _tiny_experiment(tmp_path, monkeypatch, steps=3, curve_points=2,
+                                 modules=dict(width=0.1, p_cr=1.0, p_as=0.5, spread="one"), attack_rounds=1)
+    assert "embed_free" not in E.build_config(parser.parse_args(["--out", "x"]))["modules"]
+    assert E.build_config(parser.parse_args(["--out", "x", "--embed-free"]))["modules"]["embed_free"] is True
+    seen = []
+    real = E.attach_modules
+
+    def spy(model, cfg, method, embed_free=False):
+        mods = real(model, cfg, method, embed_free)
+        seen.append((method, tuple(mods.always_learn)))
+        return mods
+    monkeypatch.setattr(E, "attach_modules", spy)
+    common = ["--out", str(tmp_path / "o"), "--workers", "1", "--methods", "modular", "--no-attack"]
+    off = E.run(parser.parse_args(common))["runs"]["modular_s0"]
+    run_file = tmp_path / "o" / "runs" / "modular_s0.json"
+    assert "embed_free" not in E.read_json(run_file)["config"]["modules"]
+    assert seen == [("modular", ())]
+    on = E.run(parser.parse_args([*common, "--embed-free"]))
+    assert E.read_json(run_file)["config"]["modules"]["embed_free"] is True     # retrained under its own key
+    assert seen[-1] == ("modular", E.EMBED_PARAMS)
+    assert on["runs"]["modular_s0"]["configs"] != off["configs"]
+    assert "token embedding free" in E.report(tmp_path / "o")["detail"]

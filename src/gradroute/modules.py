@@ -17,6 +17,10 @@ domain ``k``        core + module ``k``          module ``k``; the core too with
 
 Option (ours, default off): ``p_other`` lets each *other* module also run on a domain-``k``
 example with that probability, without learning from it (:meth:`ModuleSet.masks`).
+Option (ours, default off): ``always_learn`` names core parameters that are *not* frozen with
+the core: they learn on every routed example, core-frozen domain examples included (e.g. the
+token embedding, tied unembedding included: ``always_learn=["transformer.wte.weight"]``). The
+official code freezes embeddings with the core; this option tests that choice.
 
 "Core" is every parameter that is not in a module (embeddings, attention, norms, the MLPs).
 At inference any subset of modules is switched on or off (float strengths allowed), so K
@@ -137,13 +141,16 @@ class ModuleSet:
     ``activation``: the modules' activation (default: the MLP's own, needed for merging).
     ``init_std``: std of ``up`` (default: that of the MLP's input weights). ``sync``: all-reduce
     the learned flags before a step (default: when ``torch.distributed`` runs with > 1 process).
+    ``always_learn``: names of core parameters (``model.named_parameters()``; a tied weight under
+    any of its names) that learn on every routed example, core-frozen ones included; default
+    none (the official schedule: the whole core, embeddings included, is frozen).
 
     Add modules before building the optimizer and before wrapping the model in DDP.
     """
 
     def __init__(self, model: nn.Module, pattern: Pattern, domains: Union[int, Sequence[str]],
                  width: Union[float, int] = 0.1, activation=None, init_std: float | None = None,
-                 sync: bool | None = None):
+                 sync: bool | None = None, always_learn: Iterable[str] = ()):
         root = unwrap(model)
         if isinstance(domains, int):
             if domains < 1:
@@ -179,6 +186,22 @@ class ModuleSet:
         self.width = {name: getattr(mlp, CONTAINER)[domains[0]].up.out_features for name, mlp in self.blocks}
         self._aux_ids = {id(p) for _, mlp in self.blocks for p in getattr(mlp, CONTAINER).parameters()}
         self._all_ids = {id(p) for p in root.parameters()}
+        named = dict(root.named_parameters(remove_duplicate=False))
+        if isinstance(always_learn, str):
+            always_learn = [always_learn]
+        self.always_learn: list[str] = []
+        for n in always_learn:
+            if n not in named:
+                import difflib
+
+                close = difflib.get_close_matches(str(n), list(named), n=4)
+                raise ValueError(f"always_learn names unknown parameter {n!r}"
+                                 + (f"; close names: {', '.join(close)}" if close else ""))
+            if id(named[n]) in self._aux_ids:
+                raise ValueError(f"always_learn: {n} is a module parameter; name core parameters only")
+            self.always_learn.append(n)
+        self._free_ids = {id(named[n]) for n in self.always_learn}
+        self._free_pending = False               # an always-learn parameter learned since the last step
         self.mask = torch.ones(1 + self.K)      # inference strengths: [core MLP, module 0, ...]
         self._route: dict | None = None
         self._pending: torch.Tensor | None = None    # learned flags (1 + K) since the last step
@@ -336,6 +359,7 @@ class ModuleSet:
         if torch.is_grad_enabled():   # a routed forward under no_grad (evaluation) learns nothing
             flags = torch.cat([learn[:, :1].any(0), (learn[:, 1:] & (forward[:, 1:] != 0)).any(0)])
             self._pending = flags if self._pending is None else self._pending | flags
+            self._free_pending = self._free_pending or (bool(self._free_ids) and forward.shape[0] > 0)
         frozen = ~learn[:, 0]
         self._route = {"forward": forward, "learn": learn, "cache": {}}
         try:
@@ -347,6 +371,8 @@ class ModuleSet:
                     names = {id(p): n for n, p in self.model.named_parameters()}
                     for p in self.module_params():
                         region[names[id(p)]] = torch.ones_like(p, dtype=torch.bool)
+                    for n in self.always_learn:      # learns on core-frozen examples too
+                        region[n] = torch.ones((), dtype=torch.bool)
                     self._router = ParamRouter(self.model, region)
                 with self._router(forget=frozen):
                     yield self
@@ -417,23 +443,32 @@ class ModuleSet:
         last step (all-reducing the flags across processes first when syncing), then clear
         the flags. Runs automatically before ``optimizer.step()``; returns the flags used."""
         flags = self._pending if self._pending is not None else torch.ones(1 + self.K, dtype=torch.bool)
+        free = self._free_pending if self._pending is not None else True
         sync = self.sync if self.sync is not None else (dist.is_available() and dist.is_initialized()
                                                         and dist.get_world_size() > 1)
         if sync:
             dev = next(self.model.parameters()).device
             if dist.get_backend() == "nccl":
                 dev = torch.device("cuda", torch.cuda.current_device())
-            t = flags.to(dev, torch.int32)
+            t = torch.cat([flags, torch.tensor([free])]) if self._free_ids else flags
+            t = t.to(dev, torch.int32)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flags = t.cpu().bool()
+            t = t.cpu().bool()
+            flags, free = (t[:-1], bool(t[-1])) if self._free_ids else (t, free)
         if not bool(flags[0]):
             for p in self.core_params():
-                p.grad = None
+                if id(p) not in self._free_ids:
+                    p.grad = None
+        if not free:
+            for p in self.core_params():
+                if id(p) in self._free_ids:
+                    p.grad = None
         for k in range(self.K):
             if not bool(flags[1 + k]):
                 for p in self.module_params(k):
                     p.grad = None
         self._pending = None
+        self._free_pending = False
         return flags
 
     # ------------------------------------------------------------------ export
@@ -466,6 +501,7 @@ class ModuleSet:
         self._hooks = []
         self._step_hook.remove()
         self._pending = None
+        self._free_pending = False
 
     def __del__(self):
         try:
@@ -481,10 +517,10 @@ class ModuleSet:
 
 def add_modules(model: nn.Module, pattern: Pattern, domains: Union[int, Sequence[str]],
                 width: Union[float, int] = 0.1, activation=None, init_std: float | None = None,
-                sync: bool | None = None) -> ModuleSet:
+                sync: bool | None = None, always_learn: Iterable[str] = ()) -> ModuleSet:
     """Attach one auxiliary MLP per domain to every MLP of ``model`` matching ``pattern``; see
     :class:`ModuleSet`. The model computes the same function afterwards."""
-    return ModuleSet(model, pattern, domains, width, activation, init_std, sync)
+    return ModuleSet(model, pattern, domains, width, activation, init_std, sync, always_learn)
 
 
 @torch.no_grad()

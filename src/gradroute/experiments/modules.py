@@ -195,9 +195,17 @@ def _spec(cfg: dict, vocab_size: int) -> dict:
     return dict(cfg["model"], vocab_size=vocab_size, arch="gpt")
 
 
-def attach_modules(model, cfg: dict, method: str):
+# The token embedding (tied with the unembedding in our GPT): with ``modules.embed_free`` (ours;
+# default off, the key is then absent from the config) it learns on every story, core-frozen
+# topic stories included, while the rest of the core is frozen as before (docs/modules.md,
+# "Why it fails", point 7).
+EMBED_PARAMS = ("transformer.wte.weight",)
+
+
+def attach_modules(model, cfg: dict, method: str, embed_free: bool = False):
     width = 1.0 if method == "demix" else cfg["modules"]["width"]
-    return gr.add_modules(model, MLP_PATTERN, list(TOPIC_NAMES), width=width)
+    return gr.add_modules(model, MLP_PATTERN, list(TOPIC_NAMES), width=width,
+                          always_learn=EMBED_PARAMS if embed_free else ())
 
 
 def _step_generator(seed: int, idx: torch.Tensor) -> torch.Generator:
@@ -347,10 +355,10 @@ def run_train(method: str, seed: int, cfg: dict, out: Path, device: str = "cpu")
         tc["eval_every"] = every
         eval_fn = lambda m: {f"{n}_val": mean_loss(m, sets[f"{n}_val"]) for n in SETS}
     if method in ("modular", "modular_partial"):
-        mods = attach_modules(model, cfg, method)
         mc = cfg["modules"]
         if method == "modular_partial" and mc.get("partial"):
             mc = {**mc, **mc["partial"]}        # the official partial-label schedule (fixed, not selected)
+        mods = attach_modules(model, cfg, method, embed_free=bool(mc.get("embed_free", False)))
         loss_fn = modular_loss(mods, routing_labels(labels, unl if method == "modular_partial" else None),
                                mc["p_cr"], mc["p_as"], seed, mc.get("spread", "one"),
                                p_other=mc.get("p_other", 0.0))
@@ -671,6 +679,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--p-other", type=float, default=None,
                         help="probability that each other module runs, without learning, on a labelled topic "
                              "story (ours; default 0 = the official schedule)")
+    parser.add_argument("--embed-free", action="store_true",
+                        help="the token embedding (tied unembedding) learns on every story, core-frozen topic "
+                             "stories included; the rest of the core is frozen as before (ours; default off = "
+                             "the official code: embeddings frozen with the core)")
     parser.add_argument("--spread", choices=["one", "each"], default=None,
                         help="general stories: one random module on with probability p_as (default), or each")
     parser.add_argument("--no-select", action="store_true",
@@ -707,6 +719,8 @@ def build_config(args: argparse.Namespace) -> dict:
             cfg["attack"][key] = v
     if args.spread is not None:
         cfg["modules"]["spread"] = args.spread
+    if getattr(args, "embed_free", False):
+        cfg["modules"]["embed_free"] = True   # only when on: default configs (and resume keys) unchanged
     if getattr(args, "no_select", False) or any(getattr(args, f, None) is not None
                                                  for f in ("p_cr", "p_as", "spread", "p_other")):
         cfg["modules"].pop("select", None)     # an explicit schedule: no selection
@@ -1030,6 +1044,7 @@ def report(out: Path) -> dict:
                    f"model {cfg['model']}, modules width {cfg['modules']['width']} of the MLP, p_cr "
                    f"{cfg['modules']['p_cr']}, p_as {cfg['modules']['p_as']}, spread "
                    f"{cfg['modules'].get('spread', 'one')}, p_other {cfg['modules'].get('p_other', 0.0)}"
+                   + (", token embedding free (learns on topic stories)" if cfg["modules"].get("embed_free") else "")
                    + (" (chosen on the validation split among " f"{len(m['selection']['candidates'])} candidates)"
                       if m.get("selection") else "")
                    + ("; 50%-unlabelled model: p_cr {p_cr}, p_as {p_as}, spread {spread} (official partial-label "
