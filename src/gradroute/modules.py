@@ -224,6 +224,7 @@ class ModuleSet:
             # ids are taken from the model's input), not in a hook on wte: parameter routing re-enters
             # wte through functional_call on core-frozen rows, which would run such a hook twice
             self._idx = None
+            self._delta = False                    # False: not computed in this forward
             # plain functions, not bound methods: copy.deepcopy (export) would copy this ModuleSet
             self._embed_hooks = [root.register_forward_pre_hook(lambda m, a, k: self._take_ids(m, a, k),
                                                                 with_kwargs=True),
@@ -479,20 +480,19 @@ class ModuleSet:
         ``D_k`` times its forward strength, its gradient kept only on rows where module ``k``
         learns), ``(vocab, d)`` from the inference strengths otherwise; None when none is on."""
         deltas = [getattr(self.model, EMBED_CONTAINER)[d].weight for d in self.domains]
-        total = None
         if self._route is not None:
             fwd, learn = self._route["forward"], self._route["learn"]
-            B = fwd.shape[0]
-            for k, D in enumerate(deltas):
-                f = fwd[:, 1 + k].to(D.device, D.dtype).view(B, 1, 1)
-                col = learn[:, 1 + k] | (fwd[:, 1 + k] == 0)       # where it runs, does it learn?
-                if bool(col.all()):
-                    term = f * D
-                else:
-                    m = col.to(D.device, D.dtype).view(B, 1, 1)
-                    term = f * (m * D + (1 - m) * D.detach())
-                total = term if total is None else total + term   # every delta in the graph (DDP)
-            return total
+            D = deltas[0]
+            stack = torch.stack(deltas).flatten(1)                      # (K, vocab * d): every delta in the graph
+            f = fwd[:, 1:].to(D.device, D.dtype)                        # (B, K) forward strengths
+            m = (learn[:, 1:] | (fwd[:, 1:] == 0)).to(D.device, D.dtype)  # where it runs, does it learn?
+            # one small matmul instead of B x K broadcasts: the weight gradient of D_k is then
+            # sum_b f[b, k] m[b, k] dL/dD(b), also one matmul
+            total = (f * m) @ stack
+            if not bool(m.all()):
+                total = total + (f * (1 - m)) @ stack.detach()
+            return total.view(fwd.shape[0], *D.shape)
+        total = None
         grad = torch.is_grad_enabled()
         for k, D in enumerate(deltas):
             s = float(self.mask[1 + k])
@@ -510,6 +510,7 @@ class ModuleSet:
         if idx is None:
             return None
         D = self._combined_delta()
+        self._delta = D                            # reused by the output hook of this forward
         if D is None:
             return None
         x = args[0]
@@ -522,7 +523,8 @@ class ModuleSet:
         return (x + D[rows, idx],)
 
     def _embed_out_hook(self, head, args, out):
-        D = self._combined_delta()
+        D = self._delta if self._delta is not False else self._combined_delta()
+        self._delta = False
         if D is None:
             return out
         h = args[0]
