@@ -586,7 +586,8 @@ class ModuleSet:
     def export(self, on: Strengths = (), model: nn.Module | None = None) -> nn.Module:
         """A copy of the model without modules (stock architecture): the modules in ``on`` (a
         list of domains, or ``{domain: strength}``) merged into the MLPs by width concatenation,
-        the rest dropped. Raises ``ValueError`` where merging is not exact (see module doc)."""
+        the rest dropped; with ``embed_delta`` the kept modules' embedding deltas are added into the
+        tied token embedding. Raises ``ValueError`` where merging is not exact (see module doc)."""
         strengths = self.strengths(on)[1:] if on else torch.zeros(self.K)
         src = unwrap(model) if model is not None else self.model
         out = copy.deepcopy(src)
