@@ -898,8 +898,8 @@ def test_embed_free_flag_reaches_config_and_run_key(tmp_path, monkeypatch):
     seen = []
     real = E.attach_modules
 
-    def spy(model, cfg, method, embed_free=False):
-        mods = real(model, cfg, method, embed_free)
+    def spy(model, cfg, method, embed_free=False, **kw):
+        mods = real(model, cfg, method, embed_free, **kw)
         seen.append((method, tuple(mods.always_learn)))
         return mods
     monkeypatch.setattr(E, "attach_modules", spy)
@@ -913,3 +913,135 @@ def test_embed_free_flag_reaches_config_and_run_key(tmp_path, monkeypatch):
     assert seen[-1] == ("modular", E.EMBED_PARAMS)
     assert on["runs"]["modular_s0"]["configs"] != off["configs"]
     assert "token embedding free" in E.report(tmp_path / "o")["detail"]
+
+
+# ------------------------------------------------------------------ per-module embedding deltas (ours)
+def test_embed_delta_function_unchanged_and_off_means_no_delta():
+    """embed_delta=True: a zero (vocab, d) delta per domain; the function is unchanged at init (plain,
+    routed); a module switched off (per example in a routed batch, or at inference) contributes no
+    delta at all, so zeroing its delta leaves those outputs bit-identical; routed rows equal `using`."""
+    model = gpt()
+    model.eval()
+    x = ids()
+    with torch.no_grad():
+        before = model(x)[0]
+        mods = gr.add_modules(model, "transformer.h.*.mlp", DOMAINS, embed_delta=True)
+        assert torch.equal(before, model(x)[0])
+        with mods.route(torch.tensor([0, GENERAL, UNLABELLED, 3]), p_cr=1.0, p_as=1.0, spread="each",
+                        generator=torch.Generator().manual_seed(0)):
+            assert torch.equal(before, model(x)[0])
+    delta = model.aux_embed.forest.weight
+    assert delta.shape == model.transformer.wte.weight.shape and "aux_embed.forest.weight" in model.state_dict()
+    assert any(p is delta for p in mods.module_params("forest"))
+    assert not any(p is delta for p in mods.module_params("sea") + mods.core_params())
+    randomise_modules(mods)
+    fwd = torch.tensor([[1., 1, 0, 0, 0], [1, 0, 1, 1, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    with torch.no_grad():
+        with mods.route(forward=fwd, learn=fwd.bool()):
+            routed = model(x)[0]
+        with mods.using(off=["forest"]):
+            off = model(x)[0]
+        for i in range(4):        # each routed row is the model with that row's modules on
+            with mods.using(on=[d for k, d in enumerate(DOMAINS) if fwd[i, 1 + k]]):
+                assert torch.allclose(routed[i], model(x[i:i + 1])[0][0], atol=1e-5)
+        saved = delta.clone()
+        delta.zero_()
+        with mods.route(forward=fwd, learn=fwd.bool()):
+            routed0 = model(x)[0]
+        with mods.using(off=["forest"]):
+            assert torch.equal(off, model(x)[0])
+        forest_on = fwd[:, 1].bool()
+        assert torch.equal(routed0[~forest_on], routed[~forest_on])
+        assert not torch.allclose(routed0[forest_on], routed[forest_on])
+        delta.copy_(saved)
+    mods.remove()
+    assert "aux_embed.forest.weight" not in model.state_dict() and torch.equal(model(x)[0], before)
+
+
+def test_embed_delta_isolation_under_adamw():
+    """The delta learns exactly where its module learns: in a mixed batch its gradient is that of the
+    rows where it learns (not of rows where it only runs); on core-frozen forest-only steps under AdamW
+    every core weight (wte included) and the other modules' deltas stay bit-identical, forest's moves."""
+    model = gpt()
+    mods = gr.add_modules(model, "transformer.h.*.mlp", DOMAINS, embed_delta=True)
+    randomise_modules(mods)
+    delta = model.aux_embed.forest.weight
+    x = ids(2, seed=7)
+    # row 0: forest story (forest learns); row 1: sea story on which forest runs without learning
+    fwd = torch.tensor([[1., 1, 0, 0, 0], [1, 1, 1, 0, 0]])
+    learn = torch.tensor([[True, True, False, False, False], [True, False, True, False, False]])
+    with mods.route(forward=fwd, learn=learn):
+        model(x, x, reduction="none")[1].sum().backward()
+    mixed = delta.grad.clone()
+    model.zero_grad(set_to_none=True)
+    with mods.route(forward=fwd[:1], learn=learn[:1]):
+        model(x[:1], x[:1], reduction="none")[1].sum().backward()
+    assert torch.allclose(mixed, delta.grad, atol=1e-6) and delta.grad.abs().sum() > 0
+    model.zero_grad(set_to_none=True)
+    mods._pending = None                                      # probes, not steps
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    g = torch.Generator().manual_seed(0)
+    for s in range(3):   # mixed steps first: every owner (each delta included) has Adam moments
+        with mods.route(torch.tensor([0, 1, 2, 3, GENERAL, UNLABELLED]), p_as=0.5, generator=g):
+            model(ids(6, seed=s), ids(6, seed=s))[1].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    core = mods.core_params()
+    assert any(p is model.transformer.wte.weight for p in core)
+    before, others = _snapshot(core), [_snapshot(mods.module_params(d)) for d in DOMAINS[1:]]
+    forest = delta.detach().clone()
+    for s in range(3):
+        with mods.route(torch.tensor([0, 0, 0]), p_cr=1.0):
+            model(ids(3, seed=20 + s), ids(3, seed=20 + s))[1].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert _same(before, core)
+    for snap, d in zip(others, DOMAINS[1:]):
+        assert _same(snap, mods.module_params(d)), d
+    assert not torch.equal(forest, delta)
+    mods.remove()
+
+
+def test_embed_delta_export_merges_into_tied_embedding():
+    model = gpt()
+    model.eval()
+    mods = gr.add_modules(model, "transformer.h.*.mlp", DOMAINS, embed_delta=True)
+    randomise_modules(mods)
+    x = ids()
+    with torch.no_grad():
+        for on in (["sea", "space"], {"sea": 0.5}):
+            stock = mods.export(on=on)
+            assert type(stock) is GPT and not hasattr(stock, "aux_embed")
+            assert stock.lm_head.weight is stock.transformer.wte.weight        # still tied
+            with mods.using(on=on):
+                assert torch.allclose(stock(x)[0], model(x)[0], atol=1e-5)
+            fresh = GPT(copy.deepcopy(stock.config))
+            fresh.load_state_dict(stock.state_dict())
+            assert torch.equal(fresh(x)[0], stock(x)[0])
+        plain = mods.export()
+        with mods.using(on=[]):
+            assert torch.equal(plain(x)[0], model(x)[0])
+        assert torch.equal(plain.transformer.wte.weight, model.transformer.wte.weight)
+    untied = GPT(GPTConfig(vocab_size=64, n_ctx=16, n_layer=1, n_head=2, d_model=16, d_mlp=40, tie_embeddings=False))
+    with pytest.raises(ValueError, match="tied"):
+        gr.add_modules(untied, "transformer.h.*.mlp", DOMAINS, embed_delta=True)
+
+
+def test_module_embed_flag_reaches_config_run_key_and_attack(tmp_path, monkeypatch):
+    """--module-embed is in the config and every run's resume key only when on; the modular model then
+    carries the deltas (state dict), and the attack stage reloads and exports it."""
+    E, parser = _tiny_experiment(tmp_path, monkeypatch, steps=3, curve_points=2,
+                                 modules=dict(width=0.1, p_cr=1.0, p_as=0.5, spread="one"), attack_rounds=1)
+    assert "module_embed" not in E.build_config(parser.parse_args(["--out", "x"]))["modules"]
+    assert E.build_config(parser.parse_args(["--out", "x", "--module-embed"]))["modules"]["module_embed"] is True
+    common = ["--out", str(tmp_path / "o"), "--workers", "1", "--methods", "modular", "--no-attack"]
+    off = E.run(parser.parse_args(common))["runs"]["modular_s0"]
+    run_file = tmp_path / "o" / "runs" / "modular_s0.json"
+    assert "module_embed" not in E.read_json(run_file)["config"]["modules"]
+    on = E.run(parser.parse_args([*common[:-1], "--module-embed"]))        # with the attack this time
+    assert E.read_json(run_file)["config"]["modules"]["module_embed"] is True   # retrained under its own key
+    state = torch.load(tmp_path / "o" / "models" / "modular_s0.pt", weights_only=True)
+    assert any(k.startswith("aux_embed.") for k in state)
+    assert on["runs"]["modular_s0"]["configs"] != off["configs"]
+    assert "modular" in on["attacks"]["0"]["attack"]
+    assert "per-module token-embedding deltas" in E.report(tmp_path / "o")["detail"]

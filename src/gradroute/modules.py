@@ -21,6 +21,13 @@ Option (ours, default off): ``always_learn`` names core parameters that are *not
 the core: they learn on every routed example, core-frozen domain examples included (e.g. the
 token embedding, tied unembedding included: ``always_learn=["transformer.wte.weight"]``). The
 official code freezes embeddings with the core; this option tests that choice.
+Option (ours, default off; our GPT, tied embeddings): ``embed_delta=True`` gives each domain's
+module its own token-embedding delta ``D_k`` (``(vocab, d_model)``, zero at start), added to the
+tied token embedding on the input (``wte[x] + sum_k D_k[x]``) and on the output (``logits + h
+D_k^T``) for exactly the examples on which module ``k`` runs, and learning exactly where module
+``k`` learns (the same forward and backward masks and owner as its MLPs). Switching the module
+off removes its delta; ``export(on=...)`` adds the kept deltas into ``wte`` (exact up to float
+summation order, since the embedding is tied).
 
 "Core" is every parameter that is not in a module (embeddings, attention, norms, the MLPs).
 At inference any subset of modules is switched on or off (float strengths allowed), so K
@@ -79,6 +86,7 @@ from .adapters import Pattern, find_modules, in_features, mlp_parts, out_axis, o
 UNLABELLED = -1
 GENERAL = -2
 CONTAINER = "aux_modules"          # attribute of each MLP holding its modules (an nn.ModuleDict)
+EMBED_CONTAINER = "aux_embed"      # attribute of the model holding the embedding deltas (embed_delta=True)
 _ACT_NAMES = ("act", "act_fn", "activation_fn", "activation")
 
 Strengths = Union[Mapping[str, float], Sequence[str], None]
@@ -106,6 +114,15 @@ class AuxMLP(nn.Module):
             return F.linear(self.act(F.linear(x, self.up.weight, self.up.bias)), self.down.weight)
         h = _masked_linear(x, self.up.weight, self.up.bias, learn)
         return _masked_linear(self.act(h), self.down.weight, None, learn)
+
+
+class EmbedDelta(nn.Module):
+    """One domain's token-embedding delta ``(vocab, d_model)``, zero at start (a leaf module;
+    the hooks of :class:`ModuleSet` read ``weight`` directly)."""
+
+    def __init__(self, vocab: int, d_model: int, dtype=None, device=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(vocab, d_model, dtype=dtype, device=device))
 
 
 def _masked_linear(x, W, b, m):
@@ -144,13 +161,16 @@ class ModuleSet:
     ``always_learn``: names of core parameters (``model.named_parameters()``; a tied weight under
     any of its names) that learn on every routed example, core-frozen ones included; default
     none (the official schedule: the whole core, embeddings included, is frozen).
+    ``embed_delta``: also give each domain a token-embedding delta switched and trained with its
+    modules (see the module doc; needs ``transformer.wte`` tied with ``lm_head``, as in
+    :class:`gradroute.models.GPT`); default off.
 
     Add modules before building the optimizer and before wrapping the model in DDP.
     """
 
     def __init__(self, model: nn.Module, pattern: Pattern, domains: Union[int, Sequence[str]],
                  width: Union[float, int] = 0.1, activation=None, init_std: float | None = None,
-                 sync: bool | None = None, always_learn: Iterable[str] = ()):
+                 sync: bool | None = None, always_learn: Iterable[str] = (), embed_delta: bool = False):
         root = unwrap(model)
         if isinstance(domains, int):
             if domains < 1:
@@ -184,7 +204,33 @@ class ModuleSet:
             self._hooks.append(mlp.register_forward_hook(self._make_hook(name), with_kwargs=True))
             self.blocks.append((name, mlp))
         self.width = {name: getattr(mlp, CONTAINER)[domains[0]].up.out_features for name, mlp in self.blocks}
-        self._aux_ids = {id(p) for _, mlp in self.blocks for p in getattr(mlp, CONTAINER).parameters()}
+        self.embed_delta = bool(embed_delta)
+        self._embed_hooks = []
+        if self.embed_delta:
+            wte = getattr(getattr(root, "transformer", None), "wte", None)
+            head = getattr(root, "lm_head", None)
+            drop = getattr(getattr(root, "transformer", None), "drop", None)
+            if not isinstance(wte, nn.Embedding) or not isinstance(head, nn.Linear) or drop is None:
+                raise ValueError(f"embed_delta needs a model with transformer.wte (nn.Embedding), transformer.drop "
+                                 f"and lm_head (nn.Linear), as gradroute.models.GPT; {type(root).__name__} has not")
+            if head.weight is not wte.weight:
+                raise ValueError("embed_delta needs tied embeddings (lm_head.weight is transformer.wte.weight)")
+            if hasattr(root, EMBED_CONTAINER):
+                raise ValueError(f"the model already has {EMBED_CONTAINER}; remove() the other ModuleSet first")
+            w = wte.weight
+            root.add_module(EMBED_CONTAINER, nn.ModuleDict(
+                {d: EmbedDelta(w.shape[0], w.shape[1], dtype=w.dtype, device=w.device) for d in domains}))
+            # the input delta is added to the embedding sum where it enters transformer.drop (the token
+            # ids are taken from the model's input), not in a hook on wte: parameter routing re-enters
+            # wte through functional_call on core-frozen rows, which would run such a hook twice
+            self._idx = None
+            self._delta = False                    # False: not computed in this forward
+            # plain functions, not bound methods: copy.deepcopy (export) would copy this ModuleSet
+            self._embed_hooks = [root.register_forward_pre_hook(lambda m, a, k: self._take_ids(m, a, k),
+                                                                with_kwargs=True),
+                                 drop.register_forward_pre_hook(lambda m, a: self._embed_in_hook(m, a)),
+                                 head.register_forward_hook(lambda m, a, o: self._embed_out_hook(m, a, o))]
+        self._aux_ids = {id(p) for p in self.module_params()}
         self._all_ids = {id(p) for p in root.parameters()}
         named = dict(root.named_parameters(remove_duplicate=False))
         if isinstance(always_learn, str):
@@ -227,7 +273,10 @@ class ModuleSet:
     def module_params(self, domain: Union[str, int, None] = None) -> list[nn.Parameter]:
         """Parameters of one domain's modules (every block), or of all modules (``None``)."""
         names = self.domains if domain is None else [self.domains[self.index(domain)]]
-        return [p for _, mlp in self.blocks for d in names for p in getattr(mlp, CONTAINER)[d].parameters()]
+        out = [p for _, mlp in self.blocks for d in names for p in getattr(mlp, CONTAINER)[d].parameters()]
+        if self.embed_delta:
+            out += [getattr(self.model, EMBED_CONTAINER)[d].weight for d in names]
+        return out
 
     def core_params(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if id(p) not in self._aux_ids]
@@ -425,6 +474,68 @@ class ModuleSet:
             return y
         return hook
 
+    # ------------------------------------------------------------------ embedding deltas (embed_delta=True)
+    def _combined_delta(self) -> torch.Tensor | None:
+        """The deltas switched on, summed: ``(B, vocab, d)`` per example in a routed pass (each
+        ``D_k`` times its forward strength, its gradient kept only on rows where module ``k``
+        learns), ``(vocab, d)`` from the inference strengths otherwise; None when none is on."""
+        deltas = [getattr(self.model, EMBED_CONTAINER)[d].weight for d in self.domains]
+        if self._route is not None:
+            fwd, learn = self._route["forward"], self._route["learn"]
+            D = deltas[0]
+            stack = torch.stack(deltas).flatten(1)                      # (K, vocab * d): every delta in the graph
+            f = fwd[:, 1:].to(D.device, D.dtype)                        # (B, K) forward strengths
+            m = (learn[:, 1:] | (fwd[:, 1:] == 0)).to(D.device, D.dtype)  # where it runs, does it learn?
+            # one small matmul instead of B x K broadcasts: the weight gradient of D_k is then
+            # sum_b f[b, k] m[b, k] dL/dD(b), also one matmul
+            total = (f * m) @ stack
+            if not bool(m.all()):
+                total = total + (f * (1 - m)) @ stack.detach()
+            return total.view(fwd.shape[0], *D.shape)
+        total = None
+        grad = torch.is_grad_enabled()
+        for k, D in enumerate(deltas):
+            s = float(self.mask[1 + k])
+            if s == 0.0 and not grad:
+                continue                          # inference: an off delta costs nothing
+            term = D if s == 1.0 else s * D
+            total = term if total is None else total + term
+        return total
+
+    def _take_ids(self, model, args, kwargs):
+        self._idx = args[0] if args else kwargs.get("idx")
+
+    def _embed_in_hook(self, drop, args):
+        idx, self._idx = self._idx, None
+        if idx is None:
+            return None
+        D = self._combined_delta()
+        self._delta = D                            # reused by the output hook of this forward
+        if D is None:
+            return None
+        x = args[0]
+        if D.ndim == 2:
+            return (x + F.embedding(idx, D),)
+        if idx.shape[0] != D.shape[0]:
+            raise ValueError(f"routed batch has {D.shape[0]} examples but the model received input "
+                             f"of shape {tuple(idx.shape)}")
+        rows = torch.arange(D.shape[0], device=idx.device).view(-1, *([1] * (idx.ndim - 1)))
+        return (x + D[rows, idx],)
+
+    def _embed_out_hook(self, head, args, out):
+        D = self._delta if self._delta is not False else self._combined_delta()
+        self._delta = False
+        if D is None:
+            return out
+        h = args[0]
+        if D.ndim == 2:
+            return out + F.linear(h, D)
+        B = D.shape[0]
+        if h.shape[0] != B:
+            raise ValueError(f"routed batch has {B} examples but lm_head received input of shape {tuple(h.shape)}")
+        y = torch.bmm(h.reshape(B, -1, h.shape[-1]), D.transpose(1, 2))
+        return out + y.view(out.shape)
+
     # ------------------------------------------------------------------ isolation
     def learned_flags(self) -> torch.Tensor | None:
         """Owners ``[core, module 0, ...]`` that learned since the last step (None: no routed
@@ -475,7 +586,8 @@ class ModuleSet:
     def export(self, on: Strengths = (), model: nn.Module | None = None) -> nn.Module:
         """A copy of the model without modules (stock architecture): the modules in ``on`` (a
         list of domains, or ``{domain: strength}``) merged into the MLPs by width concatenation,
-        the rest dropped. Raises ``ValueError`` where merging is not exact (see module doc)."""
+        the rest dropped; with ``embed_delta`` the kept modules' embedding deltas are added into the
+        tied token embedding. Raises ``ValueError`` where merging is not exact (see module doc)."""
         strengths = self.strengths(on)[1:] if on else torch.zeros(self.K)
         src = unwrap(model) if model is not None else self.model
         out = copy.deepcopy(src)
@@ -489,6 +601,17 @@ class ModuleSet:
                 _merge(mlp, name, [(mods[d], s) for d, s in merge])
         if bool(strengths.ne(0).any()):
             _update_width_config(out, [n for n, _ in self.blocks])
+        if self.embed_delta:
+            deltas = out._modules.pop(EMBED_CONTAINER)
+            wte, head = out.get_submodule("transformer.wte"), out.get_submodule("lm_head")
+            for mod, handle in zip((out, out.get_submodule("transformer.drop"), head), self._embed_hooks):
+                for d in (mod._forward_pre_hooks, mod._forward_pre_hooks_with_kwargs, mod._forward_hooks):
+                    d.pop(handle.id, None)
+            with torch.no_grad():     # tied: one matrix is both embeddings, so the merge is exact
+                for k, s in enumerate(strengths.tolist()):
+                    if s != 0:
+                        D = deltas[self.domains[k]].weight
+                        wte.weight.add_(D if s == 1.0 else s * D)
         return out
 
     def remove(self) -> None:
@@ -499,6 +622,11 @@ class ModuleSet:
             if hasattr(mlp, CONTAINER):
                 delattr(mlp, CONTAINER)
         self._hooks = []
+        for handle in self._embed_hooks:
+            handle.remove()
+        self._embed_hooks = []
+        if self.embed_delta and hasattr(self.model, EMBED_CONTAINER):
+            delattr(self.model, EMBED_CONTAINER)
         self._step_hook.remove()
         self._pending = None
         self._free_pending = False
@@ -517,10 +645,10 @@ class ModuleSet:
 
 def add_modules(model: nn.Module, pattern: Pattern, domains: Union[int, Sequence[str]],
                 width: Union[float, int] = 0.1, activation=None, init_std: float | None = None,
-                sync: bool | None = None, always_learn: Iterable[str] = ()) -> ModuleSet:
+                sync: bool | None = None, always_learn: Iterable[str] = (), embed_delta: bool = False) -> ModuleSet:
     """Attach one auxiliary MLP per domain to every MLP of ``model`` matching ``pattern``; see
     :class:`ModuleSet`. The model computes the same function afterwards."""
-    return ModuleSet(model, pattern, domains, width, activation, init_std, sync, always_learn)
+    return ModuleSet(model, pattern, domains, width, activation, init_std, sync, always_learn, embed_delta)
 
 
 @torch.no_grad()

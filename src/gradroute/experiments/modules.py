@@ -202,10 +202,13 @@ def _spec(cfg: dict, vocab_size: int) -> dict:
 EMBED_PARAMS = ("transformer.wte.weight",)
 
 
-def attach_modules(model, cfg: dict, method: str, embed_free: bool = False):
+# With ``modules.module_embed`` (ours; default off, the key is then absent from the config) each
+# topic's module also has its own token-embedding delta, switched and trained with the module
+# (``add_modules(..., embed_delta=True)``; docs/modules.md, "Why it fails", point 8).
+def attach_modules(model, cfg: dict, method: str, embed_free: bool = False, module_embed: bool = False):
     width = 1.0 if method == "demix" else cfg["modules"]["width"]
     return gr.add_modules(model, MLP_PATTERN, list(TOPIC_NAMES), width=width,
-                          always_learn=EMBED_PARAMS if embed_free else ())
+                          always_learn=EMBED_PARAMS if embed_free else (), embed_delta=module_embed)
 
 
 def _step_generator(seed: int, idx: torch.Tensor) -> torch.Generator:
@@ -358,7 +361,8 @@ def run_train(method: str, seed: int, cfg: dict, out: Path, device: str = "cpu")
         mc = cfg["modules"]
         if method == "modular_partial" and mc.get("partial"):
             mc = {**mc, **mc["partial"]}        # the official partial-label schedule (fixed, not selected)
-        mods = attach_modules(model, cfg, method, embed_free=bool(mc.get("embed_free", False)))
+        mods = attach_modules(model, cfg, method, embed_free=bool(mc.get("embed_free", False)),
+                              module_embed=bool(mc.get("module_embed", False)))
         loss_fn = modular_loss(mods, routing_labels(labels, unl if method == "modular_partial" else None),
                                mc["p_cr"], mc["p_as"], seed, mc.get("spread", "one"),
                                p_other=mc.get("p_other", 0.0))
@@ -506,7 +510,7 @@ def run_attacks(seed: int, cfg: dict, out: Path, device: str = "cpu") -> dict:
     base = make_model(spec, seed)
     load(base, "base")
     modular = make_model(spec, seed)
-    mods = attach_modules(modular, cfg, "modular")
+    mods = attach_modules(modular, cfg, "modular", module_embed=bool(cfg["modules"].get("module_embed", False)))
     load(modular, "modular")
     released = mods.export(on=[t for t in TOPIC_NAMES if t != topic])   # stock model, topic module dropped
     mods.remove()
@@ -683,6 +687,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the token embedding (tied unembedding) learns on every story, core-frozen topic "
                              "stories included; the rest of the core is frozen as before (ours; default off = "
                              "the official code: embeddings frozen with the core)")
+    parser.add_argument("--module-embed", action="store_true",
+                        help="each topic's module also has its own token-embedding delta (input and tied "
+                             "output embedding), switched and trained with the module (ours; default off)")
     parser.add_argument("--spread", choices=["one", "each"], default=None,
                         help="general stories: one random module on with probability p_as (default), or each")
     parser.add_argument("--no-select", action="store_true",
@@ -721,6 +728,8 @@ def build_config(args: argparse.Namespace) -> dict:
         cfg["modules"]["spread"] = args.spread
     if getattr(args, "embed_free", False):
         cfg["modules"]["embed_free"] = True   # only when on: default configs (and resume keys) unchanged
+    if getattr(args, "module_embed", False):
+        cfg["modules"]["module_embed"] = True  # likewise
     if getattr(args, "no_select", False) or any(getattr(args, f, None) is not None
                                                  for f in ("p_cr", "p_as", "spread", "p_other")):
         cfg["modules"].pop("select", None)     # an explicit schedule: no selection
@@ -1045,6 +1054,7 @@ def report(out: Path) -> dict:
                    f"{cfg['modules']['p_cr']}, p_as {cfg['modules']['p_as']}, spread "
                    f"{cfg['modules'].get('spread', 'one')}, p_other {cfg['modules'].get('p_other', 0.0)}"
                    + (", token embedding free (learns on topic stories)" if cfg["modules"].get("embed_free") else "")
+                   + (", per-module token-embedding deltas" if cfg["modules"].get("module_embed") else "")
                    + (" (chosen on the validation split among " f"{len(m['selection']['candidates'])} candidates)"
                       if m.get("selection") else "")
                    + ("; 50%-unlabelled model: p_cr {p_cr}, p_as {p_as}, spread {spread} (official partial-label "
