@@ -888,6 +888,23 @@ def test_always_learn_default_off_and_bad_names():
     tied.remove()
 
 
+def test_refused_options_leave_the_model_unchanged(hf_gpt2):
+    """A refused always_learn / embed_delta raises before the model is changed (no modules or hooks
+    left behind, so a corrected call works); embed_delta refuses models other than our GPT (a Hugging
+    Face GPT-2 called with input_ids= would get the output delta only) and untied embeddings."""
+    untied = GPT(GPTConfig(vocab_size=64, n_ctx=16, n_layer=1, n_head=2, d_model=16, d_mlp=40, tie_embeddings=False))
+    for model, kw, msg in ((gpt(), dict(always_learn=["transformer.wte.weigth"]), "unknown parameter"),
+                           (gpt(), dict(always_learn=["aux_embed.sea.weight"]), "module parameter"),
+                           (untied, dict(embed_delta=True), "tied"),
+                           (hf_gpt2, dict(embed_delta=True), "gradroute.models.GPT.*GPT2LMHeadModel")):
+        names = [n for n, _ in model.named_parameters()]
+        with pytest.raises(ValueError, match=msg):
+            gr.add_modules(model, "transformer.h.*.mlp", DOMAINS, **kw)
+        assert [n for n, _ in model.named_parameters()] == names
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+        gr.add_modules(model, "transformer.h.*.mlp", DOMAINS).remove()       # a corrected call works
+
+
 def test_embed_free_flag_reaches_config_and_run_key(tmp_path, monkeypatch):
     """--embed-free is in the config and every run's resume key only when on (default configs unchanged);
     with it the embedding learns on core-frozen topic stories, so the model differs."""
