@@ -606,3 +606,28 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
     assert gw._COMPILED[gw._chunk_grads] is gw._chunk_grads
     for n in eager:
         assert torch.equal(fallback[n], eager[n]), n
+
+
+def test_result_records_whether_the_backward_ran_compiled(monkeypatch, tmp_path):
+    # compiled_backward says what ran: a working compiler (here a stand-in) at bf16 yes; fp32, or a
+    # compilation that failed, no; --compile 1 with fp32 (which cannot compile) is refused
+    monkeypatch.setattr(gw, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    monkeypatch.setattr(gw, "compile_available", lambda: True)
+    bf16, fp32 = dict(TINY, updates=1, precision="bf16"), dict(TINY, updates=1, precision="fp32")
+    assert gw.train("naive", 0.1, 0, bf16, compile=True)["compiled_backward"] is True
+    assert gw.train("naive", 0.1, 0, bf16, compile=False)["compiled_backward"] is False
+    assert gw.train("naive", 0.1, 0, fp32, compile=True)["compiled_backward"] is False
+
+    def broken(fn, **kw):
+        def run(*a):
+            raise RuntimeError("no compiler")
+        return run
+    monkeypatch.setattr(gw, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed"):
+        assert gw.train("naive", 0.1, 0, bf16, compile=True)["compiled_backward"] is False
+    with pytest.raises(ValueError, match="--compile 1 needs --precision bf16"):
+        main(["run", "gridworld", "--out", str(tmp_path / "gw"), "--profile", "cpu", "--precision", "fp32",
+              "--compile", "1", "--updates", "1", "--num-envs", "8", "--workers", "1"])
+    assert not (tmp_path / "gw" / "runs").exists()
