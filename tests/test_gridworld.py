@@ -593,13 +593,16 @@ def test_compiled_backward_equals_eager(monkeypatch):
         torch.testing.assert_close(compiled[n], eager[n], rtol=1e-3, atol=1e-7, msg=n)
 
 
+def _broken_compile(fn, **kw):
+    """A stand-in for ``torch.compile`` whose compiled function fails when called."""
+    def run(*a):
+        raise RuntimeError("no compiler")
+    return run
+
+
 def test_compile_failure_falls_back_to_eager(monkeypatch):
-    def broken(fn, **kw):
-        def run(*a):
-            raise RuntimeError("no compiler")
-        return run
     monkeypatch.setattr(gw, "_COMPILED", {})
-    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(torch, "compile", _broken_compile)
     eager = _bf16_update_grads(False)
     with pytest.warns(RuntimeWarning, match="torch.compile failed"):
         fallback = _bf16_update_grads(True)
@@ -618,13 +621,8 @@ def test_result_records_whether_the_backward_ran_compiled(monkeypatch, tmp_path)
     assert gw.train("naive", 0.1, 0, bf16, compile=True)["compiled_backward"] is True
     assert gw.train("naive", 0.1, 0, bf16, compile=False)["compiled_backward"] is False
     assert gw.train("naive", 0.1, 0, fp32, compile=True)["compiled_backward"] is False
-
-    def broken(fn, **kw):
-        def run(*a):
-            raise RuntimeError("no compiler")
-        return run
     monkeypatch.setattr(gw, "_COMPILED", {})
-    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(torch, "compile", _broken_compile)
     with pytest.warns(RuntimeWarning, match="torch.compile failed"):
         assert gw.train("naive", 0.1, 0, bf16, compile=True)["compiled_backward"] is False
     with pytest.raises(ValueError, match="--compile 1 needs --precision bf16"):

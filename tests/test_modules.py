@@ -255,18 +255,11 @@ def test_p_other_modules_do_not_move_under_adamw():
     mods = gr.add_modules(model, "transformer.h.*.mlp", DOMAINS)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     g = torch.Generator().manual_seed(0)
-    for s in range(3):
-        with mods.route(torch.tensor([0, 1, 2, 3, GENERAL]), p_as=0.5, generator=g):
-            model(ids(5, seed=s), ids(5, seed=s))[1].backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    _routed_steps(model, mods, opt, [0, 1, 2, 3, GENERAL], 0, p_as=0.5, generator=g)
     others = [_snapshot(mods.module_params(d)) for d in DOMAINS[1:]]
     core, forest = _snapshot(mods.core_params()), _snapshot(mods.module_params("forest"))
-    for s in range(3):   # forest rows only; every other module runs on them (p_other 1), core frozen
-        with mods.route(torch.tensor([0, 0, 0]), p_cr=1.0, p_other=1.0):
-            model(ids(3, seed=20 + s), ids(3, seed=20 + s))[1].backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    # forest rows only; every other module runs on them (p_other 1), core frozen
+    _routed_steps(model, mods, opt, [0, 0, 0], 20, p_cr=1.0, p_other=1.0)
     assert _same(core, mods.core_params())
     for snap, d in zip(others, DOMAINS[1:]):
         assert _same(snap, mods.module_params(d)), d
@@ -283,6 +276,17 @@ def _same(a, b):
     return all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+def _routed_steps(model, mods, opt, labels, seed, n=3, **route):
+    """``n`` optimizer steps, each on one routed batch with ``labels`` (inputs ``ids(B, seed=seed + s)``)."""
+    labels = torch.tensor(labels)
+    for s in range(n):
+        x = ids(len(labels), seed=seed + s)
+        with mods.route(labels, **route):
+            model(x, x)[1].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd_momentum"])
 def test_frozen_parameters_bit_identical_under_real_optimizers(optimizer):
     model = gpt()
@@ -290,18 +294,11 @@ def test_frozen_parameters_bit_identical_under_real_optimizers(optimizer):
     opt = (torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1) if optimizer == "adamw"
            else torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9, weight_decay=0.1))
     g = torch.Generator().manual_seed(0)
-    for s in range(3):  # mixed steps first: every owner gets momentum / Adam moments
-        with mods.route(torch.tensor([0, 1, 2, 3, GENERAL, UNLABELLED]), p_as=0.5, generator=g):
-            model(ids(6, seed=s), ids(6, seed=s))[1].backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    # mixed steps first: every owner gets momentum / Adam moments
+    _routed_steps(model, mods, opt, [0, 1, 2, 3, GENERAL, UNLABELLED], 0, p_as=0.5, generator=g)
     core, forest, others = _snapshot(mods.core_params()), _snapshot(mods.module_params("forest")), \
         [_snapshot(mods.module_params(d)) for d in DOMAINS[1:]]
-    for s in range(3):  # only forest data, core frozen
-        with mods.route(torch.tensor([0, 0, 0]), p_cr=1.0):
-            model(ids(3, seed=10 + s), ids(3, seed=10 + s))[1].backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    _routed_steps(model, mods, opt, [0, 0, 0], 10, p_cr=1.0)   # only forest data, core frozen
     assert _same(core, mods.core_params())
     for snap, d in zip(others, DOMAINS[1:]):
         assert _same(snap, mods.module_params(d)), d
@@ -838,11 +835,8 @@ def test_always_learn_embedding_moves_on_domain_steps_core_stays_bit_identical()
     randomise_modules(mods)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     g = torch.Generator().manual_seed(0)
-    for s in range(3):   # mixed steps first: every owner has Adam moments
-        with mods.route(torch.tensor([0, 1, 2, 3, GENERAL, UNLABELLED]), p_as=0.5, generator=g):
-            model(ids(6, seed=s), ids(6, seed=s))[1].backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    # mixed steps first: every owner has Adam moments
+    _routed_steps(model, mods, opt, [0, 1, 2, 3, GENERAL, UNLABELLED], 0, p_as=0.5, generator=g)
     wte = model.transformer.wte.weight
     frozen = [p for p in mods.core_params() if p is not wte]
     assert len(frozen) == len(mods.core_params()) - 1
@@ -998,20 +992,13 @@ def test_embed_delta_isolation_under_adamw():
     mods._pending = None                                      # probes, not steps
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     g = torch.Generator().manual_seed(0)
-    for s in range(3):   # mixed steps first: every owner (each delta included) has Adam moments
-        with mods.route(torch.tensor([0, 1, 2, 3, GENERAL, UNLABELLED]), p_as=0.5, generator=g):
-            model(ids(6, seed=s), ids(6, seed=s))[1].backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    # mixed steps first: every owner (each delta included) has Adam moments
+    _routed_steps(model, mods, opt, [0, 1, 2, 3, GENERAL, UNLABELLED], 0, p_as=0.5, generator=g)
     core = mods.core_params()
     assert any(p is model.transformer.wte.weight for p in core)
     before, others = _snapshot(core), [_snapshot(mods.module_params(d)) for d in DOMAINS[1:]]
     forest = delta.detach().clone()
-    for s in range(3):
-        with mods.route(torch.tensor([0, 0, 0]), p_cr=1.0):
-            model(ids(3, seed=20 + s), ids(3, seed=20 + s))[1].backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    _routed_steps(model, mods, opt, [0, 0, 0], 20, p_cr=1.0)
     assert _same(before, core)
     for snap, d in zip(others, DOMAINS[1:]):
         assert _same(snap, mods.module_params(d)), d
