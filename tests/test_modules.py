@@ -510,10 +510,15 @@ def test_shared_topic_vocabulary_uses_only_general_words():
 DDP_DOMAINS = ["a", "b", "c"]
 
 
-def ddp_make():
+# the options (ours) run in the same processes: the embedding learning on core-frozen rows (its
+# "learned" flag all-reduced with the owners') and the per-module embedding deltas
+DDP_OPTIONS = {"plain": {}, "options": dict(always_learn=["transformer.wte.weight"], embed_delta=True)}
+
+
+def ddp_make(options="plain"):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=64, n_ctx=16, n_layer=2, n_head=2, d_model=16, d_mlp=32))
-    mods = gr.add_modules(model, "transformer.h.*.mlp", DDP_DOMAINS, width=4)
+    mods = gr.add_modules(model, "transformer.h.*.mlp", DDP_DOMAINS, width=4, **DDP_OPTIONS[options])
     return model, mods
 
 
@@ -545,12 +550,14 @@ def ddp_worker(rank, port, path):
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
     try:
-        model, mods = ddp_make()
-        net = DDP(model)          # plain DDP: every parameter must be in each rank's graph
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-        snaps = ddp_train_steps(net, mods, opt, rank)
-        torch.save(snaps, f"{path}.{rank}")
-        dist.barrier()
+        for options in DDP_OPTIONS:
+            model, mods = ddp_make(options)
+            net = DDP(model)          # plain DDP: every parameter must be in each rank's graph
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+            snaps = ddp_train_steps(net, mods, opt, rank)
+            mods.remove()
+            torch.save(snaps, f"{path}.{options}.{rank}")
+            dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -558,7 +565,7 @@ def ddp_worker(rank, port, path):
 def test_module_routing_under_ddp(tmp_path):
     path = str(tmp_path / "snaps")
     spawn2(ddp_worker, path)
-    r0, r1 = torch.load(f"{path}.0"), torch.load(f"{path}.1")
+    r0, r1 = torch.load(f"{path}.plain.0"), torch.load(f"{path}.plain.1")
     model, mods = ddp_make()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     single = ddp_train_steps(model, mods, opt)
@@ -577,6 +584,20 @@ def test_module_routing_under_ddp(tmp_path):
             assert torch.equal(r0[1][n], r0[0][n]), n
         elif not n.endswith("up.bias"):               # (its up.bias: zero gradient and no decay)
             assert not torch.equal(r0[1][n], r0[0][n]), n
+    # with the options: the same agreement with one process; on step 1 (domain "b" rows only, core
+    # frozen) the token embedding and b's module and delta move, nothing else
+    o0, o1 = torch.load(f"{path}.options.0"), torch.load(f"{path}.options.1")
+    model, mods = ddp_make("options")
+    single = ddp_train_steps(model, mods, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1))
+    assert "aux_embed.b.weight" in single[1]
+    for step in range(2):
+        for n in single[step]:
+            assert torch.equal(o0[step][n], o1[step][n]), (step, n)
+            assert torch.allclose(o0[step][n], single[step][n], atol=1e-6), (step, n)
+    for n in single[1]:
+        moves = n == "transformer.wte.weight" or (".aux_modules.b." in n and not n.endswith("up.bias")) \
+            or n == "aux_embed.b.weight"
+        assert torch.equal(o0[1][n], o0[0][n]) != moves, n
 
 
 # ------------------------------------------------------------------ the experiment's pieces
