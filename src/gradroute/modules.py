@@ -568,7 +568,8 @@ class ModuleSet:
     def release_unlearned(self) -> torch.Tensor:
         """Set ``.grad = None`` on the parameters of every owner that did not learn since the
         last step (all-reducing the flags across processes first when syncing), then clear
-        the flags. Runs automatically before ``optimizer.step()``; returns the flags used."""
+        the flags; ``always_learn`` parameters keep theirs after any routed forward. Runs
+        automatically before ``optimizer.step()``; returns the flags used."""
         flags = self._pending if self._pending is not None else torch.ones(1 + self.K, dtype=torch.bool)
         free = self._free_pending if self._pending is not None else True
         sync = self.sync if self.sync is not None else (dist.is_available() and dist.is_initialized()
