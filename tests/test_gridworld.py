@@ -639,6 +639,10 @@ def test_result_records_whether_the_backward_ran_compiled(monkeypatch, tmp_path)
     monkeypatch.setattr(torch, "compile", _broken_compile)
     with pytest.warns(RuntimeWarning, match="torch.compile failed"):
         assert gw.train("naive", 0.1, 0, bf16, compile=True)["compiled_backward"] is False
+    monkeypatch.setattr(gw, "_COMPILED", {})
+    monkeypatch.setattr(gw, "compile_available", lambda: False)      # no C++ compiler: one warning too
+    with pytest.warns(RuntimeWarning, match="not available"):
+        assert gw.train("naive", 0.1, 0, bf16, compile=True)["compiled_backward"] is False
     with pytest.raises(ValueError, match="--compile 1 needs --precision bf16"):
         main(["run", "gridworld", "--out", str(tmp_path / "gw"), "--profile", "cpu", "--precision", "fp32",
               "--compile", "1", "--updates", "1", "--num-envs", "8", "--workers", "1"])

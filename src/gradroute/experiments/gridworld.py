@@ -475,6 +475,9 @@ def _compiled(fn):
     or ``fn`` itself where compilation is not available or fails (with one warning)."""
     if fn not in _COMPILED:
         if not compile_available():
+            import warnings
+            warnings.warn("gridworld: torch.compile is not available here (no C++ compiler); running eagerly",
+                          RuntimeWarning)
             _COMPILED[fn] = fn
         else:
             # emulate_precision_casts: round every bf16 intermediate as eager mode does, so the
