@@ -593,16 +593,57 @@ def test_compiled_backward_equals_eager(monkeypatch):
         torch.testing.assert_close(compiled[n], eager[n], rtol=1e-3, atol=1e-7, msg=n)
 
 
-def test_compile_failure_falls_back_to_eager(monkeypatch):
-    def broken(fn, **kw):
-        def run(*a):
-            raise RuntimeError("no compiler")
-        return run
+@pytest.mark.parametrize("job,gate", [("routing", "mlp64"), ("naive", "original"), ("no_routing", "original")])
+def test_chunk_grads_is_the_eager_loop_on_every_network(monkeypatch, job, gate):
+    # the compiled path's function (_chunk_grads), run here uncompiled, gives the eager loop's
+    # gradients bit for bit on the networks the real-compile test above does not cover: the small
+    # gate (no fc2) and the single expert without a gate (naive / filtering / oracle in the cpu profile)
     monkeypatch.setattr(gw, "_COMPILED", {})
-    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    monkeypatch.setattr(gw, "compile_available", lambda: True)
+    eager, chunked = _bf16_update_grads(False, job, gate), _bf16_update_grads(True, job, gate)
+    assert chunked.keys() == eager.keys() and len(eager) >= 8
+    for n in eager:
+        assert torch.equal(chunked[n], eager[n]), n
+
+
+def _broken_compile(fn, **kw):
+    """A stand-in for ``torch.compile`` whose compiled function fails when called."""
+    def run(*a):
+        raise RuntimeError("no compiler")
+    return run
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch):
+    monkeypatch.setattr(gw, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", _broken_compile)
     eager = _bf16_update_grads(False)
     with pytest.warns(RuntimeWarning, match="torch.compile failed"):
         fallback = _bf16_update_grads(True)
     assert gw._COMPILED[gw._chunk_grads] is gw._chunk_grads
     for n in eager:
         assert torch.equal(fallback[n], eager[n]), n
+
+
+def test_result_records_whether_the_backward_ran_compiled(monkeypatch, tmp_path):
+    # compiled_backward says what ran: a working compiler (here a stand-in) at bf16 yes; fp32, or a
+    # compilation that failed, no; --compile 1 with fp32 (which cannot compile) is refused
+    monkeypatch.setattr(gw, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    monkeypatch.setattr(gw, "compile_available", lambda: True)
+    bf16, fp32 = dict(TINY, updates=1, precision="bf16"), dict(TINY, updates=1, precision="fp32")
+    assert gw.train("naive", 0.1, 0, bf16, compile=True)["compiled_backward"] is True
+    assert gw.train("naive", 0.1, 0, bf16, compile=False)["compiled_backward"] is False
+    assert gw.train("naive", 0.1, 0, fp32, compile=True)["compiled_backward"] is False
+    monkeypatch.setattr(gw, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", _broken_compile)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed"):
+        assert gw.train("naive", 0.1, 0, bf16, compile=True)["compiled_backward"] is False
+    monkeypatch.setattr(gw, "_COMPILED", {})
+    monkeypatch.setattr(gw, "compile_available", lambda: False)      # no C++ compiler: one warning too
+    with pytest.warns(RuntimeWarning, match="not available"):
+        assert gw.train("naive", 0.1, 0, bf16, compile=True)["compiled_backward"] is False
+    with pytest.raises(ValueError, match="--compile 1 needs --precision bf16"):
+        main(["run", "gridworld", "--out", str(tmp_path / "gw"), "--profile", "cpu", "--precision", "fp32",
+              "--compile", "1", "--updates", "1", "--num-envs", "8", "--workers", "1"])
+    assert not (tmp_path / "gw" / "runs").exists()

@@ -255,18 +255,11 @@ def test_p_other_modules_do_not_move_under_adamw():
     mods = gr.add_modules(model, "transformer.h.*.mlp", DOMAINS)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     g = torch.Generator().manual_seed(0)
-    for s in range(3):
-        with mods.route(torch.tensor([0, 1, 2, 3, GENERAL]), p_as=0.5, generator=g):
-            model(ids(5, seed=s), ids(5, seed=s))[1].backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    _routed_steps(model, mods, opt, [0, 1, 2, 3, GENERAL], 0, p_as=0.5, generator=g)
     others = [_snapshot(mods.module_params(d)) for d in DOMAINS[1:]]
     core, forest = _snapshot(mods.core_params()), _snapshot(mods.module_params("forest"))
-    for s in range(3):   # forest rows only; every other module runs on them (p_other 1), core frozen
-        with mods.route(torch.tensor([0, 0, 0]), p_cr=1.0, p_other=1.0):
-            model(ids(3, seed=20 + s), ids(3, seed=20 + s))[1].backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    # forest rows only; every other module runs on them (p_other 1), core frozen
+    _routed_steps(model, mods, opt, [0, 0, 0], 20, p_cr=1.0, p_other=1.0)
     assert _same(core, mods.core_params())
     for snap, d in zip(others, DOMAINS[1:]):
         assert _same(snap, mods.module_params(d)), d
@@ -283,6 +276,17 @@ def _same(a, b):
     return all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+def _routed_steps(model, mods, opt, labels, seed, n=3, **route):
+    """``n`` optimizer steps, each on one routed batch with ``labels`` (inputs ``ids(B, seed=seed + s)``)."""
+    labels = torch.tensor(labels)
+    for s in range(n):
+        x = ids(len(labels), seed=seed + s)
+        with mods.route(labels, **route):
+            model(x, x)[1].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd_momentum"])
 def test_frozen_parameters_bit_identical_under_real_optimizers(optimizer):
     model = gpt()
@@ -290,18 +294,11 @@ def test_frozen_parameters_bit_identical_under_real_optimizers(optimizer):
     opt = (torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1) if optimizer == "adamw"
            else torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9, weight_decay=0.1))
     g = torch.Generator().manual_seed(0)
-    for s in range(3):  # mixed steps first: every owner gets momentum / Adam moments
-        with mods.route(torch.tensor([0, 1, 2, 3, GENERAL, UNLABELLED]), p_as=0.5, generator=g):
-            model(ids(6, seed=s), ids(6, seed=s))[1].backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    # mixed steps first: every owner gets momentum / Adam moments
+    _routed_steps(model, mods, opt, [0, 1, 2, 3, GENERAL, UNLABELLED], 0, p_as=0.5, generator=g)
     core, forest, others = _snapshot(mods.core_params()), _snapshot(mods.module_params("forest")), \
         [_snapshot(mods.module_params(d)) for d in DOMAINS[1:]]
-    for s in range(3):  # only forest data, core frozen
-        with mods.route(torch.tensor([0, 0, 0]), p_cr=1.0):
-            model(ids(3, seed=10 + s), ids(3, seed=10 + s))[1].backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    _routed_steps(model, mods, opt, [0, 0, 0], 10, p_cr=1.0)   # only forest data, core frozen
     assert _same(core, mods.core_params())
     for snap, d in zip(others, DOMAINS[1:]):
         assert _same(snap, mods.module_params(d)), d
@@ -513,10 +510,15 @@ def test_shared_topic_vocabulary_uses_only_general_words():
 DDP_DOMAINS = ["a", "b", "c"]
 
 
-def ddp_make():
+# the options (ours) run in the same processes: the embedding learning on core-frozen rows (its
+# "learned" flag all-reduced with the owners') and the per-module embedding deltas
+DDP_OPTIONS = {"plain": {}, "options": dict(always_learn=["transformer.wte.weight"], embed_delta=True)}
+
+
+def ddp_make(options="plain"):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=64, n_ctx=16, n_layer=2, n_head=2, d_model=16, d_mlp=32))
-    mods = gr.add_modules(model, "transformer.h.*.mlp", DDP_DOMAINS, width=4)
+    mods = gr.add_modules(model, "transformer.h.*.mlp", DDP_DOMAINS, width=4, **DDP_OPTIONS[options])
     return model, mods
 
 
@@ -548,12 +550,14 @@ def ddp_worker(rank, port, path):
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
     try:
-        model, mods = ddp_make()
-        net = DDP(model)          # plain DDP: every parameter must be in each rank's graph
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-        snaps = ddp_train_steps(net, mods, opt, rank)
-        torch.save(snaps, f"{path}.{rank}")
-        dist.barrier()
+        for options in DDP_OPTIONS:
+            model, mods = ddp_make(options)
+            net = DDP(model)          # plain DDP: every parameter must be in each rank's graph
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+            snaps = ddp_train_steps(net, mods, opt, rank)
+            mods.remove()
+            torch.save(snaps, f"{path}.{options}.{rank}")
+            dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -561,7 +565,7 @@ def ddp_worker(rank, port, path):
 def test_module_routing_under_ddp(tmp_path):
     path = str(tmp_path / "snaps")
     spawn2(ddp_worker, path)
-    r0, r1 = torch.load(f"{path}.0"), torch.load(f"{path}.1")
+    r0, r1 = torch.load(f"{path}.plain.0"), torch.load(f"{path}.plain.1")
     model, mods = ddp_make()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     single = ddp_train_steps(model, mods, opt)
@@ -580,6 +584,20 @@ def test_module_routing_under_ddp(tmp_path):
             assert torch.equal(r0[1][n], r0[0][n]), n
         elif not n.endswith("up.bias"):               # (its up.bias: zero gradient and no decay)
             assert not torch.equal(r0[1][n], r0[0][n]), n
+    # with the options: the same agreement with one process; on step 1 (domain "b" rows only, core
+    # frozen) the token embedding and b's module and delta move, nothing else
+    o0, o1 = torch.load(f"{path}.options.0"), torch.load(f"{path}.options.1")
+    model, mods = ddp_make("options")
+    single = ddp_train_steps(model, mods, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1))
+    assert "aux_embed.b.weight" in single[1]
+    for step in range(2):
+        for n in single[step]:
+            assert torch.equal(o0[step][n], o1[step][n]), (step, n)
+            assert torch.allclose(o0[step][n], single[step][n], atol=1e-6), (step, n)
+    for n in single[1]:
+        moves = n == "transformer.wte.weight" or (".aux_modules.b." in n and not n.endswith("up.bias")) \
+            or n == "aux_embed.b.weight"
+        assert torch.equal(o0[1][n], o0[0][n]) != moves, n
 
 
 # ------------------------------------------------------------------ the experiment's pieces
@@ -838,11 +856,8 @@ def test_always_learn_embedding_moves_on_domain_steps_core_stays_bit_identical()
     randomise_modules(mods)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     g = torch.Generator().manual_seed(0)
-    for s in range(3):   # mixed steps first: every owner has Adam moments
-        with mods.route(torch.tensor([0, 1, 2, 3, GENERAL, UNLABELLED]), p_as=0.5, generator=g):
-            model(ids(6, seed=s), ids(6, seed=s))[1].backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    # mixed steps first: every owner has Adam moments
+    _routed_steps(model, mods, opt, [0, 1, 2, 3, GENERAL, UNLABELLED], 0, p_as=0.5, generator=g)
     wte = model.transformer.wte.weight
     frozen = [p for p in mods.core_params() if p is not wte]
     assert len(frozen) == len(mods.core_params()) - 1
@@ -886,6 +901,23 @@ def test_always_learn_default_off_and_bad_names():
     tied = gr.add_modules(gpt(), "transformer.h.*.mlp", DOMAINS, always_learn="lm_head.weight")  # either name
     assert tied.always_learn == ["lm_head.weight"]
     tied.remove()
+
+
+def test_refused_options_leave_the_model_unchanged(hf_gpt2):
+    """A refused always_learn / embed_delta raises before the model is changed (no modules or hooks
+    left behind, so a corrected call works); embed_delta refuses models other than our GPT (a Hugging
+    Face GPT-2 called with input_ids= would get the output delta only) and untied embeddings."""
+    untied = GPT(GPTConfig(vocab_size=64, n_ctx=16, n_layer=1, n_head=2, d_model=16, d_mlp=40, tie_embeddings=False))
+    for model, kw, msg in ((gpt(), dict(always_learn=["transformer.wte.weigth"]), "unknown parameter"),
+                           (gpt(), dict(always_learn=["aux_embed.sea.weight"]), "module parameter"),
+                           (untied, dict(embed_delta=True), "tied"),
+                           (hf_gpt2, dict(embed_delta=True), "gradroute.models.GPT.*GPT2LMHeadModel")):
+        names = [n for n, _ in model.named_parameters()]
+        with pytest.raises(ValueError, match=msg):
+            gr.add_modules(model, "transformer.h.*.mlp", DOMAINS, **kw)
+        assert [n for n, _ in model.named_parameters()] == names
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+        gr.add_modules(model, "transformer.h.*.mlp", DOMAINS).remove()       # a corrected call works
 
 
 def test_embed_free_flag_reaches_config_and_run_key(tmp_path, monkeypatch):
@@ -981,20 +1013,13 @@ def test_embed_delta_isolation_under_adamw():
     mods._pending = None                                      # probes, not steps
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     g = torch.Generator().manual_seed(0)
-    for s in range(3):   # mixed steps first: every owner (each delta included) has Adam moments
-        with mods.route(torch.tensor([0, 1, 2, 3, GENERAL, UNLABELLED]), p_as=0.5, generator=g):
-            model(ids(6, seed=s), ids(6, seed=s))[1].backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    # mixed steps first: every owner (each delta included) has Adam moments
+    _routed_steps(model, mods, opt, [0, 1, 2, 3, GENERAL, UNLABELLED], 0, p_as=0.5, generator=g)
     core = mods.core_params()
     assert any(p is model.transformer.wte.weight for p in core)
     before, others = _snapshot(core), [_snapshot(mods.module_params(d)) for d in DOMAINS[1:]]
     forest = delta.detach().clone()
-    for s in range(3):
-        with mods.route(torch.tensor([0, 0, 0]), p_cr=1.0):
-            model(ids(3, seed=20 + s), ids(3, seed=20 + s))[1].backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    _routed_steps(model, mods, opt, [0, 0, 0], 20, p_cr=1.0)
     assert _same(before, core)
     for snap, d in zip(others, DOMAINS[1:]):
         assert _same(snap, mods.module_params(d)), d

@@ -150,6 +150,37 @@ def _check_domain_name(d) -> str:
     return d
 
 
+def _check_embed_delta(root: nn.Module) -> None:
+    from .models import GPT
+
+    if not isinstance(root, GPT):
+        # the input delta needs the token ids (GPT.forward's idx); other models (e.g. Hugging Face,
+        # called with input_ids= or inputs_embeds=) would silently get only the output delta
+        raise ValueError(f"embed_delta needs a gradroute.models.GPT (token ids as forward's idx, tied "
+                         f"transformer.wte / lm_head); got {type(root).__name__}")
+    if root.lm_head.weight is not root.transformer.wte.weight:
+        raise ValueError("embed_delta needs tied embeddings (lm_head.weight is transformer.wte.weight; "
+                         "GPTConfig(tie_embeddings=True))")
+    if hasattr(root, EMBED_CONTAINER):
+        raise ValueError(f"the model already has {EMBED_CONTAINER}; remove() the other ModuleSet first")
+
+
+def _check_always_learn(names: Iterable[str], named: dict) -> list[str]:
+    """``always_learn`` as a list of core parameter names of ``named`` (the model before modules)."""
+    names = [names] if isinstance(names, str) else list(names)
+    for n in names:
+        parts = str(n).split(".")
+        if CONTAINER in parts or parts[0] == EMBED_CONTAINER:
+            raise ValueError(f"always_learn: {n} is a module parameter; name core parameters only")
+        if n not in named:
+            import difflib
+
+            close = difflib.get_close_matches(str(n), list(named), n=4)
+            raise ValueError(f"always_learn names unknown parameter {n!r}"
+                             + (f"; close names: {', '.join(close)}" if close else ""))
+    return names
+
+
 class ModuleSet:
     """Per-domain modules attached to the MLPs of ``model`` matching ``pattern`` (see module doc).
 
@@ -162,8 +193,9 @@ class ModuleSet:
     any of its names) that learn on every routed example, core-frozen ones included; default
     none (the official schedule: the whole core, embeddings included, is frozen).
     ``embed_delta``: also give each domain a token-embedding delta switched and trained with its
-    modules (see the module doc; needs ``transformer.wte`` tied with ``lm_head``, as in
-    :class:`gradroute.models.GPT`); default off.
+    modules (see the module doc; a :class:`gradroute.models.GPT` with ``transformer.wte`` tied
+    with ``lm_head`` only: other models raise ``ValueError``); default off. A refused option
+    raises before the model is changed.
 
     Add modules before building the optimizer and before wrapping the model in DDP.
     """
@@ -183,6 +215,11 @@ class ModuleSet:
             raise ValueError(f"domain names repeat: {domains}")
         if isinstance(width, bool) or not isinstance(width, (int, float)) or width <= 0:
             raise ValueError(f"width must be a positive fraction (float) or unit count (int), got {width!r}")
+        # the new options are checked before the model is changed: a refused call leaves it as it was
+        if embed_delta:
+            _check_embed_delta(root)
+        named = dict(root.named_parameters(remove_duplicate=False))
+        always_learn = _check_always_learn(always_learn, named)
         self.model, self.domains, self.sync = root, list(domains), sync
         self.K = len(domains)
         self.blocks: list[tuple[str, nn.Module]] = []
@@ -207,16 +244,7 @@ class ModuleSet:
         self.embed_delta = bool(embed_delta)
         self._embed_hooks = []
         if self.embed_delta:
-            wte = getattr(getattr(root, "transformer", None), "wte", None)
-            head = getattr(root, "lm_head", None)
-            drop = getattr(getattr(root, "transformer", None), "drop", None)
-            if not isinstance(wte, nn.Embedding) or not isinstance(head, nn.Linear) or drop is None:
-                raise ValueError(f"embed_delta needs a model with transformer.wte (nn.Embedding), transformer.drop "
-                                 f"and lm_head (nn.Linear), as gradroute.models.GPT; {type(root).__name__} has not")
-            if head.weight is not wte.weight:
-                raise ValueError("embed_delta needs tied embeddings (lm_head.weight is transformer.wte.weight)")
-            if hasattr(root, EMBED_CONTAINER):
-                raise ValueError(f"the model already has {EMBED_CONTAINER}; remove() the other ModuleSet first")
+            wte, head, drop = root.transformer.wte, root.lm_head, root.transformer.drop
             w = wte.weight
             root.add_module(EMBED_CONTAINER, nn.ModuleDict(
                 {d: EmbedDelta(w.shape[0], w.shape[1], dtype=w.dtype, device=w.device) for d in domains}))
@@ -232,21 +260,8 @@ class ModuleSet:
                                  head.register_forward_hook(lambda m, a, o: self._embed_out_hook(m, a, o))]
         self._aux_ids = {id(p) for p in self.module_params()}
         self._all_ids = {id(p) for p in root.parameters()}
-        named = dict(root.named_parameters(remove_duplicate=False))
-        if isinstance(always_learn, str):
-            always_learn = [always_learn]
-        self.always_learn: list[str] = []
-        for n in always_learn:
-            if n not in named:
-                import difflib
-
-                close = difflib.get_close_matches(str(n), list(named), n=4)
-                raise ValueError(f"always_learn names unknown parameter {n!r}"
-                                 + (f"; close names: {', '.join(close)}" if close else ""))
-            if id(named[n]) in self._aux_ids:
-                raise ValueError(f"always_learn: {n} is a module parameter; name core parameters only")
-            self.always_learn.append(n)
-        self._free_ids = {id(named[n]) for n in self.always_learn}
+        self.always_learn: list[str] = always_learn
+        self._free_ids = {id(named[n]) for n in always_learn}
         self._free_pending = False               # an always-learn parameter learned since the last step
         self.mask = torch.ones(1 + self.K)      # inference strengths: [core MLP, module 0, ...]
         self._route: dict | None = None
@@ -271,7 +286,8 @@ class ModuleSet:
         return self.domains.index(domain)
 
     def module_params(self, domain: Union[str, int, None] = None) -> list[nn.Parameter]:
-        """Parameters of one domain's modules (every block), or of all modules (``None``)."""
+        """Parameters of one domain's modules (every block; with ``embed_delta`` its embedding
+        delta too), or of all modules (``None``)."""
         names = self.domains if domain is None else [self.domains[self.index(domain)]]
         out = [p for _, mlp in self.blocks for d in names for p in getattr(mlp, CONTAINER)[d].parameters()]
         if self.embed_delta:
@@ -552,7 +568,8 @@ class ModuleSet:
     def release_unlearned(self) -> torch.Tensor:
         """Set ``.grad = None`` on the parameters of every owner that did not learn since the
         last step (all-reducing the flags across processes first when syncing), then clear
-        the flags. Runs automatically before ``optimizer.step()``; returns the flags used."""
+        the flags; ``always_learn`` parameters keep theirs after any routed forward. Runs
+        automatically before ``optimizer.step()``; returns the flags used."""
         flags = self._pending if self._pending is not None else torch.ones(1 + self.K, dtype=torch.bool)
         free = self._free_pending if self._pending is not None else True
         sync = self.sync if self.sync is not None else (dist.is_available() and dist.is_initialized()

@@ -475,6 +475,9 @@ def _compiled(fn):
     or ``fn`` itself where compilation is not available or fails (with one warning)."""
     if fn not in _COMPILED:
         if not compile_available():
+            import warnings
+            warnings.warn("gridworld: torch.compile is not available here (no C++ compiler); running eagerly",
+                          RuntimeWarning)
             _COMPILED[fn] = fn
         else:
             # emulate_precision_casts: round every bf16 intermediate as eager mode does, so the
@@ -783,7 +786,9 @@ def train(job: str, oversight: float, seed: int, cfg: dict, quiet: bool = True, 
         records = [record(job, None)]
     return {"job": job, "oversight": oversight, "seed": seed, "records": records,
             "curve": curve, "config": cfg, "wall_s": time.time() - t0, "cpu_s": time.process_time() - c0,
-            "compiled_backward": compile,
+            # what ran, not what was asked: fp32 and a failed or unavailable compilation run eagerly
+            "compiled_backward": bool(compile and policy.precision != "fp32"
+                                      and _COMPILED.get(_chunk_grads, _chunk_grads) is not _chunk_grads),
             "state_dict": final_state if job == "routing" else None}
 
 
@@ -841,7 +846,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="1: the backward pass's per-chunk work runs compiled with torch.compile (inductor; "
                              "bf16 only; 1-2%% faster per update; per process and network ~5 s of compilation with a warm "
                              "inductor cache, ~25 s cold); "
-                             "default: 1 for the cpu profile, 0 otherwise; a failed compilation falls back to eager")
+                             "default: 1 for the cpu profile (at bf16), 0 otherwise; a failed compilation falls "
+                             "back to eager")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="parallel training processes (1 = in this process)")
 
@@ -865,6 +871,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.oversight is None:
         args.oversight = PROFILE_DEFAULTS[args.profile]["oversight"]
     cfg["profile"] = args.profile
+    if getattr(args, "compile", None) == 1 and cfg["precision"] == "fp32":
+        raise ValueError("--compile 1 needs --precision bf16 (the fp32 backward always runs eagerly)")
     seeds = args.seeds if args.seeds is not None else list(range(cfg["seeds"]))
     jobs_wanted = sorted({METHOD_JOB[m] for m in args.methods}, key=list(JOB_METHODS).index)
     jobs = [(j, p, s) for p in args.oversight for s in seeds for j in jobs_wanted]
@@ -883,7 +891,8 @@ def run(args: argparse.Namespace) -> dict:
         print(f"resuming: {len(results)} of {len(jobs)} runs already done")
     # long jobs first, so the parallel workers finish together
     todo.sort(key=lambda k: (k[0] == "oracle", -k[1] if k[0] == "oracle" else 0))
-    compile = bool(args.compile) if getattr(args, "compile", None) is not None else args.profile == "cpu"
+    compile = (bool(args.compile) if getattr(args, "compile", None) is not None
+               else args.profile == "cpu" and cfg["precision"] != "fp32")
     results.update(run_jobs(todo, functools.partial(_run_job, cfg=cfg, out=str(out), compile=compile), args.workers,
                             desc="gridworld runs"))
 

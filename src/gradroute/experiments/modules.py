@@ -686,14 +686,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embed-free", action="store_true",
                         help="the token embedding (tied unembedding) learns on every story, core-frozen topic "
                              "stories included; the rest of the core is frozen as before (ours; default off = "
-                             "the official code: embeddings frozen with the core)")
+                             "the official code: embeddings frozen with the core); modular models only")
     parser.add_argument("--module-embed", action="store_true",
                         help="each topic's module also has its own token-embedding delta (input and tied "
-                             "output embedding), switched and trained with the module (ours; default off)")
+                             "output embedding), switched and trained with the module (ours; default off); "
+                             "modular models only (DEMix experts are unchanged)")
     parser.add_argument("--spread", choices=["one", "each"], default=None,
                         help="general stories: one random module on with probability p_as (default), or each")
     parser.add_argument("--no-select", action="store_true",
-                        help="use the profile's schedule (or --p-cr/--p-as/--spread) without selecting one on "
+                        help="use the profile's schedule (or --p-cr/--p-as/--spread/--p-other) without selecting one on "
                              "the validation split")
     parser.add_argument("--attack-rounds", type=int, default=None, help="elicitation rounds (override the profile)")
     parser.add_argument("--attack-patience", type=int, default=None, help="elicitation patience (override the profile)")
