@@ -82,6 +82,7 @@ import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .adapters import Pattern, find_modules, in_features, mlp_parts, out_axis, out_features, unwrap
+from .params import ParamRouter, unknown_parameter
 
 UNLABELLED = -1
 GENERAL = -2
@@ -173,11 +174,7 @@ def _check_always_learn(names: Iterable[str], named: dict) -> list[str]:
         if CONTAINER in parts or parts[0] == EMBED_CONTAINER:
             raise ValueError(f"always_learn: {n} is a module parameter; name core parameters only")
         if n not in named:
-            import difflib
-
-            close = difflib.get_close_matches(str(n), list(named), n=4)
-            raise ValueError(f"always_learn names unknown parameter {n!r}"
-                             + (f"; close names: {', '.join(close)}" if close else ""))
+            raise unknown_parameter("always_learn", n, named)
     return names
 
 
@@ -430,8 +427,6 @@ class ModuleSet:
         try:
             if frozen.any():
                 if self._router is None:
-                    from .params import ParamRouter
-
                     region = {}
                     names = {id(p): n for n, p in self.model.named_parameters()}
                     for p in self.module_params():

@@ -58,6 +58,15 @@ def linear_region(model: nn.Module, pattern: Pattern, out_units=None, in_units=N
     return region
 
 
+def unknown_parameter(what: str, name: str, named: Mapping) -> ValueError:
+    """The error for ``what`` naming a parameter that is not in ``named``, with close names."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name), list(named), n=4)
+    return ValueError(f"{what} names unknown parameter {name!r}"
+                      + (f"; close names: {', '.join(close)}" if close else ""))
+
+
 def _as_param_region(model: nn.Module, region) -> dict[str, torch.Tensor]:
     if isinstance(region, Units):
         region = unit_masks(model, region)
@@ -166,11 +175,7 @@ class ParamRouter:
         self.masks: dict[nn.Parameter, torch.Tensor] = {}
         for pname, m in masks.items():
             if pname not in named:
-                import difflib
-
-                close = difflib.get_close_matches(pname, list(named), n=4)
-                raise ValueError(f"region names unknown parameter {pname!r}"
-                                 + (f"; close names: {', '.join(close)}" if close else ""))
+                raise unknown_parameter("region", pname, named)
             p = named[pname]
             m = torch.as_tensor(m, dtype=torch.bool, device=p.device)
             try:
