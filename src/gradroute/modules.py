@@ -578,14 +578,9 @@ class ModuleSet:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             t = t.cpu().bool()
             flags, free = (t[:-1], bool(t[-1])) if self._free_ids else (t, free)
-        if not bool(flags[0]):
-            for p in self.core_params():
-                if id(p) not in self._free_ids:
-                    p.grad = None
-        if not free:
-            for p in self.core_params():
-                if id(p) in self._free_ids:
-                    p.grad = None
+        for p in self.core_params():          # always-learn parameters follow ``free``, the rest the core flag
+            if not (free if id(p) in self._free_ids else bool(flags[0])):
+                p.grad = None
         for k in range(self.K):
             if not bool(flags[1 + k]):
                 for p in self.module_params(k):
