@@ -188,6 +188,8 @@ def _check_embed_delta(root: nn.Module, embed_delta, domains: list[str]) -> dict
     out = {}
     for d in domains:
         ids = torch.as_tensor(embed_delta[d])
+        if ids.numel() == 0:
+            raise ValueError(f"embed_delta[{d!r}]: no token ids (empty); give at least one row")
         if ids.dtype == torch.bool:
             if ids.shape != (vocab,):
                 raise ValueError(f"embed_delta[{d!r}]: a bool mask must have shape ({vocab},), got {tuple(ids.shape)}")
@@ -196,7 +198,7 @@ def _check_embed_delta(root: nn.Module, embed_delta, domains: list[str]) -> dict
             raise TypeError(f"embed_delta[{d!r}]: token ids must be a 1-d sequence of ints (or a bool mask), got "
                             f"dtype {ids.dtype}, shape {tuple(ids.shape)}")
         if ids.numel() == 0:
-            raise ValueError(f"embed_delta[{d!r}]: no token ids (empty); give at least one row")
+            raise ValueError(f"embed_delta[{d!r}]: no token ids (an all-False mask); give at least one row")
         bad = (ids < 0) | (ids >= vocab)
         if bad.any():
             raise ValueError(f"embed_delta[{d!r}]: token ids out of range [0, {vocab}): "
