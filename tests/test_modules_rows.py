@@ -35,6 +35,19 @@ def test_row_deltas_are_compact_and_leave_the_function_unchanged():
     assert "aux_embed.forest.rows" in state and state["aux_embed.forest.weight"].shape == (5, 16)
     assert mods.num_params() == sum(p.numel() for p in mods.module_params())
     assert mods.num_params("forest") - mods.num_params("sea") == (5 - 3) * 16   # the MLP modules are equal
+    # a checkpoint's rows are loaded with it (after a forward: the cached layout follows)
+    other = gpt()
+    omods = _attach(other, {d: [r + 1 for r in ROWS[d]] for d in DOMAINS})
+    randomise_modules(omods)
+    with torch.no_grad():
+        other.eval()
+        with omods.using():
+            want = other(x)[0]
+        model(x)
+        model.load_state_dict(other.state_dict())
+        assert model.aux_embed.sea.rows.tolist() == [10, 21, 22]
+        with mods.using():
+            assert torch.equal(model(x)[0], want)
     # a full-vocabulary delta (True) keeps its checkpoint keys: no rows buffer
     full = gr.add_modules(gpt(), "transformer.h.*.mlp", DOMAINS, embed_delta=True)
     assert not any(k.endswith(".rows") for k in full.model.state_dict())

@@ -258,8 +258,8 @@ class ModuleSet:
         if isinstance(width, bool) or not isinstance(width, (int, float)) or width <= 0:
             raise ValueError(f"width must be a positive fraction (float) or unit count (int), got {width!r}")
         # the new options are checked before the model is changed: a refused call leaves it as it was
-        embed_rows = _check_embed_delta(root, embed_delta, list(domains)) if embed_delta is not False \
-            and embed_delta is not None else False
+        embed_rows = (False if embed_delta is None or embed_delta is False     # False: no deltas
+                      else _check_embed_delta(root, embed_delta, list(domains)))
         named = dict(root.named_parameters(remove_duplicate=False))
         always_learn = _check_always_learn(always_learn, named)
         self.model, self.domains, self.sync = root, list(domains), sync
@@ -538,10 +538,12 @@ class ModuleSet:
         ``U`` of all domains' rows (None: every row, the full vocabulary), ``inv`` ``(vocab,)`` the
         position of each token in ``U`` (``len(U)`` for tokens outside it; None with ``U`` all),
         ``pos[k]`` the positions of domain ``k``'s rows in ``U`` (None: all of ``U``)."""
-        key = str(device)
+        E = getattr(self.model, EMBED_CONTAINER)
+        rows = [E[d].rows for d in self.domains]
+        # the version counters change when rows are loaded in place (load_state_dict)
+        key = (str(device), tuple(-1 if r is None else r._version for r in rows))
         if key not in self._layouts:
-            E = getattr(self.model, EMBED_CONTAINER)
-            rows = [E[d].rows for d in self.domains]
+            self._layouts.clear()
             vocab = self.model.transformer.wte.weight.shape[0]
             if all(r is None for r in rows):
                 lay = (None, None, [None] * self.K)
