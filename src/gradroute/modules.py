@@ -27,7 +27,9 @@ tied token embedding on the input (``wte[x] + sum_k D_k[x]``) and on the output 
 D_k^T``) for exactly the examples on which module ``k`` runs, and learning exactly where module
 ``k`` learns (the same forward and backward masks and owner as its MLPs). Switching the module
 off removes its delta; ``export(on=...)`` adds the kept deltas into ``wte`` (exact up to float
-summation order, since the embedding is tied).
+summation order, since the embedding is tied). ``embed_delta={domain: token ids}`` restricts each
+domain's delta to those rows of the vocabulary: stored as an ``(n_rows, d_model)`` parameter plus
+an index buffer ``rows``; the other rows of that domain's delta are zero and have no parameter.
 
 "Core" is every parameter that is not in a module (embeddings, attention, norms, the MLPs).
 At inference any subset of modules is switched on or off (float strengths allowed), so K
@@ -118,12 +120,17 @@ class AuxMLP(nn.Module):
 
 
 class EmbedDelta(nn.Module):
-    """One domain's token-embedding delta ``(vocab, d_model)``, zero at start (a leaf module;
-    the hooks of :class:`ModuleSet` read ``weight`` directly)."""
+    """One domain's token-embedding delta, zero at start (a leaf module; the hooks of
+    :class:`ModuleSet` read it directly): ``weight`` ``(vocab, d_model)`` for every row
+    (``rows=None``), or ``(len(rows), d_model)`` for the token ids in the buffer ``rows`` (sorted,
+    unique; the delta of every other row is zero)."""
 
-    def __init__(self, vocab: int, d_model: int, dtype=None, device=None):
+    def __init__(self, vocab: int, d_model: int, rows: torch.Tensor | None = None, dtype=None, device=None):
         super().__init__()
-        self.weight = nn.Parameter(torch.zeros(vocab, d_model, dtype=dtype, device=device))
+        n = vocab if rows is None else rows.numel()
+        self.weight = nn.Parameter(torch.zeros(n, d_model, dtype=dtype, device=device))
+        # None is not in the state dict: a full-vocabulary delta's checkpoint keys are unchanged
+        self.register_buffer("rows", None if rows is None else rows.to(device=device, dtype=torch.long))
 
 
 def _masked_linear(x, W, b, m):
@@ -151,7 +158,9 @@ def _check_domain_name(d) -> str:
     return d
 
 
-def _check_embed_delta(root: nn.Module) -> None:
+def _check_embed_delta(root: nn.Module, embed_delta, domains: list[str]) -> dict | None:
+    """``embed_delta`` as ``{domain: sorted unique LongTensor of rows}`` (a mapping) or ``None``
+    (``True``: every row); raises for models it cannot serve and for bad rows."""
     from .models import GPT
 
     if not isinstance(root, GPT):
@@ -164,6 +173,38 @@ def _check_embed_delta(root: nn.Module) -> None:
                          "GPTConfig(tie_embeddings=True))")
     if hasattr(root, EMBED_CONTAINER):
         raise ValueError(f"the model already has {EMBED_CONTAINER}; remove() the other ModuleSet first")
+    if embed_delta is True:
+        return None
+    if not isinstance(embed_delta, Mapping):
+        raise TypeError(f"embed_delta must be True/False or a {{domain: token ids}} mapping, got "
+                        f"{type(embed_delta).__name__}")
+    unknown = [d for d in embed_delta if d not in domains]
+    if unknown:
+        raise ValueError(f"embed_delta: unknown domain(s) {unknown}; domains: {', '.join(domains)}")
+    missing = [d for d in domains if d not in embed_delta]
+    if missing:
+        raise ValueError(f"embed_delta: no token ids for domain(s) {missing} (give every domain its rows)")
+    vocab = root.transformer.wte.weight.shape[0]
+    out = {}
+    for d in domains:
+        ids = torch.as_tensor(embed_delta[d])
+        if ids.numel() == 0:
+            raise ValueError(f"embed_delta[{d!r}]: no token ids (empty); give at least one row")
+        if ids.dtype == torch.bool:
+            if ids.shape != (vocab,):
+                raise ValueError(f"embed_delta[{d!r}]: a bool mask must have shape ({vocab},), got {tuple(ids.shape)}")
+            ids = ids.nonzero().flatten()
+        elif ids.dtype.is_floating_point or ids.dtype.is_complex or ids.ndim != 1:
+            raise TypeError(f"embed_delta[{d!r}]: token ids must be a 1-d sequence of ints (or a bool mask), got "
+                            f"dtype {ids.dtype}, shape {tuple(ids.shape)}")
+        if ids.numel() == 0:
+            raise ValueError(f"embed_delta[{d!r}]: no token ids (an all-False mask); give at least one row")
+        bad = (ids < 0) | (ids >= vocab)
+        if bad.any():
+            raise ValueError(f"embed_delta[{d!r}]: token ids out of range [0, {vocab}): "
+                             f"{sorted(set(ids[bad].tolist()))[:10]}")
+        out[d] = torch.unique(ids.long().cpu())          # sorted
+    return out
 
 
 def _check_always_learn(names: Iterable[str], named: dict) -> list[str]:
@@ -191,15 +232,19 @@ class ModuleSet:
     none (the official schedule: the whole core, embeddings included, is frozen).
     ``embed_delta``: also give each domain a token-embedding delta switched and trained with its
     modules (see the module doc; a :class:`gradroute.models.GPT` with ``transformer.wte`` tied
-    with ``lm_head`` only: other models raise ``ValueError``); default off. A refused option
-    raises before the model is changed.
+    with ``lm_head`` only: other models raise ``ValueError``); default off. ``True``: a
+    ``(vocab, d_model)`` delta per domain; ``{domain: token ids}`` (every domain; ids a 1-d int
+    sequence or a ``(vocab,)`` bool mask): each domain's delta covers only its rows, stored as an
+    ``(n_rows, d_model)`` parameter and a ``rows`` buffer. A refused option raises before the model
+    is changed.
 
     Add modules before building the optimizer and before wrapping the model in DDP.
     """
 
     def __init__(self, model: nn.Module, pattern: Pattern, domains: Union[int, Sequence[str]],
                  width: Union[float, int] = 0.1, activation=None, init_std: float | None = None,
-                 sync: bool | None = None, always_learn: Iterable[str] = (), embed_delta: bool = False):
+                 sync: bool | None = None, always_learn: Iterable[str] = (),
+                 embed_delta: Union[bool, Mapping[str, object]] = False):
         root = unwrap(model)
         if isinstance(domains, int):
             if domains < 1:
@@ -213,8 +258,8 @@ class ModuleSet:
         if isinstance(width, bool) or not isinstance(width, (int, float)) or width <= 0:
             raise ValueError(f"width must be a positive fraction (float) or unit count (int), got {width!r}")
         # the new options are checked before the model is changed: a refused call leaves it as it was
-        if embed_delta:
-            _check_embed_delta(root)
+        embed_rows = (False if embed_delta is None or embed_delta is False     # False: no deltas
+                      else _check_embed_delta(root, embed_delta, list(domains)))
         named = dict(root.named_parameters(remove_duplicate=False))
         always_learn = _check_always_learn(always_learn, named)
         self.model, self.domains, self.sync = root, list(domains), sync
@@ -238,13 +283,15 @@ class ModuleSet:
             self._hooks.append(mlp.register_forward_hook(self._make_hook(name), with_kwargs=True))
             self.blocks.append((name, mlp))
         self.width = {name: getattr(mlp, CONTAINER)[domains[0]].up.out_features for name, mlp in self.blocks}
-        self.embed_delta = bool(embed_delta)
+        self.embed_delta = embed_rows is not False
         self._embed_hooks = []
+        self._layouts: dict = {}
         if self.embed_delta:
             wte, head, drop = root.transformer.wte, root.lm_head, root.transformer.drop
             w = wte.weight
             root.add_module(EMBED_CONTAINER, nn.ModuleDict(
-                {d: EmbedDelta(w.shape[0], w.shape[1], dtype=w.dtype, device=w.device) for d in domains}))
+                {d: EmbedDelta(w.shape[0], w.shape[1], None if embed_rows is None else embed_rows[d],
+                               dtype=w.dtype, device=w.device) for d in domains}))
             # the input delta is added to the embedding sum where it enters transformer.drop (the token
             # ids are taken from the model's input), not in a hook on wte: parameter routing re-enters
             # wte through functional_call on core-frozen rows, which would run such a hook twice
@@ -486,15 +533,51 @@ class ModuleSet:
         return hook
 
     # ------------------------------------------------------------------ embedding deltas (embed_delta=True)
+    def _layout(self, device) -> tuple:
+        """``(union, inv, pos)`` for the deltas' rows on ``device``: ``union`` the sorted union
+        ``U`` of all domains' rows (None: every row, the full vocabulary), ``inv`` ``(vocab,)`` the
+        position of each token in ``U`` (``len(U)`` for tokens outside it; None with ``U`` all),
+        ``pos[k]`` the positions of domain ``k``'s rows in ``U`` (None: all of ``U``)."""
+        E = getattr(self.model, EMBED_CONTAINER)
+        rows = [E[d].rows for d in self.domains]
+        # the version counters change when rows are loaded in place (load_state_dict)
+        key = (str(device), tuple(-1 if r is None else r._version for r in rows))
+        if key not in self._layouts:
+            self._layouts.clear()
+            vocab = self.model.transformer.wte.weight.shape[0]
+            if all(r is None for r in rows):
+                lay = (None, None, [None] * self.K)
+            else:
+                full = torch.arange(vocab, device=device)
+                rows = [full if r is None else r.to(device) for r in rows]
+                union = torch.unique(torch.cat(rows))
+                pos = [None if r.numel() == union.numel() else torch.searchsorted(union, r) for r in rows]
+                if union.numel() == vocab:
+                    lay = (None, None, pos)
+                else:
+                    inv = torch.full((vocab,), union.numel(), dtype=torch.long, device=device)
+                    inv[union] = torch.arange(union.numel(), device=device)
+                    lay = (union, inv, pos)
+            self._layouts[key] = lay
+        return self._layouts[key]
+
     def _combined_delta(self) -> torch.Tensor | None:
-        """The deltas switched on, summed: ``(B, vocab, d)`` per example in a routed pass (each
-        ``D_k`` times its forward strength, its gradient kept only on rows where module ``k``
-        learns), ``(vocab, d)`` from the inference strengths otherwise; None when none is on."""
-        deltas = [getattr(self.model, EMBED_CONTAINER)[d].weight for d in self.domains]
+        """The deltas switched on, summed over the union ``U`` of their rows (the full vocabulary
+        with ``embed_delta=True``): ``(B, |U|, d)`` per example in a routed pass (each ``D_k`` times
+        its forward strength, its gradient kept only on rows where module ``k`` learns), ``(|U|, d)``
+        from the inference strengths otherwise; None when none is on."""
+        E = getattr(self.model, EMBED_CONTAINER)
+        weights = [E[d].weight for d in self.domains]
+        union, _, pos = self._layout(weights[0].device)
+        u = self.model.transformer.wte.weight.shape[0] if union is None else union.numel()
+        # domain k's rows placed at their positions in U (no copy when a domain has all of U)
+        place = lambda k: weights[k] if pos[k] is None else \
+            weights[k].new_zeros(u, weights[k].shape[1]).index_add(0, pos[k], weights[k])
         if self._route is not None:
             fwd, learn = self._route["forward"], self._route["learn"]
+            deltas = [place(k) for k in range(self.K)]
             D = deltas[0]
-            stack = torch.stack(deltas).flatten(1)                      # (K, vocab * d): every delta in the graph
+            stack = torch.stack(deltas).flatten(1)                      # (K, |U| * d): every delta in the graph
             f = fwd[:, 1:].to(D.device, D.dtype)                        # (B, K) forward strengths
             m = (learn[:, 1:] | (fwd[:, 1:] == 0)).to(D.device, D.dtype)  # where it runs, does it learn?
             # one small matmul instead of B x K broadcasts: the weight gradient of D_k is then
@@ -505,10 +588,11 @@ class ModuleSet:
             return total.view(fwd.shape[0], *D.shape)
         total = None
         grad = torch.is_grad_enabled()
-        for k, D in enumerate(deltas):
+        for k in range(self.K):
             s = float(self.mask[1 + k])
             if s == 0.0 and not grad:
                 continue                          # inference: an off delta costs nothing
+            D = place(k)
             term = D if s == 1.0 else s * D
             total = term if total is None else total + term
         return total
@@ -525,6 +609,10 @@ class ModuleSet:
         if D is None:
             return None
         x = args[0]
+        _, inv, _ = self._layout(D.device)
+        if inv is not None:            # tokens outside the rows' union U read an appended zero row
+            idx = inv[idx]
+            D = torch.cat([D, D.new_zeros(*D.shape[:-2], 1, D.shape[-1])], -2)
         if D.ndim == 2:
             return (x + F.embedding(idx, D),)
         if idx.shape[0] != D.shape[0]:
@@ -539,13 +627,16 @@ class ModuleSet:
         if D is None:
             return out
         h = args[0]
+        union, _, _ = self._layout(D.device)
         if D.ndim == 2:
-            return out + F.linear(h, D)
-        B = D.shape[0]
-        if h.shape[0] != B:
-            raise ValueError(f"routed batch has {B} examples but lm_head received input of shape {tuple(h.shape)}")
-        y = torch.bmm(h.reshape(B, -1, h.shape[-1]), D.transpose(1, 2))
-        return out + y.view(out.shape)
+            y = F.linear(h, D)
+        else:
+            B = D.shape[0]
+            if h.shape[0] != B:
+                raise ValueError(f"routed batch has {B} examples but lm_head received input of shape {tuple(h.shape)}")
+            y = torch.bmm(h.reshape(B, -1, h.shape[-1]), D.transpose(1, 2)).view(*out.shape[:-1], D.shape[-2])
+        # only the logits of the rows' union U move
+        return out + y if union is None else out.index_add(-1, union, y)
 
     # ------------------------------------------------------------------ isolation
     def learned_flags(self) -> torch.Tensor | None:
@@ -617,8 +708,12 @@ class ModuleSet:
             with torch.no_grad():     # tied: one matrix is both embeddings, so the merge is exact
                 for k, s in enumerate(strengths.tolist()):
                     if s != 0:
-                        D = deltas[self.domains[k]].weight
-                        wte.weight.add_(D if s == 1.0 else s * D)
+                        E = deltas[self.domains[k]]
+                        D = E.weight if s == 1.0 else s * E.weight
+                        if E.rows is None:
+                            wte.weight.add_(D)
+                        else:                     # only its rows
+                            wte.weight.index_add_(0, E.rows.to(wte.weight.device), D)
         return out
 
     def remove(self) -> None:
@@ -652,7 +747,8 @@ class ModuleSet:
 
 def add_modules(model: nn.Module, pattern: Pattern, domains: Union[int, Sequence[str]],
                 width: Union[float, int] = 0.1, activation=None, init_std: float | None = None,
-                sync: bool | None = None, always_learn: Iterable[str] = (), embed_delta: bool = False) -> ModuleSet:
+                sync: bool | None = None, always_learn: Iterable[str] = (),
+                embed_delta: Union[bool, Mapping[str, object]] = False) -> ModuleSet:
     """Attach one auxiliary MLP per domain to every MLP of ``model`` matching ``pattern``; see
     :class:`ModuleSet`. The model computes the same function afterwards."""
     return ModuleSet(model, pattern, domains, width, activation, init_std, sync, always_learn, embed_delta)

@@ -203,10 +203,54 @@ EMBED_PARAMS = ("transformer.wte.weight",)
 
 
 # With ``modules.module_embed`` (ours; default off, the key is then absent from the config) each
-# topic's module also has its own token-embedding delta, switched and trained with the module
-# (``add_modules(..., embed_delta=True)``; docs/modules.md, "Why it fails", point 8).
-def attach_modules(model, cfg: dict, method: str, embed_free: bool = False, module_embed: bool = False):
+# topic's module also has its own token-embedding delta, switched and trained with the module:
+# ``True`` a full-vocabulary delta (``add_modules(..., embed_delta=True)``; docs/modules.md, "Why it
+# fails", point 8), ``"topic_rows"`` a delta on the rows of the topic's own tokens only
+# (``embed_delta={topic: topic_only_token_ids(...)[topic]}``; point 9).
+MODULE_EMBED = (True, "topic_rows")
+
+
+def _module_embed(value):
+    if value in (None, False):
+        return False
+    if value is True or value == "topic_rows":
+        return value
+    raise ValueError(f"modules.module_embed must be true or 'topic_rows', got {value!r}")
+
+
+def story_token_ids(data: Stories, mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Bool ``(vocab,)``: token ids occurring (as input or target) in the stories where ``mask``."""
+    x, y = data.x[mask], data.y[mask]
+    seen = torch.zeros(vocab_size, dtype=torch.bool)
+    seen[y[y >= 0]] = True
+    seen[x[:, :1].flatten()] = True              # the first token (inputs are the targets shifted by one)
+    return seen
+
+
+def topic_only_token_ids(data: Stories, route_labels: torch.Tensor, vocab_size: int) -> dict:
+    """``{topic: sorted LongTensor}``: token ids that occur in that topic's *labelled* training
+    stories (``route_labels == k``) and in no labelled general story (``GENERAL``); stories whose
+    label is hidden (``UNLABELLED``) count for neither. Training split only."""
+    general = story_token_ids(data, route_labels == GENERAL, vocab_size)
+    out = {}
+    for k, t in enumerate(TOPIC_NAMES):
+        ids = (story_token_ids(data, route_labels == k, vocab_size) & ~general).nonzero().flatten()
+        if ids.numel() == 0:
+            raise ValueError(f"module_embed topic_rows: topic {t} has no token outside the general stories")
+        out[t] = ids
+    return out
+
+
+def attach_modules(model, cfg: dict, method: str, embed_free: bool = False, module_embed=False,
+                   embed_rows: dict | None = None):
+    """``module_embed``: False, True (full-vocabulary deltas) or ``"topic_rows"`` (then
+    ``embed_rows``: ``{topic: token ids}``, see :func:`topic_only_token_ids`)."""
     width = 1.0 if method == "demix" else cfg["modules"]["width"]
+    module_embed = _module_embed(module_embed)
+    if module_embed == "topic_rows":
+        if embed_rows is None:
+            raise ValueError("module_embed 'topic_rows' needs embed_rows (topic_only_token_ids)")
+        module_embed = embed_rows
     return gr.add_modules(model, MLP_PATTERN, list(TOPIC_NAMES), width=width,
                           always_learn=EMBED_PARAMS if embed_free else (), embed_delta=module_embed)
 
@@ -352,7 +396,7 @@ def run_train(method: str, seed: int, cfg: dict, out: Path, device: str = "cpu")
     model = make_model(_spec(cfg, tok.vocab_size), seed)
     unl = unlabelled_subset(len(labels), cfg["unlabelled_fraction"], seed)
     tc = dict(cfg["train"])
-    eval_fn, mods, loss_fn = None, None, None
+    eval_fn, mods, loss_fn, rows_info = None, None, None, None
     if method == "base":
         every = max(1, tc["steps"] // cfg["curve_points"])
         tc["eval_every"] = every
@@ -361,10 +405,16 @@ def run_train(method: str, seed: int, cfg: dict, out: Path, device: str = "cpu")
         mc = cfg["modules"]
         if method == "modular_partial" and mc.get("partial"):
             mc = {**mc, **mc["partial"]}        # the official partial-label schedule (fixed, not selected)
+        route_labels = routing_labels(labels, unl if method == "modular_partial" else None)
+        module_embed = _module_embed(mc.get("module_embed"))
+        if module_embed == "topic_rows":
+            embed_rows = topic_only_token_ids(data, route_labels, tok.vocab_size)
+            rows_info = {t: int(v.numel()) for t, v in embed_rows.items()}
+        else:
+            embed_rows, rows_info = None, None
         mods = attach_modules(model, cfg, method, embed_free=bool(mc.get("embed_free", False)),
-                              module_embed=bool(mc.get("module_embed", False)))
-        loss_fn = modular_loss(mods, routing_labels(labels, unl if method == "modular_partial" else None),
-                               mc["p_cr"], mc["p_as"], seed, mc.get("spread", "one"),
+                              module_embed=module_embed, embed_rows=embed_rows)
+        loss_fn = modular_loss(mods, route_labels, mc["p_cr"], mc["p_as"], seed, mc.get("spread", "one"),
                                p_other=mc.get("p_other", 0.0))
     elif method == "demix":
         mods = attach_modules(model, cfg, method)
@@ -378,6 +428,8 @@ def run_train(method: str, seed: int, cfg: dict, out: Path, device: str = "cpu")
               "train_loss_first": log["history"][0]["loss"], "train_loss_final": log["history"][-1]["loss"]}
     if method == "base":
         result["curve"] = [e for e in log["evals"]]
+    if method in ("modular", "modular_partial") and rows_info is not None:
+        result["module_embed_rows"] = rows_info          # rows per topic's delta (training split only)
     model.eval()
     if mods is not None:
         result["configs"] = evaluate_configs(model, mods, sets, demix=method == "demix")
@@ -510,7 +562,10 @@ def run_attacks(seed: int, cfg: dict, out: Path, device: str = "cpu") -> dict:
     base = make_model(spec, seed)
     load(base, "base")
     modular = make_model(spec, seed)
-    mods = attach_modules(modular, cfg, "modular", module_embed=bool(cfg["modules"].get("module_embed", False)))
+    module_embed = _module_embed(cfg["modules"].get("module_embed"))
+    mods = attach_modules(modular, cfg, "modular", module_embed=module_embed,
+                          embed_rows=topic_only_token_ids(data, routing_labels(labels, None), tok.vocab_size)
+                          if module_embed == "topic_rows" else None)
     load(modular, "modular")
     released = mods.export(on=[t for t in TOPIC_NAMES if t != topic])   # stock model, topic module dropped
     mods.remove()
@@ -687,10 +742,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the token embedding (tied unembedding) learns on every story, core-frozen topic "
                              "stories included; the rest of the core is frozen as before (ours; default off = "
                              "the official code: embeddings frozen with the core); modular models only")
-    parser.add_argument("--module-embed", action="store_true",
+    parser.add_argument("--module-embed", nargs="?", const="vocab", choices=["vocab", "topic-rows"], default=None,
                         help="each topic's module also has its own token-embedding delta (input and tied "
-                             "output embedding), switched and trained with the module (ours; default off); "
-                             "modular models only (DEMix experts are unchanged)")
+                             "output embedding), switched and trained with the module (ours; default off): "
+                             "over the full vocabulary (vocab, the default when the flag is given alone) or "
+                             "only on the rows of the topic's own tokens (topic-rows: ids in its training "
+                             "stories and in no general training story); modular models only (DEMix experts "
+                             "are unchanged)")
     parser.add_argument("--spread", choices=["one", "each"], default=None,
                         help="general stories: one random module on with probability p_as (default), or each")
     parser.add_argument("--no-select", action="store_true",
@@ -729,8 +787,9 @@ def build_config(args: argparse.Namespace) -> dict:
         cfg["modules"]["spread"] = args.spread
     if getattr(args, "embed_free", False):
         cfg["modules"]["embed_free"] = True   # only when on: default configs (and resume keys) unchanged
-    if getattr(args, "module_embed", False):
-        cfg["modules"]["module_embed"] = True  # likewise
+    me = getattr(args, "module_embed", None)
+    if me:                                     # likewise; True (full vocabulary) as before, or "topic_rows"
+        cfg["modules"]["module_embed"] = True if me in (True, "vocab") else "topic_rows"
     if getattr(args, "no_select", False) or any(getattr(args, f, None) is not None
                                                  for f in ("p_cr", "p_as", "spread", "p_other")):
         cfg["modules"].pop("select", None)     # an explicit schedule: no selection
@@ -777,6 +836,12 @@ def run(args: argparse.Namespace) -> dict:
                "runs": {f"{m}_s{s}": {k: v for k, v in r.items() if k != "config"} for (m, s), r in results.items()},
                "attacks": {str(s): {k: v for k, v in r.items() if k != "config"} for s, r in attacks.items()},
                "wall_time_s": time.time() - t0}
+    cands = (selection or {}).get("candidates") or []
+    if any(_module_embed(c.get("module_embed")) == "topic_rows" for c in [cfg["modules"], *cands]):
+        tok = _prepare(_cfg_key(cfg))[0]
+        rows = topic_only_token_ids(data, routing_labels(labels, None), tok.vocab_size)
+        # rows of each topic's embedding delta (fully labelled model; training split only)
+        metrics["module_embed_rows"] = {t: int(v.numel()) for t, v in rows.items()}
     write_json(out / "metrics.json", metrics)
     (out / "summary.md").write_text(summary_md(summary, claims, selection))
     make_figures(out, summary, results)
@@ -1056,6 +1121,7 @@ def report(out: Path) -> dict:
                    f"{cfg['modules'].get('spread', 'one')}, p_other {cfg['modules'].get('p_other', 0.0)}"
                    + (", token embedding free (learns on topic stories)" if cfg["modules"].get("embed_free") else "")
                    + (", per-module token-embedding deltas" if cfg["modules"].get("module_embed") else "")
+                   + (" on each topic's own token rows" if cfg["modules"].get("module_embed") == "topic_rows" else "")
                    + (" (chosen on the validation split among " f"{len(m['selection']['candidates'])} candidates)"
                       if m.get("selection") else "")
                    + ("; 50%-unlabelled model: p_cr {p_cr}, p_as {p_as}, spread {spread} (official partial-label "

@@ -1,0 +1,259 @@
+"""Per-module embedding deltas restricted to given token rows (``embed_delta={domain: ids}``; ours,
+docs/modules.md diagnosis point 9) and the experiment's ``--module-embed topic-rows``."""
+import pytest
+import torch
+
+import gradroute as gr
+from gradroute.models import GPT, GPTConfig
+from gradroute.modules import GENERAL, UNLABELLED
+
+from test_modules import DOMAINS, _routed_steps, _same, _snapshot, _tiny_experiment, gpt, ids, randomise_modules
+
+# overlapping rows, as topic-only tokens of different topics can be
+ROWS = {"forest": [3, 5, 7, 9, 11], "sea": [9, 20, 21], "space": [30, 31, 32, 33], "dino": [5, 40]}
+
+
+def _attach(model, rows=ROWS):
+    return gr.add_modules(model, "transformer.h.*.mlp", DOMAINS, embed_delta=rows)
+
+
+def test_row_deltas_are_compact_and_leave_the_function_unchanged():
+    model = gpt()
+    model.eval()
+    x = ids()
+    with torch.no_grad():
+        before = model(x)[0]
+        mods = _attach(model)
+        assert torch.equal(before, model(x)[0])
+        with mods.route(torch.tensor([0, GENERAL, UNLABELLED, 3]), p_cr=1.0, p_as=1.0, spread="each",
+                        generator=torch.Generator().manual_seed(0), p_other=0.5):
+            assert torch.equal(before, model(x)[0])
+    E = model.aux_embed
+    for d in DOMAINS:
+        assert E[d].weight.shape == (len(ROWS[d]), 16) and E[d].rows.tolist() == ROWS[d]
+    state = model.state_dict()
+    assert "aux_embed.forest.rows" in state and state["aux_embed.forest.weight"].shape == (5, 16)
+    assert mods.num_params() == sum(p.numel() for p in mods.module_params())
+    assert mods.num_params("forest") - mods.num_params("sea") == (5 - 3) * 16   # the MLP modules are equal
+    # a checkpoint's rows are loaded with it (after a forward: the cached layout follows)
+    other = gpt()
+    omods = _attach(other, {d: [r + 1 for r in ROWS[d]] for d in DOMAINS})
+    randomise_modules(omods)
+    with torch.no_grad():
+        other.eval()
+        with omods.using():
+            want = other(x)[0]
+        model(x)
+        model.load_state_dict(other.state_dict())
+        assert model.aux_embed.sea.rows.tolist() == [10, 21, 22]
+        with mods.using():
+            assert torch.equal(model(x)[0], want)
+    # a full-vocabulary delta (True) keeps its checkpoint keys: no rows buffer
+    full = gr.add_modules(gpt(), "transformer.h.*.mlp", DOMAINS, embed_delta=True)
+    assert not any(k.endswith(".rows") for k in full.model.state_dict())
+
+
+def test_rows_equal_a_full_delta_that_is_zero_elsewhere_gradient_only_on_rows():
+    """Same function and gradients as a full-vocabulary delta that is zero outside the rows: the
+    row parameter's gradient is the full delta's gradient on those rows, in a mixed routed batch
+    where a module runs on a row without learning from it."""
+    rows_model, full_model = gpt(), gpt()
+    rmods = _attach(rows_model)
+    fmods = gr.add_modules(full_model, "transformer.h.*.mlp", DOMAINS, embed_delta=True)
+    randomise_modules(rmods)
+    with torch.no_grad():
+        for (n, p), q in zip(rows_model.named_parameters(), full_model.parameters()):
+            if n.startswith("aux_embed."):
+                q.zero_()
+                q[torch.tensor(ROWS[n.split(".")[1]])] = p
+            else:
+                q.copy_(p)
+    x = ids(3, seed=5)
+    x[:, :4] = torch.tensor([3, 9, 30, 40])          # row tokens on the input too
+    fwd = torch.tensor([[1., 1, 0, 0, 0], [1, 1, 1, 0, 1], [1, 0, 0, 1, 0]])
+    learn = torch.tensor([[True, True, False, False, False], [False, False, True, False, True],
+                          [True, False, False, True, False]])
+    grads = []
+    for model, mods in ((rows_model, rmods), (full_model, fmods)):
+        with mods.route(forward=fwd, learn=learn):
+            logits, loss = model(x, x)
+        loss.backward()
+        grads.append((logits, {d: model.aux_embed[d].weight.grad for d in DOMAINS}))
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-5)
+    for d in DOMAINS:
+        g_rows, g_full = grads[0][1][d], grads[1][1][d]
+        assert torch.allclose(g_rows, g_full[torch.tensor(ROWS[d])], atol=1e-5), d
+    # forest learns on row 0 only, and its full delta's gradient reaches rows it does not have
+    outside = torch.ones(64, dtype=torch.bool)
+    outside[torch.tensor(ROWS["forest"])] = False
+    assert grads[1][1]["forest"][outside].abs().sum() > 0 and grads[0][1]["forest"].abs().sum() > 0
+
+
+def test_all_rows_mapping_is_the_full_vocabulary_delta():
+    """The full-vocabulary case is the mapping with every row: same outputs, bit for bit."""
+    a, b = gpt(), gpt()
+    ma = gr.add_modules(a, "transformer.h.*.mlp", DOMAINS, embed_delta=True)
+    mb = gr.add_modules(b, "transformer.h.*.mlp", DOMAINS, embed_delta={d: torch.arange(64) for d in DOMAINS})
+    randomise_modules(ma)
+    b.load_state_dict(a.state_dict(), strict=False)
+    x = ids()
+    fwd = torch.tensor([[1., 1, 0, 0, 0], [1, 0, 1, 1, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    with torch.no_grad():
+        for m, mods in ((a, ma), (b, mb)):
+            with mods.route(forward=fwd, learn=fwd.bool()):
+                m.routed = m(x)[0]
+            with mods.using(off=["sea"]):
+                m.off = m(x)[0]
+    assert torch.equal(a.routed, b.routed) and torch.equal(a.off, b.off)
+
+
+def test_off_module_contributes_nothing_and_only_its_rows_move():
+    """A delta switched off (per example, or at inference) contributes nothing; switched on, with
+    the MLP modules silent, it moves only the logits of its own rows on a text without its tokens."""
+    model = gpt()
+    model.eval()
+    mods = _attach(model)
+    randomise_modules(mods)
+    with torch.no_grad():
+        for _, mlp in mods.blocks:                   # only the embedding deltas act
+            for m in mlp.aux_modules.values():
+                m.down.weight.zero_()
+    x = ids(4, seed=3)
+    x[torch.isin(x, torch.tensor(ROWS["forest"]))] = 1      # no forest token on the input
+    with torch.no_grad():
+        with mods.using(on=[]):
+            none = model(x)[0]
+        with mods.using(on=["forest"]):
+            forest = model(x)[0]
+        cols = torch.zeros(64, dtype=torch.bool)
+        cols[torch.tensor(ROWS["forest"])] = True
+        assert torch.equal(forest[..., ~cols], none[..., ~cols])
+        assert not torch.allclose(forest[..., cols], none[..., cols])
+        fwd = torch.tensor([[1., 1, 0, 0, 0], [1, 0, 1, 1, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 1]])
+        with mods.route(forward=fwd, learn=fwd.bool()):
+            routed = model(x)[0]
+        model.aux_embed.forest.weight.zero_()
+        with mods.route(forward=fwd, learn=fwd.bool()):
+            routed0 = model(x)[0]
+    forest_on = fwd[:, 1].bool()
+    assert torch.equal(routed0[~forest_on], routed[~forest_on])
+    assert not torch.allclose(routed0[forest_on], routed[forest_on])
+
+
+def test_row_deltas_isolation_under_adamw():
+    """Core-frozen forest-only steps under AdamW (after mixed steps gave every owner moments): the
+    core (wte included) and the other modules' deltas and MLPs stay bit-identical; forest's moves."""
+    model = gpt()
+    mods = _attach(model)
+    randomise_modules(mods)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    g = torch.Generator().manual_seed(0)
+    _routed_steps(model, mods, opt, [0, 1, 2, 3, GENERAL, UNLABELLED], 0, p_as=0.5, generator=g)
+    core = mods.core_params()
+    before, others = _snapshot(core), [_snapshot(mods.module_params(d)) for d in DOMAINS[1:]]
+    forest = model.aux_embed.forest.weight.detach().clone()
+    _routed_steps(model, mods, opt, [0, 0, 0], 20, p_cr=1.0)
+    assert _same(before, core)
+    for snap, d in zip(others, DOMAINS[1:]):
+        assert _same(snap, mods.module_params(d)), d
+    assert not torch.equal(forest, model.aux_embed.forest.weight)
+
+
+def test_row_deltas_export_merges_into_their_rows():
+    model = gpt()
+    model.eval()
+    mods = _attach(model)
+    randomise_modules(mods)
+    x = ids()
+    x[:, :3] = torch.tensor([5, 9, 31])
+    with torch.no_grad():
+        for on in (["forest", "sea"], {"sea": 0.5, "dino": 1.0}):
+            stock = mods.export(on=on)
+            assert type(stock) is GPT and not hasattr(stock, "aux_embed")
+            assert stock.lm_head.weight is stock.transformer.wte.weight
+            with mods.using(on=on):
+                assert torch.allclose(stock(x)[0], model(x)[0], atol=1e-5)
+            changed = (stock.transformer.wte.weight != model.transformer.wte.weight).any(1)
+            allowed = torch.zeros(64, dtype=torch.bool)
+            for d in on:
+                allowed[torch.tensor(ROWS[d])] = True
+            assert changed.any() and not (changed & ~allowed).any()
+        plain = mods.export()
+        with mods.using(on=[]):
+            assert torch.equal(plain(x)[0], model(x)[0])
+    mods.remove()
+    assert not any(k.startswith("aux_embed") for k in model.state_dict())
+
+
+@pytest.mark.parametrize("rows, error, match", [
+    ({**ROWS, "moon": [1]}, ValueError, "unknown domain"),
+    ({d: ROWS[d] for d in DOMAINS[:3]}, ValueError, "no token ids for domain"),
+    ({**ROWS, "sea": [3, 64]}, ValueError, "out of range"),
+    ({**ROWS, "sea": [-1, 3]}, ValueError, "out of range"),
+    ({**ROWS, "sea": []}, ValueError, "empty"),
+    ({**ROWS, "sea": [1.5, 2.0]}, TypeError, "ints"),
+    ({**ROWS, "sea": torch.zeros(10, dtype=torch.bool)}, ValueError, "bool mask"),
+    ("forest", TypeError, "mapping"),
+])
+def test_bad_rows_are_clear_errors_and_leave_the_model_unchanged(rows, error, match):
+    model = gpt()
+    keys = set(model.state_dict())
+    with pytest.raises(error, match=match):
+        _attach(model, rows)
+    assert set(model.state_dict()) == keys
+    mask = torch.zeros(64, dtype=torch.bool)
+    mask[[2, 4]] = True
+    mods = _attach(model, {**ROWS, "sea": mask})                 # a bool mask is accepted
+    assert model.aux_embed.sea.rows.tolist() == [2, 4]
+    mods.remove()
+
+
+# ------------------------------------------------------------------ the experiment
+def test_topic_only_token_ids_from_labelled_training_stories(tmp_path, monkeypatch):
+    E, parser = _tiny_experiment(tmp_path, monkeypatch, steps=2, curve_points=2,
+                                 modules=dict(width=0.1, p_cr=1.0, p_as=0.5, spread="one"), attack_rounds=1)
+    monkeypatch.setitem(E.PROFILES["quick"], "vocab_size", 600)   # at 300 every token occurs in general stories
+    cfg = E.build_config(parser.parse_args(["--out", "x"]))
+    tok, data, labels, _, _ = E._prepare(E._cfg_key(cfg))
+    V = tok.vocab_size
+    rows = E.topic_only_token_ids(data, E.routing_labels(labels, None), V)
+    general = E.story_token_ids(data, labels < 0, V)
+    for k, t in enumerate(E.TOPIC_NAMES):
+        r = rows[t]
+        assert r.numel() > 0 and not general[r].any()
+        assert E.story_token_ids(data, labels == k, V)[r].all()
+    # hidden labels: a topic story whose label is hidden counts for neither side
+    unl = E.unlabelled_subset(len(labels), 0.5, 0)
+    part = E.topic_only_token_ids(data, E.routing_labels(labels, unl), V)
+    vis = E.routing_labels(labels, unl)
+    for k, t in enumerate(E.TOPIC_NAMES):
+        assert E.story_token_ids(data, vis == k, V)[part[t]].all()
+        assert not E.story_token_ids(data, vis == GENERAL, V)[part[t]].any()
+
+
+def test_module_embed_topic_rows_flag_config_run_key_metrics_and_attack(tmp_path, monkeypatch):
+    E, parser = _tiny_experiment(tmp_path, monkeypatch, steps=3, curve_points=2,
+                                 modules=dict(width=0.1, p_cr=1.0, p_as=0.5, spread="one"), attack_rounds=1)
+    monkeypatch.setitem(E.PROFILES["quick"], "vocab_size", 600)   # at 300 every token occurs in general stories
+    build = lambda *a: E.build_config(parser.parse_args(["--out", "x", *a]))["modules"]
+    assert "module_embed" not in build()
+    assert build("--module-embed")["module_embed"] is True and build("--module-embed", "vocab")["module_embed"] is True
+    assert build("--module-embed", "topic-rows")["module_embed"] == "topic_rows"
+    with pytest.raises(SystemExit):
+        build("--module-embed", "rows")
+    with pytest.raises(ValueError, match="module_embed"):
+        E._module_embed("rows")
+    common = ["--out", str(tmp_path / "o"), "--workers", "1", "--methods", "modular"]
+    full = E.run(parser.parse_args([*common, "--no-attack", "--module-embed"]))
+    assert "module_embed_rows" not in full
+    m = E.run(parser.parse_args([*common, "--module-embed", "topic-rows"]))   # with the attack
+    run_file = tmp_path / "o" / "runs" / "modular_s0.json"
+    assert E.read_json(run_file)["config"]["modules"]["module_embed"] == "topic_rows"   # retrained: own key
+    counts = m["module_embed_rows"]
+    assert set(counts) == set(E.TOPIC_NAMES) and all(v > 0 for v in counts.values())
+    assert m["runs"]["modular_s0"]["module_embed_rows"] == counts
+    state = torch.load(tmp_path / "o" / "models" / "modular_s0.pt", weights_only=True)
+    assert all(state[f"aux_embed.{t}.weight"].shape[0] == counts[t] for t in E.TOPIC_NAMES)
+    assert m["runs"]["modular_s0"]["configs"] != full["runs"]["modular_s0"]["configs"]
+    assert "modular" in m["attacks"]["0"]["attack"]
+    assert "own token rows" in E.report(tmp_path / "o")["detail"]
