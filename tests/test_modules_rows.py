@@ -1,5 +1,6 @@
 """Per-module embedding deltas restricted to given token rows (``embed_delta={domain: ids}``; ours,
-docs/modules.md diagnosis point 9) and the experiment's ``--module-embed topic-rows``."""
+docs/modules.md diagnosis points 9-10) and the experiment's ``--module-embed topic-rows`` /
+``exclusive-rows``."""
 import pytest
 import torch
 
