@@ -1,5 +1,6 @@
 """Per-module embedding deltas restricted to given token rows (``embed_delta={domain: ids}``; ours,
-docs/modules.md diagnosis point 9) and the experiment's ``--module-embed topic-rows``."""
+docs/modules.md diagnosis points 9-10) and the experiment's ``--module-embed topic-rows`` /
+``exclusive-rows``."""
 import pytest
 import torch
 
@@ -257,3 +258,66 @@ def test_module_embed_topic_rows_flag_config_run_key_metrics_and_attack(tmp_path
     assert m["runs"]["modular_s0"]["configs"] != full["runs"]["modular_s0"]["configs"]
     assert "modular" in m["attacks"]["0"]["attack"]
     assert "own token rows" in E.report(tmp_path / "o")["detail"]
+
+
+# ------------------------------------------------------------------ exclusive rows (point 10)
+def _hand_corpus():
+    """Six hand-built stories of 3 tokens (vocab 12): one general, one per topic, one hidden."""
+    from gradroute.lm.data import Stories
+    x = torch.tensor([[0, 1, 2], [0, 4, 5], [5, 7, 8], [9, 9, 10], [11, 4, 11], [6, 10, 3], [2, 7, 2]])
+    y = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, -1], [9, 10, 1], [4, 11, 11], [10, 3, 3], [7, 2, 2]])
+    z = torch.zeros_like(x, dtype=torch.bool)
+    data = Stories(x, y, z, torch.zeros(len(x), dtype=torch.bool), torch.zeros(len(x), dtype=torch.bool))
+    #                         general  forest sea space dinosaurs hidden  sea
+    route = torch.tensor([GENERAL, 0, 1, 2, 3, UNLABELLED, 1])
+    return data, route
+
+
+def test_exclusive_rows_on_a_hand_built_corpus():
+    from gradroute.experiments import modules as E
+    data, route = _hand_corpus()
+    as_lists = lambda d: {t: v.tolist() for t, v in d.items()}
+    forest, sea, space, dino = E.TOPIC_NAMES
+    # topic-only: in the topic's labelled stories, in no general story (the hidden story counts for no side)
+    assert as_lists(E.topic_only_token_ids(data, route, 12)) == {forest: [4, 5, 6], sea: [5, 7, 8],
+                                                                 space: [9, 10], dino: [4, 11]}
+    # exclusive: moreover in no other topic's labelled story (5: forest and sea; 4: forest and dinosaurs)
+    excl = E.topic_only_token_ids(data, route, 12, exclusive=True)
+    assert as_lists(excl) == {forest: [6], sea: [7, 8], space: [9, 10], dino: [11]}
+    assert as_lists(E.embed_rows_for("exclusive_rows", data, route, 12)) == as_lists(excl)
+    assert as_lists(E.embed_rows_for("topic_rows", data, route, 12)) == as_lists(E.topic_only_token_ids(data, route, 12))
+    assert E.embed_rows_for(True, data, route, 12) is None and E.embed_rows_for(None, data, route, 12) is None
+    # a topic with no token of its own is a clear error naming the option and the topic
+    route2 = route.clone()
+    route2[4] = 0                                   # the dinosaur story becomes forest: dinosaurs has no story
+    with pytest.raises(ValueError, match=f"exclusive_rows: topic {dino}"):
+        E.topic_only_token_ids(data, route2, 12, exclusive=True)
+    data.x[1, 0], data.y[1, 2] = 5, 5               # forest's only exclusive token (6) becomes sea's 5
+    with pytest.raises(ValueError, match=f"exclusive_rows: topic {forest}"):
+        E.topic_only_token_ids(data, route, 12, exclusive=True)
+    assert E.topic_only_token_ids(data, route, 12)[forest].tolist() == [4, 5]   # still topic-only rows
+
+
+def test_module_embed_exclusive_rows_flag_config_run_key_and_metrics(tmp_path, monkeypatch):
+    E, parser = _tiny_experiment(tmp_path, monkeypatch, steps=3, curve_points=2,
+                                 modules=dict(width=0.1, p_cr=1.0, p_as=0.5, spread="each"), attack_rounds=1)
+    monkeypatch.setitem(E.PROFILES["quick"], "vocab_size", 600)   # at 300 every token occurs in general stories
+    cfg = E.build_config(parser.parse_args(["--out", "x", "--module-embed", "exclusive-rows"]))
+    assert cfg["modules"]["module_embed"] == "exclusive_rows"
+    assert E._module_embed("exclusive_rows") == "exclusive_rows"
+    common = ["--out", str(tmp_path / "o"), "--workers", "1", "--methods", "modular", "--no-attack"]
+    topic = E.run(parser.parse_args([*common, "--module-embed", "topic-rows"]))
+    m = E.run(parser.parse_args([*common, "--module-embed", "exclusive-rows"]))
+    run_file = tmp_path / "o" / "runs" / "modular_s0.json"
+    assert E.read_json(run_file)["config"]["modules"]["module_embed"] == "exclusive_rows"   # retrained: own key
+    tok, data, labels, _, _ = E._prepare(E._cfg_key(cfg))
+    rows = E.embed_rows_for("exclusive_rows", data, E.routing_labels(labels, None), tok.vocab_size)
+    counts = m["module_embed_rows_exclusive_rows"]
+    assert counts == {t: int(v.numel()) for t, v in rows.items()} and "module_embed_rows" not in m
+    assert m["runs"]["modular_s0"]["module_embed_rows"] == counts
+    assert all(counts[t] <= topic["module_embed_rows"][t] for t in E.TOPIC_NAMES)
+    flat = torch.cat(list(rows.values()))
+    assert flat.numel() == torch.unique(flat).numel()            # no row belongs to two topics
+    state = torch.load(tmp_path / "o" / "models" / "modular_s0.pt", weights_only=True)
+    assert all(state[f"aux_embed.{t}.rows"].tolist() == rows[t].tolist() for t in E.TOPIC_NAMES)
+    assert "exclusive to each topic" in E.report(tmp_path / "o")["detail"]

@@ -206,16 +206,19 @@ EMBED_PARAMS = ("transformer.wte.weight",)
 # topic's module also has its own token-embedding delta, switched and trained with the module:
 # ``True`` a full-vocabulary delta (``add_modules(..., embed_delta=True)``; docs/modules.md, "Why it
 # fails", point 8), ``"topic_rows"`` a delta on the rows of the topic's own tokens only
-# (``embed_delta={topic: topic_only_token_ids(...)[topic]}``; point 9).
-MODULE_EMBED = (True, "topic_rows")
+# (``embed_delta={topic: topic_only_token_ids(...)[topic]}``; point 9), ``"exclusive_rows"`` a
+# delta on the rows of the tokens of that topic alone (in no general and no other topic's labelled
+# training story: ``topic_only_token_ids(..., exclusive=True)``; point 10).
+MODULE_EMBED = (True, "topic_rows", "exclusive_rows")
+ROW_EMBEDS = ("topic_rows", "exclusive_rows")
 
 
 def _module_embed(value):
     if value in (None, False):
         return False
-    if value is True or value == "topic_rows":
+    if value is True or value in ROW_EMBEDS:
         return value
-    raise ValueError(f"modules.module_embed must be true or 'topic_rows', got {value!r}")
+    raise ValueError(f"modules.module_embed must be true, 'topic_rows' or 'exclusive_rows', got {value!r}")
 
 
 def story_token_ids(data: Stories, mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -227,29 +230,48 @@ def story_token_ids(data: Stories, mask: torch.Tensor, vocab_size: int) -> torch
     return seen
 
 
-def topic_only_token_ids(data: Stories, route_labels: torch.Tensor, vocab_size: int) -> dict:
+def topic_only_token_ids(data: Stories, route_labels: torch.Tensor, vocab_size: int,
+                         exclusive: bool = False) -> dict:
     """``{topic: sorted LongTensor}``: token ids that occur in that topic's *labelled* training
-    stories (``route_labels == k``) and in no labelled general story (``GENERAL``); stories whose
-    label is hidden (``UNLABELLED``) count for neither. Training split only."""
+    stories (``route_labels == k``) and in no labelled general story (``GENERAL``); with
+    ``exclusive`` also in no other topic's labelled story (so no two topics share a row). Stories
+    whose label is hidden (``UNLABELLED``) count for no side. Training split only."""
     general = story_token_ids(data, route_labels == GENERAL, vocab_size)
+    seen = [story_token_ids(data, route_labels == k, vocab_size) for k in range(len(TOPIC_NAMES))]
     out = {}
     for k, t in enumerate(TOPIC_NAMES):
-        ids = (story_token_ids(data, route_labels == k, vocab_size) & ~general).nonzero().flatten()
+        keep = seen[k] & ~general
+        if exclusive:
+            for j, other in enumerate(seen):
+                if j != k:
+                    keep &= ~other
+        ids = keep.nonzero().flatten()
         if ids.numel() == 0:
-            raise ValueError(f"module_embed topic_rows: topic {t} has no token outside the general stories")
+            what = "exclusive_rows" if exclusive else "topic_rows"
+            raise ValueError(f"module_embed {what}: topic {t} has no token outside the general stories"
+                             + (" and the other topics' stories" if exclusive else ""))
         out[t] = ids
     return out
 
 
+def embed_rows_for(module_embed, data: Stories, route_labels: torch.Tensor, vocab_size: int) -> dict | None:
+    """The delta rows of a ``modules.module_embed`` setting: ``{topic: ids}`` for the row options,
+    ``None`` otherwise (no deltas, or full-vocabulary deltas)."""
+    module_embed = _module_embed(module_embed)
+    if module_embed not in ROW_EMBEDS:
+        return None
+    return topic_only_token_ids(data, route_labels, vocab_size, exclusive=module_embed == "exclusive_rows")
+
+
 def attach_modules(model, cfg: dict, method: str, embed_free: bool = False, module_embed=False,
                    embed_rows: dict | None = None):
-    """``module_embed``: False, True (full-vocabulary deltas) or ``"topic_rows"`` (then
-    ``embed_rows``: ``{topic: token ids}``, see :func:`topic_only_token_ids`)."""
+    """``module_embed``: False, True (full-vocabulary deltas), ``"topic_rows"`` or
+    ``"exclusive_rows"`` (then ``embed_rows``: ``{topic: token ids}``, see :func:`embed_rows_for`)."""
     width = 1.0 if method == "demix" else cfg["modules"]["width"]
     module_embed = _module_embed(module_embed)
-    if module_embed == "topic_rows":
+    if module_embed in ROW_EMBEDS:
         if embed_rows is None:
-            raise ValueError("module_embed 'topic_rows' needs embed_rows (topic_only_token_ids)")
+            raise ValueError(f"module_embed {module_embed!r} needs embed_rows (embed_rows_for)")
         module_embed = embed_rows
     return gr.add_modules(model, MLP_PATTERN, list(TOPIC_NAMES), width=width,
                           always_learn=EMBED_PARAMS if embed_free else (), embed_delta=module_embed)
@@ -407,11 +429,8 @@ def run_train(method: str, seed: int, cfg: dict, out: Path, device: str = "cpu")
             mc = {**mc, **mc["partial"]}        # the official partial-label schedule (fixed, not selected)
         route_labels = routing_labels(labels, unl if method == "modular_partial" else None)
         module_embed = _module_embed(mc.get("module_embed"))
-        if module_embed == "topic_rows":
-            embed_rows = topic_only_token_ids(data, route_labels, tok.vocab_size)
-            rows_info = {t: int(v.numel()) for t, v in embed_rows.items()}
-        else:
-            embed_rows, rows_info = None, None
+        embed_rows = embed_rows_for(module_embed, data, route_labels, tok.vocab_size)
+        rows_info = None if embed_rows is None else {t: int(v.numel()) for t, v in embed_rows.items()}
         mods = attach_modules(model, cfg, method, embed_free=bool(mc.get("embed_free", False)),
                               module_embed=module_embed, embed_rows=embed_rows)
         loss_fn = modular_loss(mods, route_labels, mc["p_cr"], mc["p_as"], seed, mc.get("spread", "one"),
@@ -564,8 +583,7 @@ def run_attacks(seed: int, cfg: dict, out: Path, device: str = "cpu") -> dict:
     modular = make_model(spec, seed)
     module_embed = _module_embed(cfg["modules"].get("module_embed"))
     mods = attach_modules(modular, cfg, "modular", module_embed=module_embed,
-                          embed_rows=topic_only_token_ids(data, routing_labels(labels, None), tok.vocab_size)
-                          if module_embed == "topic_rows" else None)
+                          embed_rows=embed_rows_for(module_embed, data, routing_labels(labels, None), tok.vocab_size))
     load(modular, "modular")
     released = mods.export(on=[t for t in TOPIC_NAMES if t != topic])   # stock model, topic module dropped
     mods.remove()
@@ -742,13 +760,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the token embedding (tied unembedding) learns on every story, core-frozen topic "
                              "stories included; the rest of the core is frozen as before (ours; default off = "
                              "the official code: embeddings frozen with the core); modular models only")
-    parser.add_argument("--module-embed", nargs="?", const="vocab", choices=["vocab", "topic-rows"], default=None,
+    parser.add_argument("--module-embed", nargs="?", const="vocab", choices=["vocab", "topic-rows", "exclusive-rows"],
+                        default=None,
                         help="each topic's module also has its own token-embedding delta (input and tied "
                              "output embedding), switched and trained with the module (ours; default off): "
                              "over the full vocabulary (vocab, the default when the flag is given alone) or "
                              "only on the rows of the topic's own tokens (topic-rows: ids in its training "
-                             "stories and in no general training story); modular models only (DEMix experts "
-                             "are unchanged)")
+                             "stories and in no general training story) or only on the rows of tokens of "
+                             "that topic alone (exclusive-rows: also in no other topic's training stories); "
+                             "modular models only (DEMix experts are unchanged)")
     parser.add_argument("--spread", choices=["one", "each"], default=None,
                         help="general stories: one random module on with probability p_as (default), or each")
     parser.add_argument("--no-select", action="store_true",
@@ -788,8 +808,8 @@ def build_config(args: argparse.Namespace) -> dict:
     if getattr(args, "embed_free", False):
         cfg["modules"]["embed_free"] = True   # only when on: default configs (and resume keys) unchanged
     me = getattr(args, "module_embed", None)
-    if me:                                     # likewise; True (full vocabulary) as before, or "topic_rows"
-        cfg["modules"]["module_embed"] = True if me in (True, "vocab") else "topic_rows"
+    if me:                                     # likewise; True (full vocabulary) as before, or a row option
+        cfg["modules"]["module_embed"] = True if me in (True, "vocab") else me.replace("-", "_")
     if getattr(args, "no_select", False) or any(getattr(args, f, None) is not None
                                                  for f in ("p_cr", "p_as", "spread", "p_other")):
         cfg["modules"].pop("select", None)     # an explicit schedule: no selection
@@ -837,11 +857,13 @@ def run(args: argparse.Namespace) -> dict:
                "attacks": {str(s): {k: v for k, v in r.items() if k != "config"} for s, r in attacks.items()},
                "wall_time_s": time.time() - t0}
     cands = (selection or {}).get("candidates") or []
-    if any(_module_embed(c.get("module_embed")) == "topic_rows" for c in [cfg["modules"], *cands]):
-        tok = _prepare(_cfg_key(cfg))[0]
-        rows = topic_only_token_ids(data, routing_labels(labels, None), tok.vocab_size)
-        # rows of each topic's embedding delta (fully labelled model; training split only)
-        metrics["module_embed_rows"] = {t: int(v.numel()) for t, v in rows.items()}
+    # rows of each topic's embedding delta (fully labelled model; training split only), per row option used
+    for opt in ROW_EMBEDS:
+        if any(_module_embed(c.get("module_embed")) == opt for c in [cfg["modules"], *cands]):
+            tok = _prepare(_cfg_key(cfg))[0]
+            rows = embed_rows_for(opt, data, routing_labels(labels, None), tok.vocab_size)
+            key = "module_embed_rows" if opt == "topic_rows" else f"module_embed_rows_{opt}"
+            metrics[key] = {t: int(v.numel()) for t, v in rows.items()}
     write_json(out / "metrics.json", metrics)
     (out / "summary.md").write_text(summary_md(summary, claims, selection))
     make_figures(out, summary, results)
@@ -1122,6 +1144,8 @@ def report(out: Path) -> dict:
                    + (", token embedding free (learns on topic stories)" if cfg["modules"].get("embed_free") else "")
                    + (", per-module token-embedding deltas" if cfg["modules"].get("module_embed") else "")
                    + (" on each topic's own token rows" if cfg["modules"].get("module_embed") == "topic_rows" else "")
+                   + (" on the rows of tokens exclusive to each topic" if cfg["modules"].get("module_embed")
+                      == "exclusive_rows" else "")
                    + (" (chosen on the validation split among " f"{len(m['selection']['candidates'])} candidates)"
                       if m.get("selection") else "")
                    + ("; 50%-unlabelled model: p_cr {p_cr}, p_as {p_as}, spread {spread} (official partial-label "
