@@ -321,3 +321,58 @@ def test_module_embed_exclusive_rows_flag_config_run_key_and_metrics(tmp_path, m
     state = torch.load(tmp_path / "o" / "models" / "modular_s0.pt", weights_only=True)
     assert all(state[f"aux_embed.{t}.rows"].tolist() == rows[t].tolist() for t in E.TOPIC_NAMES)
     assert "exclusive to each topic" in E.report(tmp_path / "o")["detail"]
+
+
+# ------------------------------------------------------------------ module width per candidate (point 11)
+def _units(state):
+    """Units of the forest module in block 0 (rows of its ``up`` weight)."""
+    return state["transformer.h.0.mlp.aux_modules.forest.up.weight"].shape[0]
+
+
+def test_candidate_width_reaches_run_key_headline_and_attack(tmp_path, monkeypatch):
+    """A selection candidate's ``width`` trains that candidate at that width (absent: the profile's),
+    is part of its run key (a run at another width is retrained, never reused), and, when chosen,
+    is the headline model's width, with which the attack stage reloads it."""
+    E, parser = _tiny_experiment(tmp_path, monkeypatch, steps=3, curve_points=2,
+                                 modules=dict(width=0.1, p_cr=1.0, p_as=0.5, spread="each"), attack_rounds=1)
+    out = tmp_path / "o"
+    cfg = E.build_config(parser.parse_args(["--out", str(out), "--seeds", "9", "--no-attack"]))
+    sel = dict(seeds=[9], removal=0.9, useful=1.1, candidates=[dict(p_cr=1.0, p_as=0.5, spread="each", width=0.5),
+                                                              dict(p_cr=1.0, p_as=0.5, spread="each")])
+    cfg["modules"]["select"] = sel
+    s = E.run_selection(cfg, out, "cpu", 1)
+    run = lambda i: E.read_json(out / "select" / f"c{i}" / "runs" / "modular_s9.json")
+    model = lambda i: torch.load(out / "select" / f"c{i}" / "models" / "modular_s9.pt", weights_only=True)
+    assert run(0)["config"]["modules"]["width"] == 0.5 and run(1)["config"]["modules"]["width"] == 0.1
+    assert _units(model(0)) == 16 and _units(model(1)) == 3            # d_mlp 32: round(0.5 x 32), round(0.1 x 32)
+    assert run(0)["module_params"] > run(1)["module_params"] and run(0)["core_params"] == run(1)["core_params"]
+    assert s["candidates"][0]["width"] == 0.5
+    # another width for candidate 0 in the same folder: retrained at that width, never reused
+    cfg["modules"]["select"]["candidates"][0]["width"] = 0.25
+    E.run_selection(cfg, out, "cpu", 1)
+    assert run(0)["config"]["modules"]["width"] == 0.25 and _units(model(0)) == 8 and _units(model(1)) == 3
+    # chosen (the only candidate): the headline model and the attack's reload use its width
+    monkeypatch.setitem(E.PROFILES["quick"]["modules"], "select",
+                        dict(seeds=[9], removal=0.9, useful=1.1,
+                             candidates=[dict(p_cr=1.0, p_as=0.5, spread="each", width=0.5)]))
+    m = E.run(parser.parse_args(["--out", str(tmp_path / "h"), "--workers", "1", "--methods", "modular"]))
+    assert m["config"]["modules"]["width"] == 0.5 and m["selection"]["schedule"]["width"] == 0.5
+    assert _units(torch.load(tmp_path / "h" / "models" / "modular_s0.pt", weights_only=True)) == 16
+    assert "modular" in m["attacks"]["0"]["attack"]
+
+
+@pytest.mark.parametrize("cands, match", [
+    ([], "need 1 to 12"),
+    ([dict(p_cr=1.0)] * 13, "need 1 to 12 schedules, got 13"),
+    ([dict(p_cr=1.0), dict(p_cr=1.0, widht=0.5)], r"candidates\[1\]: unknown key\(s\) \['widht'\]"),
+    ([dict(p_cr=1.0, width=0)], r"candidates\[0\]: width must be a positive"),
+    ([dict(p_cr=1.0, width=True)], "width must be a positive"),
+    ([dict(p_cr=1.0, width="wide")], "width must be a positive"),
+    (["p_cr"], r"candidates\[0\]: a dict"),
+])
+def test_bad_selection_candidates_are_clear_errors(cands, match):
+    from gradroute.experiments import modules as E
+    with pytest.raises(ValueError, match=match):
+        E.check_candidates(cands)
+    E.check_candidates([dict(p_cr=1.0, width=0.5)] * 12)            # up to 12, with widths, is fine
+    E.check_candidates(E.SELECT["candidates"])                       # the defaults pass

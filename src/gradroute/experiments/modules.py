@@ -692,13 +692,36 @@ def _mean_configs(runs: list) -> dict:
     return {c: {n: float(np.mean([r["val_configs"][c][n] for r in runs])) for n in SETS} for c in runs[0]["val_configs"]}
 
 
+# A candidate is a partial ``modules`` config merged into the profile's for that candidate's run (so
+# every key reaches the run key: a run trained with other settings is retrained, never reused).
+# ``width`` (ours, diagnosis point 11): the module width of that candidate (a fraction of the MLP's
+# hidden width, or an int unit count); absent: the profile's ``modules.width``.
+CANDIDATE_KEYS = ("p_cr", "p_as", "spread", "p_other", "width", "embed_free", "module_embed")
+MAX_CANDIDATES = 12
+
+
+def check_candidates(cands: list) -> None:
+    """Clear errors for a bad ``modules.select.candidates`` list (before anything is trained)."""
+    if not cands or len(cands) > MAX_CANDIDATES:
+        raise ValueError(f"modules.select.candidates: need 1 to {MAX_CANDIDATES} schedules, got {len(cands)}")
+    for i, c in enumerate(cands):
+        if not isinstance(c, dict):
+            raise ValueError(f"modules.select.candidates[{i}]: a dict of schedule settings, got {c!r}")
+        unknown = sorted(set(c) - set(CANDIDATE_KEYS))
+        if unknown:
+            raise ValueError(f"modules.select.candidates[{i}]: unknown key(s) {unknown}; allowed: {list(CANDIDATE_KEYS)}")
+        w = c.get("width")
+        if w is not None and (isinstance(w, bool) or not isinstance(w, (int, float)) or w <= 0):
+            raise ValueError(f"modules.select.candidates[{i}]: width must be a positive fraction of the MLP "
+                             f"(float) or unit count (int), got {w!r}")
+
+
 def run_selection(cfg: dict, out: Path, device: str, workers: int, eval_seeds=()) -> dict:
     """Train the candidates and the single-topic filters on the selection seeds, pick the
     schedule by :data:`SELECT_RULE` on the validation split; resumable (``out/select``)."""
     sel = cfg["modules"]["select"]
     cands = sel["candidates"]
-    if not cands or len(cands) > 8:
-        raise ValueError(f"modules.select.candidates: need 1 to 8 schedules, got {len(cands)}")
+    check_candidates(cands)
     overlap = set(sel["seeds"]) & (set(range(cfg["seeds"])) | set(eval_seeds))
     if overlap:
         raise ValueError(f"modules.select.seeds {sorted(overlap)} are evaluation seeds; use other seeds")
