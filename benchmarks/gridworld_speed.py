@@ -11,10 +11,8 @@ optimizer step (no evaluation), for routing at p = 0.1, measured side by side in
   stepping the env as it was then (``benchmarks/gridworld_reference_env.py``);
 - ``new_fp32`` / ``new_bf16``: ``gradroute.experiments.gridworld`` (stacked experts as one
   batched matmul, the rollout's forward reused for the update, linear critic and gate as the
-  original: 1x1 conv + MLP 100-256-256-1), with the expert and gate matmuls in fp32 or bfloat16;
-  ``new_bf16`` runs as the cpu profile does, with the backward's per-chunk work compiled
-  (``torch.compile``; its one-off compilation happens in the warm-up and is reported as
-  ``compile_warmup_s``), ``new_bf16_eager`` the same loop without compilation;
+  original: 1x1 conv + MLP 100-256-256-1), with the expert and gate matmuls in fp32 or bfloat16
+  (``new_bf16`` is the quick and cpu profiles' setting);
 - ``new_bf16_mlp64``: the same with the smaller gate (100-64-1) that the old loop also has, so
   the loops compare like with like.
 
@@ -78,22 +76,22 @@ def matmul_gflops(dtype, m=16384, k=256, n=256, reps=10) -> float:
     return best
 
 
-def new_train(num_envs: int, updates: int, precision: str, gate: str = "original", compile: bool = False) -> None:
+def new_train(num_envs: int, updates: int, precision: str, gate: str = "original") -> None:
     cfg = dict(gw.PROFILES["cpu"], num_envs=num_envs, precision=precision, gate=gate)
     gen = torch.Generator().manual_seed(0)
     env = GridworldVecEnv(num_envs, 0.1, return_final_obs=False)
     policy = gw.make_policy("routing", cfg)
     opt = torch.optim.Adam(policy.parameters(), lr=cfg["lr"])
     obs, _ = env.reset(seed=0)
-    buffers: dict = {}                       # as gw.train: rollout buffers reused across updates
+    buffers: dict = {}                       # as gw.train: rollout and backward buffers reused across updates
     for _ in range(updates):
         opt.zero_grad(set_to_none=True)
         obs, batch = gw.rollout(policy, env, obs, 32, gen, buffers)
-        gw.update(policy, batch, "routing", cfg, compile=compile)
+        gw.update(policy, batch, "routing", cfg, buffers=buffers)
         opt.step()
 
 
-def breakdown(num_envs: int, rounds: int = 7, compile: bool = False) -> dict:
+def breakdown(num_envs: int, rounds: int = 7) -> dict:
     """Milliseconds per update of the default loop by phase (best of ``rounds`` updates): the
     rollout split into the policy's forward (everything but the env) and the env's steps; the
     update split into the hand backward (``_expert_backward``) and the rest (losses, critic,
@@ -128,7 +126,7 @@ def breakdown(num_envs: int, rounds: int = 7, compile: bool = False) -> dict:
             opt.zero_grad(set_to_none=True)
             obs, batch = gw.rollout(policy, env, obs, 32, gen, buffers)
             t1 = time.perf_counter()
-            gw.update(policy, batch, "routing", cfg, compile=compile)
+            gw.update(policy, batch, "routing", cfg, buffers=buffers)
             t2 = time.perf_counter()
             opt.step()
             t3 = time.perf_counter()
@@ -145,12 +143,12 @@ def breakdown(num_envs: int, rounds: int = 7, compile: bool = False) -> dict:
 
 def timed(fns: dict, num_envs: int, updates: int, repeats: int):
     """Best env steps/s of each loop over ``repeats`` rounds, by wall clock and by the thread's
-    CPU time, and each loop's warm-up time (one update, after compilation for compiled loops);
+    CPU time, and each loop's warm-up time (one update);
     the loops take turns within a round, so load from other processes hits them alike."""
     warm = {}
     for name, fn in fns.items():
         t = time.perf_counter()
-        fn(num_envs, 1)                               # warm-up (compiles, where a loop compiles)
+        fn(num_envs, 1)                               # warm-up
         warm[name] = time.perf_counter() - t
     best = {k: 0.0 for k in fns}
     best_cpu = {k: 0.0 for k in fns}
@@ -188,12 +186,12 @@ def main() -> None:
     ap.add_argument("--updates", type=int, default=4, help="updates per timing")
     ap.add_argument("--repeats", type=int, default=5, help="timing rounds (best is kept)")
     ap.add_argument("--breakdown", action="store_true",
-                    help="only print ms per update of the default loop by phase (eager and compiled)")
+                    help="only print ms per update of the default loop by phase")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     os.environ["GRADROUTE_QUIET"] = "1"
     if args.breakdown:
-        res = {f"{n}_{'compiled' if c else 'eager'}": breakdown(n, compile=c) for n in args.envs for c in (False, True)}
+        res = {str(n): breakdown(n) for n in args.envs}
         for k, v in res.items():
             print(k, v, flush=True)
         print(json.dumps({"breakdown_ms_per_update": res, "load_avg_1m": os.getloadavg()[0]}))
@@ -212,30 +210,24 @@ def main() -> None:
           f"old env {res['old_env_steps_per_s_random_policy']}", flush=True)
     runs = {"old": reference_train,
             "new_fp32": lambda n, u: new_train(n, u, "fp32"),
-            "new_bf16": lambda n, u: new_train(n, u, "bf16", compile=True),
-            "new_bf16_eager": lambda n, u: new_train(n, u, "bf16"),
+            "new_bf16": lambda n, u: new_train(n, u, "bf16"),
             "new_bf16_mlp64": lambda n, u: new_train(n, u, "bf16", "mlp64")}
     flops = {"old": flops_per_env_step("old"), "new_fp32": flops_per_env_step("new", "original"),
              "new_bf16": flops_per_env_step("new", "original"),
-             "new_bf16_eager": flops_per_env_step("new", "original"),
              "new_bf16_mlp64": flops_per_env_step("new", "mlp64")}
     res["train_env_steps_per_s"] = {k: {} for k in runs}
     res["flops_per_env_step"] = {k: round(v) for k, v in flops.items()}
     res["achieved_gflops"] = {k: {} for k in runs}
     res["train_env_steps_per_cpu_s"] = {k: {} for k in runs}
-    res["compile_warmup_s"] = {}
     for n in args.envs:
-        best, best_cpu, warm = timed(runs, n, args.updates, args.repeats)
-        # the first warm-up of the compiled loop includes compilation (shared by later sizes
-        # where the chunk shape repeats); minus the eager loop's warm-up update
-        res["compile_warmup_s"][str(n)] = round(warm["new_bf16"] - warm["new_bf16_eager"], 2)
+        best, best_cpu, _ = timed(runs, n, args.updates, args.repeats)
         for name, sps in best.items():
             res["train_env_steps_per_s"][name][str(n)] = round(sps)
             res["train_env_steps_per_cpu_s"][name][str(n)] = round(best_cpu[name])
             res["achieved_gflops"][name][str(n)] = round(sps * flops[name] / 1e9, 1)
             print(f"train {name:9s} {n:4d} envs: {sps / 1e3:7.1f} k env steps/s "
                   f"(~{sps * flops[name] / 1e9:5.1f} GFLOP/s of matmul)", flush=True)
-        for name in ("new_fp32", "new_bf16", "new_bf16_eager", "new_bf16_mlp64"):
+        for name in ("new_fp32", "new_bf16", "new_bf16_mlp64"):
             s = res["train_env_steps_per_s"][name][str(n)] / res["train_env_steps_per_s"]["old"][str(n)]
             sc = res["train_env_steps_per_cpu_s"][name][str(n)] / res["train_env_steps_per_cpu_s"]["old"][str(n)]
             res[f"speedup_{name}_{n}"] = round(s, 2)
