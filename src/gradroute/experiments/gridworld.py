@@ -387,76 +387,83 @@ def rollout(policy: MoEPolicy, env: GridworldVecEnv, obs: torch.Tensor, T: int, 
     rollout's forward pass *is* the training forward pass: it keeps the activations that the
     backward pass needs (:func:`update` carries the gradient by hand through them with one matmul
     per layer over all ``T*N`` steps, instead of recomputing or keeping ``T`` small graphs).
-    Returns the next obs and a dict: ``y`` (T*N, experts*hidden [+ gate width]) first hidden
-    layer of the experts and the gate, ``h`` (experts, T*N, hidden) expert states, ``y2``
-    (T*N, 256) the original gate's second hidden layer (or None), ``gl`` (T*N,) gate logits (or
-    None), ``mix`` / ``diff`` / ``logits`` (T*N, ...), and (T, N) ``obs``, ``act``, ``done``,
-    ``reached``, ``overseen``; all activations after their ReLU, in the compute dtype.
+    Returns the next obs and a dict: ``x`` (T*N, obs_dim) the observations and ``y`` (T*N,
+    experts*hidden [+ gate width]) the first hidden layer of the experts and the gate, ``h``
+    (experts, T*N, hidden) expert states, ``mix`` (T*N, hidden) their gated mix (``h[0]`` with
+    one expert), ``y2`` (T*N, 256) the original gate's second hidden layer (or None), all in the
+    compute dtype and after their ReLU; ``gl`` (T*N,) gate logits (or None) and ``logits`` (T*N,
+    actions) in fp32; ``obs`` (T, N, obs_dim) in fp32 and (T, N) ``act``, ``done``, ``reached``,
+    ``overseen``.
 
-    ``buffers``: a dict kept by the caller across rollouts; the large activation buffers are
-    reused from it (fresh multi-MB allocations cost page faults on every rollout), so the
-    previous rollout's batch is overwritten: pass it only when that batch is no longer needed."""
+    ``buffers``: a dict kept by the caller across rollouts; the activation and observation
+    buffers are reused from it (fresh multi-MB allocations cost page faults on every rollout), so
+    the previous rollout's batch is overwritten: pass it only when that batch is no longer needed."""
     gate = policy.gate
     N = obs.shape[0]
-    gls, logits_l, obs_l, acts, dones, reached, overseen = ([] for _ in range(7))
+    acts, dones, reached, overseen = [], [], [], []
     with torch.no_grad():
         w1, b1, w2, b2 = policy.expert_weights()
         E, H, dt = w2.shape[0], w2.shape[2], w1.dtype
+        A = policy.head.out_features
         # preallocated (T*N, ...) buffers: every step writes its rows in place (no concatenation)
         bufs = {} if buffers is None else buffers
 
-        def empty(name, *shape):
+        def empty(name, *shape, dtype=dt):
             b = bufs.get(name)
-            if b is None or b.shape != shape or b.dtype != dt:
-                b = bufs[name] = torch.empty(shape, dtype=dt)
+            if b is None or b.shape != shape or b.dtype != dtype:
+                b = bufs[name] = torch.empty(shape, dtype=dtype)
             return b
+        obs_all = empty("obs", T, N, w1.shape[0], dtype=torch.float32)
+        x_all = obs_all.view(T * N, -1) if dt == torch.float32 else empty("x", T * N, w1.shape[0])
         y_all = empty("y", T * N, w1.shape[1])
         h_all = empty("h", E, T * N, H)
-        y2_all = None
-        if gate is not None and gate.fc2 is not None:
-            fc2_wt, fc2_b = gate.fc2.weight.to(dt).t(), gate.fc2.bias.to(dt)
-            y2_all = empty("y2", T * N, fc2_b.shape[0])
+        logits_all = empty("logits", T * N, A, dtype=torch.float32)
+        y2_all = gl_all = None
+        mix_all = h_all[0]
+        if gate is not None:
+            mix_all = empty("mix", T * N, H)
+            gl_all = empty("gl", T * N, 1, dtype=torch.float32)
+            if gate.fc2 is not None:
+                fc2_wt, fc2_b = gate.fc2.weight.to(dt).t(), gate.fc2.bias.to(dt)
+                y2_all = empty("y2", T * N, fc2_b.shape[0])
         # the Gumbel noise of every step in one call (the same numbers as T calls of sample_actions)
-        u = torch.rand((T, N, policy.head.out_features), generator=gen).clamp_(1e-20, 1.0)
+        u = torch.rand((T, N, A), generator=gen).clamp_(1e-20, 1.0)
         gumbel = u.log_().neg_().log_().neg_()
         # every view the steps write into or read from, made in a few bulk calls (one slice per
         # step and buffer from Python costs ~1 us each, ~30 per step)
-        ys = y_all.split(N)                                                # (N, E*H [+ gate]) per step
+        xs, ys, mixs, logit_s = (b.split(N) for b in (x_all, y_all, mix_all, logits_all))
+        obs_s = obs_all.unbind(0)
         ys_e = [y_all[:, e * H:(e + 1) * H].split(N) for e in range(E)]   # each expert's columns
         hs_e = [h_all[e].split(N) for e in range(E)]                      # each expert's rows
         w2_e, b2_e = w2.unbind(0), b2[:, 0].unbind(0)
         if gate is not None:
-            ygs = y_all[:, E * H:].split(N)
+            ygs, gls = y_all[:, E * H:].split(N), gl_all.split(N)
             y2s = y2_all.split(N) if y2_all is not None else None
-            out_w, out_b = gate.out.weight, gate.out.bias
-        head_w, head_b = policy.head.weight, policy.head.bias
+            out_wt, out_b = gate.out.weight.t(), gate.out.bias
+        head_wt, head_b = policy.head.weight.t(), policy.head.bias
         gum = gumbel.unbind(0)
         for t in range(T):
-            x = obs.flatten(1)
-            _relu_(torch.addmm(b1, x.to(dt), w1, out=ys[t]))
+            obs_s[t].copy_(obs.view(N, -1))
+            x = xs[t] if dt == torch.float32 else xs[t].copy_(obs_s[t])
+            _relu_(torch.addmm(b1, x, w1, out=ys[t]))
             for e in range(E):
                 _relu_(torch.addmm(b2_e[e], ys_e[e][t], w2_e[e], out=hs_e[e][t]))
-            if gate is None:
-                mix = hs_e[0][t]
-            else:
+            if gate is not None:
                 yg = ygs[t]
                 if y2s is not None:
                     yg = _relu_(torch.addmm(fc2_b, yg, fc2_wt, out=y2s[t]))
-                gl = F.linear(yg.float(), out_w, out_b).squeeze(-1)
-                gls.append(gl)
-                mix = _mix(hs_e[0][t], hs_e[1][t], gl)
-            logits = F.linear(mix.float(), head_w, head_b)
+                gl = torch.addmm(out_b, yg.float(), out_wt, out=gls[t])
+                _mix(hs_e[0][t], hs_e[1][t], gl.view(N), out=mixs[t])
+            logits = torch.addmm(head_b, mixs[t].float(), head_wt, out=logit_s[t])
             act = (logits + gum[t]).argmax(-1)
-            logits_l.append(logits)
-            obs_l.append(x)
             acts.append(act)
             obs, _, term, trunc, info = env.step(act)
             dones.append(term | trunc)
             reached.append(info["reached"])
             overseen.append(info["overseen"])
-    batch = {"y": y_all, "h": h_all, "y2": y2_all, "gl": torch.cat(gls) if gls else None,
-             "logits": torch.cat(logits_l),
-             "obs": torch.stack(obs_l), "act": torch.stack(acts), "done": torch.stack(dones),
+    batch = {"x": x_all, "y": y_all, "h": h_all, "mix": mix_all, "y2": y2_all,
+             "gl": None if gl_all is None else gl_all.view(T * N), "logits": logits_all,
+             "obs": obs_all, "act": torch.stack(acts), "done": torch.stack(dones),
              "reached": torch.stack(reached), "overseen": torch.stack(overseen)}
     return obs, batch
 
