@@ -512,34 +512,34 @@ def _add_grad(p: torch.Tensor, g: torch.Tensor) -> None:
 def _expert_backward(policy: MoEPolicy, batch: dict, coef: torch.Tensor, d_logits: torch.Tensor,
                      gate_coef=None, d_gl_extra=None, chunk: int = 2048, buffers: dict | None = None) -> None:
     """Hand backward from the action logits through the shared head, the gated mix, the experts
-    and the gate. ``d_logits`` (T*N, actions) is d loss / d logits; d loss / d mix is
-    ``d_mix = d_logits @ head.weight``; d loss / d expert state ``e`` at row ``i`` is
-    ``coef[e, i] * d_mix[i]`` (``coef`` (experts, T*N): the mix weight times the routing
-    weight); d loss / d gate logit is ``gate_coef * <h_d - h_g, d_mix> + d_gl_extra``
-    (``gate_coef`` (T*N,): the gate's routing weight times sigmoid'; ``d_gl_extra``: the gate
-    BCE's gradient or None). The head's gradient is accumulated here too, from the mix recomputed
-    per chunk. Rows are taken ``chunk`` at a time, so elementwise passes stay in
-    cache while the matmuls stay large; the weight gradients of the fused first layer and the
-    stacked second layer are summed in fp32 and handed to autograd at the compute-dtype weights of
-    :meth:`MoEPolicy.expert_weights`, which carries them through the casts, the concatenation
-    and the gate's folded 1x1 conv.
+    and the gate. ``d_logits`` (T*N, actions) is d loss / d logits; d loss / d expert state ``e``
+    at row ``i`` is ``coef[e, i] * d_logits[i] @ head.weight`` (``coef`` (experts, T*N): the mix
+    weight times the routing weight), one matmul with an inner size of 4 per chunk for all
+    experts; d loss / d gate logit is ``gate_coef * <h_d - h_g, d_logits @ head.weight> +
+    d_gl_extra``, taken as ``<(h_d - h_g) @ head.weight.T, d_logits>`` (``gate_coef`` (T*N,): the
+    gate's routing weight times sigmoid'; ``d_gl_extra``: the gate BCE's gradient or None). The
+    head's gradient is accumulated here too, from the rollout's mix. Rows are taken ``chunk`` at
+    a time, so elementwise passes stay in cache while the matmuls stay large; the weight
+    gradients of the fused first layer and the stacked second layer are summed in fp32 and handed
+    to autograd at the compute-dtype weights of :meth:`MoEPolicy.expert_weights`, which carries
+    them through the casts, the concatenation and the gate's folded 1x1 conv.
 
     Every chunk-sized intermediate is written into a work buffer; ``buffers`` (a dict the caller
     keeps across updates, as :func:`train` does with the rollout's) keeps them from one update to
     the next: freshly allocated multi-MB tensors went back to the OS when freed and cost ~2,000-
     7,000 page faults per update at 256 envs (docs/gridworld.md, Speed)."""
-    y_all, h_all, x_all = batch["y"], batch["h"], batch["obs"].flatten(0, 1)
+    y_all, h_all, x_all, mix_all = batch["y"], batch["h"], batch["x"], batch["mix"]
     dt, E, H = y_all.dtype, policy.w2.shape[0], policy.w2.shape[2]
     w1, b1, w2, b2 = policy.expert_weights()
     w2t = w2.detach().transpose(1, 2)
     head_w = policy.head.weight.detach()
     head_w_dt = head_w.to(dt)
+    A = head_w.shape[0]
     gate = policy.gate
     fc2_w = None
     if gate is not None:
         out_w = gate.out.weight.detach()
         fc2_w = gate.fc2.weight.detach().to(dt) if gate.fc2 is not None else None
-    gl_all = batch["gl"]
     R, W1 = y_all.shape
     D, rows = x_all.shape[1], min(chunk, R)
     Wg = W1 - E * H                                      # the gate's first-layer width (0 without a gate)
@@ -551,8 +551,8 @@ def _expert_backward(policy: MoEPolicy, batch: dict, coef: torch.Tensor, d_logit
             b = ws["bw_" + name] = torch.empty(shape, dtype=dtype)
         return b
     d_y_buf = buf("d_y", rows, W1)                       # d loss / d first layer (after its ReLU)
-    d_h_buf = buf("d_h", E, rows, H)                     # d loss / d expert states
-    mix_buf, d_mix_buf, x_buf = buf("mix", rows, H), buf("d_mix", rows, H), buf("x", rows, D)
+    d_h_buf = buf("d_h", E * rows, H)                    # d loss / d expert states, expert after expert
+    a_buf = buf("a", E * rows, A)                        # coef * d_logits, expert after expert
     g_w1, g_w2 = buf("g_w1", D, W1), buf("g_w2", E, H, H)          # one chunk's weight gradients
     acc = {"w1": torch.zeros(D, W1), "b1": torch.zeros(W1), "w2": torch.zeros(E, H, H),   # fp32 sums
            "b2": torch.zeros(E, 1, H), "head_w": torch.zeros(head_w.shape)}
@@ -563,20 +563,17 @@ def _expert_backward(policy: MoEPolicy, batch: dict, coef: torch.Tensor, d_logit
         if fc2_w is not None:
             g_fc2 = buf("g_fc2", Wo, Wg)
             acc["fc2_w"], acc["fc2_b"] = torch.zeros(Wo, Wg), torch.zeros(Wo)
-    coef = coef.to(dt)
     for lo in range(0, R, chunk):
         sl = slice(lo, lo + chunk)
-        y = y_all[sl]
+        y, x, h, dl = y_all[sl], x_all[sl], h_all[:, sl], d_logits[sl]
         C = y.shape[0]
-        x = x_buf[:C].copy_(x_all[sl])                       # the observations in the compute dtype
         d_y = d_y_buf[:C]                   # each layer's input gradient is written into its columns
-        # d loss / d mix (C, hidden); MKL's fp32 matmul is very slow with an inner size of 4
-        d_mix = (torch.mm(d_logits[sl].to(dt), head_w_dt, out=d_mix_buf[:C]) if dt != torch.float32
-                 else torch.einsum("bk,kh->bh", d_logits[sl], head_w))
-        h = h_all[:, sl]
-        mix = h[0] if gate is None else _mix(h[0], h[1], gl_all[sl], out=mix_buf[:C])
-        acc["head_w"].add_(d_logits[sl].t().to(dt) @ mix)
-        d_pre2 = _relu_grad_(torch.mul(coef[:, sl, None], d_mix, out=d_h_buf[:, :C]), h)   # (E, C, H)
+        acc["head_w"].add_(dl.t().to(dt) @ mix_all[sl])
+        a = torch.mul(coef[:, sl, None], dl, out=a_buf[:E * C].view(E, C, A)).view(E * C, A)
+        # d loss / d expert states (E, C, H); MKL's fp32 matmul is very slow with an inner size of 4
+        d_h = (torch.mm(a, head_w_dt, out=d_h_buf[:E * C]) if dt != torch.float32
+               else torch.einsum("bk,kh->bh", a, head_w)).view(E, C, H)
+        d_pre2 = _relu_grad_(d_h, h)
         for e in range(E):
             torch.mm(y[:, e * H:(e + 1) * H].t(), d_pre2[e], out=g_w2[e])
         acc["w2"].add_(g_w2)
@@ -585,7 +582,8 @@ def _expert_backward(policy: MoEPolicy, batch: dict, coef: torch.Tensor, d_logit
             torch.mm(d_pre2[e], w2t[e], out=d_y[:, e * H:(e + 1) * H])
         if gate is not None:
             # d loss / d gate logits
-            d_g = gate_coef[sl] * torch.sub(h[0], h[1], out=diff_buf[:C]).mul_(d_mix).sum(-1).float()
+            hd = torch.sub(h[0], h[1], out=diff_buf[:C]) @ head_w_dt.t()
+            d_g = gate_coef[sl] * (hd.float() * dl).sum(-1)
             if d_gl_extra is not None:
                 d_g = d_g + d_gl_extra[sl]
             yg = batch["y2"][sl] if fc2_w is not None else y[:, E * H:]
