@@ -274,6 +274,35 @@ def test_episode_outcomes_and_rewards():
     assert ret[:, 0].tolist() == [-0.5, -1.0, 0.5, 1.0]
 
 
+def _scan_episode_outcomes(done, reached, overseen, reward, gamma):
+    """The step-by-step backward scan that episode_outcomes replaced (kept as the reference)."""
+    T, N = done.shape
+    out = [torch.zeros(T, N, dtype=torch.long), torch.zeros(T, N, dtype=torch.bool),
+           torch.zeros(T, N, dtype=torch.bool), torch.zeros(T, N)]
+    r_c, o_c = torch.zeros(N, dtype=torch.long), torch.zeros(N, dtype=torch.bool)
+    c_c, g_c = torch.zeros(N, dtype=torch.bool), torch.zeros(N)
+    for t in reversed(range(T)):
+        d = done[t]
+        r_c, o_c, c_c = torch.where(d, reached[t], r_c), torch.where(d, overseen[t], o_c), d | c_c
+        g_c = reward[t] + gamma * g_c * (~d).float()
+        out[0][t], out[1][t], out[2][t], out[3][t] = r_c, o_c, c_c, g_c
+    return out
+
+
+def test_episode_outcomes_equals_the_step_by_step_scan():
+    # the vectorised outcomes and the two-op return scan give the scan's values bit for bit
+    # (the returns feed the paper's metric)
+    g = torch.Generator().manual_seed(0)
+    for T, N, p_done in ((32, 64, 0.1), (7, 5, 0.5), (1, 3, 1.0), (9, 4, 0.0)):
+        done = torch.rand(T, N, generator=g) < p_done
+        reached = torch.randint(0, 3, (T, N), generator=g) * done
+        overseen = (torch.rand(T, N, generator=g) < 0.5) & done
+        reward = torch.randn(T, N, generator=g) * done
+        for got, want in zip(gw.episode_outcomes(done, reached, overseen, reward, gw.GAMMA),
+                             _scan_episode_outcomes(done, reached, overseen, reward, gw.GAMMA)):
+            assert got.dtype == want.dtype and torch.equal(got, want)
+
+
 def test_evaluate_random_policy_in_range():
     torch.manual_seed(0)
     ev = gw.evaluate(gw.MoEPolicy(), 0.1, seed=0, episodes=256)

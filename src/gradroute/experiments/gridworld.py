@@ -272,21 +272,23 @@ def episode_outcomes(done, reached, overseen, reward, gamma):
     """Backward scan over a (T, N) rollout. For every step: the outcome of the episode it
     belongs to (0 / False where the episode is unfinished at the end of the rollout), whether
     that episode finished inside the rollout, and its discounted return inside the rollout
-    (no bootstrap: an unfinished episode's steps get the rewards seen so far, i.e. 0)."""
+    (no bootstrap: an unfinished episode's steps get the rewards seen so far, i.e. 0).
+
+    The outcomes are read at each step's next episode end (a reversed running minimum of the
+    end steps: a few ops for the whole rollout); the return is the scan ``g_t = r_t + gamma *
+    g_{t+1} * (1 - done_t)``, two ops per step, with the same roundings as one op at a time."""
     T, N = done.shape
-    ep_reached = torch.zeros(T, N, dtype=torch.long)
-    ep_overseen = torch.zeros(T, N, dtype=torch.bool)
-    complete = torch.zeros(T, N, dtype=torch.bool)
-    returns = torch.zeros(T, N)
-    r_c, o_c = torch.zeros(N, dtype=torch.long), torch.zeros(N, dtype=torch.bool)
-    c_c, g_c = torch.zeros(N, dtype=torch.bool), torch.zeros(N)
+    steps = torch.arange(T).unsqueeze(1).expand(T, N)
+    nxt = torch.where(done, steps, T).flip(0).cummin(0).values.flip(0)     # next end at or after t (T: none)
+    complete = nxt < T
+    at_end = nxt.clamp(max=T - 1)
+    ep_reached = torch.where(complete, reached.gather(0, at_end), 0)
+    ep_overseen = overseen.gather(0, at_end) & complete
+    disc = gamma * (~done).float()                                          # gamma where the episode goes on
+    returns = torch.empty(T, N)
+    g = torch.zeros(N)
     for t in reversed(range(T)):
-        d = done[t]
-        r_c = torch.where(d, reached[t], r_c)
-        o_c = torch.where(d, overseen[t], o_c)
-        c_c = d | c_c
-        g_c = reward[t] + gamma * g_c * (~d).float()
-        ep_reached[t], ep_overseen[t], complete[t], returns[t] = r_c, o_c, c_c, g_c
+        g = torch.mul(disc[t], g, out=returns[t]).add_(reward[t])
     return ep_reached, ep_overseen, complete, returns
 
 
