@@ -189,10 +189,12 @@ class MoEPolicy(nn.Module):
                 self.b2.zero_()
 
     def expert_weights(self):
-        """The weights of the first layer of every expert *and* of the gate, as one
-        ``(obs_dim, experts*hidden [+ 64])`` matrix (one matmul per step for all of them), and the
-        experts' second layer, in the compute dtype. One cast per update is shared by every step
-        of a rollout (the graph keeps it, so gradients reach the fp32 master weights)."""
+        """The first layer of every expert *and* of the gate as one ``(obs_dim + 1, experts*hidden
+        [+ gate width])`` matrix whose last row is the bias (one matmul per step for all of them,
+        on observations with a column of ones appended; the weight gradient of that matmul then
+        carries the bias gradient in its last row), and the experts' second layer, in the compute
+        dtype. One cast per update is shared by every step of a rollout (the graph keeps it, so
+        gradients reach the fp32 master weights)."""
         dt = DTYPES[self.precision]
         E, D, H = self.w1.shape
         w1, b1 = self.w1.transpose(0, 1).reshape(D, E * H), self.b1.reshape(E * H)
@@ -200,14 +202,14 @@ class MoEPolicy(nn.Module):
             gw1, gb1 = self.gate.first_layer()
             w1 = torch.cat((w1, gw1), 1)
             b1 = torch.cat((b1, gb1))
-        return w1.to(dt), b1.to(dt), self.w2.to(dt), self.b2.to(dt)
+        return torch.cat((w1, b1[None]), 0).to(dt), self.w2.to(dt), self.b2.to(dt)
 
     def features(self, x: torch.Tensor, weights=None, out_dtype=torch.float32):
         """Expert hidden states ``(experts, B, hidden)`` (in ``out_dtype``; None keeps the compute
         dtype) and gate logits ``(B,)`` (None with one expert) for flat observations ``(B, obs_dim)``."""
-        w1, b1, w2, b2 = self.expert_weights() if weights is None else weights
+        w1, w2, b2 = self.expert_weights() if weights is None else weights
         E, H = self.w2.shape[0], self.w2.shape[2]
-        y = torch.relu(torch.addmm(b1, x.to(w1.dtype), w1))            # (B, E*H [+ 64])
+        y = torch.relu(torch.addmm(w1[-1], x.to(w1.dtype), w1[:-1]))   # (B, E*H [+ gate width])
         h = torch.relu(torch.baddbmm(b2, y[:, :E * H].view(-1, E, H).transpose(0, 1), w2))
         if out_dtype is not None:
             h = h.to(out_dtype)
@@ -389,7 +391,8 @@ def rollout(policy: MoEPolicy, env: GridworldVecEnv, obs: torch.Tensor, T: int, 
     rollout's forward pass *is* the training forward pass: it keeps the activations that the
     backward pass needs (:func:`update` carries the gradient by hand through them with one matmul
     per layer over all ``T*N`` steps, instead of recomputing or keeping ``T`` small graphs).
-    Returns the next obs and a dict: ``x`` (T*N, obs_dim) the observations and ``y`` (T*N,
+    Returns the next obs and a dict: ``x`` (T*N, obs_dim + 1) the observations with a column of
+    ones and ``y`` (T*N,
     experts*hidden [+ gate width]) the first hidden layer of the experts and the gate, ``h``
     (experts, T*N, hidden) expert states, ``mix`` (T*N, hidden) their gated mix (``h[0]`` with
     one expert), ``y2`` (T*N, 256) the original gate's second hidden layer (or None), all in the
@@ -404,8 +407,9 @@ def rollout(policy: MoEPolicy, env: GridworldVecEnv, obs: torch.Tensor, T: int, 
     N = obs.shape[0]
     acts, dones, reached, overseen = [], [], [], []
     with torch.no_grad():
-        w1, b1, w2, b2 = policy.expert_weights()
+        w1, w2, b2 = policy.expert_weights()                # w1: (obs_dim + 1, ...), bias last
         E, H, dt = w2.shape[0], w2.shape[2], w1.dtype
+        D = w1.shape[0] - 1
         A = policy.head.out_features
         # preallocated (T*N, ...) buffers: every step writes its rows in place (no concatenation)
         bufs = {} if buffers is None else buffers
@@ -415,8 +419,9 @@ def rollout(policy: MoEPolicy, env: GridworldVecEnv, obs: torch.Tensor, T: int, 
             if b is None or b.shape != shape or b.dtype != dtype:
                 b = bufs[name] = torch.empty(shape, dtype=dtype)
             return b
-        obs_all = empty("obs", T, N, w1.shape[0], dtype=torch.float32)
-        x_all = obs_all.view(T * N, -1) if dt == torch.float32 else empty("x", T * N, w1.shape[0])
+        obs_all = empty("obs", T, N, D, dtype=torch.float32)
+        x_all = empty("x", T * N, D + 1)                    # the observations and a column of ones
+        x_all[:, D].fill_(1)
         y_all = empty("y", T * N, w1.shape[1])
         h_all = empty("h", E, T * N, H)
         logits_all = empty("logits", T * N, A, dtype=torch.float32)
@@ -446,8 +451,8 @@ def rollout(policy: MoEPolicy, env: GridworldVecEnv, obs: torch.Tensor, T: int, 
         gum = gumbel.unbind(0)
         for t in range(T):
             obs_s[t].copy_(obs.view(N, -1))
-            x = xs[t] if dt == torch.float32 else xs[t].copy_(obs_s[t])
-            _relu_(torch.addmm(b1, x, w1, out=ys[t]))
+            xs[t][:, :D].copy_(obs_s[t])
+            _relu_(torch.mm(xs[t], w1, out=ys[t]))
             for e in range(E):
                 _relu_(torch.addmm(b2_e[e], ys_e[e][t], w2_e[e], out=hs_e[e][t]))
             if gate is not None:
@@ -532,7 +537,7 @@ def _expert_backward(policy: MoEPolicy, batch: dict, coef: torch.Tensor, d_logit
     7,000 page faults per update at 256 envs (docs/gridworld.md, Speed)."""
     y_all, h_all, x_all, mix_all = batch["y"], batch["h"], batch["x"], batch["mix"]
     dt, E, H = y_all.dtype, policy.w2.shape[0], policy.w2.shape[2]
-    w1, b1, w2, b2 = policy.expert_weights()
+    w1, w2, b2 = policy.expert_weights()
     w2t = w2.detach().transpose(1, 2)
     head_w = policy.head.weight.detach()
     head_w_dt = head_w.to(dt)
@@ -556,7 +561,7 @@ def _expert_backward(policy: MoEPolicy, batch: dict, coef: torch.Tensor, d_logit
     d_h_buf = buf("d_h", E * rows, H)                    # d loss / d expert states, expert after expert
     a_buf = buf("a", E * rows, A)                        # coef * d_logits, expert after expert
     g_w1, g_w2 = buf("g_w1", D, W1), buf("g_w2", E, H, H)          # one chunk's weight gradients
-    acc = {"w1": torch.zeros(D, W1), "b1": torch.zeros(W1), "w2": torch.zeros(E, H, H),   # fp32 sums
+    acc = {"w1": torch.zeros(D, W1), "w2": torch.zeros(E, H, H),                          # fp32 sums
            "b2": torch.zeros(E, 1, H), "head_w": torch.zeros(head_w.shape)}
     if gate is not None:
         Wo = fc2_w.shape[0] if fc2_w is not None else Wg                # width of the gate's output layer's input
@@ -599,8 +604,7 @@ def _expert_backward(policy: MoEPolicy, batch: dict, coef: torch.Tensor, d_logit
                 acc["fc2_b"].add_(d_pre.sum(0))
                 torch.mm(d_pre, fc2_w, out=d_y[:, E * H:])
         d_pre1 = _relu_grad_(d_y, y)                                              # (C, E*H [+ gate])
-        acc["w1"].add_(torch.mm(x.t(), d_pre1, out=g_w1))
-        acc["b1"].add_(d_pre1.sum(0))
+        acc["w1"].add_(torch.mm(x.t(), d_pre1, out=g_w1))         # last row: the bias gradient
     _add_grad(policy.head.weight, acc["head_w"])
     _add_grad(policy.head.bias, d_logits.sum(0))
     if gate is not None:
@@ -609,7 +613,7 @@ def _expert_backward(policy: MoEPolicy, batch: dict, coef: torch.Tensor, d_logit
         if fc2_w is not None:
             _add_grad(gate.fc2.weight, acc["fc2_w"])
             _add_grad(gate.fc2.bias, acc["fc2_b"])
-    torch.autograd.backward([w1, b1, w2, b2], [acc[k].to(dt) for k in ("w1", "b1", "w2", "b2")])
+    torch.autograd.backward([w1, w2, b2], [acc[k].to(dt) for k in ("w1", "w2", "b2")])
 
 
 def update(policy: MoEPolicy, batch: dict, job: str, cfg: dict, buffers: dict | None = None) -> float:
