@@ -16,7 +16,12 @@ optimizer step (no evaluation), for routing at p = 0.1, measured side by side in
 - ``new_bf16_mlp64``: the same with the smaller gate (100-64-1) that the old loop also has, so
   the loops compare like with like.
 
-Each loop's speed is its best round; rounds interleave the loops. Besides wall-clock env steps/s,
+Each loop's speed is its best round of ``--updates`` updates (4), every round starting the loop
+afresh (policy, optimizer, env, buffers); rounds interleave the loops. One-off costs therefore
+weigh in once per 4 updates, more for the old loop (~50 ms per round at 256 envs, ~100 at 512)
+than for the new one (a few ms). The
+``steady_*`` keys (``--steady 1``, the default) leave them out, as a run of thousands of updates
+does: see :func:`steady`. Besides wall-clock env steps/s,
 the JSON has the same ratios from the thread's CPU time (``cpu_time_speedup_*``), which other
 processes on a shared machine disturb less (they still share caches and memory bandwidth).
 
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -162,6 +168,27 @@ def timed(fns: dict, num_envs: int, updates: int, repeats: int):
     return best, best_cpu, warm
 
 
+def steady(fns: dict, num_envs: int, updates: int, repeats: int):
+    """Env steps/s of each loop once its one-off costs are paid, as a long run sees it: every
+    loop starts afresh in each round (building its policy, optimizer, env and buffers, touching
+    fresh memory; the old loop's first update also keeps more steps, as the first episodes all
+    start with the rollout: ~70% of them vs ~61% later with random actions), so the time of a round of ``3 *
+    updates`` minus that of a round of ``updates`` (best of ``repeats`` each, by wall clock and
+    by thread CPU time, loops and lengths taking turns) is ``2 * updates`` updates without
+    those costs."""
+    best = {(k, u): [math.inf, math.inf] for k in fns for u in (updates, 3 * updates)}
+    for r in range(repeats):
+        for u in (updates, 3 * updates):
+            for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+                t, c = time.perf_counter(), time.thread_time()
+                fns[name](num_envs, u)
+                b = best[(name, u)]
+                b[0], b[1] = min(b[0], time.perf_counter() - t), min(b[1], time.thread_time() - c)
+    steps = num_envs * 32 * 2 * updates
+    return ({k: steps / (best[(k, 3 * updates)][0] - best[(k, updates)][0]) for k in fns},
+            {k: steps / (best[(k, 3 * updates)][1] - best[(k, updates)][1]) for k in fns})
+
+
 def flops_per_env_step(kind: str, gate_kind: str = "mlp64") -> float:
     """Matmul FLOPs per env step of one routing update (both experts, gate, head, critic)."""
     expert = 2 * (OBS * HIDDEN + HIDDEN * HIDDEN)            # one expert, one row, forward
@@ -185,6 +212,8 @@ def main() -> None:
     ap.add_argument("--envs", type=int, nargs="+", default=[256, 512])
     ap.add_argument("--updates", type=int, default=4, help="updates per timing")
     ap.add_argument("--repeats", type=int, default=5, help="timing rounds (best is kept)")
+    ap.add_argument("--steady", type=int, choices=[0, 1], default=1,
+                    help="1 (default): also measure old and new_bf16 without their one-off costs (steady_* keys)")
     ap.add_argument("--breakdown", action="store_true",
                     help="only print ms per update of the default loop by phase")
     args = ap.parse_args()
@@ -233,6 +262,16 @@ def main() -> None:
             res[f"speedup_{name}_{n}"] = round(s, 2)
             res[f"cpu_time_speedup_{name}_{n}"] = round(sc, 2)
             print(f"speedup {name} / old at {n} envs: {s:.2f}x (by CPU time {sc:.2f}x)", flush=True)
+        if args.steady:
+            sw, sc = steady({k: runs[k] for k in ("old", "new_bf16")}, n, args.updates, args.repeats)
+            for name in sw:
+                res.setdefault("steady_env_steps_per_s", {}).setdefault(name, {})[str(n)] = round(sw[name])
+                res.setdefault("steady_env_steps_per_cpu_s", {}).setdefault(name, {})[str(n)] = round(sc[name])
+            res[f"steady_speedup_{n}"] = round(sw["new_bf16"] / sw["old"], 2)
+            res[f"steady_cpu_time_speedup_{n}"] = round(sc["new_bf16"] / sc["old"], 2)
+            print(f"steady state (one-off costs left out) at {n} envs: old {sw['old'] / 1e3:.1f}, new_bf16 "
+                  f"{sw['new_bf16'] / 1e3:.1f} k env steps/s: {res[f'steady_speedup_{n}']:.2f}x "
+                  f"(by CPU time {res[f'steady_cpu_time_speedup_{n}']:.2f}x)", flush=True)
     res["load_avg_1m_at_end"] = os.getloadavg()[0]
     res["wall_s"], res["cpu_s"] = round(time.time() - t_start, 1), round(time.process_time() - cpu_start, 1)
     for n in map(str, args.envs):
