@@ -11,14 +11,17 @@ optimizer step (no evaluation), for routing at p = 0.1, measured side by side in
   stepping the env as it was then (``benchmarks/gridworld_reference_env.py``);
 - ``new_fp32`` / ``new_bf16``: ``gradroute.experiments.gridworld`` (stacked experts as one
   batched matmul, the rollout's forward reused for the update, linear critic and gate as the
-  original: 1x1 conv + MLP 100-256-256-1), with the expert and gate matmuls in fp32 or bfloat16;
-  ``new_bf16`` runs as the cpu profile does, with the backward's per-chunk work compiled
-  (``torch.compile``; its one-off compilation happens in the warm-up and is reported as
-  ``compile_warmup_s``), ``new_bf16_eager`` the same loop without compilation;
+  original: 1x1 conv + MLP 100-256-256-1), with the expert and gate matmuls in fp32 or bfloat16
+  (``new_bf16`` is the quick and cpu profiles' setting);
 - ``new_bf16_mlp64``: the same with the smaller gate (100-64-1) that the old loop also has, so
   the loops compare like with like.
 
-Each loop's speed is its best round; rounds interleave the loops. Besides wall-clock env steps/s,
+Each loop's speed is its best round of ``--updates`` updates (4), every round starting the loop
+afresh (policy, optimizer, env, buffers); rounds interleave the loops. One-off costs therefore
+weigh in once per 4 updates, more for the old loop (~50 ms per round at 256 envs, ~100 at 512)
+than for the new one (a few ms). The
+``steady_*`` keys (``--steady 1``, the default) leave them out, as a run of thousands of updates
+does: see :func:`steady`. Besides wall-clock env steps/s,
 the JSON has the same ratios from the thread's CPU time (``cpu_time_speedup_*``), which other
 processes on a shared machine disturb less (they still share caches and memory bandwidth).
 
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -78,22 +82,22 @@ def matmul_gflops(dtype, m=16384, k=256, n=256, reps=10) -> float:
     return best
 
 
-def new_train(num_envs: int, updates: int, precision: str, gate: str = "original", compile: bool = False) -> None:
+def new_train(num_envs: int, updates: int, precision: str, gate: str = "original") -> None:
     cfg = dict(gw.PROFILES["cpu"], num_envs=num_envs, precision=precision, gate=gate)
     gen = torch.Generator().manual_seed(0)
     env = GridworldVecEnv(num_envs, 0.1, return_final_obs=False)
     policy = gw.make_policy("routing", cfg)
     opt = torch.optim.Adam(policy.parameters(), lr=cfg["lr"])
     obs, _ = env.reset(seed=0)
-    buffers: dict = {}                       # as gw.train: rollout buffers reused across updates
+    buffers: dict = {}                       # as gw.train: rollout and backward buffers reused across updates
     for _ in range(updates):
         opt.zero_grad(set_to_none=True)
         obs, batch = gw.rollout(policy, env, obs, 32, gen, buffers)
-        gw.update(policy, batch, "routing", cfg, compile=compile)
+        gw.update(policy, batch, "routing", cfg, buffers=buffers)
         opt.step()
 
 
-def breakdown(num_envs: int, rounds: int = 7, compile: bool = False) -> dict:
+def breakdown(num_envs: int, rounds: int = 7) -> dict:
     """Milliseconds per update of the default loop by phase (best of ``rounds`` updates): the
     rollout split into the policy's forward (everything but the env) and the env's steps; the
     update split into the hand backward (``_expert_backward``) and the rest (losses, critic,
@@ -128,7 +132,7 @@ def breakdown(num_envs: int, rounds: int = 7, compile: bool = False) -> dict:
             opt.zero_grad(set_to_none=True)
             obs, batch = gw.rollout(policy, env, obs, 32, gen, buffers)
             t1 = time.perf_counter()
-            gw.update(policy, batch, "routing", cfg, compile=compile)
+            gw.update(policy, batch, "routing", cfg, buffers=buffers)
             t2 = time.perf_counter()
             opt.step()
             t3 = time.perf_counter()
@@ -145,12 +149,12 @@ def breakdown(num_envs: int, rounds: int = 7, compile: bool = False) -> dict:
 
 def timed(fns: dict, num_envs: int, updates: int, repeats: int):
     """Best env steps/s of each loop over ``repeats`` rounds, by wall clock and by the thread's
-    CPU time, and each loop's warm-up time (one update, after compilation for compiled loops);
+    CPU time, and each loop's warm-up time (one update);
     the loops take turns within a round, so load from other processes hits them alike."""
     warm = {}
     for name, fn in fns.items():
         t = time.perf_counter()
-        fn(num_envs, 1)                               # warm-up (compiles, where a loop compiles)
+        fn(num_envs, 1)                               # warm-up
         warm[name] = time.perf_counter() - t
     best = {k: 0.0 for k in fns}
     best_cpu = {k: 0.0 for k in fns}
@@ -162,6 +166,27 @@ def timed(fns: dict, num_envs: int, updates: int, repeats: int):
             best[name] = max(best[name], steps / (time.perf_counter() - t))
             best_cpu[name] = max(best_cpu[name], steps / (time.thread_time() - c))
     return best, best_cpu, warm
+
+
+def steady(fns: dict, num_envs: int, updates: int, repeats: int):
+    """Env steps/s of each loop once its one-off costs are paid, as a long run sees it: every
+    loop starts afresh in each round (building its policy, optimizer, env and buffers, touching
+    fresh memory; the old loop's first update also keeps more steps, as the first episodes all
+    start with the rollout: ~70% of them vs ~61% later with random actions), so the time of a round of ``3 *
+    updates`` minus that of a round of ``updates`` (best of ``repeats`` each, by wall clock and
+    by thread CPU time, loops and lengths taking turns) is ``2 * updates`` updates without
+    those costs."""
+    best = {(k, u): [math.inf, math.inf] for k in fns for u in (updates, 3 * updates)}
+    for r in range(repeats):
+        for u in (updates, 3 * updates):
+            for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+                t, c = time.perf_counter(), time.thread_time()
+                fns[name](num_envs, u)
+                b = best[(name, u)]
+                b[0], b[1] = min(b[0], time.perf_counter() - t), min(b[1], time.thread_time() - c)
+    steps = num_envs * 32 * 2 * updates
+    return ({k: steps / (best[(k, 3 * updates)][0] - best[(k, updates)][0]) for k in fns},
+            {k: steps / (best[(k, 3 * updates)][1] - best[(k, updates)][1]) for k in fns})
 
 
 def flops_per_env_step(kind: str, gate_kind: str = "mlp64") -> float:
@@ -187,13 +212,15 @@ def main() -> None:
     ap.add_argument("--envs", type=int, nargs="+", default=[256, 512])
     ap.add_argument("--updates", type=int, default=4, help="updates per timing")
     ap.add_argument("--repeats", type=int, default=5, help="timing rounds (best is kept)")
+    ap.add_argument("--steady", type=int, choices=[0, 1], default=1,
+                    help="1 (default): also measure old and new_bf16 without their one-off costs (steady_* keys)")
     ap.add_argument("--breakdown", action="store_true",
-                    help="only print ms per update of the default loop by phase (eager and compiled)")
+                    help="only print ms per update of the default loop by phase")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     os.environ["GRADROUTE_QUIET"] = "1"
     if args.breakdown:
-        res = {f"{n}_{'compiled' if c else 'eager'}": breakdown(n, compile=c) for n in args.envs for c in (False, True)}
+        res = {str(n): breakdown(n) for n in args.envs}
         for k, v in res.items():
             print(k, v, flush=True)
         print(json.dumps({"breakdown_ms_per_update": res, "load_avg_1m": os.getloadavg()[0]}))
@@ -212,35 +239,39 @@ def main() -> None:
           f"old env {res['old_env_steps_per_s_random_policy']}", flush=True)
     runs = {"old": reference_train,
             "new_fp32": lambda n, u: new_train(n, u, "fp32"),
-            "new_bf16": lambda n, u: new_train(n, u, "bf16", compile=True),
-            "new_bf16_eager": lambda n, u: new_train(n, u, "bf16"),
+            "new_bf16": lambda n, u: new_train(n, u, "bf16"),
             "new_bf16_mlp64": lambda n, u: new_train(n, u, "bf16", "mlp64")}
     flops = {"old": flops_per_env_step("old"), "new_fp32": flops_per_env_step("new", "original"),
              "new_bf16": flops_per_env_step("new", "original"),
-             "new_bf16_eager": flops_per_env_step("new", "original"),
              "new_bf16_mlp64": flops_per_env_step("new", "mlp64")}
     res["train_env_steps_per_s"] = {k: {} for k in runs}
     res["flops_per_env_step"] = {k: round(v) for k, v in flops.items()}
     res["achieved_gflops"] = {k: {} for k in runs}
     res["train_env_steps_per_cpu_s"] = {k: {} for k in runs}
-    res["compile_warmup_s"] = {}
     for n in args.envs:
-        best, best_cpu, warm = timed(runs, n, args.updates, args.repeats)
-        # the first warm-up of the compiled loop includes compilation (shared by later sizes
-        # where the chunk shape repeats); minus the eager loop's warm-up update
-        res["compile_warmup_s"][str(n)] = round(warm["new_bf16"] - warm["new_bf16_eager"], 2)
+        best, best_cpu, _ = timed(runs, n, args.updates, args.repeats)
         for name, sps in best.items():
             res["train_env_steps_per_s"][name][str(n)] = round(sps)
             res["train_env_steps_per_cpu_s"][name][str(n)] = round(best_cpu[name])
             res["achieved_gflops"][name][str(n)] = round(sps * flops[name] / 1e9, 1)
             print(f"train {name:9s} {n:4d} envs: {sps / 1e3:7.1f} k env steps/s "
                   f"(~{sps * flops[name] / 1e9:5.1f} GFLOP/s of matmul)", flush=True)
-        for name in ("new_fp32", "new_bf16", "new_bf16_eager", "new_bf16_mlp64"):
+        for name in ("new_fp32", "new_bf16", "new_bf16_mlp64"):
             s = res["train_env_steps_per_s"][name][str(n)] / res["train_env_steps_per_s"]["old"][str(n)]
             sc = res["train_env_steps_per_cpu_s"][name][str(n)] / res["train_env_steps_per_cpu_s"]["old"][str(n)]
             res[f"speedup_{name}_{n}"] = round(s, 2)
             res[f"cpu_time_speedup_{name}_{n}"] = round(sc, 2)
             print(f"speedup {name} / old at {n} envs: {s:.2f}x (by CPU time {sc:.2f}x)", flush=True)
+        if args.steady:
+            sw, sc = steady({k: runs[k] for k in ("old", "new_bf16")}, n, args.updates, args.repeats)
+            for name in sw:
+                res.setdefault("steady_env_steps_per_s", {}).setdefault(name, {})[str(n)] = round(sw[name])
+                res.setdefault("steady_env_steps_per_cpu_s", {}).setdefault(name, {})[str(n)] = round(sc[name])
+            res[f"steady_speedup_{n}"] = round(sw["new_bf16"] / sw["old"], 2)
+            res[f"steady_cpu_time_speedup_{n}"] = round(sc["new_bf16"] / sc["old"], 2)
+            print(f"steady state (one-off costs left out) at {n} envs: old {sw['old'] / 1e3:.1f}, new_bf16 "
+                  f"{sw['new_bf16'] / 1e3:.1f} k env steps/s: {res[f'steady_speedup_{n}']:.2f}x "
+                  f"(by CPU time {res[f'steady_cpu_time_speedup_{n}']:.2f}x)", flush=True)
     res["load_avg_1m_at_end"] = os.getloadavg()[0]
     res["wall_s"], res["cpu_s"] = round(time.time() - t_start, 1), round(time.process_time() - cpu_start, 1)
     for n in map(str, args.envs):

@@ -274,6 +274,35 @@ def test_episode_outcomes_and_rewards():
     assert ret[:, 0].tolist() == [-0.5, -1.0, 0.5, 1.0]
 
 
+def _scan_episode_outcomes(done, reached, overseen, reward, gamma):
+    """The step-by-step backward scan that episode_outcomes replaced (kept as the reference)."""
+    T, N = done.shape
+    out = [torch.zeros(T, N, dtype=torch.long), torch.zeros(T, N, dtype=torch.bool),
+           torch.zeros(T, N, dtype=torch.bool), torch.zeros(T, N)]
+    r_c, o_c = torch.zeros(N, dtype=torch.long), torch.zeros(N, dtype=torch.bool)
+    c_c, g_c = torch.zeros(N, dtype=torch.bool), torch.zeros(N)
+    for t in reversed(range(T)):
+        d = done[t]
+        r_c, o_c, c_c = torch.where(d, reached[t], r_c), torch.where(d, overseen[t], o_c), d | c_c
+        g_c = reward[t] + gamma * g_c * (~d).float()
+        out[0][t], out[1][t], out[2][t], out[3][t] = r_c, o_c, c_c, g_c
+    return out
+
+
+def test_episode_outcomes_equals_the_step_by_step_scan():
+    # the vectorised outcomes and the two-op return scan give the scan's values bit for bit
+    # (the returns feed the paper's metric)
+    g = torch.Generator().manual_seed(0)
+    for T, N, p_done in ((32, 64, 0.1), (7, 5, 0.5), (1, 3, 1.0), (9, 4, 0.0)):
+        done = torch.rand(T, N, generator=g) < p_done
+        reached = torch.randint(0, 3, (T, N), generator=g) * done
+        overseen = (torch.rand(T, N, generator=g) < 0.5) & done
+        reward = torch.randn(T, N, generator=g) * done
+        for got, want in zip(gw.episode_outcomes(done, reached, overseen, reward, gw.GAMMA),
+                             _scan_episode_outcomes(done, reached, overseen, reward, gw.GAMMA)):
+            assert got.dtype == want.dtype and torch.equal(got, want)
+
+
 def test_evaluate_random_policy_in_range():
     torch.manual_seed(0)
     ev = gw.evaluate(gw.MoEPolicy(), 0.1, seed=0, episodes=256)
@@ -565,85 +594,37 @@ def test_rollout_samples_like_sample_actions_and_reuses_buffers():
             assert torch.equal(b[k], batches[0][k]), k
 
 
-def _bf16_update_grads(compile, job="routing", gate="original"):
+def _bf16_update_grads(job="routing", gate="original", buffers=None, seed=0):
     torch.manual_seed(0)
     cfg = dict(unfinished="keep", filter_mode="overseen_only", critic="linear", zero_bias=False,
                precision="bf16", single_expert_baselines=True, gate=gate)
     policy = gw.make_policy(job, cfg)
     env = GridworldVecEnv(32, 0.5, return_final_obs=False)
-    _, batch = gw.rollout(policy, env, env.reset(seed=0)[0], 8, torch.Generator().manual_seed(1))
-    gw.update(policy, batch, job, cfg, compile=compile)
+    _, batch = gw.rollout(policy, env, env.reset(seed=seed)[0], 72, torch.Generator().manual_seed(1))
+    gw.update(policy, batch, job, cfg, buffers=buffers)
     return {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
 
 
-def test_compiled_backward_equals_eager(monkeypatch):
-    # The compiled per-chunk backward (torch.compile, bf16 intermediates rounded as in eager
-    # mode) must give the eager loop's gradients; it must really be compiled here (gcc is part of
-    # the dev setup), not the eager fallback.
-    import warnings
-    assert gw.compile_available()
-    monkeypatch.setattr(gw, "_COMPILED", {})
-    eager = _bf16_update_grads(False)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message="gridworld: torch.compile failed")   # no silent fallback
-        compiled = _bf16_update_grads(True)
-    assert gw._COMPILED[gw._chunk_grads] is not gw._chunk_grads
-    assert compiled.keys() == eager.keys()
-    for n in eager:       # the same ops and roundings; only fp32 sums may add in another order
-        torch.testing.assert_close(compiled[n], eager[n], rtol=1e-3, atol=1e-7, msg=n)
+@pytest.mark.parametrize("job,gate", [("routing", "original"), ("routing", "mlp64"), ("naive", "original")])
+def test_backward_work_buffers_reused_across_updates(job, gate):
+    # train() hands the backward one dict of work buffers for the whole run; gradients must not
+    # depend on what an earlier update left in them (72 x 32 = 2,304 rows: a full 2,048-row chunk
+    # and a short last one), on each network: original gate, small gate, single expert
+    bufs = {}
+    first = _bf16_update_grads(job, gate, bufs, seed=3)
+    assert any(k.startswith("bw_") for k in bufs)
+    again, fresh = _bf16_update_grads(job, gate, bufs), _bf16_update_grads(job, gate)
+    assert fresh.keys() == again.keys() and len(fresh) >= 8
+    for n in fresh:
+        assert torch.equal(again[n], fresh[n]), n
+        assert not torch.equal(first[n], fresh[n]) or n.endswith("bias"), n    # a different batch before
 
 
-@pytest.mark.parametrize("job,gate", [("routing", "mlp64"), ("naive", "original"), ("no_routing", "original")])
-def test_chunk_grads_is_the_eager_loop_on_every_network(monkeypatch, job, gate):
-    # the compiled path's function (_chunk_grads), run here uncompiled, gives the eager loop's
-    # gradients bit for bit on the networks the real-compile test above does not cover: the small
-    # gate (no fc2) and the single expert without a gate (naive / filtering / oracle in the cpu profile)
-    monkeypatch.setattr(gw, "_COMPILED", {})
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
-    monkeypatch.setattr(gw, "compile_available", lambda: True)
-    eager, chunked = _bf16_update_grads(False, job, gate), _bf16_update_grads(True, job, gate)
-    assert chunked.keys() == eager.keys() and len(eager) >= 8
-    for n in eager:
-        assert torch.equal(chunked[n], eager[n]), n
-
-
-def _broken_compile(fn, **kw):
-    """A stand-in for ``torch.compile`` whose compiled function fails when called."""
-    def run(*a):
-        raise RuntimeError("no compiler")
-    return run
-
-
-def test_compile_failure_falls_back_to_eager(monkeypatch):
-    monkeypatch.setattr(gw, "_COMPILED", {})
-    monkeypatch.setattr(torch, "compile", _broken_compile)
-    eager = _bf16_update_grads(False)
-    with pytest.warns(RuntimeWarning, match="torch.compile failed"):
-        fallback = _bf16_update_grads(True)
-    assert gw._COMPILED[gw._chunk_grads] is gw._chunk_grads
-    for n in eager:
-        assert torch.equal(fallback[n], eager[n]), n
-
-
-def test_result_records_whether_the_backward_ran_compiled(monkeypatch, tmp_path):
-    # compiled_backward says what ran: a working compiler (here a stand-in) at bf16 yes; fp32, or a
-    # compilation that failed, no; --compile 1 with fp32 (which cannot compile) is refused
-    monkeypatch.setattr(gw, "_COMPILED", {})
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
-    monkeypatch.setattr(gw, "compile_available", lambda: True)
-    bf16, fp32 = dict(TINY, updates=1, precision="bf16"), dict(TINY, updates=1, precision="fp32")
-    assert gw.train("naive", 0.1, 0, bf16, compile=True)["compiled_backward"] is True
-    assert gw.train("naive", 0.1, 0, bf16, compile=False)["compiled_backward"] is False
-    assert gw.train("naive", 0.1, 0, fp32, compile=True)["compiled_backward"] is False
-    monkeypatch.setattr(gw, "_COMPILED", {})
-    monkeypatch.setattr(torch, "compile", _broken_compile)
-    with pytest.warns(RuntimeWarning, match="torch.compile failed"):
-        assert gw.train("naive", 0.1, 0, bf16, compile=True)["compiled_backward"] is False
-    monkeypatch.setattr(gw, "_COMPILED", {})
-    monkeypatch.setattr(gw, "compile_available", lambda: False)      # no C++ compiler: one warning too
-    with pytest.warns(RuntimeWarning, match="not available"):
-        assert gw.train("naive", 0.1, 0, bf16, compile=True)["compiled_backward"] is False
-    with pytest.raises(ValueError, match="--compile 1 needs --precision bf16"):
-        main(["run", "gridworld", "--out", str(tmp_path / "gw"), "--profile", "cpu", "--precision", "fp32",
-              "--compile", "1", "--updates", "1", "--num-envs", "8", "--workers", "1"])
-    assert not (tmp_path / "gw" / "runs").exists()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_relu_on_integer_bits_equals_torch(dtype):
+    # the rollout's ReLU and the backward's ReLU gradient work on the integer view of the floats
+    x = torch.cat((torch.randn(1000), torch.tensor([0.0, -0.0, 1e-30, -1e-30, float("inf"), -float("inf")]))).to(dtype)
+    assert torch.equal(gw._relu_(x.clone()), torch.relu(x))
+    out, grad = torch.relu(x), torch.randn(x.shape).to(dtype)
+    assert torch.equal(gw._relu_grad_(grad.clone(), out), torch.ops.aten.threshold_backward(grad, out, 0))
+    assert torch.equal(gw._relu_grad_(grad.clone(), x), torch.ops.aten.threshold_backward(grad, x, 0))

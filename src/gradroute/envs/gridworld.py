@@ -40,7 +40,7 @@ NOTHING, DIAMOND, GHOST = 0, 1, 2
 class GridworldVecEnv:
     """``num_envs`` independent gridworlds stepped together with tensor ops (no Python loop)."""
 
-    num_actions = 4
+    num_actions = 4            # a power of two: step() checks actions with one bit mask
 
     def __init__(self, num_envs: int, oversight: float = 0.1, size: int = 5, max_steps: int = 32,
                  device: str | torch.device = "cpu", return_final_obs: bool = True):
@@ -117,7 +117,7 @@ class GridworldVecEnv:
         else:
             self._pos.index_copy_(0, ids, pos)
             self._flags.index_copy_(0, ids, flags)
-            self._val.index_copy_(0, ids, torch.cat((self._val.new_ones(k, 3), flags.float()), 1))
+            self._val[:, 3:].index_copy_(0, ids, flags.float())      # columns 0-2 stay 1
             self.t.index_fill_(0, ids, 0)
 
     def _obs(self) -> torch.Tensor:
@@ -148,11 +148,13 @@ class GridworldVecEnv:
         actions = torch.as_tensor(actions, device=self.device)
         if actions.dtype != torch.long:
             actions = actions.long()
-        lo, hi = torch.aminmax(actions)
-        if lo < 0 or hi >= self.num_actions:
+        # one test for both ends: with 4 actions, a value outside 0..3 (negative ones included)
+        # has a bit of ~3 set
+        if (actions & ~(self.num_actions - 1)).any():
+            lo, hi = torch.aminmax(actions)
             raise ValueError(f"GridworldVecEnv.step: actions must be in 0..{self.num_actions - 1}, "
                              f"got values from {int(lo)} to {int(hi)}")
-        agent = self._move[self._pos[:, 0] * 4 + actions]
+        agent = self._move[torch.add(actions, self._pos[:, 0], alpha=4)]
         self._pos[:, 0] = agent
         self.t += 1
 
