@@ -397,6 +397,13 @@ def test_candidate_width_reaches_run_key_headline_and_attack(tmp_path, monkeypat
     ([dict(p_cr=1.0, width=True)], "width must be a positive"),
     ([dict(p_cr=1.0, width="wide")], "width must be a positive"),
     (["p_cr"], r"candidates\[0\]: a dict"),
+    (None, "a list of schedules, got None"),
+    # values that only the candidate's own training would refuse, after others have trained
+    ([dict(p_cr=1.0), dict(module_embed="topic-rows")], r"candidates\[1\]: modules.module_embed must be"),
+    ([dict(p_cr=1.5)], r"candidates\[0\]: p_cr must be a number in \[0, 1\], got 1.5"),
+    ([dict(p_other=-0.1)], "p_other must be a number"),
+    ([dict(spread="all")], "spread must be 'one' or 'each'"),
+    ([dict(embed_free="yes")], "embed_free must be true or false"),
 ])
 def test_bad_selection_candidates_are_clear_errors(cands, match):
     from gradroute.experiments import modules as E
