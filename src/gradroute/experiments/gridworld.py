@@ -385,6 +385,15 @@ def evaluate(policy: MoEPolicy, oversight: float, seed: int, episodes: int,
 # ------------------------------------------------------------------------------------------
 # training (one job = one method at one oversight level and seed)
 # ------------------------------------------------------------------------------------------
+def _work_buffer(bufs: dict, name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """``bufs[name]`` when it has this shape and dtype, else a new uninitialised tensor stored
+    there (:func:`rollout`'s and :func:`_expert_backward`'s buffers kept across updates)."""
+    b = bufs.get(name)
+    if b is None or b.shape != shape or b.dtype != dtype:
+        b = bufs[name] = torch.empty(shape, dtype=dtype)
+    return b
+
+
 def rollout(policy: MoEPolicy, env: GridworldVecEnv, obs: torch.Tensor, T: int, gen: torch.Generator,
             buffers: dict | None = None):
     """``T`` steps of every env, without an autograd graph. One update per rollout means the
@@ -415,10 +424,7 @@ def rollout(policy: MoEPolicy, env: GridworldVecEnv, obs: torch.Tensor, T: int, 
         bufs = {} if buffers is None else buffers
 
         def empty(name, *shape, dtype=dt):
-            b = bufs.get(name)
-            if b is None or b.shape != shape or b.dtype != dtype:
-                b = bufs[name] = torch.empty(shape, dtype=dtype)
-            return b
+            return _work_buffer(bufs, name, shape, dtype)
         obs_all = empty("obs", T, N, D, dtype=torch.float32)
         x_all = empty("x", T * N, D + 1)                    # the observations and a column of ones
         x_all[:, D].fill_(1)
@@ -553,10 +559,7 @@ def _expert_backward(policy: MoEPolicy, batch: dict, coef: torch.Tensor, d_logit
     ws = {} if buffers is None else buffers
 
     def buf(name, *shape, dtype=dt):
-        b = ws.get("bw_" + name)
-        if b is None or b.shape != shape or b.dtype != dtype:
-            b = ws["bw_" + name] = torch.empty(shape, dtype=dtype)
-        return b
+        return _work_buffer(ws, "bw_" + name, shape, dtype)
     d_y_buf = buf("d_y", rows, W1)                       # d loss / d first layer (after its ReLU)
     d_h_buf = buf("d_h", E * rows, H)                    # d loss / d expert states, expert after expert
     a_buf = buf("a", E * rows, A)                        # coef * d_logits, expert after expert
