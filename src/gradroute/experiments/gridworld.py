@@ -484,8 +484,8 @@ def rollout(policy: MoEPolicy, env: GridworldVecEnv, obs: torch.Tensor, T: int, 
 def _mix(h_d: torch.Tensor, h_g: torch.Tensor, gate_logit: torch.Tensor, out=None) -> torch.Tensor:
     """``g*h_d + (1-g)*h_g``, g = sigmoid(gate_logit), as one ``lerp`` in the states' dtype (one
     pass and one rounding; ``h_g + g*(h_d - h_g)`` as sub then addcmul was two passes, ~1%
-    slower per update); the rollout and the backward pass compute it with the same op (the
-    backward recomputes it from the stored expert states instead of storing it)."""
+    slower per update); the rollout computes it once per step and stores it for the backward
+    pass (the head's gradient)."""
     w = torch.sigmoid(gate_logit).unsqueeze(-1).to(h_d.dtype)
     return torch.lerp(h_g, h_d, w) if out is None else torch.lerp(h_g, h_d, w, out=out)
 
@@ -508,7 +508,8 @@ def _relu_(t: torch.Tensor) -> torch.Tensor:
 
 
 def _relu_grad_(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """:func:`_relu_grad` in place on ``grad`` (a buffer reused across chunks: fresh multi-MB
+    """The gradient at a ReLU's input from the gradient ``grad`` at its output ``out`` (autograd's
+    rule, ``threshold_backward``), in place on ``grad`` (a buffer reused across chunks: fresh multi-MB
     tensors cost page faults on every allocation), on the integer views of both (``out <= 0``
     is the same test on a float's bits; 3.3x faster than bf16 ``threshold_backward`` for
     2,048 x 768)."""
