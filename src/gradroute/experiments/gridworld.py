@@ -146,7 +146,7 @@ class Gate(nn.Module):
 
 class MoEPolicy(nn.Module):
     """``experts`` MLPs (100 -> 256 -> 256, ReLU) stored as stacked weights, so all experts run as
-    one batched matmul per layer; with two experts a sigmoid gate (MLP 100 -> 64 -> 1) mixes the
+    one batched matmul per layer; with two experts a sigmoid gate (:class:`Gate`) mixes the
     hidden states, ``g*h_diamond + (1-g)*h_ghost``. A shared linear head gives 4 action logits.
     ``gate``: "original" (the original code's 1x1 conv + MLP 100-256-256-1) or "mlp64" (:class:`Gate`).
     Expert 0 is the diamond expert, expert 1 the ghost expert. ``experts=1`` is the single-expert

@@ -209,7 +209,6 @@ EMBED_PARAMS = ("transformer.wte.weight",)
 # (``embed_delta={topic: topic_only_token_ids(...)[topic]}``; point 9), ``"exclusive_rows"`` a
 # delta on the rows of the tokens of that topic alone (in no general and no other topic's labelled
 # training story: ``topic_only_token_ids(..., exclusive=True)``; point 10).
-MODULE_EMBED = (True, "topic_rows", "exclusive_rows")
 ROW_EMBEDS = ("topic_rows", "exclusive_rows")
 
 
