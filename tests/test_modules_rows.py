@@ -54,6 +54,34 @@ def test_row_deltas_are_compact_and_leave_the_function_unchanged():
     assert not any(k.endswith(".rows") for k in full.model.state_dict())
 
 
+def test_rows_layout_follows_rows_replaced_not_copied():
+    """The cached rows layout follows rows that replace the buffer (``load_state_dict(assign=True)``,
+    or a plain assignment): a new tensor whose version counter equals the old one's is still new."""
+    x = ids()
+    other = gpt()
+    omods = _attach(other, {d: [r + 1 for r in ROWS[d]] for d in DOMAINS})
+    randomise_modules(omods)
+    other.eval()
+    with torch.no_grad():
+        with omods.using():
+            want = other(x)[0]
+        for how in ("assign", "setattr"):
+            model = gpt()
+            model.eval()
+            mods = _attach(model)
+            model(x)                                           # the layout of ROWS is cached
+            state = {k: v.clone() for k, v in other.state_dict().items()}
+            if how == "assign":
+                model.load_state_dict(state, assign=True)
+            else:
+                model.load_state_dict({k: v for k, v in state.items() if not k.endswith(".rows")}, strict=False)
+                for d in DOMAINS:
+                    model.aux_embed[d].rows = state[f"aux_embed.{d}.rows"]
+            assert model.aux_embed.sea.rows.tolist() == [10, 21, 22]
+            with mods.using():
+                assert torch.equal(model(x)[0], want), how
+
+
 def test_rows_equal_a_full_delta_that_is_zero_elsewhere_gradient_only_on_rows():
     """Same function and gradients as a full-vocabulary delta that is zero outside the rows: the
     row parameter's gradient is the full delta's gradient on those rows, in a mixed routed batch
@@ -369,6 +397,13 @@ def test_candidate_width_reaches_run_key_headline_and_attack(tmp_path, monkeypat
     ([dict(p_cr=1.0, width=True)], "width must be a positive"),
     ([dict(p_cr=1.0, width="wide")], "width must be a positive"),
     (["p_cr"], r"candidates\[0\]: a dict"),
+    (None, "a list of schedules, got None"),
+    # values that only the candidate's own training would refuse, after others have trained
+    ([dict(p_cr=1.0), dict(module_embed="topic-rows")], r"candidates\[1\]: modules.module_embed must be"),
+    ([dict(p_cr=1.5)], r"candidates\[0\]: p_cr must be a number in \[0, 1\], got 1.5"),
+    ([dict(p_other=-0.1)], "p_other must be a number"),
+    ([dict(spread="all")], "spread must be 'one' or 'each'"),
+    ([dict(embed_free="yes")], "embed_free must be true or false"),
 ])
 def test_bad_selection_candidates_are_clear_errors(cands, match):
     from gradroute.experiments import modules as E

@@ -286,6 +286,7 @@ class ModuleSet:
         self.embed_delta = embed_rows is not False
         self._embed_hooks = []
         self._layouts: dict = {}
+        self._layout_rows: list = []            # the rows tensors of the cached layout (keeps their ids)
         if self.embed_delta:
             wte, head, drop = root.transformer.wte, root.lm_head, root.transformer.drop
             w = wte.weight
@@ -540,10 +541,13 @@ class ModuleSet:
         ``pos[k]`` the positions of domain ``k``'s rows in ``U`` (None: all of ``U``)."""
         E = getattr(self.model, EMBED_CONTAINER)
         rows = [E[d].rows for d in self.domains]
-        # the version counters change when rows are loaded in place (load_state_dict)
-        key = (str(device), tuple(-1 if r is None else r._version for r in rows))
+        # the version counters change when rows are loaded in place (load_state_dict); the ids tell
+        # a buffer replaced by another tensor (load_state_dict(assign=True), assignment), whose
+        # counter may equal the old one's; the cache keeps the tensors, so an id is not reused
+        key = (str(device), tuple(None if r is None else (id(r), r._version) for r in rows))
         if key not in self._layouts:
             self._layouts.clear()
+            self._layout_rows = rows
             vocab = self.model.transformer.wte.weight.shape[0]
             if all(r is None for r in rows):
                 lay = (None, None, [None] * self.K)

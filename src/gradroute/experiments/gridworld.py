@@ -146,7 +146,7 @@ class Gate(nn.Module):
 
 class MoEPolicy(nn.Module):
     """``experts`` MLPs (100 -> 256 -> 256, ReLU) stored as stacked weights, so all experts run as
-    one batched matmul per layer; with two experts a sigmoid gate (MLP 100 -> 64 -> 1) mixes the
+    one batched matmul per layer; with two experts a sigmoid gate (:class:`Gate`) mixes the
     hidden states, ``g*h_diamond + (1-g)*h_ghost``. A shared linear head gives 4 action logits.
     ``gate``: "original" (the original code's 1x1 conv + MLP 100-256-256-1) or "mlp64" (:class:`Gate`).
     Expert 0 is the diamond expert, expert 1 the ghost expert. ``experts=1`` is the single-expert
@@ -385,6 +385,15 @@ def evaluate(policy: MoEPolicy, oversight: float, seed: int, episodes: int,
 # ------------------------------------------------------------------------------------------
 # training (one job = one method at one oversight level and seed)
 # ------------------------------------------------------------------------------------------
+def _work_buffer(bufs: dict, name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """``bufs[name]`` when it has this shape and dtype, else a new uninitialised tensor stored
+    there (:func:`rollout`'s and :func:`_expert_backward`'s buffers kept across updates)."""
+    b = bufs.get(name)
+    if b is None or b.shape != shape or b.dtype != dtype:
+        b = bufs[name] = torch.empty(shape, dtype=dtype)
+    return b
+
+
 def rollout(policy: MoEPolicy, env: GridworldVecEnv, obs: torch.Tensor, T: int, gen: torch.Generator,
             buffers: dict | None = None):
     """``T`` steps of every env, without an autograd graph. One update per rollout means the
@@ -415,10 +424,7 @@ def rollout(policy: MoEPolicy, env: GridworldVecEnv, obs: torch.Tensor, T: int, 
         bufs = {} if buffers is None else buffers
 
         def empty(name, *shape, dtype=dt):
-            b = bufs.get(name)
-            if b is None or b.shape != shape or b.dtype != dtype:
-                b = bufs[name] = torch.empty(shape, dtype=dtype)
-            return b
+            return _work_buffer(bufs, name, shape, dtype)
         obs_all = empty("obs", T, N, D, dtype=torch.float32)
         x_all = empty("x", T * N, D + 1)                    # the observations and a column of ones
         x_all[:, D].fill_(1)
@@ -478,8 +484,8 @@ def rollout(policy: MoEPolicy, env: GridworldVecEnv, obs: torch.Tensor, T: int, 
 def _mix(h_d: torch.Tensor, h_g: torch.Tensor, gate_logit: torch.Tensor, out=None) -> torch.Tensor:
     """``g*h_d + (1-g)*h_g``, g = sigmoid(gate_logit), as one ``lerp`` in the states' dtype (one
     pass and one rounding; ``h_g + g*(h_d - h_g)`` as sub then addcmul was two passes, ~1%
-    slower per update); the rollout and the backward pass compute it with the same op (the
-    backward recomputes it from the stored expert states instead of storing it)."""
+    slower per update); the rollout computes it once per step and stores it for the backward
+    pass (the head's gradient)."""
     w = torch.sigmoid(gate_logit).unsqueeze(-1).to(h_d.dtype)
     return torch.lerp(h_g, h_d, w) if out is None else torch.lerp(h_g, h_d, w, out=out)
 
@@ -502,7 +508,8 @@ def _relu_(t: torch.Tensor) -> torch.Tensor:
 
 
 def _relu_grad_(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """:func:`_relu_grad` in place on ``grad`` (a buffer reused across chunks: fresh multi-MB
+    """The gradient at a ReLU's input from the gradient ``grad`` at its output ``out`` (autograd's
+    rule, ``threshold_backward``), in place on ``grad`` (a buffer reused across chunks: fresh multi-MB
     tensors cost page faults on every allocation), on the integer views of both (``out <= 0``
     is the same test on a float's bits; 3.3x faster than bf16 ``threshold_backward`` for
     2,048 x 768)."""
@@ -553,10 +560,7 @@ def _expert_backward(policy: MoEPolicy, batch: dict, coef: torch.Tensor, d_logit
     ws = {} if buffers is None else buffers
 
     def buf(name, *shape, dtype=dt):
-        b = ws.get("bw_" + name)
-        if b is None or b.shape != shape or b.dtype != dtype:
-            b = ws["bw_" + name] = torch.empty(shape, dtype=dtype)
-        return b
+        return _work_buffer(ws, "bw_" + name, shape, dtype)
     d_y_buf = buf("d_y", rows, W1)                       # d loss / d first layer (after its ReLU)
     d_h_buf = buf("d_h", E * rows, H)                    # d loss / d expert states, expert after expert
     a_buf = buf("a", E * rows, A)                        # coef * d_logits, expert after expert

@@ -209,7 +209,6 @@ EMBED_PARAMS = ("transformer.wte.weight",)
 # (``embed_delta={topic: topic_only_token_ids(...)[topic]}``; point 9), ``"exclusive_rows"`` a
 # delta on the rows of the tokens of that topic alone (in no general and no other topic's labelled
 # training story: ``topic_only_token_ids(..., exclusive=True)``; point 10).
-MODULE_EMBED = (True, "topic_rows", "exclusive_rows")
 ROW_EMBEDS = ("topic_rows", "exclusive_rows")
 
 
@@ -790,6 +789,8 @@ MAX_CANDIDATES = 12
 
 def check_candidates(cands: list) -> None:
     """Clear errors for a bad ``modules.select.candidates`` list (before anything is trained)."""
+    if not isinstance(cands, (list, tuple)):
+        raise ValueError(f"modules.select.candidates: a list of schedules, got {cands!r}")
     if not cands or len(cands) > MAX_CANDIDATES:
         raise ValueError(f"modules.select.candidates: need 1 to {MAX_CANDIDATES} schedules, got {len(cands)}")
     for i, c in enumerate(cands):
@@ -802,6 +803,19 @@ def check_candidates(cands: list) -> None:
         if w is not None and (isinstance(w, bool) or not isinstance(w, (int, float)) or w <= 0):
             raise ValueError(f"modules.select.candidates[{i}]: width must be a positive fraction of the MLP "
                              f"(float) or unit count (int), got {w!r}")
+        # the values a run would refuse only when that candidate's training starts
+        for p in ("p_cr", "p_as", "p_other"):
+            v = c.get(p)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1):
+                raise ValueError(f"modules.select.candidates[{i}]: {p} must be a number in [0, 1], got {v!r}")
+        if c.get("spread", "one") not in ("one", "each"):
+            raise ValueError(f"modules.select.candidates[{i}]: spread must be 'one' or 'each', got {c['spread']!r}")
+        if not isinstance(c.get("embed_free", False), bool):
+            raise ValueError(f"modules.select.candidates[{i}]: embed_free must be true or false, got {c['embed_free']!r}")
+        try:
+            _module_embed(c.get("module_embed"))
+        except ValueError as e:
+            raise ValueError(f"modules.select.candidates[{i}]: {e}") from None
 
 
 def run_selection(cfg: dict, out: Path, device: str, workers: int, eval_seeds=()) -> dict:
