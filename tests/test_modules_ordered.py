@@ -75,6 +75,10 @@ def test_ordered_flag_config_run_key_and_candidates(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="modules.schedule must be one of"):
         E._schedule({"schedule": "two-phase"})
     E.check_candidates([dict(schedule="ordered", p_cr=1.0, p_as=0.0, p_other=0.5, module_embed="topic_rows")])
+    with pytest.raises(ValueError, match=r"candidates\[0\]: modules.schedule must be one of"):
+        E.check_candidates([dict(schedule="two-phase")])
+    with pytest.raises(ValueError, match=r"candidates\[0\]: .*needs p_cr 1.0 and p_as 0.0"):
+        E.check_candidates([dict(schedule="ordered")])           # would inherit the profile's p_cr 0.7
     common = ["--out", str(tmp_path / "o"), "--workers", "1", "--methods", "modular", "--no-attack"]
     single = E.run(parser.parse_args([*common, "--p-cr", "1.0", "--p-as", "0.0"]))
     run_file = tmp_path / "o" / "runs" / "modular_s0.json"

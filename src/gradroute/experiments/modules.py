@@ -814,6 +814,8 @@ def check_candidates(cands: list) -> None:
             raise ValueError(f"modules.select.candidates[{i}]: embed_free must be true or false, got {c['embed_free']!r}")
         try:
             _module_embed(c.get("module_embed"))
+            if "schedule" in c:   # an ordered candidate must state p_cr 1 and p_as 0 itself (not the profile's)
+                _schedule({"p_cr": c.get("p_cr"), "p_as": c.get("p_as"), "schedule": c["schedule"]})
         except ValueError as e:
             raise ValueError(f"modules.select.candidates[{i}]: {e}") from None
 
