@@ -316,6 +316,82 @@ def demix_loss(mods, labels: torch.Tensor):
     return loss_fn
 
 
+# ``modules.schedule = "ordered"`` (ours, after the official ``do_routed_ordered``; default absent = the
+# single-phase schedule; docs/modules.md, "Why it fails", point 13): the same stories as the single-phase
+# model in the same order, split by phase. Phase 1 trains the core alone (modules do not run) on the
+# general (and unlabelled) rows of every step's batch, for the profile's steps; phase 2 trains the
+# modules alone (the core frozen: out of the optimizer and core-frozen by the router) on the labelled
+# topic rows of every step's batch that has any (one optimizer step per such batch): a topic story runs
+# core + its module (+ each other module with probability ``p_other``, not learning). Each phase has its
+# own AdamW and its own warmup + cosine cycle (the official code: one lr cycle per phase), through the one
+# training loop (``lm.train.train``, called once per phase). p_cr is 1 and p_as 0 by construction.
+SCHEDULES = ("single", "ordered")
+
+
+def _schedule(mc: dict) -> str:
+    s = mc.get("schedule", "single")
+    if s not in SCHEDULES:
+        raise ValueError(f"modules.schedule must be one of {SCHEDULES}, got {s!r}")
+    if s == "ordered" and (mc.get("p_cr", 1.0) != 1.0 or mc.get("p_as", 0.0) != 0.0):
+        raise ValueError("modules.schedule 'ordered' freezes the core on every topic story and runs no module on "
+                         f"general text: it needs p_cr 1.0 and p_as 0.0, got p_cr {mc.get('p_cr')} and p_as {mc.get('p_as')}")
+    return s
+
+
+def ordered_phases(order: BatchOrder, route_labels: torch.Tensor, steps: int) -> tuple[list, list]:
+    """The two phases' batches (row indices) of the ordered schedule: per step of the single-phase
+    order, its general/unlabelled rows (phase 1; every step) and its labelled topic rows (phase 2;
+    steps without any are skipped). Together exactly the single-phase model's stories."""
+    one, two = [], []
+    for s in range(steps):
+        idx = order.indices(s)
+        topic = route_labels[idx] >= 0
+        if (~topic).any():
+            one.append(idx[~topic])
+        if topic.any():
+            two.append(idx[topic])
+    return one, two
+
+
+def _rows_batch(data: Stories, batches: list):
+    from gradroute.lm.data import IGNORE, Batch
+
+    def batch_at(step):
+        idx = batches[step]
+        y = data.y[idx]
+        return Batch(data.x[idx], y, data.keyword[idx], data.forget[idx], data.labelled[idx], idx,
+                     int((y != IGNORE).sum()))
+    return batch_at
+
+
+def train_ordered(model, mods, data: Stories, order: BatchOrder, route_labels: torch.Tensor, tc: dict, seed: int,
+                  p_other: float = 0.0, desc: str = "modular", device: str = "cpu") -> dict:
+    """Train ``model`` (with ``mods`` attached) by the ordered schedule (see :data:`SCHEDULES`);
+    returns ``{"phases": [log of phase 1, log of phase 2], "steps": [n1, n2]}``."""
+    one, two = ordered_phases(order, route_labels, tc["steps"])
+    if not one or not two:
+        raise ValueError("schedule 'ordered' needs general/unlabelled and labelled topic stories")
+    K = mods.K
+    mod_ids = {id(p) for p in mods.module_params()}
+
+    def core_loss(net, b):                       # phase 1: core only, modules do not run
+        n = len(b.index)
+        fwd = torch.zeros(n, 1 + K)
+        fwd[:, 0] = 1.0
+        with mods.route(forward=fwd, learn=fwd.bool()):
+            return token_losses(net, b.x, b.y).sum()
+
+    logs = []
+    for phase, (batches, loss_fn, sel) in enumerate((
+            (one, core_loss, lambda n, p: id(p) not in mod_ids),
+            (two, modular_loss(mods, route_labels, 1.0, 0.0, seed, "one", p_other=p_other),
+             lambda n, p: id(p) in mod_ids))):
+        c = TrainConfig(**{**tc, "steps": len(batches), "warmup": min(tc.get("warmup", 0), len(batches) // 10)},
+                        desc=f"{desc} phase {phase + 1}")
+        logs.append(train(model, _rows_batch(data, batches), c, loss_fn=loss_fn, params=sel, device=device))
+    return {"phases": logs, "steps": [len(one), len(two)]}
+
+
 def allowed_for(method: str, labels: torch.Tensor, unlabelled: torch.Tensor) -> torch.Tensor | None:
     if method.startswith("filter_"):
         what = method[len("filter_"):]
@@ -426,6 +502,8 @@ def run_train(method: str, seed: int, cfg: dict, out: Path, device: str = "cpu")
         mc = cfg["modules"]
         if method == "modular_partial" and mc.get("partial"):
             mc = {**mc, **mc["partial"]}        # the official partial-label schedule (fixed, not selected)
+            mc.pop("schedule", None)            # single phase, as fixed
+        schedule = _schedule(mc)
         route_labels = routing_labels(labels, unl if method == "modular_partial" else None)
         module_embed = _module_embed(mc.get("module_embed"))
         embed_rows = embed_rows_for(module_embed, data, route_labels, tok.vocab_size)
@@ -439,11 +517,21 @@ def run_train(method: str, seed: int, cfg: dict, out: Path, device: str = "cpu")
         loss_fn = demix_loss(mods, labels)
     allowed = allowed_for(method, labels, unl)
     order = _order(cfg, data, seed, allowed)
-    log = train(model, order, TrainConfig(**tc, desc=f"{method} s{seed}"), eval_fn=eval_fn,
-                **({} if loss_fn is None else {"loss_fn": loss_fn}), device=device)
+    phases = None
+    if method in ("modular", "modular_partial") and schedule == "ordered":
+        ordered = train_ordered(model, mods, data, order, route_labels, tc, seed, p_other=mc.get("p_other", 0.0),
+                                desc=f"{method} s{seed}", device=device)
+        phases = ordered["steps"]
+        logs = ordered["phases"]
+        log = {"history": [h for lg in logs for h in lg["history"]], "wall_s": sum(lg["wall_s"] for lg in logs)}
+    else:
+        log = train(model, order, TrainConfig(**tc, desc=f"{method} s{seed}"), eval_fn=eval_fn,
+                    **({} if loss_fn is None else {"loss_fn": loss_fn}), device=device)
     result = {"method": method, "seed": seed, "config": train_config(cfg),
               "stories_trained_on": int(order.m), "train_wall_s": log["wall_s"],
               "train_loss_first": log["history"][0]["loss"], "train_loss_final": log["history"][-1]["loss"]}
+    if phases is not None:
+        result["ordered_steps"] = phases                 # optimizer steps of phase 1 (core), phase 2 (modules)
     if method == "base":
         result["curve"] = [e for e in log["evals"]]
     if method in ("modular", "modular_partial") and rows_info is not None:
@@ -695,7 +783,7 @@ def _mean_configs(runs: list) -> dict:
 # every key reaches the run key: a run trained with other settings is retrained, never reused).
 # ``width`` (ours, diagnosis point 11): the module width of that candidate (a fraction of the MLP's
 # hidden width, or an int unit count); absent: the profile's ``modules.width``.
-CANDIDATE_KEYS = ("p_cr", "p_as", "spread", "p_other", "width", "embed_free", "module_embed")
+CANDIDATE_KEYS = ("p_cr", "p_as", "spread", "p_other", "width", "embed_free", "module_embed", "schedule")
 MAX_CANDIDATES = 12
 
 
@@ -726,6 +814,8 @@ def check_candidates(cands: list) -> None:
             raise ValueError(f"modules.select.candidates[{i}]: embed_free must be true or false, got {c['embed_free']!r}")
         try:
             _module_embed(c.get("module_embed"))
+            if "schedule" in c:   # an ordered candidate must state p_cr 1 and p_as 0 itself (not the profile's)
+                _schedule({"p_cr": c.get("p_cr"), "p_as": c.get("p_as"), "schedule": c["schedule"]})
         except ValueError as e:
             raise ValueError(f"modules.select.candidates[{i}]: {e}") from None
 
@@ -808,6 +898,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "modular models only (DEMix experts are unchanged)")
     parser.add_argument("--spread", choices=["one", "each"], default=None,
                         help="general stories: one random module on with probability p_as (default), or each")
+    parser.add_argument("--schedule", choices=list(SCHEDULES), default=None,
+                        help="single (default: one phase, as the official unordered schedule) or ordered (ours, "
+                             "after the official ordered schedule): phase 1 trains the core alone on the general "
+                             "(and unlabelled) rows of every batch, phase 2 the modules alone, core frozen, on the "
+                             "topic rows (p_cr 1, p_as 0; --p-other applies); modular model only")
     parser.add_argument("--no-select", action="store_true",
                         help="use the profile's schedule (or --p-cr/--p-as/--spread/--p-other) without selecting one on "
                              "the validation split")
@@ -847,8 +942,14 @@ def build_config(args: argparse.Namespace) -> dict:
     me = getattr(args, "module_embed", None)
     if me:                                     # likewise; True (full vocabulary) as before, or a row option
         cfg["modules"]["module_embed"] = True if me in (True, "vocab") else me.replace("-", "_")
+    if getattr(args, "schedule", None) == "ordered":   # only when on: default configs (and run keys) unchanged
+        cfg["modules"]["schedule"] = "ordered"
+        for flag, v in (("p_cr", 1.0), ("p_as", 0.0)):
+            if getattr(args, flag, None) is None:
+                cfg["modules"][flag] = v
+        _schedule(cfg["modules"])                    # an explicit --p-cr / --p-as that contradicts it: an error
     if getattr(args, "no_select", False) or any(getattr(args, f, None) is not None
-                                                 for f in ("p_cr", "p_as", "spread", "p_other")):
+                                                 for f in ("p_cr", "p_as", "spread", "p_other", "schedule")):
         cfg["modules"].pop("select", None)     # an explicit schedule: no selection
     return cfg
 
