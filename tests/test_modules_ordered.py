@@ -231,7 +231,9 @@ def test_leave_alone_on_own_stories_is_the_lm_loss_and_lam_reaches_the_run_key(t
 def test_lam_run_trains_and_records_its_key(tmp_path, monkeypatch):
     E, parser = _setup(tmp_path, monkeypatch, steps=4)
     cfg = E.build_config(parser.parse_args(["--out", "x", "--schedule", "ordered", "--p-other", "0.5"]))
-    cfg["modules"].update(aux_ratio=2.0, lam=1.0)
+    cfg["modules"].update(aux_ratio=2.0, lam=1.0, partial=dict(p_cr=1.0, p_as=0.2, spread="one", p_other=0.0))
     r = E.run_train("modular", 0, cfg, tmp_path / "o")
     assert r["config"]["modules"]["lam"] == 1.0 and r["config"]["modules"]["aux_ratio"] == 2.0
     assert math.isfinite(r["train_loss_first"]) and math.isfinite(r["train_loss_final"])
+    p = E.run_train("modular_partial", 0, cfg, tmp_path / "o")        # stays single-phase: the options are dropped
+    assert "ordered_steps" not in p and "ordered_steps" in r

@@ -631,7 +631,8 @@ def run_train(method: str, seed: int, cfg: dict, out: Path, device: str = "cpu")
         mc = cfg["modules"]
         if method == "modular_partial" and mc.get("partial"):
             mc = {**mc, **mc["partial"]}        # the official partial-label schedule (fixed, not selected)
-            mc.pop("schedule", None)            # single phase, as fixed
+            for k in ("schedule", "aux_ratio", "lam"):
+                mc.pop(k, None)                 # single phase, as fixed (the ordered schedule's options go too)
         schedule = _schedule(mc)
         route_labels = routing_labels(labels, unl if method == "modular_partial" else None)
         module_embed = _module_embed(mc.get("module_embed"))
