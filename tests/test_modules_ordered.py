@@ -1,6 +1,8 @@
 """The experiment's ordered schedule (``--schedule ordered``; ours, after the official
 ``do_routed_ordered``; docs/modules.md diagnosis point 13): phase 1 trains the core alone, phase 2
 the modules alone with the core frozen, through the one training loop."""
+import math
+
 import pytest
 import torch
 
@@ -88,3 +90,150 @@ def test_ordered_flag_config_run_key_and_candidates(tmp_path, monkeypatch):
     assert r["config"]["modules"]["schedule"] == "ordered"                # retrained under its own key
     assert len(r["ordered_steps"]) == 2 and min(r["ordered_steps"]) > 0
     assert ordered["runs"]["modular_s0"]["configs"] != single["runs"]["modular_s0"]["configs"]
+
+
+# ---- diagnosis point 14 (A): general stories in phase 2 (``modules.aux_ratio``, the official core_aux_ratio)
+def test_aux_ratio_phase2_takes_the_same_batch_general_rows(tmp_path, monkeypatch):
+    E, parser = _setup(tmp_path, monkeypatch)
+    cfg = E.build_config(parser.parse_args(["--out", "x"]))
+    _, data, labels, _, _ = E._prepare(E._cfg_key(cfg))
+    rl = E.routing_labels(labels, E.unlabelled_subset(len(labels), 0.5, 0))
+    order = E._order(cfg, data, 0)
+    one0, two0 = E.ordered_phases(order, rl, 6)
+    one, two = E.ordered_phases(order, rl, 6, aux_ratio=2.0)
+    assert all(torch.equal(a, b) for a, b in zip(one0, one))                  # phase 1 unchanged
+    assert len(two) == len(two0) and any(len(b) > len(b0) for b, b0 in zip(two, two0))
+    s = 0
+    for b0, b in zip(two0, two):
+        while not bool(torch.isin(b0, order.indices(s)).all()):
+            s += 1
+        batch = order.indices(s)
+        n_gen = int((rl[batch] == E.GENERAL).sum())
+        assert torch.equal(b[:len(b0)], b0)                                     # topic rows first, as before
+        aux = b[len(b0):]
+        assert len(aux) == min(n_gen, round(2.0 * len(b0)))
+        assert (rl[aux] == E.GENERAL).all() and bool(torch.isin(aux, batch).all())   # labelled general, same batch
+        s += 1
+
+
+def test_aux_masks_one_module_per_general_row_and_gradient_only_to_it(tmp_path, monkeypatch):
+    E, parser = _setup(tmp_path, monkeypatch)
+    cfg = E.build_config(parser.parse_args(["--out", "x"]))
+    tok, data, labels, _, _ = E._prepare(E._cfg_key(cfg))
+    model = E.make_model(E._spec(cfg, tok.vocab_size), 0)
+    mods = E.attach_modules(model, cfg, "modular")
+    G = E.GENERAL
+    lab = torch.tensor([2, 0, G, G, G, G, G])
+    fwd, learn = E.aux_masks(mods, lab, torch.Generator().manual_seed(0))
+    ref_f, ref_l = mods.masks(lab[:2], 1.0, 0.0, torch.Generator().manual_seed(0))
+    assert torch.equal(fwd[:2], ref_f) and torch.equal(learn[:2], ref_l)     # topic rows: point 13's masks
+    assert not learn[:, 0].any() and (fwd[:, 0] == 1).all()                  # core runs, learns nowhere
+    gen_mods = [int(r[1:].nonzero()) for r in fwd[2:]]                        # exactly one module per general row
+    assert gen_mods == [2, 0, 2, 0, 2] and torch.equal(learn[2:, 1:], fwd[2:, 1:].bool())
+    # a batch of forest (0) rows and general rows: the gradient reaches module 0 only, never the core
+    randomise_modules(mods)
+    rl = E.routing_labels(labels, None)
+    idx = torch.cat([(rl == 0).nonzero().flatten()[:2], (rl == G).nonzero().flatten()[:4]])
+    loss_fn = E.ordered_module_loss(mods, rl, 0, p_other=0.0, aux_ratio=2.0)
+    from gradroute.lm.data import Batch
+    b = Batch(data.x[idx], data.y[idx], data.keyword[idx], data.forget[idx], data.labelled[idx], idx, 1)
+    model.zero_grad(set_to_none=True)
+    loss_fn(model, b).backward()
+    for k, d in enumerate(E.TOPIC_NAMES):
+        g = [p.grad for p in mods.module_params(d)]
+        moved = any(x is not None and bool(x.abs().sum() > 0) for x in g)
+        assert moved == (k == 0), d
+    assert all(p.grad is None or not bool(p.grad.abs().sum() > 0) for p in mods.core_params())
+
+
+def test_aux_ratio_key_checks_and_run_key(tmp_path, monkeypatch):
+    E, parser = _setup(tmp_path, monkeypatch, steps=4)
+    O = dict(schedule="ordered", p_cr=1.0, p_as=0.0)
+    E.check_candidates([dict(O, aux_ratio=2.0, module_embed="topic_rows")])
+    with pytest.raises(ValueError, match=r"candidates\[0\]: modules.aux_ratio .* needs modules.schedule 'ordered'"):
+        E.check_candidates([dict(aux_ratio=2.0)])
+    with pytest.raises(ValueError, match=r"candidates\[0\]: modules.aux_ratio must be a number"):
+        E.check_candidates([dict(O, aux_ratio=-1)])
+    cfg = E.build_config(parser.parse_args(["--out", "x", "--schedule", "ordered"]))
+    cfg["modules"]["aux_ratio"] = 2.0
+    r = E.run_train("modular", 0, cfg, tmp_path / "o")
+    assert r["config"]["modules"]["aux_ratio"] == 2.0                       # in the run key
+    rows = r["ordered_phase2_rows"]
+    assert rows["general"] > 0 and rows["general"] <= 2 * rows["topic"]
+
+
+# ---- diagnosis point 14 (B): "leave others alone" (``modules.lam``; ours)
+def _b_setup(tmp_path, monkeypatch):
+    E, parser = _setup(tmp_path, monkeypatch)
+    cfg = E.build_config(parser.parse_args(["--out", "x"]))
+    tok, data, labels, _, _ = E._prepare(E._cfg_key(cfg))
+    rl = E.routing_labels(labels, None)
+    model = E.make_model(E._spec(cfg, tok.vocab_size), 0)
+    rows = E.embed_rows_for("topic_rows", data, rl, tok.vocab_size)
+    mods = E.attach_modules(model, cfg, "modular", module_embed="topic_rows", embed_rows=rows)
+    randomise_modules(mods)
+    return E, model, mods, data, rl
+
+
+def _grads(model, mods, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    nz = lambda ps: any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in ps)
+    return {d: nz(mods.module_params(d)) for d in mods.domains}, nz(mods.core_params())
+
+
+def test_leave_alone_kl_gradient_reaches_only_the_visitor(tmp_path, monkeypatch):
+    E, model, mods, data, rl = _b_setup(tmp_path, monkeypatch)
+    idx = (rl == 0).nonzero().flatten()[:3]                   # forest stories
+    fwd = torch.zeros(3, 5)
+    fwd[:, 0] = 1.0
+    fwd[:, 1] = 1.0                                           # the own module runs (forest)
+    fwd[:, 3] = 1.0                                           # space visits
+    visit = E.visitors(fwd, rl[idx])
+    assert visit[:, 2].all() and visit.sum() == 3             # only space is a visitor
+    kl = E.leave_alone_kl(model, mods, data.x[idx], data.y[idx], fwd, visit)
+    assert float(kl.detach()) > 0
+    mod_g, core_g = _grads(model, mods, kl)
+    assert mod_g == {"forest": False, "sea": False, "space": True, "dinosaurs": False} and not core_g
+    delta = mods.module_params("space")[-1]                     # the visitor's embedding delta learns too
+    assert delta.grad is not None and bool(delta.grad.abs().sum() > 0)
+    # the reference is the model without the visitor: a visitor that is a no-op has zero KL
+    with torch.no_grad():
+        for p in mods.module_params("space"):
+            p.zero_()
+    assert abs(float(E.leave_alone_kl(model, mods, data.x[idx], data.y[idx], fwd, visit))) < 1e-4
+
+
+def test_leave_alone_on_own_stories_is_the_lm_loss_and_lam_reaches_the_run_key(tmp_path, monkeypatch):
+    E, model, mods, data, rl = _b_setup(tmp_path, monkeypatch)
+    from gradroute.lm.data import Batch
+    idx = torch.cat([(rl == 0).nonzero().flatten()[:2], (rl == 2).nonzero().flatten()[:2]])
+    b = Batch(data.x[idx], data.y[idx], data.keyword[idx], data.forget[idx], data.labelled[idx], idx, 1)
+    plain = E.ordered_module_loss(mods, rl, 0)(model, b)                      # point 13's phase 2
+    ours = E.ordered_module_loss(mods, rl, 0, lam=1.0)(model, b)              # no visitors: the same objective
+    assert torch.allclose(plain, ours)
+    g_plain = _grads(model, mods, E.ordered_module_loss(mods, rl, 0)(model, b))
+    g_ours = _grads(model, mods, E.ordered_module_loss(mods, rl, 0, lam=1.0)(model, b))
+    assert g_plain == g_ours == ({"forest": True, "sea": False, "space": True, "dinosaurs": False}, False)
+    # with general rows (aux_ratio) and lam: the LM term stays the own stories'; general rows add the KL
+    gidx = torch.cat([idx, (rl == E.GENERAL).nonzero().flatten()[:4]])
+    bg = Batch(data.x[gidx], data.y[gidx], data.keyword[gidx], data.forget[gidx], data.labelled[gidx], gidx, 1)
+    with_kl = E.ordered_module_loss(mods, rl, 0, aux_ratio=2.0, lam=1.0)(model, bg)
+    twice = E.ordered_module_loss(mods, rl, 0, aux_ratio=2.0, lam=2.0)(model, bg)
+    assert float(with_kl) > float(plain) and torch.allclose(twice - with_kl, with_kl - plain, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"candidates\[0\]: modules.lam .* needs modules.schedule 'ordered'"):
+        E.check_candidates([dict(lam=1.0)])
+    with pytest.raises(ValueError, match="modules.lam must be a number"):
+        E._lam({"lam": -1})
+    E.check_candidates([dict(schedule="ordered", p_cr=1.0, p_as=0.0, lam=1.0, aux_ratio=2.0, p_other=0.5)])
+
+
+def test_lam_run_trains_and_records_its_key(tmp_path, monkeypatch):
+    E, parser = _setup(tmp_path, monkeypatch, steps=4)
+    cfg = E.build_config(parser.parse_args(["--out", "x", "--schedule", "ordered", "--p-other", "0.5"]))
+    cfg["modules"].update(aux_ratio=2.0, lam=1.0, partial=dict(p_cr=1.0, p_as=0.2, spread="one", p_other=0.0))
+    r = E.run_train("modular", 0, cfg, tmp_path / "o")
+    assert r["config"]["modules"]["lam"] == 1.0 and r["config"]["modules"]["aux_ratio"] == 2.0
+    assert math.isfinite(r["train_loss_first"]) and math.isfinite(r["train_loss_final"])
+    p = E.run_train("modular_partial", 0, cfg, tmp_path / "o")        # stays single-phase: the options are dropped
+    assert "ordered_steps" not in p and "ordered_steps" in r

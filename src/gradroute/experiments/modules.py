@@ -325,23 +325,68 @@ def demix_loss(mods, labels: torch.Tensor):
 # core + its module (+ each other module with probability ``p_other``, not learning). Each phase has its
 # own AdamW and its own warmup + cosine cycle (the official code: one lr cycle per phase), through the one
 # training loop (``lm.train.train``, called once per phase). p_cr is 1 and p_as 0 by construction.
+#
+# ``modules.aux_ratio`` (ordered only; absent = 0, point 13's phase 2; docs/modules.md, "Why it fails", point
+# 14): the official ordered schedule's ``core_aux_ratio``: phase 2 also trains each module on general stories,
+# ``aux_ratio`` of them per topic story. Ours: they are the *same batch's* labelled general rows (the first
+# ``min(available, round(aux_ratio x topic rows))`` of them; the stories the core trained on in phase 1, so
+# the model sees no story the single-phase model does not; the official code takes them out of phase 1, which
+# with our 32% topic share would leave the core about one general story per batch), each running core + one
+# module, the module of the batch's topic rows in turn (so each module gets about ``aux_ratio`` general
+# stories per own story, as the official per-domain mix), and training only that module (core frozen).
+#
+# ``modules.lam`` (ordered only; absent = 0 = off; ours; docs/modules.md, "Why it fails", point 14 (B)): the
+# "leave others alone" objective in phase 2. A module running on a row that is not its topic's story (a
+# *visitor*: another module's story via ``p_other``, or an ``aux_ratio`` general row) learns only to keep the
+# model's next-token distribution where it is without the visitors: ``lam`` x KL(p_without (detached) ||
+# p_with), summed over target tokens, gradient to the visitors' parameters (module + delta) only; a topic
+# row's own module learns the ordinary LM loss as before (the visitors do not learn from it), and general
+# rows carry no LM loss (the core is frozen). Three forwards per step (reference without the visitors under
+# no_grad, the LM forward, the KL forward), all inside the loss of the one training loop.
 SCHEDULES = ("single", "ordered")
+
+
+def _lam(mc: dict) -> float:
+    v = mc.get("lam", 0.0)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1e4:
+        raise ValueError(f"modules.lam must be a number >= 0 (weight of the leave-others-alone KL), got {v!r}")
+    if v and mc.get("schedule", "single") != "ordered":
+        raise ValueError("modules.lam is an objective of phase 2 of the ordered schedule: it needs "
+                         f"modules.schedule 'ordered', got {mc.get('schedule', 'single')!r}")
+    return float(v)
+
+
+def _aux_ratio(mc: dict) -> float:
+    v = mc.get("aux_ratio", 0.0)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 100:
+        raise ValueError(f"modules.aux_ratio must be a number in [0, 100] (general stories per topic story in "
+                         f"phase 2), got {v!r}")
+    if v and mc.get("schedule", "single") != "ordered":
+        raise ValueError("modules.aux_ratio mixes general stories into phase 2 of the ordered schedule: it needs "
+                         f"modules.schedule 'ordered', got {mc.get('schedule', 'single')!r}")
+    return float(v)
 
 
 def _schedule(mc: dict) -> str:
     s = mc.get("schedule", "single")
     if s not in SCHEDULES:
         raise ValueError(f"modules.schedule must be one of {SCHEDULES}, got {s!r}")
+    _aux_ratio(mc)
+    _lam(mc)
     if s == "ordered" and (mc.get("p_cr", 1.0) != 1.0 or mc.get("p_as", 0.0) != 0.0):
         raise ValueError("modules.schedule 'ordered' freezes the core on every topic story and runs no module on "
                          f"general text: it needs p_cr 1.0 and p_as 0.0, got p_cr {mc.get('p_cr')} and p_as {mc.get('p_as')}")
     return s
 
 
-def ordered_phases(order: BatchOrder, route_labels: torch.Tensor, steps: int) -> tuple[list, list]:
+def ordered_phases(order: BatchOrder, route_labels: torch.Tensor, steps: int,
+                   aux_ratio: float = 0.0) -> tuple[list, list]:
     """The two phases' batches (row indices) of the ordered schedule: per step of the single-phase
     order, its general/unlabelled rows (phase 1; every step) and its labelled topic rows (phase 2;
-    steps without any are skipped). Together exactly the single-phase model's stories."""
+    steps without any are skipped). Together exactly the single-phase model's stories. With
+    ``aux_ratio`` > 0 a phase-2 batch is its topic rows followed by the first
+    ``min(available, round(aux_ratio x topic rows))`` labelled general rows of the same step's batch
+    (also in phase 1: see ``modules.aux_ratio`` above)."""
     one, two = [], []
     for s in range(steps):
         idx = order.indices(s)
@@ -349,8 +394,89 @@ def ordered_phases(order: BatchOrder, route_labels: torch.Tensor, steps: int) ->
         if (~topic).any():
             one.append(idx[~topic])
         if topic.any():
-            two.append(idx[topic])
+            aux = idx[route_labels[idx] == GENERAL][:round(aux_ratio * int(topic.sum()))] if aux_ratio else idx[:0]
+            two.append(torch.cat([idx[topic], aux]))
     return one, two
+
+
+def aux_masks(mods, lab: torch.Tensor, generator: torch.Generator | None, p_other: float = 0.0):
+    """Phase-2 masks with general rows (``aux_ratio``): topic rows as ``mods.masks`` with p_cr 1, p_as 0
+    and ``p_other``; each ``GENERAL`` row runs core + one module and trains only that module, the
+    modules of the batch's topic rows in turn; the core learns nowhere."""
+    fwd, learn = mods.masks(lab, 1.0, 0.0, generator, "one", p_other)
+    gen = (lab == GENERAL).nonzero().flatten()
+    own = lab[lab >= 0]
+    if len(gen):
+        if not len(own):
+            raise ValueError("aux_masks: general rows need topic rows in the same batch")
+        k = own[torch.arange(len(gen)) % len(own)]
+        fwd[gen, 1 + k] = 1.0
+        learn[gen, 1 + k] = True
+    learn[:, 0] = False
+    return fwd, learn
+
+
+def visitors(fwd: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
+    """Bool ``(B, K)``: modules that run on a row that is not their topic's story."""
+    own = torch.zeros(fwd.shape[0], fwd.shape[1] - 1, dtype=torch.bool)
+    topic = (lab >= 0).nonzero().flatten()
+    own[topic, lab[topic]] = True
+    return (fwd[:, 1:] != 0) & ~own
+
+
+def leave_alone_kl(net, mods, x: torch.Tensor, y: torch.Tensor, fwd: torch.Tensor, visit: torch.Tensor) -> torch.Tensor:
+    """Summed over target tokens: KL(p without the ``visit`` modules (detached) || p with them), the
+    gradient to the visiting modules (and their deltas) only; nothing else learns."""
+    from gradroute.lm.data import IGNORE
+    from gradroute.lm.train import logits
+    ref_f = fwd.clone()
+    ref_f[:, 1:][visit] = 0.0
+    nobody = torch.zeros(fwd.shape, dtype=torch.bool)
+    with torch.no_grad(), mods.route(forward=ref_f, learn=nobody):
+        ref = torch.log_softmax(logits(net, x).float(), -1)
+    learn = nobody.clone()
+    learn[:, 1:] = visit
+    with mods.route(forward=fwd, learn=learn):
+        out = torch.log_softmax(logits(net, x).float(), -1)
+    kl = (ref.exp() * (ref - out)).sum(-1)
+    return kl[y != IGNORE].sum()
+
+
+def leave_alone_loss(mods, route_labels: torch.Tensor, seed: int, p_other: float = 0.0, aux_ratio: float = 0.0,
+                     lam: float = 1.0):
+    """Phase 2's loss with ``modules.lam`` (see above): the own module's LM loss on topic rows (the
+    masks of :func:`aux_masks`, visitors running but not learning) + ``lam`` x :func:`leave_alone_kl`
+    on every row with visitors."""
+    def loss_fn(net, b):
+        lab = route_labels[b.index]
+        fwd, learn = aux_masks(mods, lab, _step_generator(seed, b.index), p_other)
+        visit = visitors(fwd, lab)
+        topic = (lab >= 0).nonzero().flatten()
+        lm = learn[topic].clone()
+        lm[:, 1:] &= ~visit[topic]
+        with mods.route(forward=fwd[topic], learn=lm):
+            loss = token_losses(net, b.x[topic], b.y[topic]).sum()
+        rows = visit.any(1).nonzero().flatten()
+        if len(rows):
+            loss = loss + lam * leave_alone_kl(net, mods, b.x[rows], b.y[rows], fwd[rows], visit[rows])
+        return loss
+    return loss_fn
+
+
+def ordered_module_loss(mods, route_labels: torch.Tensor, seed: int, p_other: float = 0.0, aux_ratio: float = 0.0,
+                        lam: float = 0.0):
+    """Phase 2's loss: point 13's (``modular_loss`` with p_cr 1, p_as 0) without general rows; with them
+    the masks of :func:`aux_masks`; with ``lam`` > 0 :func:`leave_alone_loss`."""
+    if lam:
+        return leave_alone_loss(mods, route_labels, seed, p_other, aux_ratio, lam)
+    if not aux_ratio:
+        return modular_loss(mods, route_labels, 1.0, 0.0, seed, "one", p_other=p_other)
+
+    def loss_fn(net, b):
+        fwd, learn = aux_masks(mods, route_labels[b.index], _step_generator(seed, b.index), p_other)
+        with mods.route(forward=fwd, learn=learn):
+            return token_losses(net, b.x, b.y).sum()
+    return loss_fn
 
 
 def _rows_batch(data: Stories, batches: list):
@@ -365,10 +491,11 @@ def _rows_batch(data: Stories, batches: list):
 
 
 def train_ordered(model, mods, data: Stories, order: BatchOrder, route_labels: torch.Tensor, tc: dict, seed: int,
-                  p_other: float = 0.0, desc: str = "modular", device: str = "cpu") -> dict:
+                  p_other: float = 0.0, desc: str = "modular", device: str = "cpu", aux_ratio: float = 0.0,
+                  lam: float = 0.0) -> dict:
     """Train ``model`` (with ``mods`` attached) by the ordered schedule (see :data:`SCHEDULES`);
-    returns ``{"phases": [log of phase 1, log of phase 2], "steps": [n1, n2]}``."""
-    one, two = ordered_phases(order, route_labels, tc["steps"])
+    returns ``{"phases": [log of phase 1, log of phase 2], "steps": [n1, n2], "phase2_rows": {...}}``."""
+    one, two = ordered_phases(order, route_labels, tc["steps"], aux_ratio)
     if not one or not two:
         raise ValueError("schedule 'ordered' needs general/unlabelled and labelled topic stories")
     K = mods.K
@@ -384,12 +511,14 @@ def train_ordered(model, mods, data: Stories, order: BatchOrder, route_labels: t
     logs = []
     for phase, (batches, loss_fn, sel) in enumerate((
             (one, core_loss, lambda n, p: id(p) not in mod_ids),
-            (two, modular_loss(mods, route_labels, 1.0, 0.0, seed, "one", p_other=p_other),
+            (two, ordered_module_loss(mods, route_labels, seed, p_other, aux_ratio, lam),
              lambda n, p: id(p) in mod_ids))):
         c = TrainConfig(**{**tc, "steps": len(batches), "warmup": min(tc.get("warmup", 0), len(batches) // 10)},
                         desc=f"{desc} phase {phase + 1}")
         logs.append(train(model, _rows_batch(data, batches), c, loss_fn=loss_fn, params=sel, device=device))
-    return {"phases": logs, "steps": [len(one), len(two)]}
+    rows2 = torch.cat(two)
+    return {"phases": logs, "steps": [len(one), len(two)],
+            "phase2_rows": {"topic": int((route_labels[rows2] >= 0).sum()), "general": int((route_labels[rows2] < 0).sum())}}
 
 
 def allowed_for(method: str, labels: torch.Tensor, unlabelled: torch.Tensor) -> torch.Tensor | None:
@@ -502,7 +631,8 @@ def run_train(method: str, seed: int, cfg: dict, out: Path, device: str = "cpu")
         mc = cfg["modules"]
         if method == "modular_partial" and mc.get("partial"):
             mc = {**mc, **mc["partial"]}        # the official partial-label schedule (fixed, not selected)
-            mc.pop("schedule", None)            # single phase, as fixed
+            for k in ("schedule", "aux_ratio", "lam"):
+                mc.pop(k, None)                 # single phase, as fixed (the ordered schedule's options go too)
         schedule = _schedule(mc)
         route_labels = routing_labels(labels, unl if method == "modular_partial" else None)
         module_embed = _module_embed(mc.get("module_embed"))
@@ -517,11 +647,13 @@ def run_train(method: str, seed: int, cfg: dict, out: Path, device: str = "cpu")
         loss_fn = demix_loss(mods, labels)
     allowed = allowed_for(method, labels, unl)
     order = _order(cfg, data, seed, allowed)
-    phases = None
+    phases = phase2_rows = None
     if method in ("modular", "modular_partial") and schedule == "ordered":
         ordered = train_ordered(model, mods, data, order, route_labels, tc, seed, p_other=mc.get("p_other", 0.0),
-                                desc=f"{method} s{seed}", device=device)
+                                desc=f"{method} s{seed}", device=device, aux_ratio=_aux_ratio(mc),
+                                lam=_lam(mc))
         phases = ordered["steps"]
+        phase2_rows = ordered["phase2_rows"]
         logs = ordered["phases"]
         log = {"history": [h for lg in logs for h in lg["history"]], "wall_s": sum(lg["wall_s"] for lg in logs)}
     else:
@@ -532,6 +664,7 @@ def run_train(method: str, seed: int, cfg: dict, out: Path, device: str = "cpu")
               "train_loss_first": log["history"][0]["loss"], "train_loss_final": log["history"][-1]["loss"]}
     if phases is not None:
         result["ordered_steps"] = phases                 # optimizer steps of phase 1 (core), phase 2 (modules)
+        result["ordered_phase2_rows"] = phase2_rows     # phase 2's topic and (aux_ratio) general rows
     if method == "base":
         result["curve"] = [e for e in log["evals"]]
     if method in ("modular", "modular_partial") and rows_info is not None:
@@ -783,7 +916,8 @@ def _mean_configs(runs: list) -> dict:
 # every key reaches the run key: a run trained with other settings is retrained, never reused).
 # ``width`` (ours, diagnosis point 11): the module width of that candidate (a fraction of the MLP's
 # hidden width, or an int unit count); absent: the profile's ``modules.width``.
-CANDIDATE_KEYS = ("p_cr", "p_as", "spread", "p_other", "width", "embed_free", "module_embed", "schedule")
+CANDIDATE_KEYS = ("p_cr", "p_as", "spread", "p_other", "width", "embed_free", "module_embed", "schedule",
+                  "aux_ratio", "lam")
 MAX_CANDIDATES = 12
 
 
@@ -814,8 +948,11 @@ def check_candidates(cands: list) -> None:
             raise ValueError(f"modules.select.candidates[{i}]: embed_free must be true or false, got {c['embed_free']!r}")
         try:
             _module_embed(c.get("module_embed"))
-            if "schedule" in c:   # an ordered candidate must state p_cr 1 and p_as 0 itself (not the profile's)
-                _schedule({"p_cr": c.get("p_cr"), "p_as": c.get("p_as"), "schedule": c["schedule"]})
+            if "schedule" in c or "aux_ratio" in c or "lam" in c:   # an ordered one states p_cr 1, p_as 0 itself
+                mc = {k: c[k] for k in ("schedule", "aux_ratio", "lam") if k in c}
+                if c.get("schedule") == "ordered":       # (not the profile's p_cr 0.7)
+                    mc.update(p_cr=c.get("p_cr"), p_as=c.get("p_as"))
+                _schedule(mc)
         except ValueError as e:
             raise ValueError(f"modules.select.candidates[{i}]: {e}") from None
 
