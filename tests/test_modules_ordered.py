@@ -237,3 +237,97 @@ def test_lam_run_trains_and_records_its_key(tmp_path, monkeypatch):
     assert math.isfinite(r["train_loss_first"]) and math.isfinite(r["train_loss_final"])
     p = E.run_train("modular_partial", 0, cfg, tmp_path / "o")        # stays single-phase: the options are dropped
     assert "ordered_steps" not in p and "ordered_steps" in r
+
+
+# ---- diagnosis point 15: the own module learns its topic alone (``modules.own_alone``; ours)
+def _module_grads(model, mods, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    g = {d: [None if p.grad is None else p.grad.clone() for p in mods.module_params(d)] for d in mods.domains}
+    core = [p.grad for p in mods.core_params() if p.grad is not None and bool(p.grad.abs().sum() > 0)]
+    return g, core
+
+
+def _close(a, b):
+    z = lambda t, r: torch.zeros_like(r) if t is None else t
+    return all(torch.allclose(z(x, y if y is not None else x), z(y, x if x is not None else y), atol=1e-6, rtol=1e-4)
+               for x, y in zip(a, b))
+
+
+def _zero(gs):
+    return all(g is None or not bool(g.abs().sum() > 0) for g in gs)
+
+
+def test_own_alone_lm_gradient_is_the_model_with_visitors_off_and_visitors_learn_only_the_kl(tmp_path, monkeypatch):
+    E, model, mods, data, rl = _b_setup(tmp_path, monkeypatch)
+    from gradroute.lm.data import Batch
+    idx = (rl == 0).nonzero().flatten()[:3]                    # forest stories; p_other 1: the others all visit
+    b = Batch(data.x[idx], data.y[idx], data.keyword[idx], data.forget[idx], data.labelled[idx], idx, 1)
+    loss = E.ordered_module_loss(mods, rl, 0, p_other=1.0, lam=1.0, own_alone=True)(model, b)
+    ours, core = _module_grads(model, mods, loss)
+    assert not core                                            # the core learns nowhere
+    alone = torch.zeros(3, 5)
+    alone[:, :2] = 1.0                                         # core + forest: the usefulness configuration
+    with mods.route(forward=alone, learn=alone.bool() & torch.tensor([False, True, False, False, False])):
+        lm = E.token_losses(model, b.x, b.y).sum()
+    fwd = torch.ones(3, 5)
+    visit = E.visitors(fwd, rl[idx])
+    kl = E.leave_alone_kl(model, mods, b.x, b.y, fwd, visit)   # its own no_grad reference
+    assert torch.allclose(loss, lm + kl, rtol=1e-5)
+    g_lm, _ = _module_grads(model, mods, lm)
+    g_kl, _ = _module_grads(model, mods, kl)
+    assert _close(ours["forest"], g_lm["forest"]) and not _zero(ours["forest"])   # the LM gradient, visitors off
+    for d in ("sea", "space", "dinosaurs"):                    # visitors: the KL gradient only
+        assert _close(ours[d], g_kl[d]) and not _zero(ours[d]) and _zero(g_lm[d])
+    assert _zero(g_kl["forest"])
+    # point 14's objective (own module next to the visitors) gives the forest module another gradient
+    old, _ = _module_grads(model, mods, E.ordered_module_loss(mods, rl, 0, p_other=1.0, lam=1.0)(model, b))
+    assert not _close(old["forest"], ours["forest"])
+    # mixed batch (two topics, general rows via aux_ratio): the gradient is LM (visitors off) + lam x KL
+    gidx = torch.cat([idx[:2], (rl == 1).nonzero().flatten()[:2], (rl == E.GENERAL).nonzero().flatten()[:4]])
+    bg = Batch(data.x[gidx], data.y[gidx], data.keyword[gidx], data.forget[gidx], data.labelled[gidx], gidx, 1)
+    lab = rl[gidx]
+    mixed, core = _module_grads(model, mods, E.ordered_module_loss(mods, rl, 0, p_other=1.0, aux_ratio=2.0, lam=3.0,
+                                                                   own_alone=True)(model, bg))
+    assert not core
+    fwd, learn = E.aux_masks(mods, lab, E._step_generator(0, gidx), 1.0)
+    visit = E.visitors(fwd, lab)
+    assert visit[4:].any(1).all()                              # every general row has its visitor
+    own = learn.clone()
+    own[:, 1:] &= ~visit
+    with mods.route(forward=E.without_visitors(fwd, visit), learn=own):
+        lm = E.token_losses(model, bg.x, bg.y)[:4].sum()       # the LM loss of the four topic rows
+    g_lm, _ = _module_grads(model, mods, lm)
+    g_kl, _ = _module_grads(model, mods, 3.0 * E.leave_alone_kl(model, mods, bg.x, bg.y, fwd, visit))
+    for d in mods.domains:
+        s = [None if a is None and c is None else (0 if a is None else a) + (0 if c is None else c)
+             for a, c in zip(g_lm[d], g_kl[d])]
+        assert _close(mixed[d], s), d
+
+
+def test_own_alone_key_checks_run_key_and_partial(tmp_path, monkeypatch):
+    E, parser = _setup(tmp_path, monkeypatch, steps=4)
+    O = dict(schedule="ordered", p_cr=1.0, p_as=0.0, lam=1.0, aux_ratio=2.0, p_other=0.5, module_embed="topic_rows")
+    E.check_candidates([dict(O, own_alone=True)])
+    with pytest.raises(ValueError, match=r"candidates\[0\]: modules.own_alone .* needs modules.schedule 'ordered' and "
+                                         r"modules.lam > 0"):
+        E.check_candidates([dict(O, own_alone=True, lam=0.0)])
+    with pytest.raises(ValueError, match=r"candidates\[0\]: modules.own_alone .* needs"):
+        E.check_candidates([dict(own_alone=True)])                # single phase
+    with pytest.raises(ValueError, match=r"candidates\[0\]: modules.own_alone must be true or false"):
+        E.check_candidates([dict(O, own_alone=1)])
+    with pytest.raises(ValueError, match="needs lam > 0"):
+        E.ordered_module_loss(None, None, 0, own_alone=True)
+    cfg = E.build_config(parser.parse_args(["--out", "x", "--schedule", "ordered", "--p-other", "0.5"]))
+    assert "own_alone" not in cfg["modules"]                   # absent by default: point 14's runs keep their key
+    cfg["modules"].update(aux_ratio=2.0, lam=1.0, own_alone=True, partial=dict(p_cr=1.0, p_as=0.2, spread="one",
+                                                                               p_other=0.0))
+    out = tmp_path / "o"
+    r = E.run_train("modular", 0, cfg, out)
+    assert r["config"]["modules"]["own_alone"] is True and math.isfinite(r["train_loss_final"])
+    without = {**cfg, "modules": {k: v for k, v in cfg["modules"].items() if k != "own_alone"}}
+    done, todo = E.split_finished([("modular", 0)], lambda m, s: E._run_path(out, m, s), E.train_config(without),
+                                  verbose=False)
+    assert todo == [("modular", 0)] and not done              # a run without it is not reused
+    p = E.run_train("modular_partial", 0, cfg, out)            # single phase: the option is dropped
+    assert "ordered_steps" not in p and "ordered_steps" in r

@@ -343,6 +343,12 @@ def demix_loss(mods, labels: torch.Tensor):
 # row's own module learns the ordinary LM loss as before (the visitors do not learn from it), and general
 # rows carry no LM loss (the core is frozen). Three forwards per step (reference without the visitors under
 # no_grad, the LM forward, the KL forward), all inside the loss of the one training loop.
+#
+# ``modules.own_alone`` (ordered with ``lam`` > 0 only; absent = false = point 14's objective; ours;
+# docs/modules.md, "Why it fails", point 15): the own module's LM loss on a topic row is computed with the
+# visitors **off** (core + the own module alone: the configuration usefulness is measured in), not next to
+# them; that one forward of every phase-2 row without its visitors, detached, is also the KL's reference, so
+# two forwards per step (that pass and the KL forward with the visitors on, which only the visitors learn).
 SCHEDULES = ("single", "ordered")
 
 
@@ -367,12 +373,24 @@ def _aux_ratio(mc: dict) -> float:
     return float(v)
 
 
+def _own_alone(mc: dict) -> bool:
+    v = mc.get("own_alone", False)
+    if not isinstance(v, bool):
+        raise ValueError(f"modules.own_alone must be true or false, got {v!r}")
+    if v and (mc.get("schedule", "single") != "ordered" or not _lam(mc)):
+        raise ValueError("modules.own_alone changes the leave-others-alone objective of the ordered schedule: it "
+                         f"needs modules.schedule 'ordered' and modules.lam > 0, got schedule "
+                         f"{mc.get('schedule', 'single')!r} and lam {mc.get('lam', 0.0)!r}")
+    return v
+
+
 def _schedule(mc: dict) -> str:
     s = mc.get("schedule", "single")
     if s not in SCHEDULES:
         raise ValueError(f"modules.schedule must be one of {SCHEDULES}, got {s!r}")
     _aux_ratio(mc)
     _lam(mc)
+    _own_alone(mc)
     if s == "ordered" and (mc.get("p_cr", 1.0) != 1.0 or mc.get("p_as", 0.0) != 0.0):
         raise ValueError("modules.schedule 'ordered' freezes the core on every topic story and runs no module on "
                          f"general text: it needs p_cr 1.0 and p_as 0.0, got p_cr {mc.get('p_cr')} and p_as {mc.get('p_as')}")
@@ -424,16 +442,25 @@ def visitors(fwd: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
     return (fwd[:, 1:] != 0) & ~own
 
 
-def leave_alone_kl(net, mods, x: torch.Tensor, y: torch.Tensor, fwd: torch.Tensor, visit: torch.Tensor) -> torch.Tensor:
+def without_visitors(fwd: torch.Tensor, visit: torch.Tensor) -> torch.Tensor:
+    """The forward mask ``fwd`` with the ``visit`` modules switched off."""
+    out = fwd.clone()
+    out[:, 1:][visit] = 0.0
+    return out
+
+
+def leave_alone_kl(net, mods, x: torch.Tensor, y: torch.Tensor, fwd: torch.Tensor, visit: torch.Tensor,
+                   ref: torch.Tensor | None = None) -> torch.Tensor:
     """Summed over target tokens: KL(p without the ``visit`` modules (detached) || p with them), the
-    gradient to the visiting modules (and their deltas) only; nothing else learns."""
+    gradient to the visiting modules (and their deltas) only; nothing else learns. ``ref``: the
+    log-probabilities without the visitors when already computed (``own_alone``); else a no_grad forward."""
     from gradroute.lm.data import IGNORE
     from gradroute.lm.train import logits
-    ref_f = fwd.clone()
-    ref_f[:, 1:][visit] = 0.0
     nobody = torch.zeros(fwd.shape, dtype=torch.bool)
-    with torch.no_grad(), mods.route(forward=ref_f, learn=nobody):
-        ref = torch.log_softmax(logits(net, x).float(), -1)
+    if ref is None:
+        with torch.no_grad(), mods.route(forward=without_visitors(fwd, visit), learn=nobody):
+            ref = torch.log_softmax(logits(net, x).float(), -1)
+    ref = ref.detach()
     learn = nobody.clone()
     learn[:, 1:] = visit
     with mods.route(forward=fwd, learn=learn):
@@ -443,32 +470,48 @@ def leave_alone_kl(net, mods, x: torch.Tensor, y: torch.Tensor, fwd: torch.Tenso
 
 
 def leave_alone_loss(mods, route_labels: torch.Tensor, seed: int, p_other: float = 0.0, aux_ratio: float = 0.0,
-                     lam: float = 1.0):
+                     lam: float = 1.0, own_alone: bool = False):
     """Phase 2's loss with ``modules.lam`` (see above): the own module's LM loss on topic rows (the
-    masks of :func:`aux_masks`, visitors running but not learning) + ``lam`` x :func:`leave_alone_kl`
-    on every row with visitors."""
+    masks of :func:`aux_masks`, visitors running but not learning; with ``own_alone`` the visitors off)
+    + ``lam`` x :func:`leave_alone_kl` on every row with visitors (with ``own_alone`` its reference is the
+    LM pass, detached)."""
+    import torch.nn.functional as F
+    from gradroute.lm.data import IGNORE
+    from gradroute.lm.train import logits
+
     def loss_fn(net, b):
         lab = route_labels[b.index]
         fwd, learn = aux_masks(mods, lab, _step_generator(seed, b.index), p_other)
         visit = visitors(fwd, lab)
         topic = (lab >= 0).nonzero().flatten()
-        lm = learn[topic].clone()
-        lm[:, 1:] &= ~visit[topic]
-        with mods.route(forward=fwd[topic], learn=lm):
-            loss = token_losses(net, b.x[topic], b.y[topic]).sum()
         rows = visit.any(1).nonzero().flatten()
+        lm = learn.clone()
+        lm[:, 1:] &= ~visit                      # the own module learns; visitors and the core do not
+        ref = None
+        if own_alone:                            # every row, visitors off: the LM loss and the KL reference
+            with mods.route(forward=without_visitors(fwd, visit), learn=lm):
+                lg = logits(net, b.x)
+            tok = F.cross_entropy(lg.flatten(0, 1).float(), b.y.flatten(), ignore_index=IGNORE,
+                                  reduction="none").view(b.y.shape)
+            loss = tok[topic].sum()
+            ref = torch.log_softmax(lg[rows].detach().float(), -1)
+        else:
+            with mods.route(forward=fwd[topic], learn=lm[topic]):
+                loss = token_losses(net, b.x[topic], b.y[topic]).sum()
         if len(rows):
-            loss = loss + lam * leave_alone_kl(net, mods, b.x[rows], b.y[rows], fwd[rows], visit[rows])
+            loss = loss + lam * leave_alone_kl(net, mods, b.x[rows], b.y[rows], fwd[rows], visit[rows], ref)
         return loss
     return loss_fn
 
 
 def ordered_module_loss(mods, route_labels: torch.Tensor, seed: int, p_other: float = 0.0, aux_ratio: float = 0.0,
-                        lam: float = 0.0):
+                        lam: float = 0.0, own_alone: bool = False):
     """Phase 2's loss: point 13's (``modular_loss`` with p_cr 1, p_as 0) without general rows; with them
-    the masks of :func:`aux_masks`; with ``lam`` > 0 :func:`leave_alone_loss`."""
+    the masks of :func:`aux_masks`; with ``lam`` > 0 :func:`leave_alone_loss` (``own_alone`` there)."""
+    if own_alone and not lam:
+        raise ValueError("own_alone is an option of the leave-others-alone objective: it needs lam > 0")
     if lam:
-        return leave_alone_loss(mods, route_labels, seed, p_other, aux_ratio, lam)
+        return leave_alone_loss(mods, route_labels, seed, p_other, aux_ratio, lam, own_alone)
     if not aux_ratio:
         return modular_loss(mods, route_labels, 1.0, 0.0, seed, "one", p_other=p_other)
 
@@ -492,7 +535,7 @@ def _rows_batch(data: Stories, batches: list):
 
 def train_ordered(model, mods, data: Stories, order: BatchOrder, route_labels: torch.Tensor, tc: dict, seed: int,
                   p_other: float = 0.0, desc: str = "modular", device: str = "cpu", aux_ratio: float = 0.0,
-                  lam: float = 0.0) -> dict:
+                  lam: float = 0.0, own_alone: bool = False) -> dict:
     """Train ``model`` (with ``mods`` attached) by the ordered schedule (see :data:`SCHEDULES`);
     returns ``{"phases": [log of phase 1, log of phase 2], "steps": [n1, n2], "phase2_rows": {...}}``."""
     one, two = ordered_phases(order, route_labels, tc["steps"], aux_ratio)
@@ -511,7 +554,7 @@ def train_ordered(model, mods, data: Stories, order: BatchOrder, route_labels: t
     logs = []
     for phase, (batches, loss_fn, sel) in enumerate((
             (one, core_loss, lambda n, p: id(p) not in mod_ids),
-            (two, ordered_module_loss(mods, route_labels, seed, p_other, aux_ratio, lam),
+            (two, ordered_module_loss(mods, route_labels, seed, p_other, aux_ratio, lam, own_alone),
              lambda n, p: id(p) in mod_ids))):
         c = TrainConfig(**{**tc, "steps": len(batches), "warmup": min(tc.get("warmup", 0), len(batches) // 10)},
                         desc=f"{desc} phase {phase + 1}")
@@ -631,7 +674,7 @@ def run_train(method: str, seed: int, cfg: dict, out: Path, device: str = "cpu")
         mc = cfg["modules"]
         if method == "modular_partial" and mc.get("partial"):
             mc = {**mc, **mc["partial"]}        # the official partial-label schedule (fixed, not selected)
-            for k in ("schedule", "aux_ratio", "lam"):
+            for k in ("schedule", "aux_ratio", "lam", "own_alone"):
                 mc.pop(k, None)                 # single phase, as fixed (the ordered schedule's options go too)
         schedule = _schedule(mc)
         route_labels = routing_labels(labels, unl if method == "modular_partial" else None)
@@ -651,7 +694,7 @@ def run_train(method: str, seed: int, cfg: dict, out: Path, device: str = "cpu")
     if method in ("modular", "modular_partial") and schedule == "ordered":
         ordered = train_ordered(model, mods, data, order, route_labels, tc, seed, p_other=mc.get("p_other", 0.0),
                                 desc=f"{method} s{seed}", device=device, aux_ratio=_aux_ratio(mc),
-                                lam=_lam(mc))
+                                lam=_lam(mc), own_alone=_own_alone(mc))
         phases = ordered["steps"]
         phase2_rows = ordered["phase2_rows"]
         logs = ordered["phases"]
@@ -917,7 +960,7 @@ def _mean_configs(runs: list) -> dict:
 # ``width`` (ours, diagnosis point 11): the module width of that candidate (a fraction of the MLP's
 # hidden width, or an int unit count); absent: the profile's ``modules.width``.
 CANDIDATE_KEYS = ("p_cr", "p_as", "spread", "p_other", "width", "embed_free", "module_embed", "schedule",
-                  "aux_ratio", "lam")
+                  "aux_ratio", "lam", "own_alone")
 MAX_CANDIDATES = 12
 
 
@@ -948,8 +991,8 @@ def check_candidates(cands: list) -> None:
             raise ValueError(f"modules.select.candidates[{i}]: embed_free must be true or false, got {c['embed_free']!r}")
         try:
             _module_embed(c.get("module_embed"))
-            if "schedule" in c or "aux_ratio" in c or "lam" in c:   # an ordered one states p_cr 1, p_as 0 itself
-                mc = {k: c[k] for k in ("schedule", "aux_ratio", "lam") if k in c}
+            if any(k in c for k in ("schedule", "aux_ratio", "lam", "own_alone")):   # an ordered one states p_cr 1, p_as 0 itself
+                mc = {k: c[k] for k in ("schedule", "aux_ratio", "lam", "own_alone") if k in c}
                 if c.get("schedule") == "ordered":       # (not the profile's p_cr 0.7)
                     mc.update(p_cr=c.get("p_cr"), p_as=c.get("p_as"))
                 _schedule(mc)
