@@ -331,3 +331,92 @@ def test_own_alone_key_checks_run_key_and_partial(tmp_path, monkeypatch):
     assert todo == [("modular", 0)] and not done              # a run without it is not reused
     p = E.run_train("modular_partial", 0, cfg, out)            # single phase: the option is dropped
     assert "ordered_steps" not in p and "ordered_steps" in r
+
+
+# ---- diagnosis point 16: one KL per visitor (``modules.kl`` "each"; ours)
+def _pairwise_kl(E, model, mods, x, y, fwd, lab):
+    """The reference, one (row, visitor) at a time in a Python loop: KL(own module alone || own + v)."""
+    visit = E.visitors(fwd, lab)
+    total, per = 0.0, {}
+    for r, v in visit.nonzero().tolist():
+        only = torch.zeros_like(visit[r:r + 1])
+        only[0, v] = True
+        f = E.without_visitors(fwd[r:r + 1], visit[r:r + 1] & ~only)
+        k = E.leave_alone_kl(model, mods, x[r:r + 1], y[r:r + 1], f, only)    # its own no_grad reference
+        per[v] = per.get(v, 0.0) + k
+        total = total + k
+    return total, per
+
+
+def test_kl_each_gives_each_visitor_the_gradient_of_its_own_pairwise_kl(tmp_path, monkeypatch):
+    E, model, mods, data, rl = _b_setup(tmp_path, monkeypatch)
+    from gradroute.lm.data import Batch
+    idx = (rl == 0).nonzero().flatten()[:3]                    # forest stories; p_other 1: the others all visit
+    b = Batch(data.x[idx], data.y[idx], data.keyword[idx], data.forget[idx], data.labelled[idx], idx, 1)
+    loss = E.ordered_module_loss(mods, rl, 0, p_other=1.0, lam=1.0, own_alone=True, kl="each")(model, b)
+    ours, core = _module_grads(model, mods, loss)
+    assert not core                                            # the core learns nowhere
+    alone = torch.zeros(3, 5)
+    alone[:, :2] = 1.0
+    with mods.route(forward=alone, learn=alone.bool() & torch.tensor([False, True, False, False, False])):
+        lm = E.token_losses(model, b.x, b.y).sum()
+    fwd = torch.ones(3, 5)
+    total, per = _pairwise_kl(E, model, mods, b.x, b.y, fwd, rl[idx])
+    assert sorted(per) == [1, 2, 3]                            # sea, space, dinosaurs visit every row
+    assert torch.allclose(loss, lm + total, rtol=1e-5)
+    g_lm, _ = _module_grads(model, mods, lm)
+    assert _close(ours["forest"], g_lm["forest"]) and not _zero(ours["forest"])   # the own module: LM only
+    for v, d in ((1, "sea"), (2, "space"), (3, "dinosaurs")):
+        g_v, core_v = _module_grads(model, mods, per[v])
+        assert not core_v and _zero(g_v["forest"])             # its KL reaches neither the core nor the own module
+        assert all(_zero(g_v[o]) for o in mods.domains if o not in (d, "forest"))   # nor the other visitors
+        assert _close(ours[d], g_v[d]) and not _zero(ours[d]), d
+    # the joint KL (point 15) gives the visitors another gradient: the option is not ignored
+    joint, _ = _module_grads(model, mods, E.ordered_module_loss(mods, rl, 0, p_other=1.0, lam=1.0,
+                                                                own_alone=True)(model, b))
+    assert _close(joint["forest"], ours["forest"]) and not _close(joint["sea"], ours["sea"])
+    # mixed batch (two topics, p_other 0.5 draws, general rows via aux_ratio, lam 3): batched = the loop
+    gidx = torch.cat([idx[:2], (rl == 2).nonzero().flatten()[:2], (rl == E.GENERAL).nonzero().flatten()[:4]])
+    bg = Batch(data.x[gidx], data.y[gidx], data.keyword[gidx], data.forget[gidx], data.labelled[gidx], gidx, 1)
+    lab = rl[gidx]
+    mixed, core = _module_grads(model, mods, E.ordered_module_loss(mods, rl, 0, p_other=0.5, aux_ratio=2.0, lam=3.0,
+                                                                   own_alone=True, kl="each")(model, bg))
+    assert not core
+    fwd, learn = E.aux_masks(mods, lab, E._step_generator(0, gidx), 0.5)
+    visit = E.visitors(fwd, lab)
+    own = learn.clone()
+    own[:, 1:] &= ~visit
+    with mods.route(forward=E.without_visitors(fwd, visit), learn=own):
+        lm = E.token_losses(model, bg.x, bg.y)[:4].sum()
+    total, _ = _pairwise_kl(E, model, mods, bg.x, bg.y, fwd, lab)
+    want, _ = _module_grads(model, mods, lm + 3.0 * total)
+    for d in mods.domains:
+        assert _close(mixed[d], want[d]), d
+
+
+def test_kl_key_checks_run_key_and_partial(tmp_path, monkeypatch):
+    E, parser = _setup(tmp_path, monkeypatch, steps=4)
+    O = dict(schedule="ordered", p_cr=1.0, p_as=0.0, lam=1.0, aux_ratio=2.0, p_other=1.0, module_embed="topic_rows",
+             own_alone=True)
+    E.check_candidates([dict(O, kl="each"), dict(O, kl="joint")])
+    with pytest.raises(ValueError, match=r"candidates\[0\]: modules.kl must be one of"):
+        E.check_candidates([dict(O, kl="pairwise")])
+    with pytest.raises(ValueError, match=r"candidates\[0\]: modules.kl 'each' .* needs .*modules.own_alone true"):
+        E.check_candidates([{k: v for k, v in dict(O, kl="each").items() if k != "own_alone"}])
+    with pytest.raises(ValueError, match=r"candidates\[0\]: modules.kl 'each' .* needs"):
+        E.check_candidates([dict(kl="each")])                  # single phase
+    with pytest.raises(ValueError, match="needs own_alone"):
+        E.ordered_module_loss(None, None, 0, lam=1.0, kl="each")
+    cfg = E.build_config(parser.parse_args(["--out", "x", "--schedule", "ordered", "--p-other", "1.0"]))
+    assert "kl" not in cfg["modules"]                          # absent by default: point 15's runs keep their key
+    cfg["modules"].update(aux_ratio=2.0, lam=1.0, own_alone=True, kl="each",
+                          partial=dict(p_cr=1.0, p_as=0.2, spread="one", p_other=0.0))
+    out = tmp_path / "o"
+    r = E.run_train("modular", 0, cfg, out)
+    assert r["config"]["modules"]["kl"] == "each" and math.isfinite(r["train_loss_final"])
+    joint = {**cfg, "modules": {k: v for k, v in cfg["modules"].items() if k != "kl"}}
+    done, todo = E.split_finished([("modular", 0)], lambda m, s: E._run_path(out, m, s), E.train_config(joint),
+                                  verbose=False)
+    assert todo == [("modular", 0)] and not done              # the joint-KL run is another run
+    p = E.run_train("modular_partial", 0, cfg, out)            # single phase: the option is dropped
+    assert "ordered_steps" not in p and "ordered_steps" in r

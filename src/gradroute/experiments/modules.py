@@ -349,6 +349,13 @@ def demix_loss(mods, labels: torch.Tensor):
 # visitors **off** (core + the own module alone: the configuration usefulness is measured in), not next to
 # them; that one forward of every phase-2 row without its visitors, detached, is also the KL's reference, so
 # two forwards per step (that pass and the KL forward with the visitors on, which only the visitors learn).
+#
+# ``modules.kl`` (with ``own_alone`` only; absent = "joint" = point 15's objective; ours; docs/modules.md, "Why it
+# fails", point 16): "each" gives every visitor v of a row its own term, ``lam`` x KL(p with the own module alone
+# (the ``own_alone`` pass, detached) || p with the own module + v only), the gradient to v only, instead of one
+# KL that removes all of a row's visitors together. Batched: one KL forward whose rows are the (row, visitor)
+# pairs (a row duplicated once per visitor), each with the row's other visitors off and only its visitor learning.
+KL_MODES = ("joint", "each")
 SCHEDULES = ("single", "ordered")
 
 
@@ -384,6 +391,19 @@ def _own_alone(mc: dict) -> bool:
     return v
 
 
+def _kl(mc: dict) -> str:
+    v = mc.get("kl", "joint")
+    if v not in KL_MODES:
+        raise ValueError(f"modules.kl must be one of {KL_MODES} (one KL for all of a row's visitors, or one per "
+                         f"visitor), got {v!r}")
+    if v == "each" and not (mc.get("schedule", "single") == "ordered" and _lam(mc) and _own_alone(mc)):
+        raise ValueError("modules.kl 'each' is a per-visitor form of the own_alone KL: it needs modules.schedule "
+                         f"'ordered', modules.lam > 0 and modules.own_alone true, got schedule "
+                         f"{mc.get('schedule', 'single')!r}, lam {mc.get('lam', 0.0)!r} and own_alone "
+                         f"{mc.get('own_alone', False)!r}")
+    return v
+
+
 def _schedule(mc: dict) -> str:
     s = mc.get("schedule", "single")
     if s not in SCHEDULES:
@@ -391,6 +411,7 @@ def _schedule(mc: dict) -> str:
     _aux_ratio(mc)
     _lam(mc)
     _own_alone(mc)
+    _kl(mc)
     if s == "ordered" and (mc.get("p_cr", 1.0) != 1.0 or mc.get("p_as", 0.0) != 0.0):
         raise ValueError("modules.schedule 'ordered' freezes the core on every topic story and runs no module on "
                          f"general text: it needs p_cr 1.0 and p_as 0.0, got p_cr {mc.get('p_cr')} and p_as {mc.get('p_as')}")
@@ -470,11 +491,16 @@ def leave_alone_kl(net, mods, x: torch.Tensor, y: torch.Tensor, fwd: torch.Tenso
 
 
 def leave_alone_loss(mods, route_labels: torch.Tensor, seed: int, p_other: float = 0.0, aux_ratio: float = 0.0,
-                     lam: float = 1.0, own_alone: bool = False):
+                     lam: float = 1.0, own_alone: bool = False, kl: str = "joint"):
     """Phase 2's loss with ``modules.lam`` (see above): the own module's LM loss on topic rows (the
     masks of :func:`aux_masks`, visitors running but not learning; with ``own_alone`` the visitors off)
     + ``lam`` x :func:`leave_alone_kl` on every row with visitors (with ``own_alone`` its reference is the
-    LM pass, detached)."""
+    LM pass, detached); with ``kl`` "each" (``own_alone`` only) one KL per (row, visitor) pair, the
+    row's other visitors off, in one forward of the pairs."""
+    if kl not in KL_MODES:
+        raise ValueError(f"kl must be one of {KL_MODES}, got {kl!r}")
+    if kl == "each" and not own_alone:
+        raise ValueError("kl 'each' compares each visitor with the own_alone pass: it needs own_alone")
     import torch.nn.functional as F
     from gradroute.lm.data import IGNORE
     from gradroute.lm.train import logits
@@ -494,6 +520,15 @@ def leave_alone_loss(mods, route_labels: torch.Tensor, seed: int, p_other: float
             tok = F.cross_entropy(lg.flatten(0, 1).float(), b.y.flatten(), ignore_index=IGNORE,
                                   reduction="none").view(b.y.shape)
             loss = tok[topic].sum()
+            if kl == "each":                     # one KL per (row, visitor): the row's other visitors off
+                pr, pv = visit.nonzero(as_tuple=True)
+                if len(pr):
+                    one = torch.zeros_like(visit[pr])
+                    one[torch.arange(len(pr)), pv] = True
+                    ref = torch.log_softmax(lg[pr].detach().float(), -1)
+                    loss = loss + lam * leave_alone_kl(net, mods, b.x[pr], b.y[pr],
+                                                       without_visitors(fwd[pr], visit[pr] & ~one), one, ref)
+                return loss
             ref = torch.log_softmax(lg[rows].detach().float(), -1)
         else:
             with mods.route(forward=fwd[topic], learn=lm[topic]):
@@ -505,13 +540,13 @@ def leave_alone_loss(mods, route_labels: torch.Tensor, seed: int, p_other: float
 
 
 def ordered_module_loss(mods, route_labels: torch.Tensor, seed: int, p_other: float = 0.0, aux_ratio: float = 0.0,
-                        lam: float = 0.0, own_alone: bool = False):
+                        lam: float = 0.0, own_alone: bool = False, kl: str = "joint"):
     """Phase 2's loss: point 13's (``modular_loss`` with p_cr 1, p_as 0) without general rows; with them
-    the masks of :func:`aux_masks`; with ``lam`` > 0 :func:`leave_alone_loss` (``own_alone`` there)."""
+    the masks of :func:`aux_masks`; with ``lam`` > 0 :func:`leave_alone_loss` (``own_alone``, ``kl`` there)."""
     if own_alone and not lam:
         raise ValueError("own_alone is an option of the leave-others-alone objective: it needs lam > 0")
     if lam:
-        return leave_alone_loss(mods, route_labels, seed, p_other, aux_ratio, lam, own_alone)
+        return leave_alone_loss(mods, route_labels, seed, p_other, aux_ratio, lam, own_alone, kl)
     if not aux_ratio:
         return modular_loss(mods, route_labels, 1.0, 0.0, seed, "one", p_other=p_other)
 
@@ -535,7 +570,7 @@ def _rows_batch(data: Stories, batches: list):
 
 def train_ordered(model, mods, data: Stories, order: BatchOrder, route_labels: torch.Tensor, tc: dict, seed: int,
                   p_other: float = 0.0, desc: str = "modular", device: str = "cpu", aux_ratio: float = 0.0,
-                  lam: float = 0.0, own_alone: bool = False) -> dict:
+                  lam: float = 0.0, own_alone: bool = False, kl: str = "joint") -> dict:
     """Train ``model`` (with ``mods`` attached) by the ordered schedule (see :data:`SCHEDULES`);
     returns ``{"phases": [log of phase 1, log of phase 2], "steps": [n1, n2], "phase2_rows": {...}}``."""
     one, two = ordered_phases(order, route_labels, tc["steps"], aux_ratio)
@@ -554,7 +589,7 @@ def train_ordered(model, mods, data: Stories, order: BatchOrder, route_labels: t
     logs = []
     for phase, (batches, loss_fn, sel) in enumerate((
             (one, core_loss, lambda n, p: id(p) not in mod_ids),
-            (two, ordered_module_loss(mods, route_labels, seed, p_other, aux_ratio, lam, own_alone),
+            (two, ordered_module_loss(mods, route_labels, seed, p_other, aux_ratio, lam, own_alone, kl),
              lambda n, p: id(p) in mod_ids))):
         c = TrainConfig(**{**tc, "steps": len(batches), "warmup": min(tc.get("warmup", 0), len(batches) // 10)},
                         desc=f"{desc} phase {phase + 1}")
@@ -674,7 +709,7 @@ def run_train(method: str, seed: int, cfg: dict, out: Path, device: str = "cpu")
         mc = cfg["modules"]
         if method == "modular_partial" and mc.get("partial"):
             mc = {**mc, **mc["partial"]}        # the official partial-label schedule (fixed, not selected)
-            for k in ("schedule", "aux_ratio", "lam", "own_alone"):
+            for k in ("schedule", "aux_ratio", "lam", "own_alone", "kl"):
                 mc.pop(k, None)                 # single phase, as fixed (the ordered schedule's options go too)
         schedule = _schedule(mc)
         route_labels = routing_labels(labels, unl if method == "modular_partial" else None)
@@ -694,7 +729,7 @@ def run_train(method: str, seed: int, cfg: dict, out: Path, device: str = "cpu")
     if method in ("modular", "modular_partial") and schedule == "ordered":
         ordered = train_ordered(model, mods, data, order, route_labels, tc, seed, p_other=mc.get("p_other", 0.0),
                                 desc=f"{method} s{seed}", device=device, aux_ratio=_aux_ratio(mc),
-                                lam=_lam(mc), own_alone=_own_alone(mc))
+                                lam=_lam(mc), own_alone=_own_alone(mc), kl=_kl(mc))
         phases = ordered["steps"]
         phase2_rows = ordered["phase2_rows"]
         logs = ordered["phases"]
@@ -960,7 +995,7 @@ def _mean_configs(runs: list) -> dict:
 # ``width`` (ours, diagnosis point 11): the module width of that candidate (a fraction of the MLP's
 # hidden width, or an int unit count); absent: the profile's ``modules.width``.
 CANDIDATE_KEYS = ("p_cr", "p_as", "spread", "p_other", "width", "embed_free", "module_embed", "schedule",
-                  "aux_ratio", "lam", "own_alone")
+                  "aux_ratio", "lam", "own_alone", "kl")
 MAX_CANDIDATES = 12
 
 
@@ -991,8 +1026,8 @@ def check_candidates(cands: list) -> None:
             raise ValueError(f"modules.select.candidates[{i}]: embed_free must be true or false, got {c['embed_free']!r}")
         try:
             _module_embed(c.get("module_embed"))
-            if any(k in c for k in ("schedule", "aux_ratio", "lam", "own_alone")):   # an ordered one states p_cr 1, p_as 0 itself
-                mc = {k: c[k] for k in ("schedule", "aux_ratio", "lam", "own_alone") if k in c}
+            if any(k in c for k in ("schedule", "aux_ratio", "lam", "own_alone", "kl")):   # an ordered one states p_cr 1, p_as 0 itself
+                mc = {k: c[k] for k in ("schedule", "aux_ratio", "lam", "own_alone", "kl") if k in c}
                 if c.get("schedule") == "ordered":       # (not the profile's p_cr 0.7)
                     mc.update(p_cr=c.get("p_cr"), p_as=c.get("p_as"))
                 _schedule(mc)
