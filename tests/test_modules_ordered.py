@@ -420,3 +420,107 @@ def test_kl_key_checks_run_key_and_partial(tmp_path, monkeypatch):
     assert todo == [("modular", 0)] and not done              # the joint-KL run is another run
     p = E.run_train("modular_partial", 0, cfg, out)            # single phase: the option is dropped
     assert "ordered_steps" not in p and "ordered_steps" in r
+
+
+# ---- diagnosis point 17: the visitors learn silence (``modules.quiet``; ours)
+def _loop_sizes(E, model, mods, x, y, on_names, r, v):
+    """The penalty of visitor ``v`` on row ``r`` alone, computed in a loop: the row run with ``on_names`` on
+    (inference strengths), inputs caught by hooks of its own, the terms summed token by token."""
+    from gradroute.lm.data import IGNORE
+    from gradroute.modules import CONTAINER, EMBED_CONTAINER
+    caught = {}
+    hooks = [mlp.register_forward_pre_hook(lambda m, a, n=n: caught.__setitem__(n, a[0].detach()))
+             for n, mlp in mods.blocks]
+    hooks.append(model.lm_head.register_forward_hook(lambda m, a, o: caught.__setitem__("h", a[0].detach())))
+    with torch.no_grad(), mods.using(on=on_names):
+        model(x[r:r + 1])
+    for h in hooks:
+        h.remove()
+    d = mods.domains[v]
+    D = getattr(model, EMBED_CONTAINER)[d]
+    full = torch.zeros(model.lm_head.weight.shape[0], D.weight.shape[1]).index_add(0, D.rows, D.weight)
+    tokens = [t for t in range(x.shape[1]) if int(y[r, t]) != IGNORE]
+    total = 0.0
+    for n, mlp in mods.blocks:
+        total = total + sum(getattr(mlp, CONTAINER)[d](caught[n][0, t]).pow(2).sum() for t in tokens) / len(tokens)
+    total = total + sum((full @ caught["h"][0, t]).pow(2).sum() for t in tokens) / len(tokens)
+    total = total + sum(full[int(x[r, t])].pow(2).sum() for t in tokens) / len(tokens)
+    return total
+
+
+def test_quiet_each_visitor_learns_the_gradient_of_its_size_and_nothing_else_does(tmp_path, monkeypatch):
+    E, model, mods, data, rl = _b_setup(tmp_path, monkeypatch)
+    from gradroute.lm.data import Batch
+    idx = (rl == 0).nonzero().flatten()[:3]                    # forest stories; p_other 1: the others all visit
+    b = Batch(data.x[idx], data.y[idx], data.keyword[idx], data.forget[idx], data.labelled[idx], idx, 1)
+    loss = E.ordered_module_loss(mods, rl, 0, p_other=1.0, own_alone=True, quiet=0.5)(model, b)
+    ours, core = _module_grads(model, mods, loss)
+    assert not core                                            # the core learns nowhere
+    alone = torch.zeros(3, 5)
+    alone[:, :2] = 1.0
+    with mods.route(forward=alone, learn=alone.bool() & torch.tensor([False, True, False, False, False])):
+        lm = E.token_losses(model, b.x, b.y).sum()
+    per = {v: sum(_loop_sizes(E, model, mods, b.x, b.y, list(mods.domains), r, v) for r in range(3)) for v in (1, 2, 3)}
+    assert all(float(p.detach()) > 0 for p in per.values())
+    assert torch.allclose(loss, lm + 0.5 * sum(per.values()), rtol=1e-4)
+    g_lm, _ = _module_grads(model, mods, lm)
+    assert _close(ours["forest"], g_lm["forest"]) and not _zero(ours["forest"])   # the own module: LM only
+    for v, d in ((1, "sea"), (2, "space"), (3, "dinosaurs")):
+        g_v, core_v = _module_grads(model, mods, 0.5 * per[v])
+        assert not core_v and _zero(g_v["forest"])             # its penalty reaches neither the core nor the own module
+        assert all(_zero(g_v[o]) for o in mods.domains if o not in (d, "forest"))   # nor the other visitors
+        assert _close(ours[d], g_v[d]) and not _zero(ours[d]), d
+        assert ours[d][-1] is not None and bool(ours[d][-1].abs().sum() > 0)      # its delta learns too
+    # on own-topic stories without visitors nothing changes: point 13's phase-2 loss and gradients
+    oidx = torch.cat([idx[:2], (rl == 2).nonzero().flatten()[:2]])
+    bo = Batch(data.x[oidx], data.y[oidx], data.keyword[oidx], data.forget[oidx], data.labelled[oidx], oidx, 1)
+    plain = E.ordered_module_loss(mods, rl, 0)(model, bo)
+    quiet = E.ordered_module_loss(mods, rl, 0, own_alone=True, quiet=0.5)(model, bo)
+    assert torch.allclose(plain, quiet)
+    g_plain, _ = _module_grads(model, mods, E.ordered_module_loss(mods, rl, 0)(model, bo))
+    g_quiet, _ = _module_grads(model, mods, E.ordered_module_loss(mods, rl, 0, own_alone=True, quiet=0.5)(model, bo))
+    for d in mods.domains:
+        assert _close(g_plain[d], g_quiet[d]), d
+    # general rows (aux_ratio): each runs one module, which learns only its penalty there; the isolation keeps it
+    gidx = torch.cat([idx[:2], (rl == E.GENERAL).nonzero().flatten()[:3]])
+    bg = Batch(data.x[gidx], data.y[gidx], data.keyword[gidx], data.forget[gidx], data.labelled[gidx], gidx, 1)
+    mods._pending = None
+    g, core = _module_grads(model, mods, E.ordered_module_loss(mods, rl, 0, aux_ratio=2.0, own_alone=True,
+                                                                quiet=0.5)(model, bg))
+    assert not core and not _zero(g["forest"])
+    assert mods.learned_flags().tolist() == [False, True, False, False, False]     # general rows run forest in turn
+    with torch.no_grad():                                      # a silent visitor has zero penalty
+        for p in mods.module_params("sea"):
+            p.zero_()
+    assert float(E.quiet_penalty(model, mods, b.x, b.y, torch.ones(3, 5), E.visitors(torch.ones(3, 5), rl[idx])
+                                 & torch.tensor([False, True, False, False]))) == 0.0
+
+
+def test_quiet_key_checks_run_key_and_partial(tmp_path, monkeypatch):
+    E, parser = _setup(tmp_path, monkeypatch, steps=4)
+    O = dict(schedule="ordered", p_cr=1.0, p_as=0.0, aux_ratio=2.0, p_other=0.5, module_embed="topic_rows",
+             own_alone=True)
+    E.check_candidates([dict(O, quiet=0.47), dict(O, quiet=4.7, p_other=1.0)])
+    with pytest.raises(ValueError, match=r"candidates\[0\]: modules.quiet .*mutually exclusive with lam"):
+        E.check_candidates([dict(O, quiet=0.47, lam=1.0)])
+    with pytest.raises(ValueError, match=r"candidates\[0\]: modules.quiet .* needs .*modules.own_alone true"):
+        E.check_candidates([{k: v for k, v in dict(O, quiet=0.47).items() if k != "own_alone"}])
+    with pytest.raises(ValueError, match=r"candidates\[0\]: modules.quiet must be a number"):
+        E.check_candidates([dict(O, quiet=-1.0)])
+    with pytest.raises(ValueError, match=r"candidates\[0\]: modules.own_alone .* needs"):
+        E.check_candidates([dict(O)])                          # own_alone needs lam or quiet
+    with pytest.raises(ValueError, match="needs own_alone"):
+        E.ordered_module_loss(None, None, 0, quiet=1.0)
+    cfg = E.build_config(parser.parse_args(["--out", "x", "--schedule", "ordered", "--p-other", "0.5"]))
+    assert "quiet" not in cfg["modules"]                       # absent by default: points 14-16 keep their keys
+    cfg["modules"].update(aux_ratio=2.0, own_alone=True, quiet=0.47, module_embed="topic_rows",
+                          partial=dict(p_cr=1.0, p_as=0.2, spread="one", p_other=0.0))
+    out = tmp_path / "o"
+    r = E.run_train("modular", 0, cfg, out)
+    assert r["config"]["modules"]["quiet"] == 0.47 and math.isfinite(r["train_loss_final"])
+    other = {**cfg, "modules": {**cfg["modules"], "quiet": 4.7}}
+    done, todo = E.split_finished([("modular", 0)], lambda m, s: E._run_path(out, m, s), E.train_config(other),
+                                  verbose=False)
+    assert todo == [("modular", 0)] and not done              # another weight is another run
+    p = E.run_train("modular_partial", 0, cfg, out)            # single phase: the option is dropped
+    assert "ordered_steps" not in p and "ordered_steps" in r

@@ -39,6 +39,7 @@ the topic-filtered model, gradient ascent, and base.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
 import json
@@ -355,6 +356,15 @@ def demix_loss(mods, labels: torch.Tensor):
 # (the ``own_alone`` pass, detached) || p with the own module + v only), the gradient to v only, instead of one
 # KL that removes all of a row's visitors together. Batched: one KL forward whose rows are the (row, visitor)
 # pairs (a row duplicated once per visitor), each with the row's other visitors off and only its visitor learning.
+#
+# ``modules.quiet`` (ordered with ``own_alone`` only, and **instead of** ``lam``: the two are mutually exclusive;
+# absent = 0 = off; ours; docs/modules.md, "Why it fails", point 17): a visitor learns no KL but only a penalty on
+# the size of what it adds where it is not its topic: ``quiet`` x, per (row, visitor v), the sum over blocks of
+# the mean over the row's target tokens of ||m_v(x)||^2 (its module's output), plus the means of ||h D_v^T||^2
+# (its embedding delta's logit contribution, on its rows) and of ||D_v[token]||^2 (its input delta) when it has a
+# delta; the inputs (x, h) are those of the forward with the row's visitors on, detached, so the gradient of each
+# term reaches only v (module + delta). Passes: the ``own_alone`` LM pass on the topic rows (visitors off) and one
+# no_grad forward of the rows with visitors (visitors on) that records the inputs (:func:`module_inputs`).
 KL_MODES = ("joint", "each")
 SCHEDULES = ("single", "ordered")
 
@@ -384,11 +394,23 @@ def _own_alone(mc: dict) -> bool:
     v = mc.get("own_alone", False)
     if not isinstance(v, bool):
         raise ValueError(f"modules.own_alone must be true or false, got {v!r}")
-    if v and (mc.get("schedule", "single") != "ordered" or not _lam(mc)):
+    if v and (mc.get("schedule", "single") != "ordered" or not (_lam(mc) or _quiet(mc))):
         raise ValueError("modules.own_alone changes the leave-others-alone objective of the ordered schedule: it "
-                         f"needs modules.schedule 'ordered' and modules.lam > 0, got schedule "
-                         f"{mc.get('schedule', 'single')!r} and lam {mc.get('lam', 0.0)!r}")
+                         f"needs modules.schedule 'ordered' and modules.lam > 0 or modules.quiet > 0, got schedule "
+                         f"{mc.get('schedule', 'single')!r}, lam {mc.get('lam', 0.0)!r} and quiet {mc.get('quiet', 0.0)!r}")
     return v
+
+
+def _quiet(mc: dict) -> float:
+    v = mc.get("quiet", 0.0)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1e6:
+        raise ValueError(f"modules.quiet must be a number >= 0 (weight of the visitors' output-size penalty), got {v!r}")
+    if v and (mc.get("schedule", "single") != "ordered" or mc.get("own_alone") is not True or mc.get("lam", 0.0)):
+        raise ValueError("modules.quiet replaces the KL of the own_alone objective (mutually exclusive with lam): it "
+                         f"needs modules.schedule 'ordered', modules.own_alone true and no modules.lam, got schedule "
+                         f"{mc.get('schedule', 'single')!r}, own_alone {mc.get('own_alone', False)!r} and lam "
+                         f"{mc.get('lam', 0.0)!r}")
+    return float(v)
 
 
 def _kl(mc: dict) -> str:
@@ -412,6 +434,7 @@ def _schedule(mc: dict) -> str:
     _lam(mc)
     _own_alone(mc)
     _kl(mc)
+    _quiet(mc)
     if s == "ordered" and (mc.get("p_cr", 1.0) != 1.0 or mc.get("p_as", 0.0) != 0.0):
         raise ValueError("modules.schedule 'ordered' freezes the core on every topic story and runs no module on "
                          f"general text: it needs p_cr 1.0 and p_as 0.0, got p_cr {mc.get('p_cr')} and p_as {mc.get('p_as')}")
@@ -490,8 +513,75 @@ def leave_alone_kl(net, mods, x: torch.Tensor, y: torch.Tensor, fwd: torch.Tenso
     return kl[y != IGNORE].sum()
 
 
+@contextlib.contextmanager
+def module_inputs(mods):
+    """Records the inputs of a forward: ``{block name: input of that MLP (B, T, d)}`` for every block with
+    modules and, with embedding deltas, ``"lm_head"``: the input of ``lm_head`` (the last write wins)."""
+    rec = {}
+
+    def keep(name):
+        def hook(m, args, kwargs):
+            rec[name] = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
+        return hook
+    hooks = [mlp.register_forward_pre_hook(keep(name), with_kwargs=True) for name, mlp in mods.blocks]
+    if mods.embed_delta:
+        hooks.append(mods.model.lm_head.register_forward_pre_hook(keep("lm_head"), with_kwargs=True))
+    try:
+        yield rec
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def visitor_sizes(mods, rec: dict, x: torch.Tensor, y: torch.Tensor, pr: torch.Tensor, pv: torch.Tensor) -> torch.Tensor:
+    """``(P,)``: for each pair (row ``pr[i]``, module ``pv[i]``) the size of what that module adds to the row:
+    the sum over blocks of the mean over the row's target tokens (``y != IGNORE``) of ||module output||^2 and,
+    with a delta, the means of ||h D^T||^2 (the delta's logit contribution, its rows only) and ||D[token]||^2
+    (its input delta); the recorded inputs ``rec`` (:func:`module_inputs`) detached, so each value's gradient
+    reaches only that module and its delta."""
+    from gradroute.lm.data import IGNORE
+    from gradroute.modules import CONTAINER, EMBED_CONTAINER
+    m = (y[pr] != IGNORE).float()
+    n = m.sum(1).clamp(min=1.0)
+    out = torch.zeros(len(pr))
+    for k, d in enumerate(mods.domains):
+        sel = (pv == k).nonzero().flatten()
+        if not len(sel):
+            continue
+        r, w, c = pr[sel], m[sel], n[sel]
+        mean = lambda sq: (sq * w).sum(1) / c
+        tot = 0.0
+        for name, mlp in mods.blocks:
+            tot = tot + mean(getattr(mlp, CONTAINER)[d](rec[name][r].detach()).float().pow(2).sum(-1))
+        if mods.embed_delta:
+            D = getattr(mods.model, EMBED_CONTAINER)[d]
+            tot = tot + mean((rec["lm_head"][r].detach() @ D.weight.T).float().pow(2).sum(-1))
+            ids = x[r]
+            if D.rows is None:
+                inp = D.weight[ids]
+            else:
+                pos = torch.searchsorted(D.rows, ids).clamp(max=D.rows.numel() - 1)
+                inp = D.weight[pos] * (D.rows[pos] == ids).unsqueeze(-1).to(D.weight.dtype)
+            tot = tot + mean(inp.float().pow(2).sum(-1))
+        out = out.index_add(0, sel, tot)
+    return out
+
+
+def quiet_penalty(net, mods, x: torch.Tensor, y: torch.Tensor, fwd: torch.Tensor, visit: torch.Tensor) -> torch.Tensor:
+    """Summed over the (row, visitor) pairs of ``visit``: :func:`visitor_sizes` measured in the forward with
+    ``fwd`` (the visitors on; no_grad: only the inputs are kept); the gradient to each visitor (module + delta)
+    from its own terms only. The visitors are flagged as learning (so the isolation keeps their gradient)."""
+    from gradroute.lm.train import logits
+    learn = torch.zeros(fwd.shape, dtype=torch.bool)
+    learn[:, 1:] = visit
+    with module_inputs(mods) as rec, mods.route(forward=fwd, learn=learn), torch.no_grad():
+        logits(net, x)
+    pr, pv = visit.nonzero(as_tuple=True)
+    return visitor_sizes(mods, rec, x, y, pr, pv).sum()
+
+
 def leave_alone_loss(mods, route_labels: torch.Tensor, seed: int, p_other: float = 0.0, aux_ratio: float = 0.0,
-                     lam: float = 1.0, own_alone: bool = False, kl: str = "joint"):
+                     lam: float = 1.0, own_alone: bool = False, kl: str = "joint", quiet: float = 0.0):
     """Phase 2's loss with ``modules.lam`` (see above): the own module's LM loss on topic rows (the
     masks of :func:`aux_masks`, visitors running but not learning; with ``own_alone`` the visitors off)
     + ``lam`` x :func:`leave_alone_kl` on every row with visitors (with ``own_alone`` its reference is the
@@ -501,6 +591,8 @@ def leave_alone_loss(mods, route_labels: torch.Tensor, seed: int, p_other: float
         raise ValueError(f"kl must be one of {KL_MODES}, got {kl!r}")
     if kl == "each" and not own_alone:
         raise ValueError("kl 'each' compares each visitor with the own_alone pass: it needs own_alone")
+    if quiet and (lam or not own_alone or kl != "joint"):
+        raise ValueError("quiet replaces the KL of the own_alone objective: it needs own_alone and no lam / kl")
     import torch.nn.functional as F
     from gradroute.lm.data import IGNORE
     from gradroute.lm.train import logits
@@ -514,6 +606,12 @@ def leave_alone_loss(mods, route_labels: torch.Tensor, seed: int, p_other: float
         lm = learn.clone()
         lm[:, 1:] &= ~visit                      # the own module learns; visitors and the core do not
         ref = None
+        if quiet:                                # the topic rows, visitors off: the LM loss; visitors: the penalty
+            with mods.route(forward=without_visitors(fwd, visit)[topic], learn=lm[topic]):
+                loss = token_losses(net, b.x[topic], b.y[topic]).sum()
+            if len(rows):
+                loss = loss + quiet * quiet_penalty(net, mods, b.x[rows], b.y[rows], fwd[rows], visit[rows])
+            return loss
         if own_alone:                            # every row, visitors off: the LM loss and the KL reference
             with mods.route(forward=without_visitors(fwd, visit), learn=lm):
                 lg = logits(net, b.x)
@@ -540,13 +638,15 @@ def leave_alone_loss(mods, route_labels: torch.Tensor, seed: int, p_other: float
 
 
 def ordered_module_loss(mods, route_labels: torch.Tensor, seed: int, p_other: float = 0.0, aux_ratio: float = 0.0,
-                        lam: float = 0.0, own_alone: bool = False, kl: str = "joint"):
+                        lam: float = 0.0, own_alone: bool = False, kl: str = "joint", quiet: float = 0.0):
     """Phase 2's loss: point 13's (``modular_loss`` with p_cr 1, p_as 0) without general rows; with them
     the masks of :func:`aux_masks`; with ``lam`` > 0 :func:`leave_alone_loss` (``own_alone``, ``kl`` there)."""
-    if own_alone and not lam:
-        raise ValueError("own_alone is an option of the leave-others-alone objective: it needs lam > 0")
-    if lam:
-        return leave_alone_loss(mods, route_labels, seed, p_other, aux_ratio, lam, own_alone, kl)
+    if own_alone and not (lam or quiet):
+        raise ValueError("own_alone is an option of the leave-others-alone objective: it needs lam > 0 or quiet > 0")
+    if quiet and not own_alone:
+        raise ValueError("quiet replaces the KL of the own_alone objective: it needs own_alone")
+    if lam or quiet:
+        return leave_alone_loss(mods, route_labels, seed, p_other, aux_ratio, lam, own_alone, kl, quiet)
     if not aux_ratio:
         return modular_loss(mods, route_labels, 1.0, 0.0, seed, "one", p_other=p_other)
 
@@ -570,7 +670,7 @@ def _rows_batch(data: Stories, batches: list):
 
 def train_ordered(model, mods, data: Stories, order: BatchOrder, route_labels: torch.Tensor, tc: dict, seed: int,
                   p_other: float = 0.0, desc: str = "modular", device: str = "cpu", aux_ratio: float = 0.0,
-                  lam: float = 0.0, own_alone: bool = False, kl: str = "joint") -> dict:
+                  lam: float = 0.0, own_alone: bool = False, kl: str = "joint", quiet: float = 0.0) -> dict:
     """Train ``model`` (with ``mods`` attached) by the ordered schedule (see :data:`SCHEDULES`);
     returns ``{"phases": [log of phase 1, log of phase 2], "steps": [n1, n2], "phase2_rows": {...}}``."""
     one, two = ordered_phases(order, route_labels, tc["steps"], aux_ratio)
@@ -589,7 +689,7 @@ def train_ordered(model, mods, data: Stories, order: BatchOrder, route_labels: t
     logs = []
     for phase, (batches, loss_fn, sel) in enumerate((
             (one, core_loss, lambda n, p: id(p) not in mod_ids),
-            (two, ordered_module_loss(mods, route_labels, seed, p_other, aux_ratio, lam, own_alone, kl),
+            (two, ordered_module_loss(mods, route_labels, seed, p_other, aux_ratio, lam, own_alone, kl, quiet),
              lambda n, p: id(p) in mod_ids))):
         c = TrainConfig(**{**tc, "steps": len(batches), "warmup": min(tc.get("warmup", 0), len(batches) // 10)},
                         desc=f"{desc} phase {phase + 1}")
@@ -709,7 +809,7 @@ def run_train(method: str, seed: int, cfg: dict, out: Path, device: str = "cpu")
         mc = cfg["modules"]
         if method == "modular_partial" and mc.get("partial"):
             mc = {**mc, **mc["partial"]}        # the official partial-label schedule (fixed, not selected)
-            for k in ("schedule", "aux_ratio", "lam", "own_alone", "kl"):
+            for k in ("schedule", "aux_ratio", "lam", "own_alone", "kl", "quiet"):
                 mc.pop(k, None)                 # single phase, as fixed (the ordered schedule's options go too)
         schedule = _schedule(mc)
         route_labels = routing_labels(labels, unl if method == "modular_partial" else None)
@@ -729,7 +829,8 @@ def run_train(method: str, seed: int, cfg: dict, out: Path, device: str = "cpu")
     if method in ("modular", "modular_partial") and schedule == "ordered":
         ordered = train_ordered(model, mods, data, order, route_labels, tc, seed, p_other=mc.get("p_other", 0.0),
                                 desc=f"{method} s{seed}", device=device, aux_ratio=_aux_ratio(mc),
-                                lam=_lam(mc), own_alone=_own_alone(mc), kl=_kl(mc))
+                                lam=_lam(mc), own_alone=_own_alone(mc), kl=_kl(mc),
+                                quiet=_quiet(mc))
         phases = ordered["steps"]
         phase2_rows = ordered["phase2_rows"]
         logs = ordered["phases"]
@@ -995,7 +1096,7 @@ def _mean_configs(runs: list) -> dict:
 # ``width`` (ours, diagnosis point 11): the module width of that candidate (a fraction of the MLP's
 # hidden width, or an int unit count); absent: the profile's ``modules.width``.
 CANDIDATE_KEYS = ("p_cr", "p_as", "spread", "p_other", "width", "embed_free", "module_embed", "schedule",
-                  "aux_ratio", "lam", "own_alone", "kl")
+                  "aux_ratio", "lam", "own_alone", "kl", "quiet")
 MAX_CANDIDATES = 12
 
 
@@ -1026,8 +1127,8 @@ def check_candidates(cands: list) -> None:
             raise ValueError(f"modules.select.candidates[{i}]: embed_free must be true or false, got {c['embed_free']!r}")
         try:
             _module_embed(c.get("module_embed"))
-            if any(k in c for k in ("schedule", "aux_ratio", "lam", "own_alone", "kl")):   # an ordered one states p_cr 1, p_as 0 itself
-                mc = {k: c[k] for k in ("schedule", "aux_ratio", "lam", "own_alone", "kl") if k in c}
+            if any(k in c for k in ("schedule", "aux_ratio", "lam", "own_alone", "kl", "quiet")):   # an ordered one states p_cr 1, p_as 0 itself
+                mc = {k: c[k] for k in ("schedule", "aux_ratio", "lam", "own_alone", "kl", "quiet") if k in c}
                 if c.get("schedule") == "ordered":       # (not the profile's p_cr 0.7)
                     mc.update(p_cr=c.get("p_cr"), p_as=c.get("p_as"))
                 _schedule(mc)
