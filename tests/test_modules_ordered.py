@@ -524,3 +524,114 @@ def test_quiet_key_checks_run_key_and_partial(tmp_path, monkeypatch):
     assert todo == [("modular", 0)] and not done              # another weight is another run
     p = E.run_train("modular_partial", 0, cfg, out)            # single phase: the option is dropped
     assert "ordered_steps" not in p and "ordered_steps" in r
+
+
+# ---- diagnosis point 18: one weight per term of the quiet penalty (``modules.quiet_norm``; ours)
+def _loop_terms(E, model, mods, x, y, on_names, r, v):
+    """:func:`_loop_sizes` split into its three terms (module outputs, delta logit term, input delta)."""
+    from gradroute.lm.data import IGNORE
+    from gradroute.modules import CONTAINER, EMBED_CONTAINER
+    caught = {}
+    hooks = [mlp.register_forward_pre_hook(lambda m, a, n=n: caught.__setitem__(n, a[0].detach()))
+             for n, mlp in mods.blocks]
+    hooks.append(model.lm_head.register_forward_hook(lambda m, a, o: caught.__setitem__("h", a[0].detach())))
+    with torch.no_grad(), mods.using(on=on_names):
+        model(x[r:r + 1])
+    for h in hooks:
+        h.remove()
+    d = mods.domains[v]
+    D = getattr(model, EMBED_CONTAINER)[d]
+    full = torch.zeros(model.lm_head.weight.shape[0], D.weight.shape[1]).index_add(0, D.rows, D.weight)
+    tokens = [t for t in range(x.shape[1]) if int(y[r, t]) != IGNORE]
+    mod = sum(sum(getattr(mlp, CONTAINER)[d](caught[n][0, t]).pow(2).sum() for t in tokens) / len(tokens)
+              for n, mlp in mods.blocks)
+    logit = sum((full @ caught["h"][0, t]).pow(2).sum() for t in tokens) / len(tokens)
+    inp = sum(full[int(x[r, t])].pow(2).sum() for t in tokens) / len(tokens)
+    return mod, logit, inp
+
+
+def test_quiet_norm_weighs_each_term_and_each_visitor_gets_the_weighted_sum_of_its_term_gradients(tmp_path, monkeypatch):
+    E, model, mods, data, rl = _b_setup(tmp_path, monkeypatch)
+    from gradroute.lm.data import Batch
+    from gradroute.modules import EMBED_CONTAINER
+    idx = (rl == 0).nonzero().flatten()[:3]                    # forest stories; p_other 1: the others all visit
+    x = data.x[idx].clone()
+    for v in (1, 2, 3):                                        # a token of each visitor's rows: its input term is > 0
+        x[:, 2 * v] = getattr(model, EMBED_CONTAINER)[mods.domains[v]].rows[0]
+    b = Batch(x, data.y[idx], data.keyword[idx], data.forget[idx], data.labelled[idx], idx, 1)
+    from gradroute.lm.data import IGNORE
+    assert bool((b.y[:, 2:7] != IGNORE).all())
+    W = (3.0, 0.25, 7.0)                                       # module, delta_logit, delta_input: all different
+    norm = dict(zip(E.QUIET_TERMS, W))
+    loss = E.ordered_module_loss(mods, rl, 0, p_other=1.0, own_alone=True, quiet=0.5, quiet_norm=W)(model, b)
+    ours, core = _module_grads(model, mods, loss)
+    assert not core
+    alone = torch.zeros(3, 5)
+    alone[:, :2] = 1.0
+    with mods.route(forward=alone, learn=alone.bool() & torch.tensor([False, True, False, False, False])):
+        lm = E.token_losses(model, b.x, b.y).sum()
+    terms = {v: [_loop_terms(E, model, mods, b.x, b.y, list(mods.domains), r, v) for r in range(3)] for v in (1, 2, 3)}
+    per = {v: [sum(t[i] for t in ts) for i in range(3)] for v, ts in terms.items()}      # per visitor, per term
+    assert all(float(p.detach()) > 0 for ps in per.values() for p in ps)
+    assert torch.allclose(sum(per[1]), sum(_loop_sizes(E, model, mods, b.x, b.y, list(mods.domains), r, 1)
+                                           for r in range(3)), rtol=1e-5)               # the split sums to point 17's
+    weighted = sum(w * p for ps in per.values() for w, p in zip(W, ps))
+    assert torch.allclose(loss, lm + 0.5 * weighted, rtol=1e-4)
+    unweighted = E.ordered_module_loss(mods, rl, 0, p_other=1.0, own_alone=True, quiet=0.5)(model, b)
+    assert torch.allclose(unweighted, lm + 0.5 * sum(p for ps in per.values() for p in ps), rtol=1e-4)
+    assert not torch.allclose(loss, unweighted)
+    g_lm, _ = _module_grads(model, mods, lm)
+    assert _close(ours["forest"], g_lm["forest"])              # the own module: LM only, weights or not
+    for v, d in ((1, "sea"), (2, "space"), (3, "dinosaurs")):
+        gs = [_module_grads(model, mods, 0.5 * sum(_loop_terms(E, model, mods, b.x, b.y, list(mods.domains), r, v)[i]
+                                                   for r in range(3)))[0][d] for i in range(3)]   # one backward per term
+        want = [None if all(g[j] is None for g in gs) else
+                sum(w * (torch.zeros_like(next(x[j] for x in gs if x[j] is not None)) if g[j] is None else g[j])
+                    for w, g in zip(W, gs)) for j in range(len(gs[0]))]
+        assert _close(ours[d], want), d
+        assert not _zero(gs[0]) and not _zero(gs[1]) and not _zero(gs[2])         # every term reaches the visitor
+    # visitor_sizes: split gives the unweighted terms, weights multiply them in QUIET_TERMS order
+    with E.module_inputs(mods) as rec, torch.no_grad(), mods.using(on=list(mods.domains)):
+        model(b.x)
+    pr, pv = torch.arange(3), torch.ones(3, dtype=torch.long)
+    s = E.visitor_sizes(mods, rec, b.x, b.y, pr, pv, split=True)
+    assert s.shape == (3, 3)
+    assert torch.allclose(E.visitor_sizes(mods, rec, b.x, b.y, pr, pv, W), (s * torch.tensor(W)).sum(1))
+    assert torch.allclose(E.visitor_sizes(mods, rec, b.x, b.y, pr, pv), s.sum(1))
+    with pytest.raises(ValueError, match="one factor per term"):
+        E.visitor_sizes(mods, rec, b.x, b.y, pr, pv, (1.0, 2.0))
+    assert E._quiet_norm(dict(schedule="ordered", own_alone=True, quiet=1.0, quiet_norm=norm)) == W
+
+
+def test_quiet_norm_key_checks_and_run_key(tmp_path, monkeypatch):
+    E, parser = _setup(tmp_path, monkeypatch, steps=4)
+    O = dict(schedule="ordered", p_cr=1.0, p_as=0.0, aux_ratio=2.0, p_other=0.5, module_embed="topic_rows",
+             own_alone=True, quiet=1.0)
+    N = {"module": 59.54, "delta_logit": 0.48, "delta_input": 701.83}
+    E.check_candidates([dict(O, quiet_norm=N), dict(O, quiet=10.0, quiet_norm=N, p_other=1.0)])
+    for bad in ({"module": 1.0, "delta_logit": 1.0}, dict(N, extra=1.0), dict(N, module=0.0), dict(N, module=True),
+                [59.54, 0.48, 701.83], "term"):
+        with pytest.raises(ValueError, match=r"candidates\[0\]: modules.quiet_norm must be a dict .*delta_logit"):
+            E.check_candidates([dict(O, quiet_norm=bad)])
+    with pytest.raises(ValueError, match=r"candidates\[0\]: modules.quiet_norm .* needs modules.quiet > 0"):
+        E.check_candidates([dict(O, quiet=0.0, own_alone=False, lam=1.0, quiet_norm=N)])
+    with pytest.raises(ValueError, match=r"candidates\[0\]: unknown key"):
+        E.check_candidates([dict(O, quiet_terms=N)])
+    with pytest.raises(ValueError, match="quiet_norm .* needs quiet > 0"):
+        E.ordered_module_loss(None, None, 0, quiet_norm=(1.0, 1.0, 1.0))
+    cfg = E.build_config(parser.parse_args(["--out", "x", "--schedule", "ordered", "--p-other", "0.5"]))
+    assert "quiet_norm" not in cfg["modules"]                  # absent by default: point 17 keeps its run keys
+    cfg["modules"].update(aux_ratio=2.0, own_alone=True, quiet=1.0, quiet_norm=N, module_embed="topic_rows",
+                          partial=dict(p_cr=1.0, p_as=0.2, spread="one", p_other=0.0))
+    out = tmp_path / "o"
+    r = E.run_train("modular", 0, cfg, out)
+    assert r["config"]["modules"]["quiet_norm"] == N and math.isfinite(r["train_loss_final"])
+    other = {**cfg, "modules": {**cfg["modules"], "quiet_norm": dict(N, module=1.0)}}
+    done, todo = E.split_finished([("modular", 0)], lambda m, s: E._run_path(out, m, s), E.train_config(other),
+                                  verbose=False)
+    assert todo == [("modular", 0)] and not done              # other weights are another run
+    same, _ = E.split_finished([("modular", 0)], lambda m, s: E._run_path(out, m, s), E.train_config(cfg),
+                               verbose=False)
+    assert list(same) == [("modular", 0)]                      # the same weights: the run is reused
+    p = E.run_train("modular_partial", 0, cfg, out)            # single phase: the option is dropped
+    assert "ordered_steps" not in p and "ordered_steps" in r

@@ -365,6 +365,14 @@ def demix_loss(mods, labels: torch.Tensor):
 # delta; the inputs (x, h) are those of the forward with the row's visitors on, detached, so the gradient of each
 # term reaches only v (module + delta). Passes: the ``own_alone`` LM pass on the topic rows (visitors off) and one
 # no_grad forward of the rows with visitors (visitors on) that records the inputs (:func:`module_inputs`).
+#
+# ``modules.quiet_norm`` (only with ``quiet``; absent = every term weight 1 = point 17's penalty; ours;
+# docs/modules.md, point 18): one weight per term of that size, ``{"module": .., "delta_logit": ..,
+# "delta_input": ..}`` (all three, each > 0), multiplying the module-output term, the delta's logit term and
+# the input-delta term before they are summed (then x ``quiet``). Point 18 sets each to N / (that term's size
+# for the own module on its own stories, on point 15's k1 model): a visitor as large as the own module in a
+# term costs 1 nat per target token in that term.
+QUIET_TERMS = ("module", "delta_logit", "delta_input")
 KL_MODES = ("joint", "each")
 SCHEDULES = ("single", "ordered")
 
@@ -413,6 +421,21 @@ def _quiet(mc: dict) -> float:
     return float(v)
 
 
+def _quiet_norm(mc: dict):
+    """The per-term weights of ``modules.quiet_norm`` as a tuple in :data:`QUIET_TERMS` order, or ``None``."""
+    v = mc.get("quiet_norm")
+    if v is None:
+        return None
+    if not isinstance(v, dict) or set(v) != set(QUIET_TERMS) or any(
+            isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w <= 1e6 for w in v.values()):
+        raise ValueError(f"modules.quiet_norm must be a dict of one weight > 0 per term of the visitors' size, "
+                         f"keys {list(QUIET_TERMS)}, got {v!r}")
+    if not _quiet(mc):
+        raise ValueError("modules.quiet_norm weighs the terms of the quiet penalty: it needs modules.quiet > 0, got "
+                         f"quiet {mc.get('quiet', 0.0)!r}")
+    return tuple(float(v[k]) for k in QUIET_TERMS)
+
+
 def _kl(mc: dict) -> str:
     v = mc.get("kl", "joint")
     if v not in KL_MODES:
@@ -435,6 +458,7 @@ def _schedule(mc: dict) -> str:
     _own_alone(mc)
     _kl(mc)
     _quiet(mc)
+    _quiet_norm(mc)
     if s == "ordered" and (mc.get("p_cr", 1.0) != 1.0 or mc.get("p_as", 0.0) != 0.0):
         raise ValueError("modules.schedule 'ordered' freezes the core on every topic story and runs no module on "
                          f"general text: it needs p_cr 1.0 and p_as 0.0, got p_cr {mc.get('p_cr')} and p_as {mc.get('p_as')}")
@@ -533,17 +557,21 @@ def module_inputs(mods):
             h.remove()
 
 
-def visitor_sizes(mods, rec: dict, x: torch.Tensor, y: torch.Tensor, pr: torch.Tensor, pv: torch.Tensor) -> torch.Tensor:
+def visitor_sizes(mods, rec: dict, x: torch.Tensor, y: torch.Tensor, pr: torch.Tensor, pv: torch.Tensor,
+                  weights=None, split: bool = False) -> torch.Tensor:
     """``(P,)``: for each pair (row ``pr[i]``, module ``pv[i]``) the size of what that module adds to the row:
     the sum over blocks of the mean over the row's target tokens (``y != IGNORE``) of ||module output||^2 and,
     with a delta, the means of ||h D^T||^2 (the delta's logit contribution, its rows only) and ||D[token]||^2
     (its input delta); the recorded inputs ``rec`` (:func:`module_inputs`) detached, so each value's gradient
-    reaches only that module and its delta."""
+    reaches only that module and its delta. ``weights``: one factor per term (:data:`QUIET_TERMS` order;
+    ``None`` = 1 each); ``split``: return the ``(P, 3)`` terms unweighted instead of their weighted sum."""
     from gradroute.lm.data import IGNORE
     from gradroute.modules import CONTAINER, EMBED_CONTAINER
+    if weights is not None and (split or len(weights) != len(QUIET_TERMS)):
+        raise ValueError(f"visitor_sizes: weights needs one factor per term {QUIET_TERMS} and no split, got {weights!r}")
     m = (y[pr] != IGNORE).float()
     n = m.sum(1).clamp(min=1.0)
-    out = torch.zeros(len(pr))
+    out = torch.zeros(len(pr), len(QUIET_TERMS))
     for k, d in enumerate(mods.domains):
         sel = (pv == k).nonzero().flatten()
         if not len(sel):
@@ -553,35 +581,43 @@ def visitor_sizes(mods, rec: dict, x: torch.Tensor, y: torch.Tensor, pr: torch.T
         tot = 0.0
         for name, mlp in mods.blocks:
             tot = tot + mean(getattr(mlp, CONTAINER)[d](rec[name][r].detach()).float().pow(2).sum(-1))
+        terms = [tot, torch.zeros(len(sel)), torch.zeros(len(sel))]
         if mods.embed_delta:
             D = getattr(mods.model, EMBED_CONTAINER)[d]
-            tot = tot + mean((rec["lm_head"][r].detach() @ D.weight.T).float().pow(2).sum(-1))
+            terms[1] = mean((rec["lm_head"][r].detach() @ D.weight.T).float().pow(2).sum(-1))
             ids = x[r]
             if D.rows is None:
                 inp = D.weight[ids]
             else:
                 pos = torch.searchsorted(D.rows, ids).clamp(max=D.rows.numel() - 1)
                 inp = D.weight[pos] * (D.rows[pos] == ids).unsqueeze(-1).to(D.weight.dtype)
-            tot = tot + mean(inp.float().pow(2).sum(-1))
-        out = out.index_add(0, sel, tot)
-    return out
+            terms[2] = mean(inp.float().pow(2).sum(-1))
+        out = out.index_add(0, sel, torch.stack(terms, 1))
+    if split:
+        return out
+    if weights is not None:
+        out = out * torch.tensor(weights, dtype=out.dtype)
+    return out.sum(1)
 
 
-def quiet_penalty(net, mods, x: torch.Tensor, y: torch.Tensor, fwd: torch.Tensor, visit: torch.Tensor) -> torch.Tensor:
+def quiet_penalty(net, mods, x: torch.Tensor, y: torch.Tensor, fwd: torch.Tensor, visit: torch.Tensor,
+                  weights=None) -> torch.Tensor:
     """Summed over the (row, visitor) pairs of ``visit``: :func:`visitor_sizes` measured in the forward with
     ``fwd`` (the visitors on; no_grad: only the inputs are kept); the gradient to each visitor (module + delta)
-    from its own terms only. The visitors are flagged as learning (so the isolation keeps their gradient)."""
+    from its own terms only (each term x its factor in ``weights``, ``modules.quiet_norm``). The visitors are
+    flagged as learning (so the isolation keeps their gradient)."""
     from gradroute.lm.train import logits
     learn = torch.zeros(fwd.shape, dtype=torch.bool)
     learn[:, 1:] = visit
     with module_inputs(mods) as rec, mods.route(forward=fwd, learn=learn), torch.no_grad():
         logits(net, x)
     pr, pv = visit.nonzero(as_tuple=True)
-    return visitor_sizes(mods, rec, x, y, pr, pv).sum()
+    return visitor_sizes(mods, rec, x, y, pr, pv, weights).sum()
 
 
 def leave_alone_loss(mods, route_labels: torch.Tensor, seed: int, p_other: float = 0.0, aux_ratio: float = 0.0,
-                     lam: float = 1.0, own_alone: bool = False, kl: str = "joint", quiet: float = 0.0):
+                     lam: float = 1.0, own_alone: bool = False, kl: str = "joint", quiet: float = 0.0,
+                     quiet_norm=None):
     """Phase 2's loss with ``modules.lam`` (see above): the own module's LM loss on topic rows (the
     masks of :func:`aux_masks`, visitors running but not learning; with ``own_alone`` the visitors off)
     + ``lam`` x :func:`leave_alone_kl` on every row with visitors (with ``own_alone`` its reference is the
@@ -593,6 +629,8 @@ def leave_alone_loss(mods, route_labels: torch.Tensor, seed: int, p_other: float
         raise ValueError("kl 'each' compares each visitor with the own_alone pass: it needs own_alone")
     if quiet and (lam or not own_alone or kl != "joint"):
         raise ValueError("quiet replaces the KL of the own_alone objective: it needs own_alone and no lam / kl")
+    if quiet_norm is not None and not quiet:
+        raise ValueError("quiet_norm weighs the terms of the quiet penalty: it needs quiet > 0")
     import torch.nn.functional as F
     from gradroute.lm.data import IGNORE
     from gradroute.lm.train import logits
@@ -610,7 +648,8 @@ def leave_alone_loss(mods, route_labels: torch.Tensor, seed: int, p_other: float
             with mods.route(forward=without_visitors(fwd, visit)[topic], learn=lm[topic]):
                 loss = token_losses(net, b.x[topic], b.y[topic]).sum()
             if len(rows):
-                loss = loss + quiet * quiet_penalty(net, mods, b.x[rows], b.y[rows], fwd[rows], visit[rows])
+                loss = loss + quiet * quiet_penalty(net, mods, b.x[rows], b.y[rows], fwd[rows], visit[rows],
+                                                     quiet_norm)
             return loss
         if own_alone:                            # every row, visitors off: the LM loss and the KL reference
             with mods.route(forward=without_visitors(fwd, visit), learn=lm):
@@ -638,15 +677,18 @@ def leave_alone_loss(mods, route_labels: torch.Tensor, seed: int, p_other: float
 
 
 def ordered_module_loss(mods, route_labels: torch.Tensor, seed: int, p_other: float = 0.0, aux_ratio: float = 0.0,
-                        lam: float = 0.0, own_alone: bool = False, kl: str = "joint", quiet: float = 0.0):
+                        lam: float = 0.0, own_alone: bool = False, kl: str = "joint", quiet: float = 0.0,
+                        quiet_norm=None):
     """Phase 2's loss: point 13's (``modular_loss`` with p_cr 1, p_as 0) without general rows; with them
     the masks of :func:`aux_masks`; with ``lam`` > 0 :func:`leave_alone_loss` (``own_alone``, ``kl`` there)."""
     if own_alone and not (lam or quiet):
         raise ValueError("own_alone is an option of the leave-others-alone objective: it needs lam > 0 or quiet > 0")
     if quiet and not own_alone:
         raise ValueError("quiet replaces the KL of the own_alone objective: it needs own_alone")
+    if quiet_norm is not None and not quiet:
+        raise ValueError("quiet_norm weighs the terms of the quiet penalty: it needs quiet > 0")
     if lam or quiet:
-        return leave_alone_loss(mods, route_labels, seed, p_other, aux_ratio, lam, own_alone, kl, quiet)
+        return leave_alone_loss(mods, route_labels, seed, p_other, aux_ratio, lam, own_alone, kl, quiet, quiet_norm)
     if not aux_ratio:
         return modular_loss(mods, route_labels, 1.0, 0.0, seed, "one", p_other=p_other)
 
@@ -670,7 +712,8 @@ def _rows_batch(data: Stories, batches: list):
 
 def train_ordered(model, mods, data: Stories, order: BatchOrder, route_labels: torch.Tensor, tc: dict, seed: int,
                   p_other: float = 0.0, desc: str = "modular", device: str = "cpu", aux_ratio: float = 0.0,
-                  lam: float = 0.0, own_alone: bool = False, kl: str = "joint", quiet: float = 0.0) -> dict:
+                  lam: float = 0.0, own_alone: bool = False, kl: str = "joint", quiet: float = 0.0,
+                  quiet_norm=None) -> dict:
     """Train ``model`` (with ``mods`` attached) by the ordered schedule (see :data:`SCHEDULES`);
     returns ``{"phases": [log of phase 1, log of phase 2], "steps": [n1, n2], "phase2_rows": {...}}``."""
     one, two = ordered_phases(order, route_labels, tc["steps"], aux_ratio)
@@ -689,7 +732,8 @@ def train_ordered(model, mods, data: Stories, order: BatchOrder, route_labels: t
     logs = []
     for phase, (batches, loss_fn, sel) in enumerate((
             (one, core_loss, lambda n, p: id(p) not in mod_ids),
-            (two, ordered_module_loss(mods, route_labels, seed, p_other, aux_ratio, lam, own_alone, kl, quiet),
+            (two, ordered_module_loss(mods, route_labels, seed, p_other, aux_ratio, lam, own_alone, kl, quiet,
+                                     quiet_norm),
              lambda n, p: id(p) in mod_ids))):
         c = TrainConfig(**{**tc, "steps": len(batches), "warmup": min(tc.get("warmup", 0), len(batches) // 10)},
                         desc=f"{desc} phase {phase + 1}")
@@ -809,7 +853,7 @@ def run_train(method: str, seed: int, cfg: dict, out: Path, device: str = "cpu")
         mc = cfg["modules"]
         if method == "modular_partial" and mc.get("partial"):
             mc = {**mc, **mc["partial"]}        # the official partial-label schedule (fixed, not selected)
-            for k in ("schedule", "aux_ratio", "lam", "own_alone", "kl", "quiet"):
+            for k in ("schedule", "aux_ratio", "lam", "own_alone", "kl", "quiet", "quiet_norm"):
                 mc.pop(k, None)                 # single phase, as fixed (the ordered schedule's options go too)
         schedule = _schedule(mc)
         route_labels = routing_labels(labels, unl if method == "modular_partial" else None)
@@ -830,7 +874,7 @@ def run_train(method: str, seed: int, cfg: dict, out: Path, device: str = "cpu")
         ordered = train_ordered(model, mods, data, order, route_labels, tc, seed, p_other=mc.get("p_other", 0.0),
                                 desc=f"{method} s{seed}", device=device, aux_ratio=_aux_ratio(mc),
                                 lam=_lam(mc), own_alone=_own_alone(mc), kl=_kl(mc),
-                                quiet=_quiet(mc))
+                                quiet=_quiet(mc), quiet_norm=_quiet_norm(mc))
         phases = ordered["steps"]
         phase2_rows = ordered["phase2_rows"]
         logs = ordered["phases"]
@@ -1096,7 +1140,7 @@ def _mean_configs(runs: list) -> dict:
 # ``width`` (ours, diagnosis point 11): the module width of that candidate (a fraction of the MLP's
 # hidden width, or an int unit count); absent: the profile's ``modules.width``.
 CANDIDATE_KEYS = ("p_cr", "p_as", "spread", "p_other", "width", "embed_free", "module_embed", "schedule",
-                  "aux_ratio", "lam", "own_alone", "kl", "quiet")
+                  "aux_ratio", "lam", "own_alone", "kl", "quiet", "quiet_norm")
 MAX_CANDIDATES = 12
 
 
@@ -1127,8 +1171,9 @@ def check_candidates(cands: list) -> None:
             raise ValueError(f"modules.select.candidates[{i}]: embed_free must be true or false, got {c['embed_free']!r}")
         try:
             _module_embed(c.get("module_embed"))
-            if any(k in c for k in ("schedule", "aux_ratio", "lam", "own_alone", "kl", "quiet")):   # an ordered one states p_cr 1, p_as 0 itself
-                mc = {k: c[k] for k in ("schedule", "aux_ratio", "lam", "own_alone", "kl", "quiet") if k in c}
+            if any(k in c for k in ("schedule", "aux_ratio", "lam", "own_alone", "kl", "quiet", "quiet_norm")):   # an ordered one states p_cr 1, p_as 0 itself
+                mc = {k: c[k] for k in ("schedule", "aux_ratio", "lam", "own_alone", "kl", "quiet", "quiet_norm")
+                      if k in c}
                 if c.get("schedule") == "ordered":       # (not the profile's p_cr 0.7)
                     mc.update(p_cr=c.get("p_cr"), p_as=c.get("p_as"))
                 _schedule(mc)
