@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from gradroute.lm.data import Batch
 from test_modules import _same, _snapshot, _tiny_experiment, randomise_modules
 
 
@@ -32,7 +33,9 @@ def test_phases_split_exactly_the_single_phase_batches(tmp_path, monkeypatch):
             assert any(bool((rl[b] == E.UNLABELLED).any()) for b in one)
 
 
-def test_phase1_never_updates_modules_phase2_never_updates_the_core(tmp_path, monkeypatch):
+def _ordered_model(tmp_path, monkeypatch):
+    """A tiny modular model with topic-row deltas and randomised modules (so weight decay or a stray
+    step would move them), with its experiment, config, data and routing labels."""
     E, parser = _setup(tmp_path, monkeypatch)
     cfg = E.build_config(parser.parse_args(["--out", "x"]))
     tok, data, labels, _, _ = E._prepare(E._cfg_key(cfg))
@@ -40,7 +43,12 @@ def test_phase1_never_updates_modules_phase2_never_updates_the_core(tmp_path, mo
     model = E.make_model(E._spec(cfg, tok.vocab_size), 0)
     rows = E.embed_rows_for("topic_rows", data, rl, tok.vocab_size)
     mods = E.attach_modules(model, cfg, "modular", module_embed="topic_rows", embed_rows=rows)
-    randomise_modules(mods)                  # weight decay on a module in phase 1 would now move it
+    randomise_modules(mods)
+    return E, cfg, model, mods, data, rl
+
+
+def test_phase1_never_updates_modules_phase2_never_updates_the_core(tmp_path, monkeypatch):
+    E, cfg, model, mods, data, rl = _ordered_model(tmp_path, monkeypatch)
     mod, core = mods.module_params(), mods.core_params()
     snaps, calls = [], []
     real = E.train
@@ -135,7 +143,6 @@ def test_aux_masks_one_module_per_general_row_and_gradient_only_to_it(tmp_path, 
     rl = E.routing_labels(labels, None)
     idx = torch.cat([(rl == 0).nonzero().flatten()[:2], (rl == G).nonzero().flatten()[:4]])
     loss_fn = E.ordered_module_loss(mods, rl, 0, p_other=0.0, aux_ratio=2.0)
-    from gradroute.lm.data import Batch
     b = Batch(data.x[idx], data.y[idx], data.keyword[idx], data.forget[idx], data.labelled[idx], idx, 1)
     model.zero_grad(set_to_none=True)
     loss_fn(model, b).backward()
@@ -164,14 +171,7 @@ def test_aux_ratio_key_checks_and_run_key(tmp_path, monkeypatch):
 
 # ---- diagnosis point 14 (B): "leave others alone" (``modules.lam``; ours)
 def _b_setup(tmp_path, monkeypatch):
-    E, parser = _setup(tmp_path, monkeypatch)
-    cfg = E.build_config(parser.parse_args(["--out", "x"]))
-    tok, data, labels, _, _ = E._prepare(E._cfg_key(cfg))
-    rl = E.routing_labels(labels, None)
-    model = E.make_model(E._spec(cfg, tok.vocab_size), 0)
-    rows = E.embed_rows_for("topic_rows", data, rl, tok.vocab_size)
-    mods = E.attach_modules(model, cfg, "modular", module_embed="topic_rows", embed_rows=rows)
-    randomise_modules(mods)
+    E, _, model, mods, data, rl = _ordered_model(tmp_path, monkeypatch)
     return E, model, mods, data, rl
 
 
@@ -206,7 +206,6 @@ def test_leave_alone_kl_gradient_reaches_only_the_visitor(tmp_path, monkeypatch)
 
 def test_leave_alone_on_own_stories_is_the_lm_loss_and_lam_reaches_the_run_key(tmp_path, monkeypatch):
     E, model, mods, data, rl = _b_setup(tmp_path, monkeypatch)
-    from gradroute.lm.data import Batch
     idx = torch.cat([(rl == 0).nonzero().flatten()[:2], (rl == 2).nonzero().flatten()[:2]])
     b = Batch(data.x[idx], data.y[idx], data.keyword[idx], data.forget[idx], data.labelled[idx], idx, 1)
     plain = E.ordered_module_loss(mods, rl, 0)(model, b)                      # point 13's phase 2
@@ -258,11 +257,25 @@ def _zero(gs):
     return all(g is None or not bool(g.abs().sum() > 0) for g in gs)
 
 
+def _forest_rows(data, rl, n=3):
+    """The first ``n`` forest stories as one batch (their indices, the batch)."""
+    idx = (rl == 0).nonzero().flatten()[:n]
+    return idx, Batch(data.x[idx], data.y[idx], data.keyword[idx], data.forget[idx], data.labelled[idx], idx, 1)
+
+
+def _forest_alone_lm(E, model, mods, b):
+    """The LM loss of forest rows with core + the forest module alone, only the forest module learning."""
+    alone = torch.zeros(len(b.x), 1 + len(mods.domains))
+    alone[:, :2] = 1.0
+    learn = torch.zeros_like(alone, dtype=torch.bool)
+    learn[:, 1] = True
+    with mods.route(forward=alone, learn=learn):
+        return E.token_losses(model, b.x, b.y).sum()
+
+
 def test_own_alone_lm_gradient_is_the_model_with_visitors_off_and_visitors_learn_only_the_kl(tmp_path, monkeypatch):
     E, model, mods, data, rl = _b_setup(tmp_path, monkeypatch)
-    from gradroute.lm.data import Batch
-    idx = (rl == 0).nonzero().flatten()[:3]                    # forest stories; p_other 1: the others all visit
-    b = Batch(data.x[idx], data.y[idx], data.keyword[idx], data.forget[idx], data.labelled[idx], idx, 1)
+    idx, b = _forest_rows(data, rl)                            # p_other 1: the others all visit
     loss = E.ordered_module_loss(mods, rl, 0, p_other=1.0, lam=1.0, own_alone=True)(model, b)
     ours, core = _module_grads(model, mods, loss)
     assert not core                                            # the core learns nowhere
@@ -350,16 +363,11 @@ def _pairwise_kl(E, model, mods, x, y, fwd, lab):
 
 def test_kl_each_gives_each_visitor_the_gradient_of_its_own_pairwise_kl(tmp_path, monkeypatch):
     E, model, mods, data, rl = _b_setup(tmp_path, monkeypatch)
-    from gradroute.lm.data import Batch
-    idx = (rl == 0).nonzero().flatten()[:3]                    # forest stories; p_other 1: the others all visit
-    b = Batch(data.x[idx], data.y[idx], data.keyword[idx], data.forget[idx], data.labelled[idx], idx, 1)
+    idx, b = _forest_rows(data, rl)                            # p_other 1: the others all visit
     loss = E.ordered_module_loss(mods, rl, 0, p_other=1.0, lam=1.0, own_alone=True, kl="each")(model, b)
     ours, core = _module_grads(model, mods, loss)
     assert not core                                            # the core learns nowhere
-    alone = torch.zeros(3, 5)
-    alone[:, :2] = 1.0
-    with mods.route(forward=alone, learn=alone.bool() & torch.tensor([False, True, False, False, False])):
-        lm = E.token_losses(model, b.x, b.y).sum()
+    lm = _forest_alone_lm(E, model, mods, b)
     fwd = torch.ones(3, 5)
     total, per = _pairwise_kl(E, model, mods, b.x, b.y, fwd, rl[idx])
     assert sorted(per) == [1, 2, 3]                            # sea, space, dinosaurs visit every row
@@ -425,41 +433,19 @@ def test_kl_key_checks_run_key_and_partial(tmp_path, monkeypatch):
 # ---- diagnosis point 17: the visitors learn silence (``modules.quiet``; ours)
 def _loop_sizes(E, model, mods, x, y, on_names, r, v):
     """The penalty of visitor ``v`` on row ``r`` alone, computed in a loop: the row run with ``on_names`` on
-    (inference strengths), inputs caught by hooks of its own, the terms summed token by token."""
-    from gradroute.lm.data import IGNORE
-    from gradroute.modules import CONTAINER, EMBED_CONTAINER
-    caught = {}
-    hooks = [mlp.register_forward_pre_hook(lambda m, a, n=n: caught.__setitem__(n, a[0].detach()))
-             for n, mlp in mods.blocks]
-    hooks.append(model.lm_head.register_forward_hook(lambda m, a, o: caught.__setitem__("h", a[0].detach())))
-    with torch.no_grad(), mods.using(on=on_names):
-        model(x[r:r + 1])
-    for h in hooks:
-        h.remove()
-    d = mods.domains[v]
-    D = getattr(model, EMBED_CONTAINER)[d]
-    full = torch.zeros(model.lm_head.weight.shape[0], D.weight.shape[1]).index_add(0, D.rows, D.weight)
-    tokens = [t for t in range(x.shape[1]) if int(y[r, t]) != IGNORE]
-    total = 0.0
-    for n, mlp in mods.blocks:
-        total = total + sum(getattr(mlp, CONTAINER)[d](caught[n][0, t]).pow(2).sum() for t in tokens) / len(tokens)
-    total = total + sum((full @ caught["h"][0, t]).pow(2).sum() for t in tokens) / len(tokens)
-    total = total + sum(full[int(x[r, t])].pow(2).sum() for t in tokens) / len(tokens)
-    return total
+    (inference strengths), inputs caught by hooks of its own, the terms summed token by token
+    (:func:`_loop_terms`, below, gives the three terms)."""
+    mod, logit, inp = _loop_terms(E, model, mods, x, y, on_names, r, v)
+    return mod + logit + inp
 
 
 def test_quiet_each_visitor_learns_the_gradient_of_its_size_and_nothing_else_does(tmp_path, monkeypatch):
     E, model, mods, data, rl = _b_setup(tmp_path, monkeypatch)
-    from gradroute.lm.data import Batch
-    idx = (rl == 0).nonzero().flatten()[:3]                    # forest stories; p_other 1: the others all visit
-    b = Batch(data.x[idx], data.y[idx], data.keyword[idx], data.forget[idx], data.labelled[idx], idx, 1)
+    idx, b = _forest_rows(data, rl)                            # p_other 1: the others all visit
     loss = E.ordered_module_loss(mods, rl, 0, p_other=1.0, own_alone=True, quiet=0.5)(model, b)
     ours, core = _module_grads(model, mods, loss)
     assert not core                                            # the core learns nowhere
-    alone = torch.zeros(3, 5)
-    alone[:, :2] = 1.0
-    with mods.route(forward=alone, learn=alone.bool() & torch.tensor([False, True, False, False, False])):
-        lm = E.token_losses(model, b.x, b.y).sum()
+    lm = _forest_alone_lm(E, model, mods, b)
     per = {v: sum(_loop_sizes(E, model, mods, b.x, b.y, list(mods.domains), r, v) for r in range(3)) for v in (1, 2, 3)}
     assert all(float(p.detach()) > 0 for p in per.values())
     assert torch.allclose(loss, lm + 0.5 * sum(per.values()), rtol=1e-4)
@@ -528,7 +514,8 @@ def test_quiet_key_checks_run_key_and_partial(tmp_path, monkeypatch):
 
 # ---- diagnosis point 18: one weight per term of the quiet penalty (``modules.quiet_norm``; ours)
 def _loop_terms(E, model, mods, x, y, on_names, r, v):
-    """:func:`_loop_sizes` split into its three terms (module outputs, delta logit term, input delta)."""
+    """The three terms of :func:`_loop_sizes` (module outputs, delta logit term, input delta), each the
+    mean over the row's target tokens of a squared norm."""
     from gradroute.lm.data import IGNORE
     from gradroute.modules import CONTAINER, EMBED_CONTAINER
     caught = {}
@@ -552,7 +539,6 @@ def _loop_terms(E, model, mods, x, y, on_names, r, v):
 
 def test_quiet_norm_weighs_each_term_and_each_visitor_gets_the_weighted_sum_of_its_term_gradients(tmp_path, monkeypatch):
     E, model, mods, data, rl = _b_setup(tmp_path, monkeypatch)
-    from gradroute.lm.data import Batch
     from gradroute.modules import EMBED_CONTAINER
     idx = (rl == 0).nonzero().flatten()[:3]                    # forest stories; p_other 1: the others all visit
     x = data.x[idx].clone()
@@ -566,10 +552,7 @@ def test_quiet_norm_weighs_each_term_and_each_visitor_gets_the_weighted_sum_of_i
     loss = E.ordered_module_loss(mods, rl, 0, p_other=1.0, own_alone=True, quiet=0.5, quiet_norm=W)(model, b)
     ours, core = _module_grads(model, mods, loss)
     assert not core
-    alone = torch.zeros(3, 5)
-    alone[:, :2] = 1.0
-    with mods.route(forward=alone, learn=alone.bool() & torch.tensor([False, True, False, False, False])):
-        lm = E.token_losses(model, b.x, b.y).sum()
+    lm = _forest_alone_lm(E, model, mods, b)
     terms = {v: [_loop_terms(E, model, mods, b.x, b.y, list(mods.domains), r, v) for r in range(3)] for v in (1, 2, 3)}
     per = {v: [sum(t[i] for t in ts) for i in range(3)] for v, ts in terms.items()}      # per visitor, per term
     assert all(float(p.detach()) > 0 for ps in per.values() for p in ps)
