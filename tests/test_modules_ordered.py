@@ -201,7 +201,7 @@ def test_leave_alone_kl_gradient_reaches_only_the_visitor(tmp_path, monkeypatch)
     with torch.no_grad():
         for p in mods.module_params("space"):
             p.zero_()
-    assert abs(float(E.leave_alone_kl(model, mods, data.x[idx], data.y[idx], fwd, visit))) < 1e-4
+    assert abs(E.leave_alone_kl(model, mods, data.x[idx], data.y[idx], fwd, visit).item()) < 1e-4
 
 
 def test_leave_alone_on_own_stories_is_the_lm_loss_and_lam_reaches_the_run_key(tmp_path, monkeypatch):
