@@ -219,7 +219,7 @@ def test_leave_alone_on_own_stories_is_the_lm_loss_and_lam_reaches_the_run_key(t
     bg = Batch(data.x[gidx], data.y[gidx], data.keyword[gidx], data.forget[gidx], data.labelled[gidx], gidx, 1)
     with_kl = E.ordered_module_loss(mods, rl, 0, aux_ratio=2.0, lam=1.0)(model, bg)
     twice = E.ordered_module_loss(mods, rl, 0, aux_ratio=2.0, lam=2.0)(model, bg)
-    assert float(with_kl) > float(plain) and torch.allclose(twice - with_kl, with_kl - plain, rtol=1e-4)
+    assert with_kl.item() > plain.item() and torch.allclose(twice - with_kl, with_kl - plain, rtol=1e-4)
     with pytest.raises(ValueError, match=r"candidates\[0\]: modules.lam .* needs modules.schedule 'ordered'"):
         E.check_candidates([dict(lam=1.0)])
     with pytest.raises(ValueError, match="modules.lam must be a number"):
