@@ -478,8 +478,8 @@ def test_quiet_each_visitor_learns_the_gradient_of_its_size_and_nothing_else_doe
     with torch.no_grad():                                      # a silent visitor has zero penalty
         for p in mods.module_params("sea"):
             p.zero_()
-    assert float(E.quiet_penalty(model, mods, b.x, b.y, torch.ones(3, 5), E.visitors(torch.ones(3, 5), rl[idx])
-                                 & torch.tensor([False, True, False, False]))) == 0.0
+    assert E.quiet_penalty(model, mods, b.x, b.y, torch.ones(3, 5), E.visitors(torch.ones(3, 5), rl[idx])
+                           & torch.tensor([False, True, False, False])).item() == 0.0
 
 
 def test_quiet_key_checks_run_key_and_partial(tmp_path, monkeypatch):
