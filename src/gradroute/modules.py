@@ -21,6 +21,9 @@ Option (ours, default off): ``always_learn`` names core parameters that are *not
 the core: they learn on every routed example, core-frozen domain examples included (e.g. the
 token embedding, tied unembedding included: ``always_learn=["transformer.wte.weight"]``). The
 official code freezes embeddings with the core; this option tests that choice.
+Option (ours, default off): ``gated=True`` multiplies each module's output by a learned per-token gate
+``sigmoid(gate(x))`` (``gate`` a ``Linear(d_in, 1)``, zero at start; with embedding deltas also the delta's
+logit term, by the module's gate in the last block); a gated module cannot be merged by ``export``.
 Option (ours, default off; our GPT, tied embeddings): ``embed_delta=True`` gives each domain's
 module its own token-embedding delta ``D_k`` (``(vocab, d_model)``, zero at start), added to the
 tied token embedding on the input (``wte[x] + sum_k D_k[x]``) and on the output (``logits + h
