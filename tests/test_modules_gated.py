@@ -179,7 +179,7 @@ def test_gated_loss_is_own_alone_lm_plus_gate_bce_and_visitors_learn_only_their_
             gt = getattr(mlp, CONTAINER)[d].gate
             z = (rec[n] @ gt.weight.T + gt.bias).squeeze(-1)
             bce += F.binary_cross_entropy_with_logits(z, torch.full_like(z, float(k == 0)), reduction="none")[tok].sum()
-    assert math.isclose(float(loss.detach()), float(lm + bce / len(mods.blocks)), rel_tol=1e-4)
+    assert math.isclose(float(loss.detach()), float((lm + bce / len(mods.blocks)).detach()), rel_tol=1e-4)
     # visitors: only their gates got a gradient; the core none; forest's MLP and gate both
     for d in mods.domains[1:]:
         for n, mlp in mods.blocks:
