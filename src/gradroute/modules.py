@@ -21,6 +21,9 @@ Option (ours, default off): ``always_learn`` names core parameters that are *not
 the core: they learn on every routed example, core-frozen domain examples included (e.g. the
 token embedding, tied unembedding included: ``always_learn=["transformer.wte.weight"]``). The
 official code freezes embeddings with the core; this option tests that choice.
+Option (ours, default off): ``gated=True`` multiplies each module's output by a learned per-token gate
+``sigmoid(gate(x))`` (``gate`` a ``Linear(d_in, 1)``, zero at start; with embedding deltas also the delta's
+logit term, by the module's gate in the last block); a gated module cannot be merged by ``export``.
 Option (ours, default off; our GPT, tied embeddings): ``embed_delta=True`` gives each domain's
 module its own token-embedding delta ``D_k`` (``(vocab, d_model)``, zero at start), added to the
 tied token embedding on the input (``wte[x] + sum_k D_k[x]``) and on the output (``logits + h
@@ -96,10 +99,13 @@ Strengths = Union[Mapping[str, float], Sequence[str], None]
 
 
 class AuxMLP(nn.Module):
-    """One gateless auxiliary MLP: ``down(act(up(x)))``. ``down`` has no bias and starts at 0."""
+    """One auxiliary MLP: ``down(act(up(x)))``. ``down`` has no bias and starts at 0. With
+    ``gated`` (ours; the paper's modules are gateless) also a per-token gate ``sigmoid(gate(x))``
+    (``gate``: ``Linear(d_in, 1)``, weight and bias 0 at start, i.e. 0.5 everywhere) multiplying the
+    output; the function is still unchanged at start because ``down`` is 0."""
 
     def __init__(self, d_in: int, width: int, d_out: int, act, bias: bool, init_std: float,
-                 dtype=None, device=None):
+                 dtype=None, device=None, gated: bool = False):
         super().__init__()
         self.up = nn.Linear(d_in, width, bias=bias, dtype=dtype, device=device)
         self.down = nn.Linear(width, d_out, bias=False, dtype=dtype, device=device)
@@ -108,15 +114,33 @@ class AuxMLP(nn.Module):
             if bias:
                 self.up.bias.zero_()
             self.down.weight.zero_()
+        self.gate = None
+        if gated:
+            self.gate = nn.Linear(d_in, 1, dtype=dtype, device=device)
+            with torch.no_grad():
+                self.gate.weight.zero_()
+                self.gate.bias.zero_()
         self.__dict__["act"] = act      # shared with the core MLP, not registered as a child
 
-    def forward(self, x: torch.Tensor, learn: torch.Tensor | None = None) -> torch.Tensor:
-        """``learn``: optional per-example float 0/1 of shape ``(B, 1, ..., 1)``: rows with 0 run
-        but do not update this module's parameters (gradient still flows to ``x``)."""
+    def gate_value(self, x: torch.Tensor, learn: torch.Tensor | None = None) -> torch.Tensor:
+        """The gate ``sigmoid(gate(x))``, shape ``(..., 1)`` (``learn`` as in :meth:`forward`)."""
         if learn is None:
-            return F.linear(self.act(F.linear(x, self.up.weight, self.up.bias)), self.down.weight)
-        h = _masked_linear(x, self.up.weight, self.up.bias, learn)
-        return _masked_linear(self.act(h), self.down.weight, None, learn)
+            return torch.sigmoid(F.linear(x, self.gate.weight, self.gate.bias))
+        return torch.sigmoid(_masked_linear(x, self.gate.weight, self.gate.bias, learn))
+
+    def forward(self, x: torch.Tensor, learn: torch.Tensor | None = None,
+                g: torch.Tensor | None = None) -> torch.Tensor:
+        """``learn``: optional per-example float 0/1 of shape ``(B, 1, ..., 1)``: rows with 0 run
+        but do not update this module's parameters (gradient still flows to ``x``). ``g``: the
+        gate's value when already computed (gated modules only)."""
+        if learn is None:
+            y = F.linear(self.act(F.linear(x, self.up.weight, self.up.bias)), self.down.weight)
+        else:
+            h = _masked_linear(x, self.up.weight, self.up.bias, learn)
+            y = _masked_linear(self.act(h), self.down.weight, None, learn)
+        if self.gate is None:
+            return y
+        return y * (self.gate_value(x, learn) if g is None else g)
 
 
 class EmbedDelta(nn.Module):
@@ -244,8 +268,10 @@ class ModuleSet:
     def __init__(self, model: nn.Module, pattern: Pattern, domains: Union[int, Sequence[str]],
                  width: Union[float, int] = 0.1, activation=None, init_std: float | None = None,
                  sync: bool | None = None, always_learn: Iterable[str] = (),
-                 embed_delta: Union[bool, Mapping[str, object]] = False):
+                 embed_delta: Union[bool, Mapping[str, object]] = False, gated: bool = False):
         root = unwrap(model)
+        if not isinstance(gated, bool):
+            raise TypeError(f"gated must be True or False, got {gated!r}")
         if isinstance(domains, int):
             if domains < 1:
                 raise ValueError(f"need at least one domain, got {domains}")
@@ -279,11 +305,14 @@ class ModuleSet:
             ref = first.weight
             bias = first.bias is not None
             mlp.add_module(CONTAINER, nn.ModuleDict(
-                {d: AuxMLP(d_in, w, d_out, act, bias, std, dtype=ref.dtype, device=ref.device) for d in domains}))
+                {d: AuxMLP(d_in, w, d_out, act, bias, std, dtype=ref.dtype, device=ref.device, gated=gated)
+                 for d in domains}))
             self._hooks.append(mlp.register_forward_hook(self._make_hook(name), with_kwargs=True))
             self.blocks.append((name, mlp))
         self.width = {name: getattr(mlp, CONTAINER)[domains[0]].up.out_features for name, mlp in self.blocks}
         self.embed_delta = embed_rows is not False
+        self.gated = gated
+        self._gates: dict = {}                  # {k: gate of module k in the last block} of this forward
         self._embed_hooks = []
         self._layouts: dict = {}
         self._layout_rows: list = []            # the rows tensors of the cached layout (keeps their ids)
@@ -520,7 +549,8 @@ class ModuleSet:
                 y = out if bool((self._route["forward"][:, 0] == 1).all()) else out * fwd[0]
                 for k, d in enumerate(self.domains):
                     # every module runs on every example (times 0 when off): DDP needs all parameters
-                    y = y + fwd[1 + k] * mods[d](x, lrn[k])
+                    g = self._gate(name, k, mods[d], x, lrn[k])
+                    y = y + fwd[1 + k] * mods[d](x, lrn[k], g)
                 return y
             m = self.mask
             y = out if float(m[0]) == 1.0 else out * float(m[0])
@@ -529,9 +559,20 @@ class ModuleSet:
                 s = float(m[1 + k])
                 if s == 0.0 and not grad:
                     continue                      # inference: an off module costs nothing
-                y = y + (mods[d](x) if s == 1.0 else s * mods[d](x))
+                g = self._gate(name, k, mods[d], x, None)
+                y = y + (mods[d](x, None, g) if s == 1.0 else s * mods[d](x, None, g))
             return y
         return hook
+
+    def _gate(self, name: str, k: int, mod: AuxMLP, x: torch.Tensor, learn) -> torch.Tensor | None:
+        """Gated modules: module ``k``'s gate on ``x``; in the last block it is kept for the
+        embedding delta's logit term of this forward (``_embed_out_hook``)."""
+        if not self.gated:
+            return None
+        g = mod.gate_value(x, learn)
+        if self.embed_delta and name == self.blocks[-1][0]:
+            self._gates[k] = g
+        return g
 
     # ------------------------------------------------------------------ embedding deltas (embed_delta=True)
     def _layout(self, device) -> tuple:
@@ -603,6 +644,7 @@ class ModuleSet:
 
     def _take_ids(self, model, args, kwargs):
         self._idx = args[0] if args else kwargs.get("idx")
+        self._gates = {}
 
     def _embed_in_hook(self, drop, args):
         idx, self._idx = self._idx, None
@@ -631,6 +673,8 @@ class ModuleSet:
         if D is None:
             return out
         h = args[0]
+        if self.gated:
+            return self._gated_logits(h, out)
         union, _, _ = self._layout(D.device)
         if D.ndim == 2:
             y = F.linear(h, D)
@@ -640,6 +684,41 @@ class ModuleSet:
                 raise ValueError(f"routed batch has {B} examples but lm_head received input of shape {tuple(h.shape)}")
             y = torch.bmm(h.reshape(B, -1, h.shape[-1]), D.transpose(1, 2)).view(*out.shape[:-1], D.shape[-2])
         # only the logits of the rows' union U move
+        return out + y if union is None else out.index_add(-1, union, y)
+
+    def _gated_logits(self, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Gated modules: ``logits + sum_k s_k g_k h D_k^T`` with ``g_k`` module ``k``'s gate in the
+        last block at that position and ``s_k`` its strength (per example in a routed pass, where
+        ``D_k`` learns only on rows where module ``k`` learns)."""
+        E = getattr(self.model, EMBED_CONTAINER)
+        weights = [E[d].weight for d in self.domains]
+        union, _, pos = self._layout(weights[0].device)
+        u = self.model.transformer.wte.weight.shape[0] if union is None else union.numel()
+        place = lambda W, k: W if pos[k] is None else W.new_zeros(u, W.shape[1]).index_add(0, pos[k], W)
+        y = None
+        for k in range(self.K):
+            if self._route is not None:
+                fwd, learn = self._route["forward"], self._route["learn"]
+                shape = (fwd.shape[0], *([1] * (h.ndim - 1)))
+                f = fwd[:, 1 + k].to(h.device, h.dtype).view(shape)
+                m = (learn[:, 1 + k] | (fwd[:, 1 + k] == 0)).to(h.device, h.dtype).view(shape)
+                yk = F.linear(h, place(weights[k], k))
+                if not bool(m.all()):
+                    yk = m * yk + (1 - m) * F.linear(h, place(weights[k].detach(), k))
+                yk = f * yk
+            else:
+                s = float(self.mask[1 + k])
+                if s == 0.0 and not torch.is_grad_enabled():
+                    continue
+                yk = F.linear(h, place(weights[k], k))
+                yk = yk if s == 1.0 else s * yk
+            g = self._gates.get(k)
+            if g is None:
+                raise RuntimeError(f"gated module {self.domains[k]!r}: no gate from the last block in this forward")
+            yk = g * yk
+            y = yk if y is None else y + yk
+        if y is None:
+            return out
         return out + y if union is None else out.index_add(-1, union, y)
 
     # ------------------------------------------------------------------ isolation
@@ -691,6 +770,11 @@ class ModuleSet:
         the rest dropped; with ``embed_delta`` the kept modules' embedding deltas are added into the
         tied token embedding. Raises ``ValueError`` where merging is not exact (see module doc)."""
         strengths = self.strengths(on)[1:] if on else torch.zeros(self.K)
+        if self.gated and bool(strengths.ne(0).any()):
+            kept = [self.domains[k] for k in range(self.K) if strengths[k] != 0]
+            raise ValueError(f"export(on={kept}): gated modules cannot be merged into the MLPs (a per-token gate "
+                             "is not a width concatenation); export with every module off, or keep the ModuleSet "
+                             "attached and switch modules with using()/set()")
         src = unwrap(model) if model is not None else self.model
         out = copy.deepcopy(src)
         for (name, _), handle in zip(self.blocks, self._hooks):
@@ -752,10 +836,11 @@ class ModuleSet:
 def add_modules(model: nn.Module, pattern: Pattern, domains: Union[int, Sequence[str]],
                 width: Union[float, int] = 0.1, activation=None, init_std: float | None = None,
                 sync: bool | None = None, always_learn: Iterable[str] = (),
-                embed_delta: Union[bool, Mapping[str, object]] = False) -> ModuleSet:
+                embed_delta: Union[bool, Mapping[str, object]] = False, gated: bool = False) -> ModuleSet:
     """Attach one auxiliary MLP per domain to every MLP of ``model`` matching ``pattern``; see
     :class:`ModuleSet`. The model computes the same function afterwards."""
-    return ModuleSet(model, pattern, domains, width, activation, init_std, sync, always_learn, embed_delta)
+    return ModuleSet(model, pattern, domains, width, activation, init_std, sync, always_learn, embed_delta,
+                     gated)
 
 
 @torch.no_grad()

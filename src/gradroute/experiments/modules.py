@@ -264,7 +264,7 @@ def embed_rows_for(module_embed, data: Stories, route_labels: torch.Tensor, voca
 
 
 def attach_modules(model, cfg: dict, method: str, embed_free: bool = False, module_embed=False,
-                   embed_rows: dict | None = None):
+                   embed_rows: dict | None = None, gated: bool = False):
     """``module_embed``: False, True (full-vocabulary deltas), ``"topic_rows"`` or
     ``"exclusive_rows"`` (then ``embed_rows``: ``{topic: token ids}``, see :func:`embed_rows_for`)."""
     width = 1.0 if method == "demix" else cfg["modules"]["width"]
@@ -274,7 +274,7 @@ def attach_modules(model, cfg: dict, method: str, embed_free: bool = False, modu
             raise ValueError(f"module_embed {module_embed!r} needs embed_rows (embed_rows_for)")
         module_embed = embed_rows
     return gr.add_modules(model, MLP_PATTERN, list(TOPIC_NAMES), width=width,
-                          always_learn=EMBED_PARAMS if embed_free else (), embed_delta=module_embed)
+                          always_learn=EMBED_PARAMS if embed_free else (), embed_delta=module_embed, gated=gated)
 
 
 def _step_generator(seed: int, idx: torch.Tensor) -> torch.Generator:
@@ -372,6 +372,15 @@ def demix_loss(mods, labels: torch.Tensor):
 # the input-delta term before they are summed (then x ``quiet``). Point 18 sets each to N / (that term's size
 # for the own module on its own stories, on point 15's k1 model): a visitor as large as the own module in a
 # term costs 1 nat per target token in that term.
+#
+# ``modules.gated`` (ordered only, instead of ``lam`` / ``quiet`` / ``own_alone``; absent = false = ungated modules;
+# ours, a departure from the paper's gateless modules; docs/modules.md, point 19): every module gets a learned
+# per-token gate ``sigmoid(gate(x))`` in each block (``add_modules(..., gated=True)``) multiplying its output, and
+# its embedding delta's logit term is multiplied by its last block's gate. Phase 2: the own module's LM loss on
+# the topic rows with the visitors off (as ``own_alone``) + a gate loss: per block and module, the binary cross
+# entropy of the gate's logit on the forward with the visitors on (inputs detached: the gradient reaches the gates
+# only), target 1 on the module's own topic rows and 0 where it visits (``p_other`` rows, ``aux_ratio`` general
+# rows), summed over target tokens, averaged over blocks.
 QUIET_TERMS = ("module", "delta_logit", "delta_input")
 KL_MODES = ("joint", "each")
 SCHEDULES = ("single", "ordered")
@@ -436,6 +445,19 @@ def _quiet_norm(mc: dict):
     return tuple(float(v[k]) for k in QUIET_TERMS)
 
 
+def _gated(mc: dict) -> bool:
+    v = mc.get("gated", False)
+    if not isinstance(v, bool):
+        raise ValueError(f"modules.gated must be true or false, got {v!r}")
+    if v and (mc.get("schedule", "single") != "ordered" or mc.get("lam", 0.0) or mc.get("quiet", 0.0)
+              or mc.get("own_alone", False)):
+        raise ValueError("modules.gated trains the modules' gates in phase 2 of the ordered schedule (its own "
+                         "module loss is the own_alone one): it needs modules.schedule 'ordered' and no lam, quiet "
+                         f"or own_alone, got schedule {mc.get('schedule', 'single')!r}, lam {mc.get('lam', 0.0)!r}, "
+                         f"quiet {mc.get('quiet', 0.0)!r} and own_alone {mc.get('own_alone', False)!r}")
+    return v
+
+
 def _kl(mc: dict) -> str:
     v = mc.get("kl", "joint")
     if v not in KL_MODES:
@@ -459,6 +481,7 @@ def _schedule(mc: dict) -> str:
     _kl(mc)
     _quiet(mc)
     _quiet_norm(mc)
+    _gated(mc)
     if s == "ordered" and (mc.get("p_cr", 1.0) != 1.0 or mc.get("p_as", 0.0) != 0.0):
         raise ValueError("modules.schedule 'ordered' freezes the core on every topic story and runs no module on "
                          f"general text: it needs p_cr 1.0 and p_as 0.0, got p_cr {mc.get('p_cr')} and p_as {mc.get('p_as')}")
@@ -615,6 +638,54 @@ def quiet_penalty(net, mods, x: torch.Tensor, y: torch.Tensor, fwd: torch.Tensor
     return visitor_sizes(mods, rec, x, y, pr, pv, weights).sum()
 
 
+def gate_bce(mods, rec: dict, y: torch.Tensor, own: torch.Tensor, visit: torch.Tensor) -> torch.Tensor:
+    """Summed over target tokens and (row, module) pairs with ``own`` (target 1) or ``visit`` (target 0), averaged
+    over blocks: the binary cross entropy of each module's gate logit on the recorded (detached) block inputs
+    ``rec`` (:func:`module_inputs`); the gradient reaches the gates only."""
+    import torch.nn.functional as F
+    from gradroute.lm.data import IGNORE
+    from gradroute.modules import CONTAINER
+    tok = y != IGNORE
+    total = y.new_zeros((), dtype=torch.float32)
+    for name, mlp in mods.blocks:
+        x = rec[name].detach()
+        for k, d in enumerate(mods.domains):
+            rows = own[:, k] | visit[:, k]
+            if not bool(rows.any()):
+                continue
+            gate = getattr(mlp, CONTAINER)[d].gate
+            z = F.linear(x[rows], gate.weight, gate.bias).squeeze(-1).float()
+            t = own[rows, k].float().view(-1, 1).expand_as(z)
+            total = total + F.binary_cross_entropy_with_logits(z, t, reduction="none")[tok[rows]].sum()
+    return total / len(mods.blocks)
+
+
+def gated_loss(mods, route_labels: torch.Tensor, seed: int, p_other: float = 0.0):
+    """Phase 2's loss with ``modules.gated`` (see above): the own module's LM loss on the topic rows with the
+    visitors off + :func:`gate_bce` on the forward of all rows with the visitors on (masks of :func:`aux_masks`)."""
+    if not getattr(mods, "gated", False):
+        raise ValueError("gated_loss needs gated modules (add_modules(..., gated=True))")
+    from gradroute.lm.train import logits
+
+    def loss_fn(net, b):
+        lab = route_labels[b.index]
+        fwd, learn = aux_masks(mods, lab, _step_generator(seed, b.index), p_other)
+        visit = visitors(fwd, lab)
+        topic = (lab >= 0).nonzero().flatten()
+        lm = learn.clone()
+        lm[:, 1:] &= ~visit                      # the own module learns; visitors and the core do not
+        with mods.route(forward=without_visitors(fwd, visit)[topic], learn=lm[topic]):
+            loss = token_losses(net, b.x[topic], b.y[topic]).sum()
+        own = torch.zeros_like(visit)
+        own[topic, lab[topic]] = True
+        flags = torch.zeros(fwd.shape, dtype=torch.bool)
+        flags[:, 1:] = own | visit               # the gates that learn (the isolation keeps their gradient)
+        with module_inputs(mods) as rec, mods.route(forward=fwd, learn=flags), torch.no_grad():
+            logits(net, b.x)
+        return loss + gate_bce(mods, rec, b.y, own, visit)
+    return loss_fn
+
+
 def leave_alone_loss(mods, route_labels: torch.Tensor, seed: int, p_other: float = 0.0, aux_ratio: float = 0.0,
                      lam: float = 1.0, own_alone: bool = False, kl: str = "joint", quiet: float = 0.0,
                      quiet_norm=None):
@@ -678,7 +749,7 @@ def leave_alone_loss(mods, route_labels: torch.Tensor, seed: int, p_other: float
 
 def ordered_module_loss(mods, route_labels: torch.Tensor, seed: int, p_other: float = 0.0, aux_ratio: float = 0.0,
                         lam: float = 0.0, own_alone: bool = False, kl: str = "joint", quiet: float = 0.0,
-                        quiet_norm=None):
+                        quiet_norm=None, gated: bool = False):
     """Phase 2's loss: point 13's (``modular_loss`` with p_cr 1, p_as 0) without general rows; with them
     the masks of :func:`aux_masks`; with ``lam`` > 0 :func:`leave_alone_loss` (``own_alone``, ``kl`` there)."""
     if own_alone and not (lam or quiet):
@@ -687,6 +758,10 @@ def ordered_module_loss(mods, route_labels: torch.Tensor, seed: int, p_other: fl
         raise ValueError("quiet replaces the KL of the own_alone objective: it needs own_alone")
     if quiet_norm is not None and not quiet:
         raise ValueError("quiet_norm weighs the terms of the quiet penalty: it needs quiet > 0")
+    if gated:
+        if lam or quiet or own_alone:
+            raise ValueError("gated has its own (own_alone) module loss: no lam, quiet or own_alone with it")
+        return gated_loss(mods, route_labels, seed, p_other)
     if lam or quiet:
         return leave_alone_loss(mods, route_labels, seed, p_other, aux_ratio, lam, own_alone, kl, quiet, quiet_norm)
     if not aux_ratio:
@@ -713,7 +788,7 @@ def _rows_batch(data: Stories, batches: list):
 def train_ordered(model, mods, data: Stories, order: BatchOrder, route_labels: torch.Tensor, tc: dict, seed: int,
                   p_other: float = 0.0, desc: str = "modular", device: str = "cpu", aux_ratio: float = 0.0,
                   lam: float = 0.0, own_alone: bool = False, kl: str = "joint", quiet: float = 0.0,
-                  quiet_norm=None) -> dict:
+                  quiet_norm=None, gated: bool = False) -> dict:
     """Train ``model`` (with ``mods`` attached) by the ordered schedule (see :data:`SCHEDULES`);
     returns ``{"phases": [log of phase 1, log of phase 2], "steps": [n1, n2], "phase2_rows": {...}}``."""
     one, two = ordered_phases(order, route_labels, tc["steps"], aux_ratio)
@@ -733,7 +808,7 @@ def train_ordered(model, mods, data: Stories, order: BatchOrder, route_labels: t
     for phase, (batches, loss_fn, sel) in enumerate((
             (one, core_loss, lambda n, p: id(p) not in mod_ids),
             (two, ordered_module_loss(mods, route_labels, seed, p_other, aux_ratio, lam, own_alone, kl, quiet,
-                                     quiet_norm),
+                                     quiet_norm, gated),
              lambda n, p: id(p) in mod_ids))):
         c = TrainConfig(**{**tc, "steps": len(batches), "warmup": min(tc.get("warmup", 0), len(batches) // 10)},
                         desc=f"{desc} phase {phase + 1}")
@@ -853,7 +928,7 @@ def run_train(method: str, seed: int, cfg: dict, out: Path, device: str = "cpu")
         mc = cfg["modules"]
         if method == "modular_partial" and mc.get("partial"):
             mc = {**mc, **mc["partial"]}        # the official partial-label schedule (fixed, not selected)
-            for k in ("schedule", "aux_ratio", "lam", "own_alone", "kl", "quiet", "quiet_norm"):
+            for k in ("schedule", "aux_ratio", "lam", "own_alone", "kl", "quiet", "quiet_norm", "gated"):
                 mc.pop(k, None)                 # single phase, as fixed (the ordered schedule's options go too)
         schedule = _schedule(mc)
         route_labels = routing_labels(labels, unl if method == "modular_partial" else None)
@@ -861,7 +936,7 @@ def run_train(method: str, seed: int, cfg: dict, out: Path, device: str = "cpu")
         embed_rows = embed_rows_for(module_embed, data, route_labels, tok.vocab_size)
         rows_info = None if embed_rows is None else {t: int(v.numel()) for t, v in embed_rows.items()}
         mods = attach_modules(model, cfg, method, embed_free=bool(mc.get("embed_free", False)),
-                              module_embed=module_embed, embed_rows=embed_rows)
+                              module_embed=module_embed, embed_rows=embed_rows, gated=_gated(mc))
         loss_fn = modular_loss(mods, route_labels, mc["p_cr"], mc["p_as"], seed, mc.get("spread", "one"),
                                p_other=mc.get("p_other", 0.0))
     elif method == "demix":
@@ -874,7 +949,7 @@ def run_train(method: str, seed: int, cfg: dict, out: Path, device: str = "cpu")
         ordered = train_ordered(model, mods, data, order, route_labels, tc, seed, p_other=mc.get("p_other", 0.0),
                                 desc=f"{method} s{seed}", device=device, aux_ratio=_aux_ratio(mc),
                                 lam=_lam(mc), own_alone=_own_alone(mc), kl=_kl(mc),
-                                quiet=_quiet(mc), quiet_norm=_quiet_norm(mc))
+                                quiet=_quiet(mc), quiet_norm=_quiet_norm(mc), gated=_gated(mc))
         phases = ordered["steps"]
         phase2_rows = ordered["phase2_rows"]
         logs = ordered["phases"]
@@ -1140,7 +1215,7 @@ def _mean_configs(runs: list) -> dict:
 # ``width`` (ours, diagnosis point 11): the module width of that candidate (a fraction of the MLP's
 # hidden width, or an int unit count); absent: the profile's ``modules.width``.
 CANDIDATE_KEYS = ("p_cr", "p_as", "spread", "p_other", "width", "embed_free", "module_embed", "schedule",
-                  "aux_ratio", "lam", "own_alone", "kl", "quiet", "quiet_norm")
+                  "aux_ratio", "lam", "own_alone", "kl", "quiet", "quiet_norm", "gated")
 MAX_CANDIDATES = 12
 
 
@@ -1171,8 +1246,8 @@ def check_candidates(cands: list) -> None:
             raise ValueError(f"modules.select.candidates[{i}]: embed_free must be true or false, got {c['embed_free']!r}")
         try:
             _module_embed(c.get("module_embed"))
-            if any(k in c for k in ("schedule", "aux_ratio", "lam", "own_alone", "kl", "quiet", "quiet_norm")):   # an ordered one states p_cr 1, p_as 0 itself
-                mc = {k: c[k] for k in ("schedule", "aux_ratio", "lam", "own_alone", "kl", "quiet", "quiet_norm")
+            if any(k in c for k in ("schedule", "aux_ratio", "lam", "own_alone", "kl", "quiet", "quiet_norm", "gated")):   # an ordered one states p_cr 1, p_as 0 itself
+                mc = {k: c[k] for k in ("schedule", "aux_ratio", "lam", "own_alone", "kl", "quiet", "quiet_norm", "gated")
                       if k in c}
                 if c.get("schedule") == "ordered":       # (not the profile's p_cr 0.7)
                     mc.update(p_cr=c.get("p_cr"), p_as=c.get("p_as"))
