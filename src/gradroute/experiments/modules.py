@@ -211,6 +211,9 @@ EMBED_PARAMS = ("transformer.wte.weight",)
 # delta on the rows of the tokens of that topic alone (in no general and no other topic's labelled
 # training story: ``topic_only_token_ids(..., exclusive=True)``; point 10).
 ROW_EMBEDS = ("topic_rows", "exclusive_rows")
+# the keys of the ordered schedule and its phase-2 objectives (points 13-19): dropped together for the
+# single-phase partial-label model; a candidate carrying any of them is checked as an ordered one
+ORDERED_KEYS = ("schedule", "aux_ratio", "lam", "own_alone", "kl", "quiet", "quiet_norm", "gated")
 
 
 def _module_embed(value):
@@ -928,7 +931,7 @@ def run_train(method: str, seed: int, cfg: dict, out: Path, device: str = "cpu")
         mc = cfg["modules"]
         if method == "modular_partial" and mc.get("partial"):
             mc = {**mc, **mc["partial"]}        # the official partial-label schedule (fixed, not selected)
-            for k in ("schedule", "aux_ratio", "lam", "own_alone", "kl", "quiet", "quiet_norm", "gated"):
+            for k in ORDERED_KEYS:
                 mc.pop(k, None)                 # single phase, as fixed (the ordered schedule's options go too)
         schedule = _schedule(mc)
         route_labels = routing_labels(labels, unl if method == "modular_partial" else None)
@@ -1214,8 +1217,7 @@ def _mean_configs(runs: list) -> dict:
 # every key reaches the run key: a run trained with other settings is retrained, never reused).
 # ``width`` (ours, diagnosis point 11): the module width of that candidate (a fraction of the MLP's
 # hidden width, or an int unit count); absent: the profile's ``modules.width``.
-CANDIDATE_KEYS = ("p_cr", "p_as", "spread", "p_other", "width", "embed_free", "module_embed", "schedule",
-                  "aux_ratio", "lam", "own_alone", "kl", "quiet", "quiet_norm", "gated")
+CANDIDATE_KEYS = ("p_cr", "p_as", "spread", "p_other", "width", "embed_free", "module_embed") + ORDERED_KEYS
 MAX_CANDIDATES = 12
 
 
@@ -1246,9 +1248,8 @@ def check_candidates(cands: list) -> None:
             raise ValueError(f"modules.select.candidates[{i}]: embed_free must be true or false, got {c['embed_free']!r}")
         try:
             _module_embed(c.get("module_embed"))
-            if any(k in c for k in ("schedule", "aux_ratio", "lam", "own_alone", "kl", "quiet", "quiet_norm", "gated")):   # an ordered one states p_cr 1, p_as 0 itself
-                mc = {k: c[k] for k in ("schedule", "aux_ratio", "lam", "own_alone", "kl", "quiet", "quiet_norm", "gated")
-                      if k in c}
+            if any(k in c for k in ORDERED_KEYS):   # an ordered one states p_cr 1, p_as 0 itself
+                mc = {k: c[k] for k in ORDERED_KEYS if k in c}
                 if c.get("schedule") == "ordered":       # (not the profile's p_cr 0.7)
                     mc.update(p_cr=c.get("p_cr"), p_as=c.get("p_as"))
                 _schedule(mc)
@@ -1410,6 +1411,10 @@ def run(args: argparse.Namespace) -> dict:
         cfg["modules"].update(selection["schedule"])
         print(f"module schedule chosen on the validation split: {selection['schedule']} "
               f"(candidate {selection['chosen']} of {len(selection['candidates'])})")
+    if attack and _gated(cfg["modules"]):      # before any headline training, not after it
+        raise ValueError("modules.gated: a gated module cannot be merged into a stock model, so the elicitation "
+                         "attack (which releases the model with the attacked topic's module dropped and the "
+                         "others merged) cannot run; use --no-attack")
     jobs = [(m, s) for s in seeds for m in methods]
     results, todo = split_finished(jobs, lambda *k: _run_path(out, *k), train_config(cfg))
     results.update(run_jobs(todo, functools.partial(run_train, cfg=cfg, out=out, device=device), workers,
