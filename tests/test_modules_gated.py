@@ -10,8 +10,8 @@ import gradroute as gr
 from gradroute.modules import CONTAINER, GENERAL
 
 from test_modules import DOMAINS, _routed_steps, _same, _snapshot, gpt, ids, randomise_modules
-from test_modules_ordered import _forest_rows, _setup
-from test_modules_rows import ROWS
+from test_modules_ordered import _forest_rows, _ordered_model, _setup, check_ordered_key
+from test_modules_rows import ROWS, attach_leaves_function_unchanged
 
 
 def _gated(model, rows=ROWS):
@@ -28,16 +28,7 @@ def _inputs(model, mods):
 
 
 def test_gated_function_unchanged_at_init_and_gates_start_at_one_half():
-    model = gpt()
-    model.eval()
-    x = ids()
-    with torch.no_grad():
-        before = model(x)[0]
-        mods = _gated(model)
-        assert torch.equal(before, model(x)[0])
-        with mods.route(torch.tensor([0, GENERAL, 2, 3]), p_cr=1.0, p_as=1.0, spread="each",
-                        generator=torch.Generator().manual_seed(0), p_other=0.5):
-            assert torch.equal(before, model(x)[0])
+    model, mods = attach_leaves_function_unchanged(_gated, labels=(0, GENERAL, 2, 3))
     for _, mlp in mods.blocks:
         for d in DOMAINS:
             g = getattr(mlp, CONTAINER)[d].gate
@@ -142,14 +133,7 @@ def test_gated_isolation_under_adamw_bit_identical():
 
 # ---- the experiment's ``modules.gated``
 def _gated_model(tmp_path, monkeypatch):
-    E, parser = _setup(tmp_path, monkeypatch)
-    cfg = E.build_config(parser.parse_args(["--out", "x"]))
-    tok, data, labels, _, _ = E._prepare(E._cfg_key(cfg))
-    rl = E.routing_labels(labels, None)
-    model = E.make_model(E._spec(cfg, tok.vocab_size), 0)
-    rows = E.embed_rows_for("topic_rows", data, rl, tok.vocab_size)
-    mods = E.attach_modules(model, cfg, "modular", module_embed="topic_rows", embed_rows=rows, gated=True)
-    randomise_modules(mods)
+    E, _, model, mods, data, rl = _ordered_model(tmp_path, monkeypatch, gated=True)
     return E, model, mods, data, rl
 
 
@@ -205,19 +189,9 @@ def test_gated_key_checks_run_key_and_partial(tmp_path, monkeypatch):
         E.check_candidates([dict(gated=True)])
     with pytest.raises(ValueError, match="gated has its own"):
         E.ordered_module_loss(None, None, 0, lam=1.0, gated=True)
-    cfg = E.build_config(parser.parse_args(["--out", "x", "--schedule", "ordered", "--p-other", "0.5"]))
-    assert "gated" not in cfg["modules"]                       # absent by default: earlier run keys unchanged
-    cfg["modules"].update(aux_ratio=2.0, gated=True, module_embed="topic_rows",
-                          partial=dict(p_cr=1.0, p_as=0.2, spread="one", p_other=0.0))
-    out = tmp_path / "o"
-    r = E.run_train("modular", 0, cfg, out)
-    assert r["config"]["modules"]["gated"] is True and math.isfinite(r["train_loss_final"])
-    other = {**cfg, "modules": {k: v for k, v in cfg["modules"].items() if k != "gated"}}
-    done, todo = E.split_finished([("modular", 0)], lambda m, s: E._run_path(out, m, s), E.train_config(other),
-                                  verbose=False)
-    assert todo == [("modular", 0)] and not done              # ungated is another run
-    p = E.run_train("modular_partial", 0, cfg, out)            # single phase, ungated: the option is dropped
-    assert "ordered_steps" not in p and "ordered_steps" in r
+    # absent by default: earlier run keys unchanged; ungated is another run; the partial model is ungated
+    check_ordered_key(E, parser, tmp_path, "gated", dict(aux_ratio=2.0, gated=True, module_embed="topic_rows"),
+                      lambda mc: {k: v for k, v in mc.items() if k != "gated"})
 
 
 def test_gated_headline_with_the_attack_is_refused_before_any_training(tmp_path, monkeypatch):

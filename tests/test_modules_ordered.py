@@ -17,6 +17,29 @@ def _setup(tmp_path, monkeypatch, steps=6):
     return E, parser
 
 
+def check_ordered_key(E, parser, tmp_path, key, updates, other_modules, p_other="0.5"):
+    """An ordered-schedule option ``key``: absent from default configs (earlier run keys unchanged); set
+    with ``updates`` it trains and reaches the run key; ``other_modules(modules config)`` is another run;
+    the single-phase partial-label model drops it. Returns (config, output folder, the modular run)."""
+    cfg = E.build_config(parser.parse_args(["--out", "x", "--schedule", "ordered", "--p-other", p_other]))
+    assert key not in cfg["modules"]
+    cfg["modules"].update(updates, partial=dict(p_cr=1.0, p_as=0.2, spread="one", p_other=0.0))
+    out = tmp_path / "o"
+    r = E.run_train("modular", 0, cfg, out)
+    assert r["config"]["modules"][key] == updates[key] and math.isfinite(r["train_loss_final"])
+    other = {**cfg, "modules": other_modules(cfg["modules"])}
+    done, todo = E.split_finished([("modular", 0)], lambda m, s: E._run_path(out, m, s), E.train_config(other),
+                                  verbose=False)
+    assert todo == [("modular", 0)] and not done
+    p = E.run_train("modular_partial", 0, cfg, out)            # single phase: the option is dropped
+    assert "ordered_steps" not in p and "ordered_steps" in r
+    return cfg, out, r
+
+
+def _without(key):
+    return lambda mc: {k: v for k, v in mc.items() if k != key}
+
+
 def test_phases_split_exactly_the_single_phase_batches(tmp_path, monkeypatch):
     E, parser = _setup(tmp_path, monkeypatch)
     cfg = E.build_config(parser.parse_args(["--out", "x"]))
@@ -33,16 +56,16 @@ def test_phases_split_exactly_the_single_phase_batches(tmp_path, monkeypatch):
             assert any(bool((rl[b] == E.UNLABELLED).any()) for b in one)
 
 
-def _ordered_model(tmp_path, monkeypatch):
-    """A tiny modular model with topic-row deltas and randomised modules (so weight decay or a stray
-    step would move them), with its experiment, config, data and routing labels."""
+def _ordered_model(tmp_path, monkeypatch, gated=False):
+    """A tiny modular model with topic-row deltas (and gates if ``gated``) and randomised modules (so
+    weight decay or a stray step would move them), with its experiment, config, data and routing labels."""
     E, parser = _setup(tmp_path, monkeypatch)
     cfg = E.build_config(parser.parse_args(["--out", "x"]))
     tok, data, labels, _, _ = E._prepare(E._cfg_key(cfg))
     rl = E.routing_labels(labels, None)
     model = E.make_model(E._spec(cfg, tok.vocab_size), 0)
     rows = E.embed_rows_for("topic_rows", data, rl, tok.vocab_size)
-    mods = E.attach_modules(model, cfg, "modular", module_embed="topic_rows", embed_rows=rows)
+    mods = E.attach_modules(model, cfg, "modular", module_embed="topic_rows", embed_rows=rows, gated=gated)
     randomise_modules(mods)
     return E, cfg, model, mods, data, rl
 
@@ -331,19 +354,9 @@ def test_own_alone_key_checks_run_key_and_partial(tmp_path, monkeypatch):
         E.check_candidates([dict(O, own_alone=1)])
     with pytest.raises(ValueError, match="needs lam > 0"):
         E.ordered_module_loss(None, None, 0, own_alone=True)
-    cfg = E.build_config(parser.parse_args(["--out", "x", "--schedule", "ordered", "--p-other", "0.5"]))
-    assert "own_alone" not in cfg["modules"]                   # absent by default: point 14's runs keep their key
-    cfg["modules"].update(aux_ratio=2.0, lam=1.0, own_alone=True, partial=dict(p_cr=1.0, p_as=0.2, spread="one",
-                                                                               p_other=0.0))
-    out = tmp_path / "o"
-    r = E.run_train("modular", 0, cfg, out)
-    assert r["config"]["modules"]["own_alone"] is True and math.isfinite(r["train_loss_final"])
-    without = {**cfg, "modules": {k: v for k, v in cfg["modules"].items() if k != "own_alone"}}
-    done, todo = E.split_finished([("modular", 0)], lambda m, s: E._run_path(out, m, s), E.train_config(without),
-                                  verbose=False)
-    assert todo == [("modular", 0)] and not done              # a run without it is not reused
-    p = E.run_train("modular_partial", 0, cfg, out)            # single phase: the option is dropped
-    assert "ordered_steps" not in p and "ordered_steps" in r
+    # absent by default: point 14's runs keep their key; a run without it is not reused
+    check_ordered_key(E, parser, tmp_path, "own_alone", dict(aux_ratio=2.0, lam=1.0, own_alone=True),
+                      _without("own_alone"))
 
 
 # ---- diagnosis point 16: one KL per visitor (``modules.kl`` "each"; ours)
@@ -415,19 +428,9 @@ def test_kl_key_checks_run_key_and_partial(tmp_path, monkeypatch):
         E.check_candidates([dict(kl="each")])                  # single phase
     with pytest.raises(ValueError, match="needs own_alone"):
         E.ordered_module_loss(None, None, 0, lam=1.0, kl="each")
-    cfg = E.build_config(parser.parse_args(["--out", "x", "--schedule", "ordered", "--p-other", "1.0"]))
-    assert "kl" not in cfg["modules"]                          # absent by default: point 15's runs keep their key
-    cfg["modules"].update(aux_ratio=2.0, lam=1.0, own_alone=True, kl="each",
-                          partial=dict(p_cr=1.0, p_as=0.2, spread="one", p_other=0.0))
-    out = tmp_path / "o"
-    r = E.run_train("modular", 0, cfg, out)
-    assert r["config"]["modules"]["kl"] == "each" and math.isfinite(r["train_loss_final"])
-    joint = {**cfg, "modules": {k: v for k, v in cfg["modules"].items() if k != "kl"}}
-    done, todo = E.split_finished([("modular", 0)], lambda m, s: E._run_path(out, m, s), E.train_config(joint),
-                                  verbose=False)
-    assert todo == [("modular", 0)] and not done              # the joint-KL run is another run
-    p = E.run_train("modular_partial", 0, cfg, out)            # single phase: the option is dropped
-    assert "ordered_steps" not in p and "ordered_steps" in r
+    # absent by default: point 15's runs keep their key; the joint-KL run is another run
+    check_ordered_key(E, parser, tmp_path, "kl", dict(aux_ratio=2.0, lam=1.0, own_alone=True, kl="each"),
+                      _without("kl"), p_other="1.0")
 
 
 # ---- diagnosis point 17: the visitors learn silence (``modules.quiet``; ours)
@@ -497,19 +500,10 @@ def test_quiet_key_checks_run_key_and_partial(tmp_path, monkeypatch):
         E.check_candidates([dict(O)])                          # own_alone needs lam or quiet
     with pytest.raises(ValueError, match="needs own_alone"):
         E.ordered_module_loss(None, None, 0, quiet=1.0)
-    cfg = E.build_config(parser.parse_args(["--out", "x", "--schedule", "ordered", "--p-other", "0.5"]))
-    assert "quiet" not in cfg["modules"]                       # absent by default: points 14-16 keep their keys
-    cfg["modules"].update(aux_ratio=2.0, own_alone=True, quiet=0.47, module_embed="topic_rows",
-                          partial=dict(p_cr=1.0, p_as=0.2, spread="one", p_other=0.0))
-    out = tmp_path / "o"
-    r = E.run_train("modular", 0, cfg, out)
-    assert r["config"]["modules"]["quiet"] == 0.47 and math.isfinite(r["train_loss_final"])
-    other = {**cfg, "modules": {**cfg["modules"], "quiet": 4.7}}
-    done, todo = E.split_finished([("modular", 0)], lambda m, s: E._run_path(out, m, s), E.train_config(other),
-                                  verbose=False)
-    assert todo == [("modular", 0)] and not done              # another weight is another run
-    p = E.run_train("modular_partial", 0, cfg, out)            # single phase: the option is dropped
-    assert "ordered_steps" not in p and "ordered_steps" in r
+    # absent by default: points 14-16 keep their keys; another weight is another run
+    check_ordered_key(E, parser, tmp_path, "quiet",
+                      dict(aux_ratio=2.0, own_alone=True, quiet=0.47, module_embed="topic_rows"),
+                      lambda mc: {**mc, "quiet": 4.7})
 
 
 # ---- diagnosis point 18: one weight per term of the quiet penalty (``modules.quiet_norm``; ours)
@@ -602,19 +596,11 @@ def test_quiet_norm_key_checks_and_run_key(tmp_path, monkeypatch):
         E.check_candidates([dict(O, quiet_terms=N)])
     with pytest.raises(ValueError, match="quiet_norm .* needs quiet > 0"):
         E.ordered_module_loss(None, None, 0, quiet_norm=(1.0, 1.0, 1.0))
-    cfg = E.build_config(parser.parse_args(["--out", "x", "--schedule", "ordered", "--p-other", "0.5"]))
-    assert "quiet_norm" not in cfg["modules"]                  # absent by default: point 17 keeps its run keys
-    cfg["modules"].update(aux_ratio=2.0, own_alone=True, quiet=1.0, quiet_norm=N, module_embed="topic_rows",
-                          partial=dict(p_cr=1.0, p_as=0.2, spread="one", p_other=0.0))
-    out = tmp_path / "o"
-    r = E.run_train("modular", 0, cfg, out)
-    assert r["config"]["modules"]["quiet_norm"] == N and math.isfinite(r["train_loss_final"])
-    other = {**cfg, "modules": {**cfg["modules"], "quiet_norm": dict(N, module=1.0)}}
-    done, todo = E.split_finished([("modular", 0)], lambda m, s: E._run_path(out, m, s), E.train_config(other),
-                                  verbose=False)
-    assert todo == [("modular", 0)] and not done              # other weights are another run
+    # absent by default: point 17 keeps its run keys; other weights are another run
+    cfg, out, _ = check_ordered_key(E, parser, tmp_path, "quiet_norm",
+                                    dict(aux_ratio=2.0, own_alone=True, quiet=1.0, quiet_norm=N,
+                                         module_embed="topic_rows"),
+                                    lambda mc: {**mc, "quiet_norm": dict(N, module=1.0)})
     same, _ = E.split_finished([("modular", 0)], lambda m, s: E._run_path(out, m, s), E.train_config(cfg),
                                verbose=False)
     assert list(same) == [("modular", 0)]                      # the same weights: the run is reused
-    p = E.run_train("modular_partial", 0, cfg, out)            # single phase: the option is dropped
-    assert "ordered_steps" not in p and "ordered_steps" in r

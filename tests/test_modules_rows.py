@@ -18,17 +18,25 @@ def _attach(model, rows=ROWS):
     return gr.add_modules(model, "transformer.h.*.mlp", DOMAINS, embed_delta=rows)
 
 
-def test_row_deltas_are_compact_and_leave_the_function_unchanged():
+def attach_leaves_function_unchanged(attach, labels=(0, GENERAL, UNLABELLED, 3)):
+    """A fresh model with ``attach(model)``'s modules computes what it did before, plain and under a
+    routed pass with every kind of row; returns (model, modules)."""
     model = gpt()
     model.eval()
     x = ids()
     with torch.no_grad():
         before = model(x)[0]
-        mods = _attach(model)
+        mods = attach(model)
         assert torch.equal(before, model(x)[0])
-        with mods.route(torch.tensor([0, GENERAL, UNLABELLED, 3]), p_cr=1.0, p_as=1.0, spread="each",
+        with mods.route(torch.tensor(labels), p_cr=1.0, p_as=1.0, spread="each",
                         generator=torch.Generator().manual_seed(0), p_other=0.5):
             assert torch.equal(before, model(x)[0])
+    return model, mods
+
+
+def test_row_deltas_are_compact_and_leave_the_function_unchanged():
+    model, mods = attach_leaves_function_unchanged(_attach)
+    x = ids()
     E = model.aux_embed
     for d in DOMAINS:
         assert E[d].weight.shape == (len(ROWS[d]), 16) and E[d].rows.tolist() == ROWS[d]
