@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import gradroute as gr
-from gradroute.models import GPT, GPTConfig
+from gradroute.models import GPT
 from gradroute.modules import GENERAL, UNLABELLED
 
 from test_modules import DOMAINS, _routed_steps, _same, _snapshot, _tiny_experiment, gpt, ids, randomise_modules
