@@ -210,3 +210,24 @@ def test_gated_headline_with_the_attack_is_refused_before_any_training(tmp_path,
     with pytest.raises(ValueError, match="gated module cannot be merged .* use --no-attack"):
         E.run(args)
     assert not list(out.rglob("*.pt"))                         # refused before any model was trained
+
+
+def test_gated_forward_keeps_no_gate_or_graph_alive_after_it():
+    """The last block's gates (kept for the delta's logit term) are dropped at the end of the forward:
+    the ModuleSet holds no tensor (nor the graph behind it) until the next forward."""
+    import gc
+    import weakref
+    model = gpt()
+    mods = _gated(model)
+    seen = []
+    last = mods.blocks[-1][1]
+    h = last.register_forward_pre_hook(lambda m, a: seen.append(weakref.ref(a[0])))
+    for ctx in (mods.using(on=["forest"]), mods.route([0, GENERAL, 2, 3])):
+        seen.clear()
+        with ctx:
+            out = model(ids())[0]
+        assert out.requires_grad
+        del out
+        gc.collect()
+        assert seen and seen[0]() is None, "the last block's input is still alive after the forward"
+    h.remove()

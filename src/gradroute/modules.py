@@ -670,11 +670,12 @@ class ModuleSet:
     def _embed_out_hook(self, head, args, out):
         D = self._delta if self._delta is not False else self._combined_delta()
         self._delta = False
+        gates, self._gates = self._gates, {}      # this forward's gates: not kept after it
         if D is None:
             return out
         h = args[0]
         if self.gated:
-            return self._gated_logits(h, out)
+            return self._gated_logits(h, out, gates)
         union, _, _ = self._layout(D.device)
         if D.ndim == 2:
             y = F.linear(h, D)
@@ -686,7 +687,7 @@ class ModuleSet:
         # only the logits of the rows' union U move
         return out + y if union is None else out.index_add(-1, union, y)
 
-    def _gated_logits(self, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def _gated_logits(self, h: torch.Tensor, out: torch.Tensor, gates: dict) -> torch.Tensor:
         """Gated modules: ``logits + sum_k s_k g_k h D_k^T`` with ``g_k`` module ``k``'s gate in the
         last block at that position and ``s_k`` its strength (per example in a routed pass, where
         ``D_k`` learns only on rows where module ``k`` learns)."""
@@ -712,7 +713,7 @@ class ModuleSet:
                     continue
                 yk = F.linear(h, place(weights[k], k))
                 yk = yk if s == 1.0 else s * yk
-            g = self._gates.get(k)
+            g = gates.get(k)
             if g is None:
                 raise RuntimeError(f"gated module {self.domains[k]!r}: no gate from the last block in this forward")
             yk = g * yk
