@@ -543,6 +543,27 @@ def without_visitors(fwd: torch.Tensor, visit: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def phase2_masks(mods, route_labels: torch.Tensor, seed: int, p_other: float, b):
+    """The masks of a phase-2 batch ``b`` (:func:`aux_masks`) as the visitor objectives use them:
+    ``(labels, forward, visitors, topic row indices, learn)`` where in ``learn`` the own module
+    learns and the visitors and the core do not."""
+    lab = route_labels[b.index]
+    fwd, learn = aux_masks(mods, lab, _step_generator(seed, b.index), p_other)
+    visit = visitors(fwd, lab)
+    topic = (lab >= 0).nonzero().flatten()
+    lm = learn.clone()
+    lm[:, 1:] &= ~visit
+    return lab, fwd, visit, topic, lm
+
+
+def own_alone_lm(net, mods, b, fwd: torch.Tensor, visit: torch.Tensor, topic: torch.Tensor,
+                 lm: torch.Tensor) -> torch.Tensor:
+    """The topic rows' LM loss (summed over tokens) with their visitors off: core + the own module,
+    only the own module learning (the configuration usefulness is measured in)."""
+    with mods.route(forward=without_visitors(fwd, visit)[topic], learn=lm[topic]):
+        return token_losses(net, b.x[topic], b.y[topic]).sum()
+
+
 def leave_alone_kl(net, mods, x: torch.Tensor, y: torch.Tensor, fwd: torch.Tensor, visit: torch.Tensor,
                    ref: torch.Tensor | None = None) -> torch.Tensor:
     """Summed over target tokens: KL(p without the ``visit`` modules (detached) || p with them), the
@@ -671,14 +692,8 @@ def gated_loss(mods, route_labels: torch.Tensor, seed: int, p_other: float = 0.0
     from gradroute.lm.train import logits
 
     def loss_fn(net, b):
-        lab = route_labels[b.index]
-        fwd, learn = aux_masks(mods, lab, _step_generator(seed, b.index), p_other)
-        visit = visitors(fwd, lab)
-        topic = (lab >= 0).nonzero().flatten()
-        lm = learn.clone()
-        lm[:, 1:] &= ~visit                      # the own module learns; visitors and the core do not
-        with mods.route(forward=without_visitors(fwd, visit)[topic], learn=lm[topic]):
-            loss = token_losses(net, b.x[topic], b.y[topic]).sum()
+        lab, fwd, visit, topic, lm = phase2_masks(mods, route_labels, seed, p_other, b)
+        loss = own_alone_lm(net, mods, b, fwd, visit, topic, lm)
         own = torch.zeros_like(visit)
         own[topic, lab[topic]] = True
         flags = torch.zeros(fwd.shape, dtype=torch.bool)
@@ -710,17 +725,11 @@ def leave_alone_loss(mods, route_labels: torch.Tensor, seed: int, p_other: float
     from gradroute.lm.train import logits
 
     def loss_fn(net, b):
-        lab = route_labels[b.index]
-        fwd, learn = aux_masks(mods, lab, _step_generator(seed, b.index), p_other)
-        visit = visitors(fwd, lab)
-        topic = (lab >= 0).nonzero().flatten()
+        _, fwd, visit, topic, lm = phase2_masks(mods, route_labels, seed, p_other, b)
         rows = visit.any(1).nonzero().flatten()
-        lm = learn.clone()
-        lm[:, 1:] &= ~visit                      # the own module learns; visitors and the core do not
         ref = None
         if quiet:                                # the topic rows, visitors off: the LM loss; visitors: the penalty
-            with mods.route(forward=without_visitors(fwd, visit)[topic], learn=lm[topic]):
-                loss = token_losses(net, b.x[topic], b.y[topic]).sum()
+            loss = own_alone_lm(net, mods, b, fwd, visit, topic, lm)
             if len(rows):
                 loss = loss + quiet * quiet_penalty(net, mods, b.x[rows], b.y[rows], fwd[rows], visit[rows],
                                                      quiet_norm)
