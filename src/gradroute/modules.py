@@ -606,6 +606,23 @@ class ModuleSet:
             self._layouts[key] = lay
         return self._layouts[key]
 
+    def _placed(self, W: torch.Tensor, k: int) -> torch.Tensor:
+        """Domain ``k``'s delta weights ``W`` placed at its rows' positions in the union ``U`` of all
+        domains' rows (``W`` itself when the domain has all of ``U``)."""
+        union, _, pos = self._layout(W.device)
+        if pos[k] is None:
+            return W
+        u = self.model.transformer.wte.weight.shape[0] if union is None else union.numel()
+        return W.new_zeros(u, W.shape[1]).index_add(0, pos[k], W)
+
+    def _routed_strengths(self, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """In a routed pass: ``(f, m)``, both ``(B, K)``: each module's forward strength per example,
+        and 1 where it learns from that example or does not run (0: it runs without learning)."""
+        fwd, learn = self._route["forward"], self._route["learn"]
+        f = fwd[:, 1:].to(device, dtype)
+        m = (learn[:, 1:] | (fwd[:, 1:] == 0)).to(device, dtype)
+        return f, m
+
     def _combined_delta(self) -> torch.Tensor | None:
         """The deltas switched on, summed over the union ``U`` of their rows (the full vocabulary
         with ``embed_delta=True``): ``(B, |U|, d)`` per example in a routed pass (each ``D_k`` times
@@ -613,31 +630,24 @@ class ModuleSet:
         from the inference strengths otherwise; None when none is on."""
         E = getattr(self.model, EMBED_CONTAINER)
         weights = [E[d].weight for d in self.domains]
-        union, _, pos = self._layout(weights[0].device)
-        u = self.model.transformer.wte.weight.shape[0] if union is None else union.numel()
-        # domain k's rows placed at their positions in U (no copy when a domain has all of U)
-        place = lambda k: weights[k] if pos[k] is None else \
-            weights[k].new_zeros(u, weights[k].shape[1]).index_add(0, pos[k], weights[k])
         if self._route is not None:
-            fwd, learn = self._route["forward"], self._route["learn"]
-            deltas = [place(k) for k in range(self.K)]
+            deltas = [self._placed(weights[k], k) for k in range(self.K)]
             D = deltas[0]
             stack = torch.stack(deltas).flatten(1)                      # (K, |U| * d): every delta in the graph
-            f = fwd[:, 1:].to(D.device, D.dtype)                        # (B, K) forward strengths
-            m = (learn[:, 1:] | (fwd[:, 1:] == 0)).to(D.device, D.dtype)  # where it runs, does it learn?
+            f, m = self._routed_strengths(D.device, D.dtype)            # (B, K) strengths; where it runs, does it learn?
             # one small matmul instead of B x K broadcasts: the weight gradient of D_k is then
             # sum_b f[b, k] m[b, k] dL/dD(b), also one matmul
             total = (f * m) @ stack
             if not bool(m.all()):
                 total = total + (f * (1 - m)) @ stack.detach()
-            return total.view(fwd.shape[0], *D.shape)
+            return total.view(f.shape[0], *D.shape)
         total = None
         grad = torch.is_grad_enabled()
         for k in range(self.K):
             s = float(self.mask[1 + k])
             if s == 0.0 and not grad:
                 continue                          # inference: an off delta costs nothing
-            D = place(k)
+            D = self._placed(weights[k], k)
             term = D if s == 1.0 else s * D
             total = term if total is None else total + term
         return total
@@ -693,25 +703,23 @@ class ModuleSet:
         ``D_k`` learns only on rows where module ``k`` learns)."""
         E = getattr(self.model, EMBED_CONTAINER)
         weights = [E[d].weight for d in self.domains]
-        union, _, pos = self._layout(weights[0].device)
-        u = self.model.transformer.wte.weight.shape[0] if union is None else union.numel()
-        place = lambda W, k: W if pos[k] is None else W.new_zeros(u, W.shape[1]).index_add(0, pos[k], W)
+        union, _, _ = self._layout(weights[0].device)
+        if self._route is not None:
+            fs, ms = self._routed_strengths(h.device, h.dtype)
+            shape = (fs.shape[0], *([1] * (h.ndim - 1)))
         y = None
         for k in range(self.K):
             if self._route is not None:
-                fwd, learn = self._route["forward"], self._route["learn"]
-                shape = (fwd.shape[0], *([1] * (h.ndim - 1)))
-                f = fwd[:, 1 + k].to(h.device, h.dtype).view(shape)
-                m = (learn[:, 1 + k] | (fwd[:, 1 + k] == 0)).to(h.device, h.dtype).view(shape)
-                yk = F.linear(h, place(weights[k], k))
+                f, m = fs[:, k].view(shape), ms[:, k].view(shape)
+                yk = F.linear(h, self._placed(weights[k], k))
                 if not bool(m.all()):
-                    yk = m * yk + (1 - m) * F.linear(h, place(weights[k].detach(), k))
+                    yk = m * yk + (1 - m) * F.linear(h, self._placed(weights[k].detach(), k))
                 yk = f * yk
             else:
                 s = float(self.mask[1 + k])
                 if s == 0.0 and not torch.is_grad_enabled():
                     continue
-                yk = F.linear(h, place(weights[k], k))
+                yk = F.linear(h, self._placed(weights[k], k))
                 yk = yk if s == 1.0 else s * yk
             g = gates.get(k)
             if g is None:
