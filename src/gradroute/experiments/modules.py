@@ -766,9 +766,7 @@ def ordered_module_loss(mods, route_labels: torch.Tensor, seed: int, p_other: fl
     the masks of :func:`aux_masks`; with ``lam`` > 0 :func:`leave_alone_loss` (``own_alone``, ``kl`` there)."""
     if own_alone and not (lam or quiet):
         raise ValueError("own_alone is an option of the leave-others-alone objective: it needs lam > 0 or quiet > 0")
-    if quiet and not own_alone:
-        raise ValueError("quiet replaces the KL of the own_alone objective: it needs own_alone")
-    if quiet_norm is not None and not quiet:
+    if quiet_norm is not None and not quiet:      # (with quiet, leave_alone_loss checks its other options)
         raise ValueError("quiet_norm weighs the terms of the quiet penalty: it needs quiet > 0")
     if gated:
         if lam or quiet or own_alone:
