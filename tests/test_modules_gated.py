@@ -194,24 +194,6 @@ def test_gated_key_checks_run_key_and_partial(tmp_path, monkeypatch):
                       lambda mc: {k: v for k, v in mc.items() if k != "gated"})
 
 
-def test_gated_headline_with_the_attack_is_refused_before_any_training(tmp_path, monkeypatch):
-    # the attack releases a stock model (export with the other modules merged), which gated modules refuse
-    E, parser = _setup(tmp_path, monkeypatch, steps=2)
-    real = E.build_config
-
-    def gated_config(args):
-        cfg = real(args)
-        cfg["modules"].update(gated=True, module_embed="topic_rows")
-        return cfg
-    monkeypatch.setattr(E, "build_config", gated_config)
-    out = tmp_path / "o"
-    args = parser.parse_args(["--out", str(out), "--schedule", "ordered", "--no-select", "--workers", "1",
-                              "--methods", "base", "modular"])
-    with pytest.raises(ValueError, match="gated module cannot be merged .* use --no-attack"):
-        E.run(args)
-    assert not list(out.rglob("*.pt"))                         # refused before any model was trained
-
-
 def test_gated_forward_keeps_no_gate_or_graph_alive_after_it():
     """The last block's gates (kept for the delta's logit term) are dropped at the end of the forward:
     the ModuleSet holds no tensor (nor the graph behind it) until the next forward."""

@@ -24,6 +24,11 @@ official code freezes embeddings with the core; this option tests that choice.
 Option (ours, default off): ``gated=True`` multiplies each module's output by a learned per-token gate
 ``sigmoid(gate(x))`` (``gate`` a ``Linear(d_in, 1)``, zero at start; with embedding deltas also the delta's
 logit term, by the module's gate in the last block); a gated module cannot be merged by ``export``.
+Option (ours, default off): ``keys={domain: token ids}`` gates each domain's modules by the context's
+words: at position ``t`` of a sequence module ``k`` runs only if one of its key tokens occurs among tokens
+``0..t`` (a causal 0/1 gate, no parameters; with embedding deltas also the delta's logit term), so on
+text without its keys a module that is switched on changes nothing. A keyed module cannot be merged by
+``export``; its deltas' rows must be among its keys (the input delta then acts only where the gate is open).
 Option (ours, default off; our GPT, tied embeddings): ``embed_delta=True`` gives each domain's
 module its own token-embedding delta ``D_k`` (``(vocab, d_model)``, zero at start), added to the
 tied token embedding on the input (``wte[x] + sum_k D_k[x]``) and on the output (``logits + h
@@ -132,15 +137,17 @@ class AuxMLP(nn.Module):
                 g: torch.Tensor | None = None) -> torch.Tensor:
         """``learn``: optional per-example float 0/1 of shape ``(B, 1, ..., 1)``: rows with 0 run
         but do not update this module's parameters (gradient still flows to ``x``). ``g``: the
-        gate's value when already computed (gated modules only)."""
+        gate's value when already computed (gated modules), or a key gate (keyed modules)."""
         if learn is None:
             y = F.linear(self.act(F.linear(x, self.up.weight, self.up.bias)), self.down.weight)
         else:
             h = _masked_linear(x, self.up.weight, self.up.bias, learn)
             y = _masked_linear(self.act(h), self.down.weight, None, learn)
+        if g is not None:
+            return y * g
         if self.gate is None:
             return y
-        return y * (self.gate_value(x, learn) if g is None else g)
+        return y * self.gate_value(x, learn)
 
 
 class EmbedDelta(nn.Module):
@@ -202,33 +209,48 @@ def _check_embed_delta(root: nn.Module, embed_delta, domains: list[str]) -> dict
     if not isinstance(embed_delta, Mapping):
         raise TypeError(f"embed_delta must be True/False or a {{domain: token ids}} mapping, got "
                         f"{type(embed_delta).__name__}")
-    unknown = [d for d in embed_delta if d not in domains]
+    return _domain_ids("embed_delta", embed_delta, domains, root.transformer.wte.weight.shape[0])
+
+
+def _domain_ids(what: str, given: Mapping, domains: list[str], vocab: int) -> dict:
+    """``{domain: sorted unique LongTensor}`` from a ``{domain: token ids}`` mapping covering every
+    domain (``ids``: a 1-d int sequence or a ``(vocab,)`` bool mask); ``what`` names the option."""
+    unknown = [d for d in given if d not in domains]
     if unknown:
-        raise ValueError(f"embed_delta: unknown domain(s) {unknown}; domains: {', '.join(domains)}")
-    missing = [d for d in domains if d not in embed_delta]
+        raise ValueError(f"{what}: unknown domain(s) {unknown}; domains: {', '.join(domains)}")
+    missing = [d for d in domains if d not in given]
     if missing:
-        raise ValueError(f"embed_delta: no token ids for domain(s) {missing} (give every domain its rows)")
-    vocab = root.transformer.wte.weight.shape[0]
+        raise ValueError(f"{what}: no token ids for domain(s) {missing} (give every domain its ids)")
     out = {}
     for d in domains:
-        ids = torch.as_tensor(embed_delta[d])
+        ids = torch.as_tensor(given[d])
         if ids.numel() == 0:
-            raise ValueError(f"embed_delta[{d!r}]: no token ids (empty); give at least one row")
+            raise ValueError(f"{what}[{d!r}]: no token ids (empty); give at least one")
         if ids.dtype == torch.bool:
             if ids.shape != (vocab,):
-                raise ValueError(f"embed_delta[{d!r}]: a bool mask must have shape ({vocab},), got {tuple(ids.shape)}")
+                raise ValueError(f"{what}[{d!r}]: a bool mask must have shape ({vocab},), got {tuple(ids.shape)}")
             ids = ids.nonzero().flatten()
         elif ids.dtype.is_floating_point or ids.dtype.is_complex or ids.ndim != 1:
-            raise TypeError(f"embed_delta[{d!r}]: token ids must be a 1-d sequence of ints (or a bool mask), got "
+            raise TypeError(f"{what}[{d!r}]: token ids must be a 1-d sequence of ints (or a bool mask), got "
                             f"dtype {ids.dtype}, shape {tuple(ids.shape)}")
         if ids.numel() == 0:
-            raise ValueError(f"embed_delta[{d!r}]: no token ids (an all-False mask); give at least one row")
+            raise ValueError(f"{what}[{d!r}]: no token ids (an all-False mask); give at least one")
         bad = (ids < 0) | (ids >= vocab)
         if bad.any():
-            raise ValueError(f"embed_delta[{d!r}]: token ids out of range [0, {vocab}): "
+            raise ValueError(f"{what}[{d!r}]: token ids out of range [0, {vocab}): "
                              f"{sorted(set(ids[bad].tolist()))[:10]}")
         out[d] = torch.unique(ids.long().cpu())          # sorted
     return out
+
+
+def _vocab_size(root: nn.Module) -> int:
+    """The number of token ids of ``root``'s input embedding (our GPT or a Hugging Face model)."""
+    get = getattr(root, "get_input_embeddings", None)
+    emb = get() if callable(get) else getattr(getattr(root, "transformer", None), "wte", None)
+    if not isinstance(emb, nn.Embedding):
+        raise ValueError(f"keys needs a token-embedding model (a gradroute GPT or a Hugging Face model with "
+                         f"get_input_embeddings()); got {type(root).__name__}")
+    return emb.num_embeddings
 
 
 def _check_always_learn(names: Iterable[str], named: dict) -> list[str]:
@@ -261,6 +283,10 @@ class ModuleSet:
     sequence or a ``(vocab,)`` bool mask): each domain's delta covers only its rows, stored as an
     ``(n_rows, d_model)`` parameter and a ``rows`` buffer. A refused option raises before the model
     is changed.
+    ``keys`` (ours; default none): ``{domain: token ids}`` for every domain (ids as for ``embed_delta``):
+    module ``k`` (its MLPs in every block, and its delta's logit term) is multiplied at each position by
+    a 0/1 gate, open from the first of its keys in the sequence on (:meth:`key_gates`); the model must
+    be called with token ids. Not with ``gated``; with ``embed_delta`` the delta rows must be keys.
 
     Add modules before building the optimizer and before wrapping the model in DDP.
     """
@@ -268,10 +294,15 @@ class ModuleSet:
     def __init__(self, model: nn.Module, pattern: Pattern, domains: Union[int, Sequence[str]],
                  width: Union[float, int] = 0.1, activation=None, init_std: float | None = None,
                  sync: bool | None = None, always_learn: Iterable[str] = (),
-                 embed_delta: Union[bool, Mapping[str, object]] = False, gated: bool = False):
+                 embed_delta: Union[bool, Mapping[str, object]] = False, gated: bool = False,
+                 keys: Mapping[str, object] | None = None):
         root = unwrap(model)
         if not isinstance(gated, bool):
             raise TypeError(f"gated must be True or False, got {gated!r}")
+        if keys is not None and gated:
+            raise ValueError("keys and gated are two kinds of gate: pass one of them")
+        if keys is not None and not isinstance(keys, Mapping):
+            raise TypeError(f"keys must be a {{domain: token ids}} mapping, got {type(keys).__name__}")
         if isinstance(domains, int):
             if domains < 1:
                 raise ValueError(f"need at least one domain, got {domains}")
@@ -286,6 +317,15 @@ class ModuleSet:
         # the new options are checked before the model is changed: a refused call leaves it as it was
         embed_rows = (False if embed_delta is None or embed_delta is False     # False: no deltas
                       else _check_embed_delta(root, embed_delta, list(domains)))
+        key_ids = None if keys is None else _domain_ids("keys", keys, list(domains), _vocab_size(root))
+        if key_ids is not None and embed_rows is not False:
+            for d in domains:
+                extra = (torch.arange(_vocab_size(root)) if embed_rows is None else embed_rows[d])
+                extra = extra[~torch.isin(extra, key_ids[d])]
+                if extra.numel():
+                    raise ValueError(f"keys[{d!r}]: the embedding delta's rows must be among the domain's keys (an input "
+                                     f"delta on another token would act where the gate is shut); rows not in keys: "
+                                     f"{extra[:10].tolist()}{' ...' if extra.numel() > 10 else ''}")
         named = dict(root.named_parameters(remove_duplicate=False))
         always_learn = _check_always_learn(always_learn, named)
         self.model, self.domains, self.sync = root, list(domains), sync
@@ -312,7 +352,19 @@ class ModuleSet:
         self.width = {name: getattr(mlp, CONTAINER)[domains[0]].up.out_features for name, mlp in self.blocks}
         self.embed_delta = embed_rows is not False
         self.gated = gated
+        self.keys = key_ids                     # {domain: key token ids} (keyed modules) or None
         self._gates: dict = {}                  # {k: gate of module k in the last block} of this forward
+        self._key_hooks = []
+        if key_ids is not None:
+            V = _vocab_size(root)
+            dev = next(root.parameters()).device
+            self._keymask = torch.zeros(self.K, V, dtype=torch.bool, device=dev)
+            for k, d in enumerate(self.domains):
+                self._keymask[k, key_ids[d].to(dev)] = True
+            self._key_idx = None                # the token ids of this forward
+            self._key_gates = None              # (K, B, T, 1) 0/1 of this forward, computed at the first block
+            self._key_hooks = [root.register_forward_pre_hook(lambda m, a, k: self._take_key_ids(a, k),
+                                                              with_kwargs=True)]
         self._embed_hooks = []
         self._layouts: dict = {}
         self._layout_rows: list = []            # the rows tensors of the cached layout (keeps their ids)
@@ -565,14 +617,42 @@ class ModuleSet:
         return hook
 
     def _gate(self, name: str, k: int, mod: AuxMLP, x: torch.Tensor, learn) -> torch.Tensor | None:
-        """Gated modules: module ``k``'s gate on ``x``; in the last block it is kept for the
+        """Gated or keyed modules: module ``k``'s gate on ``x``; in the last block it is kept for the
         embedding delta's logit term of this forward (``_embed_out_hook``)."""
-        if not self.gated:
+        if self.keys is not None:
+            g = self._key_gate(x)[k]
+        elif not self.gated:
             return None
-        g = mod.gate_value(x, learn)
+        else:
+            g = mod.gate_value(x, learn)
         if self.embed_delta and name == self.blocks[-1][0]:
             self._gates[k] = g
         return g
+
+    def _take_key_ids(self, args, kwargs):
+        self._key_idx = args[0] if args else kwargs.get("idx", kwargs.get("input_ids"))
+        self._key_gates = None
+
+    def key_gates(self, idx: torch.Tensor) -> torch.Tensor:
+        """Keyed modules: ``(K, *idx.shape)`` bool, True at position ``t`` of a sequence where one of
+        domain ``k``'s keys occurs among its tokens ``0..t`` (``idx``: token ids, time last)."""
+        if self.keys is None:
+            raise ValueError("key_gates: these modules have no keys (add_modules(..., keys=...))")
+        hit = self._keymask.to(idx.device)[:, idx.long()]              # (K, *idx.shape)
+        return hit.int().cummax(-1).values.bool()
+
+    def _key_gate(self, x: torch.Tensor) -> torch.Tensor:
+        """The key gates of this forward as ``(K, B, T, 1)`` in ``x``'s dtype (computed once per forward)."""
+        if self._key_gates is None:
+            idx = self._key_idx
+            if idx is None:
+                raise RuntimeError("keyed modules need the token ids: call the model with them (idx / input_ids "
+                                   "as the first argument or keyword), not with embeddings")
+            if idx.shape != x.shape[:-1]:
+                raise ValueError(f"keyed modules: token ids of shape {tuple(idx.shape)} do not match an MLP input "
+                                 f"of shape {tuple(x.shape)}")
+            self._key_gates = self.key_gates(idx).unsqueeze(-1)
+        return self._key_gates.to(x.device, x.dtype)
 
     # ------------------------------------------------------------------ embedding deltas (embed_delta=True)
     def _layout(self, device) -> tuple:
@@ -684,7 +764,7 @@ class ModuleSet:
         if D is None:
             return out
         h = args[0]
-        if self.gated:
+        if self.gated or self.keys is not None:
             return self._gated_logits(h, out, gates)
         union, _, _ = self._layout(D.device)
         if D.ndim == 2:
@@ -779,13 +859,16 @@ class ModuleSet:
         the rest dropped; with ``embed_delta`` the kept modules' embedding deltas are added into the
         tied token embedding. Raises ``ValueError`` where merging is not exact (see module doc)."""
         strengths = self.strengths(on)[1:] if on else torch.zeros(self.K)
-        if self.gated and bool(strengths.ne(0).any()):
+        if (self.gated or self.keys is not None) and bool(strengths.ne(0).any()):
             kept = [self.domains[k] for k in range(self.K) if strengths[k] != 0]
-            raise ValueError(f"export(on={kept}): gated modules cannot be merged into the MLPs (a per-token gate "
-                             "is not a width concatenation); export with every module off, or keep the ModuleSet "
-                             "attached and switch modules with using()/set()")
+            raise ValueError(f"export(on={kept}): {'gated' if self.gated else 'keyed'} modules cannot be merged into "
+                             "the MLPs (a per-token gate is not a width concatenation); export with every module off, "
+                             "or keep the ModuleSet attached and switch modules with using()/set()")
         src = unwrap(model) if model is not None else self.model
         out = copy.deepcopy(src)
+        for handle in self._key_hooks:
+            out._forward_pre_hooks_with_kwargs.pop(handle.id, None)
+            out._forward_pre_hooks.pop(handle.id, None)
         for (name, _), handle in zip(self.blocks, self._hooks):
             mlp = out.get_submodule(name)
             for d in (mlp._forward_hooks, mlp._forward_hooks_with_kwargs):
@@ -821,9 +904,10 @@ class ModuleSet:
             if hasattr(mlp, CONTAINER):
                 delattr(mlp, CONTAINER)
         self._hooks = []
-        for handle in self._embed_hooks:
+        for handle in self._embed_hooks + self._key_hooks:
             handle.remove()
         self._embed_hooks = []
+        self._key_hooks = []
         if self.embed_delta and hasattr(self.model, EMBED_CONTAINER):
             delattr(self.model, EMBED_CONTAINER)
         self._step_hook.remove()
@@ -845,11 +929,12 @@ class ModuleSet:
 def add_modules(model: nn.Module, pattern: Pattern, domains: Union[int, Sequence[str]],
                 width: Union[float, int] = 0.1, activation=None, init_std: float | None = None,
                 sync: bool | None = None, always_learn: Iterable[str] = (),
-                embed_delta: Union[bool, Mapping[str, object]] = False, gated: bool = False) -> ModuleSet:
+                embed_delta: Union[bool, Mapping[str, object]] = False, gated: bool = False,
+                keys: Mapping[str, object] | None = None) -> ModuleSet:
     """Attach one auxiliary MLP per domain to every MLP of ``model`` matching ``pattern``; see
     :class:`ModuleSet`. The model computes the same function afterwards."""
     return ModuleSet(model, pattern, domains, width, activation, init_std, sync, always_learn, embed_delta,
-                     gated)
+                     gated, keys)
 
 
 @torch.no_grad()

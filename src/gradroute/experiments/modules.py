@@ -216,6 +216,28 @@ ROW_EMBEDS = ("topic_rows", "exclusive_rows")
 ORDERED_KEYS = ("schedule", "aux_ratio", "lam", "own_alone", "kl", "quiet", "quiet_norm", "gated")
 
 
+# ``modules.keys`` (ours; default off, the key is then absent from the config; a departure from the paper's
+# gateless modules; docs/modules.md, "Why it fails", point 20): each topic's modules run at a position only
+# once one of its *key* tokens has occurred in the story (``add_modules(..., keys=...)``): ``"topic_rows"``
+# the ids of ``topic_only_token_ids`` (in the topic's labelled training stories, in no labelled general
+# story), ``"exclusive_rows"`` those of ``exclusive=True`` (also in no other topic's). Architecture, like
+# ``width``: the partial-label model keeps it (keys from its own labelled stories).
+def _keys(value):
+    if value in (None, False):
+        return False
+    if value in ROW_EMBEDS:
+        return value
+    raise ValueError(f"modules.keys must be 'topic_rows' or 'exclusive_rows', got {value!r}")
+
+
+def keys_for(keys, data: Stories, route_labels: torch.Tensor, vocab_size: int) -> dict | None:
+    """The key ids of a ``modules.keys`` setting (``{topic: ids}``), or ``None`` without keys."""
+    keys = _keys(keys)
+    if not keys:
+        return None
+    return topic_only_token_ids(data, route_labels, vocab_size, exclusive=keys == "exclusive_rows", what="keys")
+
+
 def _module_embed(value):
     if value in (None, False):
         return False
@@ -234,7 +256,7 @@ def story_token_ids(data: Stories, mask: torch.Tensor, vocab_size: int) -> torch
 
 
 def topic_only_token_ids(data: Stories, route_labels: torch.Tensor, vocab_size: int,
-                         exclusive: bool = False) -> dict:
+                         exclusive: bool = False, what: str = "module_embed") -> dict:
     """``{topic: sorted LongTensor}``: token ids that occur in that topic's *labelled* training
     stories (``route_labels == k``) and in no labelled general story (``GENERAL``); with
     ``exclusive`` also in no other topic's labelled story (so no two topics share a row). Stories
@@ -250,8 +272,8 @@ def topic_only_token_ids(data: Stories, route_labels: torch.Tensor, vocab_size: 
                     keep &= ~other
         ids = keep.nonzero().flatten()
         if ids.numel() == 0:
-            what = "exclusive_rows" if exclusive else "topic_rows"
-            raise ValueError(f"module_embed {what}: topic {t} has no token outside the general stories"
+            rows = "exclusive_rows" if exclusive else "topic_rows"
+            raise ValueError(f"{what} {rows}: topic {t} has no token outside the general stories"
                              + (" and the other topics' stories" if exclusive else ""))
         out[t] = ids
     return out
@@ -267,9 +289,10 @@ def embed_rows_for(module_embed, data: Stories, route_labels: torch.Tensor, voca
 
 
 def attach_modules(model, cfg: dict, method: str, embed_free: bool = False, module_embed=False,
-                   embed_rows: dict | None = None, gated: bool = False):
+                   embed_rows: dict | None = None, gated: bool = False, keys: dict | None = None):
     """``module_embed``: False, True (full-vocabulary deltas), ``"topic_rows"`` or
-    ``"exclusive_rows"`` (then ``embed_rows``: ``{topic: token ids}``, see :func:`embed_rows_for`)."""
+    ``"exclusive_rows"`` (then ``embed_rows``: ``{topic: token ids}``, see :func:`embed_rows_for`);
+    ``keys``: ``{topic: key ids}`` (:func:`keys_for`) or None."""
     width = 1.0 if method == "demix" else cfg["modules"]["width"]
     module_embed = _module_embed(module_embed)
     if module_embed in ROW_EMBEDS:
@@ -277,7 +300,8 @@ def attach_modules(model, cfg: dict, method: str, embed_free: bool = False, modu
             raise ValueError(f"module_embed {module_embed!r} needs embed_rows (embed_rows_for)")
         module_embed = embed_rows
     return gr.add_modules(model, MLP_PATTERN, list(TOPIC_NAMES), width=width,
-                          always_learn=EMBED_PARAMS if embed_free else (), embed_delta=module_embed, gated=gated)
+                          always_learn=EMBED_PARAMS if embed_free else (), embed_delta=module_embed, gated=gated,
+                          keys=keys)
 
 
 def _step_generator(seed: int, idx: torch.Tensor) -> torch.Generator:
@@ -929,7 +953,7 @@ def run_train(method: str, seed: int, cfg: dict, out: Path, device: str = "cpu")
     model = make_model(_spec(cfg, tok.vocab_size), seed)
     unl = unlabelled_subset(len(labels), cfg["unlabelled_fraction"], seed)
     tc = dict(cfg["train"])
-    eval_fn, mods, loss_fn, rows_info = None, None, None, None
+    eval_fn, mods, loss_fn, rows_info, key_ids = None, None, None, None, None
     if method == "base":
         every = max(1, tc["steps"] // cfg["curve_points"])
         tc["eval_every"] = every
@@ -945,8 +969,9 @@ def run_train(method: str, seed: int, cfg: dict, out: Path, device: str = "cpu")
         module_embed = _module_embed(mc.get("module_embed"))
         embed_rows = embed_rows_for(module_embed, data, route_labels, tok.vocab_size)
         rows_info = None if embed_rows is None else {t: int(v.numel()) for t, v in embed_rows.items()}
+        key_ids = keys_for(mc.get("keys"), data, route_labels, tok.vocab_size)
         mods = attach_modules(model, cfg, method, embed_free=bool(mc.get("embed_free", False)),
-                              module_embed=module_embed, embed_rows=embed_rows, gated=_gated(mc))
+                              module_embed=module_embed, embed_rows=embed_rows, gated=_gated(mc), keys=key_ids)
         loss_fn = modular_loss(mods, route_labels, mc["p_cr"], mc["p_as"], seed, mc.get("spread", "one"),
                                p_other=mc.get("p_other", 0.0))
     elif method == "demix":
@@ -977,6 +1002,8 @@ def run_train(method: str, seed: int, cfg: dict, out: Path, device: str = "cpu")
         result["curve"] = [e for e in log["evals"]]
     if method in ("modular", "modular_partial") and rows_info is not None:
         result["module_embed_rows"] = rows_info          # rows per topic's delta (training split only)
+    if key_ids is not None:
+        result["module_keys"] = {t: int(v.numel()) for t, v in key_ids.items()}   # key ids per topic (training split)
     model.eval()
     if mods is not None:
         result["configs"] = evaluate_configs(model, mods, sets, demix=method == "demix")
@@ -1072,13 +1099,15 @@ def gradient_ascent(base_model, cfg: dict, data: Stories, labels: torch.Tensor, 
     return model, {"kept": best["evals"], "general_val_base": g0}
 
 
-def elicitation_attack(model, sets: dict, topic: str, cfg: dict, seed: int, device: str) -> dict:
+def elicitation_attack(model, sets: dict, topic: str, cfg: dict, seed: int, device: str,
+                       copy_model: bool = True) -> dict:
     """Full-batch AdamW on the held-out attack stories of ``topic`` at ``lr_factor`` x the
     training lr (constant), up to ``rounds`` steps, stopping after ``patience`` evaluations
     without a better validation loss; the weights with the best validation loss are kept (the
-    unattacked model included) and their test loss reported."""
+    unattacked model included) and their test loss reported. ``copy_model=False`` attacks ``model``
+    itself (a model with modules attached, whose hooks a deep copy would leave bound to the original)."""
     a = cfg["attack"]
-    m = copy.deepcopy(model)
+    m = copy.deepcopy(model) if copy_model else model
     pool = sets[f"{topic}_attack"]
     order = BatchOrder(pool, len(pool), seed + 99)
     lr = cfg["train"]["lr"] * a["lr_factor"]
@@ -1109,20 +1138,35 @@ def run_attacks(seed: int, cfg: dict, out: Path, device: str = "cpu") -> dict:
     base = make_model(spec, seed)
     load(base, "base")
     modular = make_model(spec, seed)
-    module_embed = _module_embed(cfg["modules"].get("module_embed"))
+    mc = cfg["modules"]
+    module_embed = _module_embed(mc.get("module_embed"))
+    rl = routing_labels(labels, None)
     mods = attach_modules(modular, cfg, "modular", module_embed=module_embed,
-                          embed_rows=embed_rows_for(module_embed, data, routing_labels(labels, None), tok.vocab_size))
+                          embed_rows=embed_rows_for(module_embed, data, rl, tok.vocab_size), gated=_gated(mc),
+                          keys=keys_for(mc.get("keys"), data, rl, tok.vocab_size))
     load(modular, "modular")
-    released = mods.export(on=[t for t in TOPIC_NAMES if t != topic])   # stock model, topic module dropped
-    mods.remove()
+    kept = [t for t in TOPIC_NAMES if t != topic]
+    if mods.gated or mods.keys is not None:
+        # a per-token gate cannot be merged into a stock model: the released model is the modular one with
+        # the topic's module dropped (its parameters zeroed and switched off), the others on, attached
+        with torch.no_grad():
+            for p in mods.module_params(topic):
+                p.zero_()
+        mods.set(on=kept)
+        released, release = modular, "attached"
+    else:
+        released, release = mods.export(on=kept), "export"   # stock model, topic module dropped
+        mods.remove()
     filt = make_model(spec, seed)
     load(filt, f"filter_{topic}")
     unl = unlabelled_subset(len(labels), cfg["unlabelled_fraction"], seed)
     ascent, ainfo = gradient_ascent(base, cfg, data, labels, unl, k, sets, seed, device)
-    res = {"seed": seed, "config": cfg, "topic": topic, "ascent": ainfo,
+    res = {"seed": seed, "config": cfg, "topic": topic, "ascent": ainfo, "release": release,
            "ascent_losses": eval_sets(ascent, sets), "released_losses": eval_sets(released, sets)}
     for name, m in (("modular", released), (f"filter_{topic}", filt), ("ascent", ascent), ("base", base)):
-        res.setdefault("attack", {})[name] = elicitation_attack(m, sets, topic, cfg, seed, device)
+        # the attached release is attacked in place: a deep copy would keep hooks bound to the original
+        res.setdefault("attack", {})[name] = elicitation_attack(m, sets, topic, cfg, seed, device,
+                                                                copy_model=not (m is released and release == "attached"))
     res["wall_s"] = time.time() - t0
     write_json(_run_path(out, "attack", seed), res)
     return res
@@ -1224,7 +1268,7 @@ def _mean_configs(runs: list) -> dict:
 # every key reaches the run key: a run trained with other settings is retrained, never reused).
 # ``width`` (ours, diagnosis point 11): the module width of that candidate (a fraction of the MLP's
 # hidden width, or an int unit count); absent: the profile's ``modules.width``.
-CANDIDATE_KEYS = ("p_cr", "p_as", "spread", "p_other", "width", "embed_free", "module_embed") + ORDERED_KEYS
+CANDIDATE_KEYS = ("p_cr", "p_as", "spread", "p_other", "width", "embed_free", "module_embed", "keys") + ORDERED_KEYS
 MAX_CANDIDATES = 12
 
 
@@ -1255,6 +1299,9 @@ def check_candidates(cands: list) -> None:
             raise ValueError(f"modules.select.candidates[{i}]: embed_free must be true or false, got {c['embed_free']!r}")
         try:
             _module_embed(c.get("module_embed"))
+            _keys(c.get("keys"))
+            if _keys(c.get("keys")) and _gated(c):
+                raise ValueError("modules.keys and modules.gated are two kinds of gate: use one")
             if any(k in c for k in ORDERED_KEYS):   # an ordered one states p_cr 1, p_as 0 itself
                 mc = {k: c[k] for k in ORDERED_KEYS if k in c}
                 if c.get("schedule") == "ordered":       # (not the profile's p_cr 0.7)
@@ -1418,10 +1465,6 @@ def run(args: argparse.Namespace) -> dict:
         cfg["modules"].update(selection["schedule"])
         print(f"module schedule chosen on the validation split: {selection['schedule']} "
               f"(candidate {selection['chosen']} of {len(selection['candidates'])})")
-    if attack and _gated(cfg["modules"]):      # before any headline training, not after it
-        raise ValueError("modules.gated: a gated module cannot be merged into a stock model, so the elicitation "
-                         "attack (which releases the model with the attacked topic's module dropped and the "
-                         "others merged) cannot run; use --no-attack")
     jobs = [(m, s) for s in seeds for m in methods]
     results, todo = split_finished(jobs, lambda *k: _run_path(out, *k), train_config(cfg))
     results.update(run_jobs(todo, functools.partial(run_train, cfg=cfg, out=out, device=device), workers,

@@ -1,0 +1,225 @@
+"""Keyed modules (``add_modules(..., keys=...)``; ours, a departure from the paper's gateless modules;
+docs/modules.md diagnosis point 20): a module runs at a position only once one of its key tokens has
+occurred in the sequence."""
+import pytest
+import torch
+
+import gradroute as gr
+from gradroute.modules import GENERAL
+
+from test_modules import DOMAINS, _routed_steps, _same, _snapshot, gpt, ids, randomise_modules
+from test_modules_rows import ROWS, attach_leaves_function_unchanged
+
+# every token id below 64 except the keys is "general"; the keys of two domains may share a token
+KEYS = {"forest": [3, 5, 7, 9, 11, 12], "sea": [9, 20, 21, 22], "space": [30, 31, 32, 33], "dino": [5, 40, 41]}
+
+
+def _keyed(model, rows=ROWS, keys=KEYS):
+    return gr.add_modules(model, "transformer.h.*.mlp", DOMAINS, embed_delta=rows, keys=keys)
+
+
+def _plain_ids(B=3, T=10, seed=0):
+    """Token ids that are no domain's key."""
+    allowed = torch.tensor(sorted(set(range(64)) - {t for v in KEYS.values() for t in v}))
+    g = torch.Generator().manual_seed(seed)
+    return allowed[torch.randint(len(allowed), (B, T), generator=g)]
+
+
+def test_keyed_function_unchanged_at_init():
+    attach_leaves_function_unchanged(_keyed, labels=(0, GENERAL, 2, 3))
+    attach_leaves_function_unchanged(lambda m: _keyed(m, rows=False))
+
+
+def test_key_gates_open_at_the_first_key_and_stay_open():
+    mods = _keyed(gpt())
+    x = torch.tensor([[1, 2, 12, 2, 2, 40],       # forest key at 2, dino key at 5
+                      [5, 2, 2, 2, 2, 2],         # 5 is a key of forest and dino
+                      [1, 1, 1, 1, 1, 1]])        # no key
+    g = mods.key_gates(x)
+    assert g.shape == (4, 3, 6) and g.dtype == torch.bool
+    assert g[0, 0].tolist() == [False, False, True, True, True, True]
+    assert g[3, 0].tolist() == [False] * 5 + [True]
+    assert g[0, 1].all() and g[3, 1].all() and not g[1, 1].any() and not g[2, 1].any()
+    assert not g[:, 2].any()
+
+
+def test_keyed_module_changes_nothing_before_its_keys_and_acts_after():
+    model = gpt()
+    model.eval()
+    mods = _keyed(model)
+    randomise_modules(mods)
+    plain = _plain_ids()
+    keyed = plain.clone()
+    keyed[:, 4] = 12                                  # a forest key (only forest's) at position 4
+    with torch.no_grad():
+        with mods.using(on=[]):
+            off_plain, off_keyed = model(plain)[0], model(keyed)[0]
+        with mods.using(on=None):                     # every module on
+            on_plain, on_keyed = model(plain)[0], model(keyed)[0]
+        with mods.using(on=["sea", "space", "dino"]):
+            others_keyed = model(keyed)[0]
+    # text without any key: every module switched on changes nothing, bit for bit
+    assert torch.equal(on_plain, off_plain)
+    # forest's key at 4: positions 0-3 untouched, 4 on changed by forest only
+    assert torch.equal(on_keyed[:, :4], off_keyed[:, :4])
+    assert (on_keyed[:, 4:] - off_keyed[:, 4:]).abs().amax() > 1e-3
+    assert torch.equal(others_keyed, off_keyed)
+
+
+def test_keyed_gate_open_everywhere_equals_the_ungated_module():
+    """A sequence starting with a key: the keyed modules compute what ungated ones with the same weights do."""
+    model, ref = gpt(), gpt()
+    model.eval(), ref.eval()
+    mods = _keyed(model)
+    plain_mods = gr.add_modules(ref, "transformer.h.*.mlp", DOMAINS, embed_delta=ROWS)
+    randomise_modules(mods)
+    ref.load_state_dict(model.state_dict())
+    x = _plain_ids()
+    x[:, 0] = 12                                      # forest key first: forest's gate is open everywhere
+    with torch.no_grad(), mods.using(on=["forest"]), plain_mods.using(on=["forest"]):
+        assert torch.allclose(model(x)[0], ref(x)[0], atol=1e-6)
+
+
+def test_keyed_routed_pass_equals_inference_strengths():
+    model = gpt()
+    model.eval()
+    mods = _keyed(model)
+    randomise_modules(mods)
+    x = ids()
+    x[:, 2] = 9                                       # forest's and sea's key
+    fwd = torch.tensor([[1.0, 1, 1, 0, 1]] * 4)
+    with torch.no_grad():
+        with mods.using(on=["forest", "sea", "dino"]):
+            want = model(x)[0]
+        with mods.route(forward=fwd, learn=fwd.bool()):
+            got = model(x)[0]
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_keyed_export_refuses_kept_modules_and_exports_all_off():
+    model = gpt()
+    model.eval()
+    mods = _keyed(model)
+    randomise_modules(mods)
+    with pytest.raises(ValueError, match=r"export\(on=\['sea'\]\): keyed modules cannot be merged"):
+        mods.export(on=["sea"])
+    stock = mods.export()
+    x = ids()
+    x[:, 0] = 12
+    with torch.no_grad(), mods.using(on=[]):
+        assert torch.equal(stock(x)[0], model(x)[0])
+    assert not stock._forward_pre_hooks_with_kwargs and not stock._forward_pre_hooks
+    mods.remove()
+    assert not model._forward_pre_hooks_with_kwargs
+
+
+def test_keyed_isolation_under_adamw_bit_identical():
+    model = gpt()
+    mods = _keyed(model)
+    randomise_modules(mods)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    g = torch.Generator().manual_seed(0)
+    _routed_steps(model, mods, opt, [0, 1, 2, 3, GENERAL], 0, p_as=0.5, generator=g)   # moments for everyone
+    core, forest = _snapshot(mods.core_params()), _snapshot(mods.module_params("forest"))
+    others = [_snapshot(mods.module_params(d)) for d in DOMAINS[1:]]
+    _routed_steps(model, mods, opt, [0, 0, 0], 10, p_cr=1.0, p_other=1.0)   # forest data, others visit
+    assert _same(core, mods.core_params())
+    for snap, d in zip(others, DOMAINS[1:]):
+        assert _same(snap, mods.module_params(d)), d
+    assert not _same(forest, mods.module_params("forest"))
+
+
+def test_keyed_refuses_bad_options_before_changing_the_model():
+    model = gpt()
+    with pytest.raises(ValueError, match="keys and gated are two kinds of gate"):
+        gr.add_modules(model, "transformer.h.*.mlp", DOMAINS, keys=KEYS, gated=True)
+    with pytest.raises(TypeError, match="keys must be a"):
+        gr.add_modules(model, "transformer.h.*.mlp", DOMAINS, keys=[3, 4])
+    with pytest.raises(ValueError, match=r"keys: no token ids for domain\(s\) \['dino'\]"):
+        gr.add_modules(model, "transformer.h.*.mlp", DOMAINS, keys={d: KEYS[d] for d in DOMAINS[:3]})
+    with pytest.raises(ValueError, match=r"keys\['sea'\]: token ids out of range \[0, 64\): \[64\]"):
+        gr.add_modules(model, "transformer.h.*.mlp", DOMAINS, keys={**KEYS, "sea": [64]})
+    # forest's delta on row 4, which is not a forest key
+    with pytest.raises(ValueError, match=r"keys\['forest'\]: the embedding delta's rows must be among the "
+                                         r"domain's keys .* \[4\]"):
+        _keyed(model, rows={**ROWS, "forest": [3, 4]})
+    with pytest.raises(ValueError, match=r"keys\['forest'\].*rows not in keys"):
+        _keyed(model, rows=True)
+    assert not any("aux" in n for n, _ in model.named_parameters())
+    assert not model._forward_pre_hooks_with_kwargs
+    mods = _keyed(model)
+    with pytest.raises(RuntimeError, match="keyed modules need the token ids"):
+        model.transformer.h[0].mlp(torch.zeros(1, 3, 16))    # an MLP called without a model forward
+
+
+def test_keyed_on_hf_gpt2_reads_input_ids(hf_gpt2):
+    model = hf_gpt2
+    mods = gr.add_modules(model, "transformer.h.*.mlp", DOMAINS, keys=KEYS)
+    randomise_modules(mods)
+    plain = _plain_ids()
+    keyed = plain.clone()
+    keyed[:, 3] = 30                                  # a space key
+    with torch.no_grad():
+        with mods.using(on=[]):
+            off_plain, off_keyed = model(input_ids=plain).logits, model(input_ids=keyed).logits
+        with mods.using(on=["space"]):
+            on_plain, on_keyed = model(input_ids=plain).logits, model(input_ids=keyed).logits
+    assert torch.equal(on_plain, off_plain)
+    assert torch.equal(on_keyed[:, :3], off_keyed[:, :3])
+    assert (on_keyed[:, 3:] - off_keyed[:, 3:]).abs().amax() > 1e-4
+
+
+# ---- the experiment's ``modules.keys``
+from test_modules_ordered import _setup, check_ordered_key  # noqa: E402
+
+
+def test_keys_key_checks_run_key_and_partial(tmp_path, monkeypatch):
+    E, parser = _setup(tmp_path, monkeypatch)
+    O = dict(schedule="ordered", p_cr=1.0, p_as=0.0, module_embed="topic_rows", keys="topic_rows")
+    E.check_candidates([O, dict(O, module_embed="exclusive_rows", keys="exclusive_rows"), dict(keys="topic_rows")])
+    with pytest.raises(ValueError, match=r"candidates\[0\]: modules.keys must be 'topic_rows' or 'exclusive_rows'"):
+        E.check_candidates([dict(O, keys=True)])
+    with pytest.raises(ValueError, match=r"candidates\[1\]: modules.keys and modules.gated are two kinds of gate"):
+        E.check_candidates([O, dict(O, gated=True)])
+    # absent by default (earlier run keys unchanged); keyed is another run; unlike the ordered options the
+    # partial-label model keeps it (architecture), with keys from its own labelled stories
+    cfg, out, r = check_ordered_key(E, parser, tmp_path, "keys", dict(keys="topic_rows", module_embed="topic_rows"),
+                                    lambda mc: {k: v for k, v in mc.items() if k != "keys"})
+    p = E._run_path(out, "modular_partial", 0)
+    import json
+    part = json.loads(p.read_text())
+    assert part["config"]["modules"]["keys"] == "topic_rows"
+    tok, data, labels, _, _ = E._prepare(E._cfg_key(cfg))
+    full = E.keys_for("topic_rows", data, E.routing_labels(labels, None), tok.vocab_size)
+    assert r["module_keys"] == {t: int(v.numel()) for t, v in full.items()}
+    assert part["module_keys"] != r["module_keys"]          # fewer labelled stories, fewer keys
+    # a keyed module changes nothing on general text: every configuration's general loss is the same
+    gen = {c: row["general"] for c, row in r["configs"].items()}
+    assert len(set(gen.values())) == 1, gen
+
+
+def test_keyed_headline_attacks_the_attached_release(tmp_path, monkeypatch):
+    """Keyed modules cannot be merged into a stock model: the attack runs on the modular model with the
+    attacked topic's module zeroed and switched off, the others on; before the attack it computes what
+    the modular model does in that configuration."""
+    import json
+    E, parser = _setup(tmp_path, monkeypatch, steps=4)
+    real = E.build_config
+
+    def keyed_config(args):
+        cfg = real(args)
+        cfg["modules"].update(keys="topic_rows", module_embed="topic_rows")
+        return cfg
+    monkeypatch.setattr(E, "build_config", keyed_config)
+    out = tmp_path / "o"
+    args = parser.parse_args(["--out", str(out), "--schedule", "ordered", "--no-select", "--workers", "1",
+                              "--methods", "base", "modular"])
+    E.run(args)
+    att = json.loads(E._run_path(out, "attack", 0).read_text())
+    mod = json.loads(E._run_path(out, "modular", 0).read_text())
+    topic = att["topic"]
+    assert att["release"] == "attached"
+    kept = E.config_name(tuple(t for t in E.TOPIC_NAMES if t != topic))
+    for n, v in att["released_losses"].items():
+        assert abs(v - mod["configs"][kept][n]) < 1e-5, n
+    assert att["attack"]["modular"]["before"] == pytest.approx(mod["configs"][kept][topic], abs=1e-5)
