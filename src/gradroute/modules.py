@@ -28,7 +28,7 @@ Option (ours, default off): ``keys={domain: token ids}`` gates each domain's mod
 words: at position ``t`` of a sequence module ``k`` runs only if one of its key tokens occurs among tokens
 ``0..t`` (a causal 0/1 gate, no parameters; with embedding deltas also the delta's logit term), so on
 text without its keys a module that is switched on changes nothing. A keyed module cannot be merged by
-``export``; its deltas' rows must be among its keys (the input delta then acts only where the gate is open).
+``export``; its embedding delta is gated too (input and output: it acts only where the gate is open).
 Option (ours, default off; our GPT, tied embeddings): ``embed_delta=True`` gives each domain's
 module its own token-embedding delta ``D_k`` (``(vocab, d_model)``, zero at start), added to the
 tied token embedding on the input (``wte[x] + sum_k D_k[x]``) and on the output (``logits + h
@@ -286,7 +286,7 @@ class ModuleSet:
     ``keys`` (ours; default none): ``{domain: token ids}`` for every domain (ids as for ``embed_delta``):
     module ``k`` (its MLPs in every block, and its delta's logit term) is multiplied at each position by
     a 0/1 gate, open from the first of its keys in the sequence on (:meth:`key_gates`); the model must
-    be called with token ids. Not with ``gated``; with ``embed_delta`` the delta rows must be keys.
+    be called with token ids. Not with ``gated``; with ``embed_delta`` the input delta is gated the same way.
 
     Add modules before building the optimizer and before wrapping the model in DDP.
     """
@@ -318,14 +318,6 @@ class ModuleSet:
         embed_rows = (False if embed_delta is None or embed_delta is False     # False: no deltas
                       else _check_embed_delta(root, embed_delta, list(domains)))
         key_ids = None if keys is None else _domain_ids("keys", keys, list(domains), _vocab_size(root))
-        if key_ids is not None and embed_rows is not False:
-            for d in domains:
-                extra = (torch.arange(_vocab_size(root)) if embed_rows is None else embed_rows[d])
-                extra = extra[~torch.isin(extra, key_ids[d])]
-                if extra.numel():
-                    raise ValueError(f"keys[{d!r}]: the embedding delta's rows must be among the domain's keys (an input "
-                                     f"delta on another token would act where the gate is shut); rows not in keys: "
-                                     f"{extra[:10].tolist()}{' ...' if extra.numel() > 10 else ''}")
         named = dict(root.named_parameters(remove_duplicate=False))
         always_learn = _check_always_learn(always_learn, named)
         self.model, self.domains, self.sync = root, list(domains), sync
@@ -740,6 +732,8 @@ class ModuleSet:
         idx, self._idx = self._idx, None
         if idx is None:
             return None
+        if self.keys is not None:                  # per module, gated; the logit term: _gated_logits
+            return (args[0] + self._keyed_input_delta(idx, args[0]),)
         D = self._combined_delta()
         self._delta = D                            # reused by the output hook of this forward
         if D is None:
@@ -757,15 +751,46 @@ class ModuleSet:
         rows = torch.arange(D.shape[0], device=idx.device).view(-1, *([1] * (idx.ndim - 1)))
         return (x + D[rows, idx],)
 
+    def _keyed_input_delta(self, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Keyed modules: ``sum_k s_k g_k D_k[idx]``, each module's input delta times its key gate at that
+        position and its strength (per example in a routed pass, learning only where module ``k`` learns)."""
+        E = getattr(self.model, EMBED_CONTAINER)
+        _, inv, _ = self._layout(x.device)
+        gates = self._key_gate(x)                                       # (K, B, T, 1)
+        j = idx if inv is None else inv[idx]
+        routed = self._route is not None
+        if routed:
+            fs, ms = self._routed_strengths(x.device, x.dtype)
+            shape = (fs.shape[0], *([1] * (x.ndim - 1)))
+        total = torch.zeros_like(x)
+        for k, d in enumerate(self.domains):
+            s = 1.0 if routed else float(self.mask[1 + k])
+            if s == 0.0 and not torch.is_grad_enabled():
+                continue                           # inference: an off delta costs nothing
+            D = self._placed(E[d].weight, k)
+            if inv is not None:                    # tokens outside the rows' union U read an appended zero row
+                D = torch.cat([D, D.new_zeros(1, D.shape[1])])
+            e = F.embedding(j, D)
+            if routed:
+                f, m = fs[:, k].view(shape), ms[:, k].view(shape)
+                if not bool(m.all()):
+                    e = m * e + (1 - m) * e.detach()
+                e = f * e
+            elif s != 1.0:
+                e = s * e
+            total = total + gates[k] * e
+        return total
+
     def _embed_out_hook(self, head, args, out):
+        gates, self._gates = self._gates, {}      # this forward's gates: not kept after it
+        if self.gated or self.keys is not None:   # per module, times its last block's gate
+            self._delta = False
+            return self._gated_logits(args[0], out, gates)
         D = self._delta if self._delta is not False else self._combined_delta()
         self._delta = False
-        gates, self._gates = self._gates, {}      # this forward's gates: not kept after it
         if D is None:
             return out
         h = args[0]
-        if self.gated or self.keys is not None:
-            return self._gated_logits(h, out, gates)
         union, _, _ = self._layout(D.device)
         if D.ndim == 2:
             y = F.linear(h, D)

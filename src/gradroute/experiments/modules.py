@@ -53,7 +53,7 @@ import torch
 
 import gradroute as gr
 from gradroute.lm.corpus import TOPIC_NAMES, TOPIC_VOCABS, generate_topic_stories
-from gradroute.lm.data import BatchOrder, Stories, encode_stories
+from gradroute.lm.data import IGNORE, BatchOrder, Stories, encode_stories
 from gradroute.lm.evaluate import mean_loss
 from gradroute.lm.methods import make_model
 from gradroute.lm.tokenizer import get_tokenizer
@@ -213,7 +213,7 @@ EMBED_PARAMS = ("transformer.wte.weight",)
 ROW_EMBEDS = ("topic_rows", "exclusive_rows")
 # the keys of the ordered schedule and its phase-2 objectives (points 13-19): dropped together for the
 # single-phase partial-label model; a candidate carrying any of them is checked as an ordered one
-ORDERED_KEYS = ("schedule", "aux_ratio", "lam", "own_alone", "kl", "quiet", "quiet_norm", "gated")
+ORDERED_KEYS = ("schedule", "aux_ratio", "lam", "own_alone", "kl", "quiet", "quiet_norm", "gated", "core_prefix")
 
 
 # ``modules.keys`` (ours; default off, the key is then absent from the config; a departure from the paper's
@@ -228,6 +228,14 @@ def _keys(value):
     if value in ROW_EMBEDS:
         return value
     raise ValueError(f"modules.keys must be 'topic_rows' or 'exclusive_rows', got {value!r}")
+
+
+def _union_keys(key_ids: dict, vocab_size: int) -> torch.Tensor:
+    """``(vocab,)`` bool: the keys of any topic."""
+    m = torch.zeros(vocab_size, dtype=torch.bool)
+    for ids in key_ids.values():
+        m[ids] = True
+    return m
 
 
 def keys_for(keys, data: Stories, route_labels: torch.Tensor, vocab_size: int) -> dict | None:
@@ -408,6 +416,12 @@ def demix_loss(mods, labels: torch.Tensor):
 # entropy of the gate's logit on the forward with the visitors on (inputs detached: the gradient reaches the gates
 # only), target 1 on the module's own topic rows and 0 where it visits (``p_other`` rows, ``aux_ratio`` general
 # rows), summed over target tokens, averaged over blocks.
+#
+# ``modules.core_prefix`` (ordered with ``keys`` only; absent = false = the core learns on general rows only; ours;
+# docs/modules.md, "Why it fails", point 21): phase 1 also trains the core on the labelled topic rows of each step,
+# but only on their *openings*: target positions before the first key of any topic in the story (no key among the
+# inputs up to that position, and the target itself not a key; :func:`opening_targets`). Everything from a story's
+# first key on stays with its module.
 QUIET_TERMS = ("module", "delta_logit", "delta_input")
 KL_MODES = ("joint", "each")
 SCHEDULES = ("single", "ordered")
@@ -485,6 +499,25 @@ def _gated(mc: dict) -> bool:
     return v
 
 
+def _core_prefix(mc: dict) -> bool:
+    v = mc.get("core_prefix", False)
+    if not isinstance(v, bool):
+        raise ValueError(f"modules.core_prefix must be true or false, got {v!r}")
+    if v and (mc.get("schedule", "single") != "ordered" or not _keys(mc.get("keys"))):
+        raise ValueError("modules.core_prefix trains the core in phase 1 of the ordered schedule on the topic stories' "
+                         "targets before any topic's key: it needs modules.schedule 'ordered' and modules.keys, got "
+                         f"schedule {mc.get('schedule', 'single')!r} and keys {mc.get('keys')!r}")
+    return v
+
+
+def opening_targets(x: torch.Tensor, y: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Bool like ``y``: target positions before a story's first key (``keys``: a ``(vocab,)`` bool mask): no
+    key among the inputs ``x[..., :t+1]`` and the target ``y[..., t]`` not a key (ignored targets: False)."""
+    valid = y != IGNORE
+    hit = keys[x] | (keys[y.clamp(min=0)] & valid)
+    return valid & ~hit.int().cummax(-1).values.bool()
+
+
 def _kl(mc: dict) -> str:
     v = mc.get("kl", "joint")
     if v not in KL_MODES:
@@ -509,6 +542,7 @@ def _schedule(mc: dict) -> str:
     _quiet(mc)
     _quiet_norm(mc)
     _gated(mc)
+    _core_prefix(mc)
     if s == "ordered" and (mc.get("p_cr", 1.0) != 1.0 or mc.get("p_as", 0.0) != 0.0):
         raise ValueError("modules.schedule 'ordered' freezes the core on every topic story and runs no module on "
                          f"general text: it needs p_cr 1.0 and p_as 0.0, got p_cr {mc.get('p_cr')} and p_as {mc.get('p_as')}")
@@ -516,18 +550,21 @@ def _schedule(mc: dict) -> str:
 
 
 def ordered_phases(order: BatchOrder, route_labels: torch.Tensor, steps: int,
-                   aux_ratio: float = 0.0) -> tuple[list, list]:
+                   aux_ratio: float = 0.0, core_prefix: bool = False) -> tuple[list, list]:
     """The two phases' batches (row indices) of the ordered schedule: per step of the single-phase
     order, its general/unlabelled rows (phase 1; every step) and its labelled topic rows (phase 2;
     steps without any are skipped). Together exactly the single-phase model's stories. With
     ``aux_ratio`` > 0 a phase-2 batch is its topic rows followed by the first
     ``min(available, round(aux_ratio x topic rows))`` labelled general rows of the same step's batch
-    (also in phase 1: see ``modules.aux_ratio`` above)."""
+    (also in phase 1: see ``modules.aux_ratio`` above). With ``core_prefix`` phase 1 has every row of
+    each step (the topic rows' targets are then limited to their openings by :func:`train_ordered`)."""
     one, two = [], []
     for s in range(steps):
         idx = order.indices(s)
         topic = route_labels[idx] >= 0
-        if (~topic).any():
+        if core_prefix:
+            one.append(idx)
+        elif (~topic).any():
             one.append(idx[~topic])
         if topic.any():
             aux = idx[route_labels[idx] == GENERAL][:round(aux_ratio * int(topic.sum()))] if aux_ratio else idx[:0]
@@ -593,7 +630,6 @@ def leave_alone_kl(net, mods, x: torch.Tensor, y: torch.Tensor, fwd: torch.Tenso
     """Summed over target tokens: KL(p without the ``visit`` modules (detached) || p with them), the
     gradient to the visiting modules (and their deltas) only; nothing else learns. ``ref``: the
     log-probabilities without the visitors when already computed (``own_alone``); else a no_grad forward."""
-    from gradroute.lm.data import IGNORE
     from gradroute.lm.train import logits
     nobody = torch.zeros(fwd.shape, dtype=torch.bool)
     if ref is None:
@@ -636,7 +672,6 @@ def visitor_sizes(mods, rec: dict, x: torch.Tensor, y: torch.Tensor, pr: torch.T
     (its input delta); the recorded inputs ``rec`` (:func:`module_inputs`) detached, so each value's gradient
     reaches only that module and its delta. ``weights``: one factor per term (:data:`QUIET_TERMS` order;
     ``None`` = 1 each); ``split``: return the ``(P, 3)`` terms unweighted instead of their weighted sum."""
-    from gradroute.lm.data import IGNORE
     from gradroute.modules import CONTAINER, EMBED_CONTAINER
     if weights is not None and (split or len(weights) != len(QUIET_TERMS)):
         raise ValueError(f"visitor_sizes: weights needs one factor per term {QUIET_TERMS} and no split, got {weights!r}")
@@ -691,7 +726,7 @@ def gate_bce(mods, rec: dict, y: torch.Tensor, own: torch.Tensor, visit: torch.T
     over blocks: the binary cross entropy of each module's gate logit on the recorded (detached) block inputs
     ``rec`` (:func:`module_inputs`); the gradient reaches the gates only."""
     import torch.nn.functional as F
-    from gradroute.lm.data import IGNORE
+
     from gradroute.modules import CONTAINER
     tok = y != IGNORE
     total = y.new_zeros((), dtype=torch.float32)
@@ -745,7 +780,7 @@ def leave_alone_loss(mods, route_labels: torch.Tensor, seed: int, p_other: float
     if quiet_norm is not None and not quiet:
         raise ValueError("quiet_norm weighs the terms of the quiet penalty: it needs quiet > 0")
     import torch.nn.functional as F
-    from gradroute.lm.data import IGNORE
+
     from gradroute.lm.train import logits
 
     def loss_fn(net, b):
@@ -808,12 +843,13 @@ def ordered_module_loss(mods, route_labels: torch.Tensor, seed: int, p_other: fl
     return loss_fn
 
 
-def _rows_batch(data: Stories, batches: list):
-    from gradroute.lm.data import IGNORE, Batch
+def _rows_batch(data: Stories, batches: list, y_all: torch.Tensor | None = None):
+    """Batches of the rows ``batches[step]``; ``y_all``: targets to use instead of ``data.y``."""
+    from gradroute.lm.data import Batch
 
     def batch_at(step):
         idx = batches[step]
-        y = data.y[idx]
+        y = (data.y if y_all is None else y_all)[idx]
         return Batch(data.x[idx], y, data.keyword[idx], data.forget[idx], data.labelled[idx], idx,
                      int((y != IGNORE).sum()))
     return batch_at
@@ -822,10 +858,18 @@ def _rows_batch(data: Stories, batches: list):
 def train_ordered(model, mods, data: Stories, order: BatchOrder, route_labels: torch.Tensor, tc: dict, seed: int,
                   p_other: float = 0.0, desc: str = "modular", device: str = "cpu", aux_ratio: float = 0.0,
                   lam: float = 0.0, own_alone: bool = False, kl: str = "joint", quiet: float = 0.0,
-                  quiet_norm=None, gated: bool = False) -> dict:
+                  quiet_norm=None, gated: bool = False, prefix_keys: torch.Tensor | None = None) -> dict:
     """Train ``model`` (with ``mods`` attached) by the ordered schedule (see :data:`SCHEDULES`);
-    returns ``{"phases": [log of phase 1, log of phase 2], "steps": [n1, n2], "phase2_rows": {...}}``."""
-    one, two = ordered_phases(order, route_labels, tc["steps"], aux_ratio)
+    returns ``{"phases": [log of phase 1, log of phase 2], "steps": [n1, n2], "phase2_rows": {...}}``.
+    ``prefix_keys`` (``(vocab,)`` bool, ``modules.core_prefix``): phase 1 also learns the labelled topic
+    rows' targets before their first key (:func:`opening_targets`); then ``"core_prefix_targets"`` is added."""
+    one, two = ordered_phases(order, route_labels, tc["steps"], aux_ratio, core_prefix=prefix_keys is not None)
+    y_core = None
+    if prefix_keys is not None:
+        topic = route_labels >= 0
+        y_core = data.y.clone()
+        y_core[topic] = torch.where(opening_targets(data.x[topic], data.y[topic], prefix_keys), data.y[topic],
+                                    torch.full_like(data.y[topic], IGNORE))
     if not one or not two:
         raise ValueError("schedule 'ordered' needs general/unlabelled and labelled topic stories")
     K = mods.K
@@ -839,17 +883,21 @@ def train_ordered(model, mods, data: Stories, order: BatchOrder, route_labels: t
             return token_losses(net, b.x, b.y).sum()
 
     logs = []
-    for phase, (batches, loss_fn, sel) in enumerate((
-            (one, core_loss, lambda n, p: id(p) not in mod_ids),
+    for phase, (batches, loss_fn, sel, y_all) in enumerate((
+            (one, core_loss, lambda n, p: id(p) not in mod_ids, y_core),
             (two, ordered_module_loss(mods, route_labels, seed, p_other, aux_ratio, lam, own_alone, kl, quiet,
                                      quiet_norm, gated),
-             lambda n, p: id(p) in mod_ids))):
+             lambda n, p: id(p) in mod_ids, None))):
         c = TrainConfig(**{**tc, "steps": len(batches), "warmup": min(tc.get("warmup", 0), len(batches) // 10)},
                         desc=f"{desc} phase {phase + 1}")
-        logs.append(train(model, _rows_batch(data, batches), c, loss_fn=loss_fn, params=sel, device=device))
+        logs.append(train(model, _rows_batch(data, batches, y_all), c, loss_fn=loss_fn, params=sel, device=device))
     rows2 = torch.cat(two)
-    return {"phases": logs, "steps": [len(one), len(two)],
-            "phase2_rows": {"topic": int((route_labels[rows2] >= 0).sum()), "general": int((route_labels[rows2] < 0).sum())}}
+    res = {"phases": logs, "steps": [len(one), len(two)],
+           "phase2_rows": {"topic": int((route_labels[rows2] >= 0).sum()), "general": int((route_labels[rows2] < 0).sum())}}
+    if y_core is not None:                       # topic targets the core learned on / all topic targets
+        topic = route_labels >= 0
+        res["core_prefix_targets"] = [int((y_core[topic] != IGNORE).sum()), int((data.y[topic] != IGNORE).sum())]
+    return res
 
 
 def allowed_for(method: str, labels: torch.Tensor, unlabelled: torch.Tensor) -> torch.Tensor | None:
@@ -979,13 +1027,15 @@ def run_train(method: str, seed: int, cfg: dict, out: Path, device: str = "cpu")
         loss_fn = demix_loss(mods, labels)
     allowed = allowed_for(method, labels, unl)
     order = _order(cfg, data, seed, allowed)
-    phases = phase2_rows = None
+    phases = phase2_rows = prefix_targets = None
     if method in ("modular", "modular_partial") and schedule == "ordered":
         ordered = train_ordered(model, mods, data, order, route_labels, tc, seed, p_other=mc.get("p_other", 0.0),
                                 desc=f"{method} s{seed}", device=device, aux_ratio=_aux_ratio(mc),
                                 lam=_lam(mc), own_alone=_own_alone(mc), kl=_kl(mc),
-                                quiet=_quiet(mc), quiet_norm=_quiet_norm(mc), gated=_gated(mc))
+                                quiet=_quiet(mc), quiet_norm=_quiet_norm(mc), gated=_gated(mc),
+                                prefix_keys=_union_keys(key_ids, tok.vocab_size) if _core_prefix(mc) else None)
         phases = ordered["steps"]
+        prefix_targets = ordered.get("core_prefix_targets")
         phase2_rows = ordered["phase2_rows"]
         logs = ordered["phases"]
         log = {"history": [h for lg in logs for h in lg["history"]], "wall_s": sum(lg["wall_s"] for lg in logs)}
@@ -998,6 +1048,8 @@ def run_train(method: str, seed: int, cfg: dict, out: Path, device: str = "cpu")
     if phases is not None:
         result["ordered_steps"] = phases                 # optimizer steps of phase 1 (core), phase 2 (modules)
         result["ordered_phase2_rows"] = phase2_rows     # phase 2's topic and (aux_ratio) general rows
+    if prefix_targets is not None:
+        result["core_prefix_targets"] = prefix_targets  # topic targets the core learned on (openings), of all
     if method == "base":
         result["curve"] = [e for e in log["evals"]]
     if method in ("modular", "modular_partial") and rows_info is not None:
@@ -1303,7 +1355,7 @@ def check_candidates(cands: list) -> None:
             if _keys(c.get("keys")) and _gated(c):
                 raise ValueError("modules.keys and modules.gated are two kinds of gate: use one")
             if any(k in c for k in ORDERED_KEYS):   # an ordered one states p_cr 1, p_as 0 itself
-                mc = {k: c[k] for k in ORDERED_KEYS if k in c}
+                mc = {k: c[k] for k in (*ORDERED_KEYS, "keys") if k in c}
                 if c.get("schedule") == "ordered":       # (not the profile's p_cr 0.7)
                     mc.update(p_cr=c.get("p_cr"), p_as=c.get("p_as"))
                 _schedule(mc)
