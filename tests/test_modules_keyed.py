@@ -219,3 +219,54 @@ def test_keyed_headline_attacks_the_attached_release(tmp_path, monkeypatch):
     for n, v in att["released_losses"].items():
         assert abs(v - mod["configs"][kept][n]) < 1e-5, n
     assert att["attack"]["modular"]["before"] == pytest.approx(mod["configs"][kept][topic], abs=1e-5)
+
+
+def test_opening_targets_stop_at_the_first_key_input_or_target():
+    from gradroute.experiments.modules import IGNORE, opening_targets
+    keys = torch.zeros(10, dtype=torch.bool)
+    keys[[7, 8]] = True
+    x = torch.tensor([[1, 2, 3, 7, 2, 2], [1, 2, 3, 4, 5, 6], [8, 1, 1, 1, 1, 1]])
+    y = torch.tensor([[2, 3, 7, 2, 2, 1], [2, 3, 4, 5, 6, IGNORE], [1, 1, 1, 1, 1, 1]])
+    got = opening_targets(x, y, keys)
+    assert got.tolist() == [[True, True, False, False, False, False],      # target 7 is the key itself
+                            [True, True, True, True, True, False],         # no key; the ignored target is not one
+                            [False] * 6]                                   # the story opens with a key
+
+
+def test_core_prefix_phase1_learns_topic_openings_only(tmp_path, monkeypatch):
+    E, parser = _setup(tmp_path, monkeypatch)
+    cfg = E.build_config(parser.parse_args(["--out", "x"]))
+    tok, data, labels, _, _ = E._prepare(E._cfg_key(cfg))
+    rl = E.routing_labels(labels, None)
+    key_ids = E.keys_for("exclusive_rows", data, rl, tok.vocab_size)
+    union = E._union_keys(key_ids, tok.vocab_size)
+    model = E.make_model(E._spec(cfg, tok.vocab_size), 0)
+    mods = E.attach_modules(model, cfg, "modular", keys=key_ids)
+    seen = []
+    real = E.train
+
+    def spy(m, batch_at, c, **kw):
+        seen.append([batch_at(s) for s in range(c.steps)])
+        return real(m, batch_at, c, **kw)
+    monkeypatch.setattr(E, "train", spy)
+    order = E._order(cfg, data, 0)
+    res = E.train_ordered(model, mods, data, order, rl, dict(cfg["train"]), 0, prefix_keys=union)
+    one, two = seen
+    rows1 = torch.cat([b.index for b in one])
+    assert torch.equal(torch.sort(rows1).values, torch.sort(torch.cat([order.indices(s) for s in range(6)])).values)
+    n_kept = 0
+    for b in one:
+        topic = rl[b.index] >= 0
+        assert torch.equal(b.y[~topic], data.y[b.index][~topic])            # general rows: every target
+        want = torch.where(E.opening_targets(b.x[topic], data.y[b.index][topic], union), data.y[b.index][topic],
+                           torch.full_like(b.y[topic], E.IGNORE))
+        assert torch.equal(b.y[topic], want)
+        # no key of any topic is ever a target the core learns, nor follows one in its story
+        kept = b.y[topic][b.y[topic] != E.IGNORE]
+        assert not union[kept].any()
+        n_kept += int((b.y[topic] != E.IGNORE).sum())
+        assert b.n_tokens == int((b.y != E.IGNORE).sum())
+    assert 0 < n_kept and res["core_prefix_targets"][0] >= n_kept
+    assert all(torch.equal(b.y, data.y[b.index]) for b in two)             # phase 2: the modules see whole stories
+    with pytest.raises(ValueError, match=r"core_prefix .* needs modules.schedule 'ordered' and modules.keys"):
+        E.check_candidates([dict(schedule="ordered", p_cr=1.0, p_as=0.0, core_prefix=True)])

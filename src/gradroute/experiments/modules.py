@@ -95,6 +95,15 @@ SELECT = dict(seeds=[100], removal=0.9, useful=1.1, candidates=[
     dict(p_cr=0.7, p_as=0.5, spread="each", p_other=0.5),
     dict(p_cr=0.7, p_as=0.5, spread="one", p_other=1.0),
     dict(p_cr=0.7, p_as=0.5, spread="each", p_other=1.0),
+    # 8-10 (ours; docs/modules.md, "Why it fails", point 21, adopted by the rule fixed before its runs): keyed
+    # modules (a module runs only from the first word of its topic alone on), topic-row deltas, the ordered
+    # schedule with the core also learning the topic stories' openings; widths 0.5, 0.5 without the openings, 0.1
+    dict(schedule="ordered", p_cr=1.0, p_as=0.0, p_other=0.0, width=0.5, module_embed="topic_rows",
+         keys="exclusive_rows", core_prefix=True),
+    dict(schedule="ordered", p_cr=1.0, p_as=0.0, p_other=0.0, width=0.5, module_embed="topic_rows",
+         keys="exclusive_rows"),
+    dict(schedule="ordered", p_cr=1.0, p_as=0.0, p_other=0.0, module_embed="topic_rows", keys="exclusive_rows",
+         core_prefix=True),
 ])
 # The 50%-unlabelled runs use the official partial-label GRAM schedule (src/run/experiment/partial/run.py:
 # aux_route_prc 0 -> p_cr 1, robust_prc 0.2 -> p_as 0.2, one module), not the selected one.
