@@ -512,7 +512,10 @@ DDP_DOMAINS = ["a", "b", "c"]
 
 # the options (ours) run in the same processes: the embedding learning on core-frozen rows (its
 # "learned" flag all-reduced with the owners') and the per-module embedding deltas
-DDP_OPTIONS = {"plain": {}, "options": dict(always_learn=["transformer.wte.weight"], embed_delta=True)}
+DDP_OPTIONS = {"plain": {}, "options": dict(always_learn=["transformer.wte.weight"], embed_delta=True),
+               # keyed modules with full-vocabulary deltas: their gates are computed per rank from its own rows
+               "keyed": dict(embed_delta=True, keys={"a": list(range(0, 12)), "b": list(range(12, 30)),
+                                                     "c": list(range(40, 64))})}
 
 
 def ddp_make(options="plain"):
@@ -598,6 +601,17 @@ def test_module_routing_under_ddp(tmp_path):
         moves = n == "transformer.wte.weight" or (".aux_modules.b." in n and not n.endswith("up.bias")) \
             or n == "aux_embed.b.weight"
         assert torch.equal(o0[1][n], o0[0][n]) != moves, n
+    # keyed: the same agreement; on step 1 only b's module and delta move
+    k0, k1 = torch.load(f"{path}.keyed.0"), torch.load(f"{path}.keyed.1")
+    model, mods = ddp_make("keyed")
+    single = ddp_train_steps(model, mods, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1))
+    for step in range(2):
+        for n in single[step]:
+            assert torch.equal(k0[step][n], k1[step][n]), (step, n)
+            assert torch.allclose(k0[step][n], single[step][n], atol=1e-6), (step, n)
+    for n in single[1]:
+        moves = (".aux_modules.b." in n and not n.endswith("up.bias")) or n == "aux_embed.b.weight"
+        assert torch.equal(k0[1][n], k0[0][n]) != moves, n
 
 
 # ------------------------------------------------------------------ the experiment's pieces
