@@ -1836,6 +1836,11 @@ def report(out: Path) -> dict:
                    + (" on each topic's own token rows" if cfg["modules"].get("module_embed") == "topic_rows" else "")
                    + (" on the rows of tokens exclusive to each topic" if cfg["modules"].get("module_embed")
                       == "exclusive_rows" else "")
+                   + (", ordered schedule (core, then modules)" if cfg["modules"].get("schedule") == "ordered" else "")
+                   + (f", keyed modules (a module runs from the first {cfg['modules']['keys'].replace('_', '-')} "
+                      "token of its topic in the story on; ours)" if cfg["modules"].get("keys") else "")
+                   + (", the core also learns the topic stories' openings (before any key)"
+                      if cfg["modules"].get("core_prefix") else "")
                    + (" (chosen on the validation split among " f"{len(m['selection']['candidates'])} candidates)"
                       if m.get("selection") else "")
                    + ("; 50%-unlabelled model: p_cr {p_cr}, p_as {p_as}, spread {spread} (official partial-label "
