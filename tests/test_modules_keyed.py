@@ -270,3 +270,21 @@ def test_core_prefix_phase1_learns_topic_openings_only(tmp_path, monkeypatch):
     assert all(torch.equal(b.y, data.y[b.index]) for b in two)             # phase 2: the modules see whole stories
     with pytest.raises(ValueError, match=r"core_prefix .* needs modules.schedule 'ordered' and modules.keys"):
         E.check_candidates([dict(schedule="ordered", p_cr=1.0, p_as=0.0, core_prefix=True)])
+
+
+def test_selection_skips_candidates_that_cannot_be_built_on_the_corpus(tmp_path, monkeypatch):
+    """At vocabulary 300 every token occurs in general stories: a keyed candidate has no key to use
+    (as on the shared-vocabulary topics); the selection records why and chooses among the others."""
+    from test_modules import _tiny_experiment
+    keyed = dict(schedule="ordered", p_cr=1.0, p_as=0.0, keys="exclusive_rows", core_prefix=True)
+    plain = dict(p_cr=1.0, p_as=0.5, spread="one")
+    sel = dict(seeds=[7], removal=0.9, useful=1.1, candidates=[keyed, plain])
+    E, parser = _tiny_experiment(tmp_path, monkeypatch, steps=4, curve_points=2,
+                                 modules=dict(width=0.1, p_cr=0.5, p_as=0.1, spread="one", select=sel), attack_rounds=1)
+    cfg = E.build_config(parser.parse_args(["--out", "x"]))
+    assert "has no token outside the general stories" in E.not_applicable(cfg, keyed)
+    assert E.not_applicable(cfg, plain) is None
+    s = E.run_selection(cfg, tmp_path / "o", "cpu", 1, eval_seeds=[0])
+    assert list(s["skipped"]) == ["0"] and s["chosen"] == 1 and s["schedule"] == plain
+    assert [r["candidate"] for r in s["rows"]] == [1]
+    assert not (tmp_path / "o" / "select" / "c0").exists()

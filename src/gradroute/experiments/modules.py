@@ -1372,6 +1372,22 @@ def check_candidates(cands: list) -> None:
             raise ValueError(f"modules.select.candidates[{i}]: {e}") from None
 
 
+def not_applicable(cfg: dict, cand: dict) -> str | None:
+    """Why candidate ``cand`` cannot be built on ``cfg``'s corpus (a row or key option whose topic has no such
+    token, e.g. keys on the shared-vocabulary topics), or None."""
+    mc = {**cfg["modules"], **cand}
+    if not (_module_embed(mc.get("module_embed")) in ROW_EMBEDS or _keys(mc.get("keys"))):
+        return None
+    tok, data, labels, _, _ = _prepare(_cfg_key(cfg))
+    rl = routing_labels(labels, None)
+    try:
+        embed_rows_for(mc.get("module_embed"), data, rl, tok.vocab_size)
+        keys_for(mc.get("keys"), data, rl, tok.vocab_size)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def run_selection(cfg: dict, out: Path, device: str, workers: int, eval_seeds=()) -> dict:
     """Train the candidates and the single-topic filters on the selection seeds, pick the
     schedule by :data:`SELECT_RULE` on the validation split; resumable (``out/select``)."""
@@ -1382,13 +1398,17 @@ def run_selection(cfg: dict, out: Path, device: str, workers: int, eval_seeds=()
     if overlap:
         raise ValueError(f"modules.select.seeds {sorted(overlap)} are evaluation seeds; use other seeds")
     root = out / "select"
+    skipped = {i: why for i, c in enumerate(cands) if (why := not_applicable(cfg, c))}
+    usable = [i for i in range(len(cands)) if i not in skipped]
+    if not usable:
+        raise ValueError(f"modules.select.candidates: none can be built on this corpus: {skipped}")
     jobs, where = [], {}
     for s in sel["seeds"]:
         if sel.get("useful") is not None:
             jobs.append(("base", s, "filters"))
         for t in TOPIC_NAMES:
             jobs.append((f"filter_{t}", s, "filters"))
-        for i in range(len(cands)):
+        for i in usable:
             jobs.append(("modular", s, f"c{i}"))
 
     def cand_cfg(tag):
@@ -1407,13 +1427,16 @@ def run_selection(cfg: dict, out: Path, device: str, workers: int, eval_seeds=()
             results[(m, s, tag)] = r
     filter_val = {t: float(np.mean([results[(f"filter_{t}", s, "filters")]["val_losses"][t] for s in sel["seeds"]]))
                   for t in TOPIC_NAMES}
-    cand_val = [_mean_configs([results[("modular", s, f"c{i}")] for s in sel["seeds"]]) for i in range(len(cands))]
+    cand_val = [_mean_configs([results[("modular", s, f"c{i}")] for s in sel["seeds"]]) for i in usable]
     base_val = None
     if sel.get("useful") is not None:
         base_val = {t: float(np.mean([results[("base", s, "filters")]["val_losses"][t] for s in sel["seeds"]]))
                     for t in TOPIC_NAMES}
     choice = select_schedule(cand_val, filter_val, sel["removal"], base_val, sel.get("useful"))
-    choice.update(rule=SELECT_RULE, seeds=sel["seeds"], removal=sel["removal"], useful=sel.get("useful"), candidates=cands,
+    for r in choice["rows"]:                         # indices into the full candidate list
+        r["candidate"] = usable[r["candidate"]]
+    choice["chosen"] = usable[choice["chosen"]]
+    choice.update(skipped={str(i): why for i, why in skipped.items()},rule=SELECT_RULE, seeds=sel["seeds"], removal=sel["removal"], useful=sel.get("useful"), candidates=cands,
                   schedule=cands[choice["chosen"]])
     return choice
 
@@ -1753,6 +1776,9 @@ def summary_md(summary: dict, claims: dict, selection: dict | None = None) -> st
               "-" if r.get("interference_topics") is None else f"{r['interference_topics']:.3f}",
               f"{r['own_on_topic_loss']:.2f}"]
              for r in selection["rows"]]) + "\n")
+        for i, why in selection.get("skipped", {}).items():
+            text.append(f"Candidate {i} {selection['candidates'][int(i)]} not trained: it cannot be built on this "
+                        f"corpus ({why}).\n")
     text += ["### Held-out loss (nats/token) / compute ratio, seed means\n", markdown_table(h, rows)]
     if "attack" in summary:
         t = summary["attack_topic"]
