@@ -288,3 +288,20 @@ def test_selection_skips_candidates_that_cannot_be_built_on_the_corpus(tmp_path,
     assert list(s["skipped"]) == ["0"] and s["chosen"] == 1 and s["schedule"] == plain
     assert [r["candidate"] for r in s["rows"]] == [1]
     assert not (tmp_path / "o" / "select" / "c0").exists()
+
+
+def test_key_rule_majority_keeps_the_domain_with_most_keys_so_far():
+    model = gpt()
+    first = _keyed(model)
+    mods_m = gr.add_modules(gpt(), "transformer.h.*.mlp", DOMAINS, keys=KEYS, key_rule="majority")
+    x = torch.tensor([[20, 2, 4, 30, 21, 30, 30, 2]])   # sea, then space once, sea again, then space twice
+    g = mods_m.key_gates(x)[:, 0]
+    assert g[1].tolist() == [True, True, True, True, True, True, False, False]        # sea
+    assert g[2].tolist() == [False, False, False, True, False, True, True, True]      # space (ties at 3, 5: both)
+    assert not g[0].any() and not g[3].any()
+    assert first.key_gates(x)[2, 0].tolist() == [False, False, False, True, True, True, True, True]
+    # text with one domain's keys only: both rules agree
+    y = torch.tensor([[1, 20, 2, 21, 2]])
+    assert torch.equal(first.key_gates(y), mods_m.key_gates(y))
+    with pytest.raises(ValueError, match="key_rule must be one of"):
+        gr.add_modules(gpt(), "transformer.h.*.mlp", DOMAINS, keys=KEYS, key_rule="last")

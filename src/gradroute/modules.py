@@ -96,6 +96,7 @@ from .params import ParamRouter, unknown_parameter
 
 UNLABELLED = -1
 GENERAL = -2
+KEY_RULES = ("first", "majority")
 CONTAINER = "aux_modules"          # attribute of each MLP holding its modules (an nn.ModuleDict)
 EMBED_CONTAINER = "aux_embed"      # attribute of the model holding the embedding deltas (embed_delta=True)
 _ACT_NAMES = ("act", "act_fn", "activation_fn", "activation")
@@ -286,7 +287,8 @@ class ModuleSet:
     ``keys`` (ours; default none): ``{domain: token ids}`` for every domain (ids as for ``embed_delta``):
     module ``k`` (its MLPs in every block, and its delta's logit term) is multiplied at each position by
     a 0/1 gate, open from the first of its keys in the sequence on (:meth:`key_gates`); the model must
-    be called with token ids. Not with ``gated``; with ``embed_delta`` the input delta is gated the same way.
+    be called with token ids. ``key_rule="majority"``: open only while no other domain has more of its
+    keys so far (a story that mentions another domain's word once keeps its own module). Not with ``gated``; with ``embed_delta`` the input delta is gated the same way.
 
     Add modules before building the optimizer and before wrapping the model in DDP.
     """
@@ -295,8 +297,10 @@ class ModuleSet:
                  width: Union[float, int] = 0.1, activation=None, init_std: float | None = None,
                  sync: bool | None = None, always_learn: Iterable[str] = (),
                  embed_delta: Union[bool, Mapping[str, object]] = False, gated: bool = False,
-                 keys: Mapping[str, object] | None = None):
+                 keys: Mapping[str, object] | None = None, key_rule: str = "first"):
         root = unwrap(model)
+        if key_rule not in KEY_RULES:
+            raise ValueError(f"key_rule must be one of {KEY_RULES}, got {key_rule!r}")
         if not isinstance(gated, bool):
             raise TypeError(f"gated must be True or False, got {gated!r}")
         if keys is not None and gated:
@@ -345,6 +349,7 @@ class ModuleSet:
         self.embed_delta = embed_rows is not False
         self.gated = gated
         self.keys = key_ids                     # {domain: key token ids} (keyed modules) or None
+        self.key_rule = key_rule
         self._gates: dict = {}                  # {k: gate of module k in the last block} of this forward
         self._key_hooks = []
         if key_ids is not None:
@@ -626,12 +631,16 @@ class ModuleSet:
         self._key_gates = None
 
     def key_gates(self, idx: torch.Tensor) -> torch.Tensor:
-        """Keyed modules: ``(K, *idx.shape)`` bool, True at position ``t`` of a sequence where one of
-        domain ``k``'s keys occurs among its tokens ``0..t`` (``idx``: token ids, time last)."""
+        """Keyed modules: ``(K, *idx.shape)`` bool gates at each position ``t`` (``idx``: token ids, time
+        last). ``key_rule="first"``: open where one of domain ``k``'s keys occurs among tokens ``0..t``;
+        ``"majority"``: open where domain ``k`` has at least one key among them and no domain has more."""
         if self.keys is None:
             raise ValueError("key_gates: these modules have no keys (add_modules(..., keys=...))")
         hit = self._keymask.to(idx.device)[:, idx.long()]              # (K, *idx.shape)
-        return hit.int().cummax(-1).values.bool()
+        if self.key_rule == "first":
+            return hit.int().cummax(-1).values.bool()
+        counts = hit.int().cumsum(-1)
+        return (counts > 0) & (counts == counts.max(0, keepdim=True).values)
 
     def _key_gate(self, x: torch.Tensor) -> torch.Tensor:
         """The key gates of this forward as ``(K, B, T, 1)`` in ``x``'s dtype (computed once per forward)."""
@@ -955,11 +964,11 @@ def add_modules(model: nn.Module, pattern: Pattern, domains: Union[int, Sequence
                 width: Union[float, int] = 0.1, activation=None, init_std: float | None = None,
                 sync: bool | None = None, always_learn: Iterable[str] = (),
                 embed_delta: Union[bool, Mapping[str, object]] = False, gated: bool = False,
-                keys: Mapping[str, object] | None = None) -> ModuleSet:
+                keys: Mapping[str, object] | None = None, key_rule: str = "first") -> ModuleSet:
     """Attach one auxiliary MLP per domain to every MLP of ``model`` matching ``pattern``; see
     :class:`ModuleSet`. The model computes the same function afterwards."""
     return ModuleSet(model, pattern, domains, width, activation, init_std, sync, always_learn, embed_delta,
-                     gated, keys)
+                     gated, keys, key_rule)
 
 
 @torch.no_grad()
