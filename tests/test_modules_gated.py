@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import gradroute as gr
 from gradroute.modules import CONTAINER, GENERAL
 
-from test_modules import DOMAINS, _routed_steps, _same, _snapshot, gpt, ids, randomise_modules
+from test_modules import DOMAINS, gpt, ids, randomise_modules
 from test_modules_ordered import _forest_rows, _ordered_model, _setup, check_ordered_key
 from test_modules_rows import ROWS, attach_leaves_function_unchanged
 
@@ -83,55 +83,6 @@ def test_gate_multiplies_module_output_and_delta_logits_per_token():
         h_.remove()
 
 
-def test_gated_routed_pass_equals_inference_strengths():
-    """A routed forward with every example in one configuration equals that configuration at inference."""
-    model = gpt()
-    model.eval()
-    mods = _gated(model)
-    randomise_modules(mods)
-    x = ids()
-    fwd = torch.tensor([[1.0, 1, 0, 1, 0]] * 4)
-    with torch.no_grad():
-        with mods.using(on=["forest", "space"]):
-            want = model(x)[0]
-        with mods.route(forward=fwd, learn=fwd.bool()):
-            got = model(x)[0]
-    assert torch.allclose(got, want, atol=1e-5)
-
-
-def test_gated_export_refuses_kept_modules_and_exports_all_off():
-    model = gpt()
-    model.eval()
-    mods = _gated(model)
-    randomise_modules(mods)
-    with pytest.raises(ValueError, match=r"export\(on=\['sea'\]\): gated modules cannot be merged"):
-        mods.export(on=["sea"])
-    stock = mods.export()
-    x = ids()
-    with torch.no_grad(), mods.using(on=[]):
-        assert torch.allclose(stock(x)[0], model(x)[0], atol=1e-6)
-    assert not any("aux" in n for n, _ in stock.named_parameters())
-
-
-def test_gated_isolation_under_adamw_bit_identical():
-    model = gpt()
-    mods = _gated(model)
-    randomise_modules(mods)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    g = torch.Generator().manual_seed(0)
-    _routed_steps(model, mods, opt, [0, 1, 2, 3, GENERAL], 0, p_as=0.5, generator=g)   # moments for everyone
-    core, forest = _snapshot(mods.core_params()), _snapshot(mods.module_params("forest"))
-    others = [_snapshot(mods.module_params(d)) for d in DOMAINS[1:]]
-    gate = getattr(mods.blocks[0][1], CONTAINER)["forest"].gate.weight.detach().clone()
-    _routed_steps(model, mods, opt, [0, 0, 0], 10, p_cr=1.0, p_other=1.0)   # forest data, others visit
-    assert _same(core, mods.core_params())
-    for snap, d in zip(others, DOMAINS[1:]):
-        assert _same(snap, mods.module_params(d)), d
-    assert not _same(forest, mods.module_params("forest"))
-    assert not torch.equal(gate, getattr(mods.blocks[0][1], CONTAINER)["forest"].gate.weight)
-
-
-# ---- the experiment's ``modules.gated``
 def _gated_model(tmp_path, monkeypatch):
     E, _, model, mods, data, rl = _ordered_model(tmp_path, monkeypatch, gated=True)
     return E, model, mods, data, rl

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 import gradroute as gr
-from gradroute.modules import GENERAL
+from gradroute.modules import CONTAINER, GENERAL
 
 from test_modules import DOMAINS, _routed_steps, _same, _snapshot, gpt, ids, randomise_modules
+from test_modules_gated import _gated
 from test_modules_rows import ROWS, attach_leaves_function_unchanged
 
 # every token id below 64 except the keys is "general"; the keys of two domains may share a token
@@ -82,11 +83,22 @@ def test_keyed_gate_open_everywhere_equals_the_ungated_module():
         assert torch.allclose(model(x)[0], ref(x)[0], atol=1e-6)
 
 
-def test_keyed_routed_pass_equals_inference_strengths():
+# the per-token gates, learned (gated=True, point 19) or keyed: the same guarantees
+ATTACH = {"gated": lambda m: _gated(m), "keyed": lambda m: _keyed(m)}
+
+
+def _random(kind):
+    """A model in eval mode with ``kind`` modules given random weights."""
     model = gpt()
     model.eval()
-    mods = _keyed(model)
+    mods = ATTACH[kind](model)
     randomise_modules(mods)
+    return model, mods
+
+
+@pytest.mark.parametrize("kind", ATTACH)
+def test_gated_or_keyed_routed_pass_equals_inference_strengths(kind):
+    model, mods = _random(kind)
     x = ids()
     x[:, 2] = 9                                       # forest's and sea's key
     fwd = torch.tensor([[1.0, 1, 1, 0, 1]] * 4)
@@ -98,37 +110,40 @@ def test_keyed_routed_pass_equals_inference_strengths():
     assert torch.allclose(got, want, atol=1e-5)
 
 
-def test_keyed_export_refuses_kept_modules_and_exports_all_off():
-    model = gpt()
-    model.eval()
-    mods = _keyed(model)
-    randomise_modules(mods)
-    with pytest.raises(ValueError, match=r"export\(on=\['sea'\]\): keyed modules cannot be merged"):
+@pytest.mark.parametrize("kind", ATTACH)
+def test_gated_or_keyed_export_refuses_kept_modules_and_exports_all_off(kind):
+    model, mods = _random(kind)
+    with pytest.raises(ValueError, match=rf"export\(on=\['sea'\]\): {kind} modules cannot be merged"):
         mods.export(on=["sea"])
     stock = mods.export()
     x = ids()
     x[:, 0] = 12
     with torch.no_grad(), mods.using(on=[]):
         assert torch.equal(stock(x)[0], model(x)[0])
+    assert not any("aux" in n for n, _ in stock.named_parameters())
     assert not stock._forward_pre_hooks_with_kwargs and not stock._forward_pre_hooks
     mods.remove()
     assert not model._forward_pre_hooks_with_kwargs
 
 
-def test_keyed_isolation_under_adamw_bit_identical():
+@pytest.mark.parametrize("kind", ATTACH)
+def test_gated_or_keyed_isolation_under_adamw_bit_identical(kind):
     model = gpt()
-    mods = _keyed(model)
+    mods = ATTACH[kind](model)
     randomise_modules(mods)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     g = torch.Generator().manual_seed(0)
     _routed_steps(model, mods, opt, [0, 1, 2, 3, GENERAL], 0, p_as=0.5, generator=g)   # moments for everyone
     core, forest = _snapshot(mods.core_params()), _snapshot(mods.module_params("forest"))
     others = [_snapshot(mods.module_params(d)) for d in DOMAINS[1:]]
+    gate = getattr(mods.blocks[0][1], CONTAINER)["forest"].gate
+    gate0 = None if gate is None else gate.weight.detach().clone()
     _routed_steps(model, mods, opt, [0, 0, 0], 10, p_cr=1.0, p_other=1.0)   # forest data, others visit
     assert _same(core, mods.core_params())
     for snap, d in zip(others, DOMAINS[1:]):
         assert _same(snap, mods.module_params(d)), d
     assert not _same(forest, mods.module_params("forest"))
+    assert (gate is None) == (kind == "keyed") and (gate is None or not torch.equal(gate0, gate.weight))
 
 
 def test_keyed_refuses_bad_options_before_changing_the_model():
