@@ -253,6 +253,25 @@ def _vocab_size(root: nn.Module) -> int:
     return emb.num_embeddings
 
 
+def _cached_past(kwargs: Mapping) -> bool:
+    """Whether a Hugging Face forward continues a sequence from a key/value cache (earlier tokens not given)."""
+    pos = kwargs.get("cache_position")
+    if isinstance(pos, torch.Tensor) and pos.numel() and int(pos.reshape(-1)[0]) > 0:
+        return True
+    for name in ("past_key_values", "cache", "past_key_value"):
+        past = kwargs.get(name)
+        if past is None:
+            continue
+        length = getattr(past, "get_seq_length", None)
+        if callable(length):
+            if int(length()) > 0:
+                return True
+        elif isinstance(past, (tuple, list)) and len(past) and past[0] is not None and len(past[0]) \
+                and isinstance(past[0][0], torch.Tensor) and past[0][0].shape[-2] > 0:
+            return True
+    return False
+
+
 def _check_always_learn(names: Iterable[str], named: dict) -> list[str]:
     """``always_learn`` as a list of core parameter names of ``named`` (the model before modules)."""
     names = [names] if isinstance(names, str) else list(names)
@@ -354,9 +373,13 @@ class ModuleSet:
             for k, d in enumerate(self.domains):
                 self._keymask[k, key_ids[d].to(dev)] = True
             self._key_idx = None                # the token ids of this forward
+            self._key_pad = None                # (B, T) True at padded positions (attention_mask 0) or None
             self._key_gates = None              # (K, B, T, 1) 0/1 of this forward, computed at the first block
+            # the ids are dropped after the forward (also when it raises): an MLP called on its own later
+            # must not reuse this forward's gates
             self._key_hooks = [root.register_forward_pre_hook(lambda m, a, k: self._take_key_ids(a, k),
-                                                              with_kwargs=True)]
+                                                              with_kwargs=True),
+                               root.register_forward_hook(lambda m, a, o: self._drop_key_ids(), always_call=True)]
         self._embed_hooks = []
         self._layouts: dict = {}
         self._layout_rows: list = []            # the rows tensors of the cached layout (keeps their ids)
@@ -622,15 +645,33 @@ class ModuleSet:
         return g
 
     def _take_key_ids(self, args, kwargs):
-        self._key_idx = args[0] if args else kwargs.get("idx", kwargs.get("input_ids"))
         self._key_gates = None
+        self._key_idx = None
+        if _cached_past(kwargs):
+            raise ValueError("keyed modules need the whole sequence in every forward (a module's gate depends on "
+                             "every earlier token): call the model without a key/value cache (generate(..., "
+                             "use_cache=False))")
+        idx = args[0] if args else kwargs.get("idx", kwargs.get("input_ids"))
+        mask = kwargs.get("attention_mask")
+        if idx is not None and isinstance(mask, torch.Tensor) and mask.shape == idx.shape:
+            self._key_pad = mask == 0            # padded positions: a key there opens no gate
+        else:
+            self._key_pad = None
+        self._key_idx = idx
+
+    def _drop_key_ids(self):
+        self._key_idx = None
+        self._key_gates = None
+        self._key_pad = None
 
     def key_gates(self, idx: torch.Tensor) -> torch.Tensor:
         """Keyed modules: ``(K, *idx.shape)`` bool, True at position ``t`` of a sequence where one of
         domain ``k``'s keys occurs among its tokens ``0..t`` (``idx``: token ids, time last)."""
         if self.keys is None:
             raise ValueError("key_gates: these modules have no keys (add_modules(..., keys=...))")
-        hit = self._keymask.to(idx.device)[:, idx.long()]              # (K, *idx.shape)
+        idx = idx.long()
+        keymask = self._keymask.to(idx.device)
+        hit = keymask[:, idx.clamp(min=0)] & (idx >= 0)                 # (K, *idx.shape); -1: no token
         return hit.int().cummax(-1).values.bool()
 
     def _key_gate(self, x: torch.Tensor) -> torch.Tensor:
@@ -643,6 +684,9 @@ class ModuleSet:
             if idx.shape != x.shape[:-1]:
                 raise ValueError(f"keyed modules: token ids of shape {tuple(idx.shape)} do not match an MLP input "
                                  f"of shape {tuple(x.shape)}")
+            pad = self._key_pad
+            if pad is not None:                  # ids at padded positions count as no key
+                idx = idx.masked_fill(pad.to(idx.device), -1)
             self._key_gates = self.key_gates(idx).unsqueeze(-1)
         return self._key_gates.to(x.device, x.dtype)
 
@@ -892,8 +936,9 @@ class ModuleSet:
         src = unwrap(model) if model is not None else self.model
         out = copy.deepcopy(src)
         for handle in self._key_hooks:
-            out._forward_pre_hooks_with_kwargs.pop(handle.id, None)
-            out._forward_pre_hooks.pop(handle.id, None)
+            for d in (out._forward_pre_hooks_with_kwargs, out._forward_pre_hooks, out._forward_hooks,
+                      out._forward_hooks_with_kwargs, out._forward_hooks_always_called):
+                d.pop(handle.id, None)
         for (name, _), handle in zip(self.blocks, self._hooks):
             mlp = out.get_submodule(name)
             for d in (mlp._forward_hooks, mlp._forward_hooks_with_kwargs):
