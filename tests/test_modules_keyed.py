@@ -354,3 +354,26 @@ def test_keyed_hf_gpt2_key_at_a_padded_position_opens_no_gate(hf_gpt2):
             c_off = model(input_ids=real_key, attention_mask=mask).logits
     assert torch.allclose(a[:, 2:], b[:, 2:], atol=1e-6)
     assert torch.equal(c[:, 2:4], c_off[:, 2:4]) and (c[:, 4:] - c_off[:, 4:]).abs().amax() > 1e-4
+
+
+def test_keyed_hf_gpt2_gradient_checkpointing_recomputes_with_the_forwards_gates(hf_gpt2):
+    """Activation checkpointing reruns the MLPs in backward, after the model's forward ended: they use that
+    forward's gates (the same gradients as without checkpointing), while an MLP called alone still raises."""
+    model = hf_gpt2
+    mods = gr.add_modules(model, "transformer.h.*.mlp", DOMAINS, keys=KEYS)
+    randomise_modules(mods)
+    x = _plain_ids(2, 8)
+    x[:, 2] = 30
+    model.train()
+    model(input_ids=x).logits.square().sum().backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert want["transformer.h.0.mlp.aux_modules.space.down.weight"].abs().amax() > 0
+    model.zero_grad(set_to_none=True)
+    model.gradient_checkpointing_enable()
+    model(input_ids=x, use_cache=False).logits.square().sum().backward()
+    got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys()
+    for n in want:
+        assert torch.allclose(got[n], want[n], atol=1e-6), n
+    with pytest.raises(RuntimeError, match="keyed modules need the token ids"):
+        model.transformer.h[0].mlp(torch.randn(2, 8, 16))

@@ -29,6 +29,8 @@ words: at position ``t`` of a sequence module ``k`` runs only if one of its key 
 ``0..t`` (a causal 0/1 gate, no parameters; with embedding deltas also the delta's logit term), so on
 text without its keys a module that is switched on changes nothing. A keyed module cannot be merged by
 ``export``; its embedding delta is gated too (input and output: it acts only where the gate is open).
+Every forward must see the whole sequence: a Hugging Face forward continuing from a key/value cache is
+refused (``generate(..., use_cache=False)``); a token where ``attention_mask`` is 0 (padding) is no key.
 Option (ours, default off; our GPT, tied embeddings): ``embed_delta=True`` gives each domain's
 module its own token-embedding delta ``D_k`` (``(vocab, d_model)``, zero at start), added to the
 tied token embedding on the input (``wte[x] + sum_k D_k[x]``) and on the output (``logits + h
@@ -305,7 +307,9 @@ class ModuleSet:
     ``keys`` (ours; default none): ``{domain: token ids}`` for every domain (ids as for ``embed_delta``):
     module ``k`` (its MLPs in every block, and its delta's logit term) is multiplied at each position by
     a 0/1 gate, open from the first of its keys in the sequence on (:meth:`key_gates`); the model must
-    be called with token ids. Not with ``gated``; with ``embed_delta`` the input delta is gated the same way.
+    be called with token ids, the whole sequence in each forward (no key/value cache; positions where a
+    given ``attention_mask`` is 0 hold no key). Not with ``gated``; with ``embed_delta`` the input delta is
+    gated the same way.
 
     Add modules before building the optimizer and before wrapping the model in DDP.
     """
@@ -375,11 +379,12 @@ class ModuleSet:
             self._key_idx = None                # the token ids of this forward
             self._key_pad = None                # (B, T) True at padded positions (attention_mask 0) or None
             self._key_gates = None              # (K, B, T, 1) 0/1 of this forward, computed at the first block
-            # the ids are dropped after the forward (also when it raises): an MLP called on its own later
-            # must not reuse this forward's gates
+            self._key_done = False              # this forward has ended (also when it raised)
+            # after the forward its gates serve only a recomputation in backward (activation checkpointing):
+            # an MLP called on its own later must not reuse them
             self._key_hooks = [root.register_forward_pre_hook(lambda m, a, k: self._take_key_ids(a, k),
                                                               with_kwargs=True),
-                               root.register_forward_hook(lambda m, a, o: self._drop_key_ids(), always_call=True)]
+                               root.register_forward_hook(lambda m, a, o: self._end_key_forward(), always_call=True)]
         self._embed_hooks = []
         self._layouts: dict = {}
         self._layout_rows: list = []            # the rows tensors of the cached layout (keeps their ids)
@@ -647,6 +652,7 @@ class ModuleSet:
     def _take_key_ids(self, args, kwargs):
         self._key_gates = None
         self._key_idx = None
+        self._key_done = False
         if _cached_past(kwargs):
             raise ValueError("keyed modules need the whole sequence in every forward (a module's gate depends on "
                              "every earlier token): call the model without a key/value cache (generate(..., "
@@ -659,10 +665,8 @@ class ModuleSet:
             self._key_pad = None
         self._key_idx = idx
 
-    def _drop_key_ids(self):
-        self._key_idx = None
-        self._key_gates = None
-        self._key_pad = None
+    def _end_key_forward(self):
+        self._key_done = True
 
     def key_gates(self, idx: torch.Tensor) -> torch.Tensor:
         """Keyed modules: ``(K, *idx.shape)`` bool, True at position ``t`` of a sequence where one of
@@ -676,6 +680,10 @@ class ModuleSet:
 
     def _key_gate(self, x: torch.Tensor) -> torch.Tensor:
         """The key gates of this forward as ``(K, B, T, 1)`` in ``x``'s dtype (computed once per forward)."""
+        if self._key_done and torch._C._current_graph_task_id() == -1:
+            # not a recomputation in backward: an MLP called outside a model forward
+            raise RuntimeError("keyed modules need the token ids: call the model with them (idx / input_ids as the "
+                               "first argument or keyword); an MLP called on its own has no token ids")
         if self._key_gates is None:
             idx = self._key_idx
             if idx is None:
