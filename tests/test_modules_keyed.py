@@ -320,3 +320,92 @@ def test_key_rule_majority_keeps_the_domain_with_most_keys_so_far():
     assert torch.equal(first.key_gates(y), mods_m.key_gates(y))
     with pytest.raises(ValueError, match="key_rule must be one of"):
         gr.add_modules(gpt(), "transformer.h.*.mlp", DOMAINS, keys=KEYS, key_rule="last")
+
+
+# ---- review6: state between forwards, key/value caches, padding
+def test_keyed_mlp_called_after_a_forward_does_not_reuse_its_gates():
+    """The gates of a forward are dropped after it: an MLP called on its own later raises instead of using
+    the last forward's gates (of other tokens), also after a forward that raised; export keeps no hook."""
+    model = gpt()
+    model.eval()
+    mods = _keyed(model)
+    randomise_modules(mods)
+    x = _plain_ids()
+    x[:, 2] = 12
+    mlp = model.transformer.h[0].mlp
+    with torch.no_grad():
+        model(x)
+        with pytest.raises(RuntimeError, match="keyed modules need the token ids"):
+            mlp(torch.randn(3, 10, 16))
+        with pytest.raises(Exception):
+            model(x, torch.zeros(2, 2, dtype=torch.long))       # targets of a wrong shape: the forward raises
+        with pytest.raises(RuntimeError, match="keyed modules need the token ids"):
+            mlp(torch.randn(3, 10, 16))
+    out = mods.export()
+    assert not out._forward_hooks and not out._forward_pre_hooks and not out._forward_pre_hooks_with_kwargs
+    with torch.no_grad(), mods.using(on=[]):
+        assert torch.equal(out(x)[0], model(x)[0])
+
+
+def test_keyed_hf_gpt2_refuses_a_cached_continuation(hf_gpt2):
+    """With a key/value cache a forward sees only the new tokens, so a key earlier in the sequence would not
+    open the gate (the module silently off): refused; generate(use_cache=False) gives the full-forward tokens."""
+    model = hf_gpt2
+    mods = gr.add_modules(model, "transformer.h.*.mlp", DOMAINS, keys=KEYS)
+    randomise_modules(mods)
+    x = _plain_ids(1, 8)
+    x[:, 2] = 30                                      # a space key in the prompt
+    with torch.no_grad(), mods.using(on=["space"]):
+        o = model(input_ids=x[:, :-1], use_cache=True)
+        with pytest.raises(ValueError, match="without a key/value cache"):
+            model(input_ids=x[:, -1:], past_key_values=o.past_key_values, use_cache=True)
+        got = model.generate(x[:, :5], max_new_tokens=3, do_sample=False, use_cache=False, pad_token_id=0)
+        seq = x[:, :5]
+        for _ in range(3):                            # greedy decoding by full forwards
+            seq = torch.cat([seq, model(input_ids=seq).logits[:, -1:].argmax(-1)], 1)
+    assert torch.equal(got, seq)
+
+
+def test_keyed_hf_gpt2_key_at_a_padded_position_opens_no_gate(hf_gpt2):
+    """Left padding: a key token at a position the attention mask hides is no token of the text."""
+    model = hf_gpt2
+    mods = gr.add_modules(model, "transformer.h.*.mlp", DOMAINS, keys=KEYS)
+    randomise_modules(mods)
+    x = _plain_ids(2, 8)
+    mask = torch.ones_like(x)
+    mask[:, :2] = 0
+    padded_key = x.clone()
+    padded_key[:, 1] = 30                             # a space key, but padding
+    with torch.no_grad(), mods.using(on=["space"]):
+        a = model(input_ids=x, attention_mask=mask).logits
+        b = model(input_ids=padded_key, attention_mask=mask).logits
+        real_key = padded_key.clone()
+        real_key[:, 4] = 30                           # a real key opens the gate from there on
+        c = model(input_ids=real_key, attention_mask=mask).logits
+        with mods.using(on=[]):
+            c_off = model(input_ids=real_key, attention_mask=mask).logits
+    assert torch.allclose(a[:, 2:], b[:, 2:], atol=1e-6)
+    assert torch.equal(c[:, 2:4], c_off[:, 2:4]) and (c[:, 4:] - c_off[:, 4:]).abs().amax() > 1e-4
+
+
+def test_keyed_hf_gpt2_gradient_checkpointing_recomputes_with_the_forwards_gates(hf_gpt2):
+    """Activation checkpointing reruns the MLPs in backward, after the model's forward ended: they use that
+    forward's gates (the same gradients as without checkpointing), while an MLP called alone still raises."""
+    model = hf_gpt2
+    mods = gr.add_modules(model, "transformer.h.*.mlp", DOMAINS, keys=KEYS)
+    randomise_modules(mods)
+    x = _plain_ids(2, 8)
+    x[:, 2] = 30
+    model.train()
+    model(input_ids=x).logits.square().sum().backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert want["transformer.h.0.mlp.aux_modules.space.down.weight"].abs().amax() > 0
+    model.zero_grad(set_to_none=True)
+    model.gradient_checkpointing_enable()
+    model(input_ids=x, use_cache=False).logits.square().sum().backward()
+    got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys()
+    for n in want:
+        assert torch.allclose(got[n], want[n], atol=1e-6), n
+    with pytest.raises(RuntimeError, match="keyed modules need the token ids"):
+        model.transformer.h[0].mlp(torch.randn(2, 8, 16))

@@ -29,6 +29,8 @@ words: at position ``t`` of a sequence module ``k`` runs only if one of its key 
 ``0..t`` (a causal 0/1 gate, no parameters; with embedding deltas also the delta's logit term), so on
 text without its keys a module that is switched on changes nothing. A keyed module cannot be merged by
 ``export``; its embedding delta is gated too (input and output: it acts only where the gate is open).
+Every forward must see the whole sequence: a Hugging Face forward continuing from a key/value cache is
+refused (``generate(..., use_cache=False)``); a token where ``attention_mask`` is 0 (padding) is no key.
 Option (ours, default off; our GPT, tied embeddings): ``embed_delta=True`` gives each domain's
 module its own token-embedding delta ``D_k`` (``(vocab, d_model)``, zero at start), added to the
 tied token embedding on the input (``wte[x] + sum_k D_k[x]``) and on the output (``logits + h
@@ -254,6 +256,25 @@ def _vocab_size(root: nn.Module) -> int:
     return emb.num_embeddings
 
 
+def _cached_past(kwargs: Mapping) -> bool:
+    """Whether a Hugging Face forward continues a sequence from a key/value cache (earlier tokens not given)."""
+    pos = kwargs.get("cache_position")
+    if isinstance(pos, torch.Tensor) and pos.numel() and int(pos.reshape(-1)[0]) > 0:
+        return True
+    for name in ("past_key_values", "cache", "past_key_value"):
+        past = kwargs.get(name)
+        if past is None:
+            continue
+        length = getattr(past, "get_seq_length", None)
+        if callable(length):
+            if int(length()) > 0:
+                return True
+        elif isinstance(past, (tuple, list)) and len(past) and past[0] is not None and len(past[0]) \
+                and isinstance(past[0][0], torch.Tensor) and past[0][0].shape[-2] > 0:
+            return True
+    return False
+
+
 def _check_always_learn(names: Iterable[str], named: dict) -> list[str]:
     """``always_learn`` as a list of core parameter names of ``named`` (the model before modules)."""
     names = [names] if isinstance(names, str) else list(names)
@@ -287,8 +308,10 @@ class ModuleSet:
     ``keys`` (ours; default none): ``{domain: token ids}`` for every domain (ids as for ``embed_delta``):
     module ``k`` (its MLPs in every block, and its delta's logit term) is multiplied at each position by
     a 0/1 gate, open from the first of its keys in the sequence on (:meth:`key_gates`); the model must
-    be called with token ids. ``key_rule="majority"``: open only while no other domain has more of its
-    keys so far (a story that mentions another domain's word once keeps its own module). Not with ``gated``; with ``embed_delta`` the input delta is gated the same way.
+    be called with token ids, the whole sequence in each forward (no key/value cache; positions where a
+    given ``attention_mask`` is 0 hold no key). ``key_rule="majority"``: open only while no other domain
+    has more of its keys so far (a story that mentions another domain's word once keeps its own module).
+    Not with ``gated``; with ``embed_delta`` the input delta is gated the same way.
 
     Add modules before building the optimizer and before wrapping the model in DDP.
     """
@@ -359,9 +382,14 @@ class ModuleSet:
             for k, d in enumerate(self.domains):
                 self._keymask[k, key_ids[d].to(dev)] = True
             self._key_idx = None                # the token ids of this forward
+            self._key_pad = None                # (B, T) True at padded positions (attention_mask 0) or None
             self._key_gates = None              # (K, B, T, 1) 0/1 of this forward, computed at the first block
+            self._key_done = False              # this forward has ended (also when it raised)
+            # after the forward its gates serve only a recomputation in backward (activation checkpointing):
+            # an MLP called on its own later must not reuse them
             self._key_hooks = [root.register_forward_pre_hook(lambda m, a, k: self._take_key_ids(a, k),
-                                                              with_kwargs=True)]
+                                                              with_kwargs=True),
+                               root.register_forward_hook(lambda m, a, o: self._end_key_forward(), always_call=True)]
         self._embed_hooks = []
         self._layouts: dict = {}
         self._layout_rows: list = []            # the rows tensors of the cached layout (keeps their ids)
@@ -627,8 +655,23 @@ class ModuleSet:
         return g
 
     def _take_key_ids(self, args, kwargs):
-        self._key_idx = args[0] if args else kwargs.get("idx", kwargs.get("input_ids"))
         self._key_gates = None
+        self._key_idx = None
+        self._key_done = False
+        if _cached_past(kwargs):
+            raise ValueError("keyed modules need the whole sequence in every forward (a module's gate depends on "
+                             "every earlier token): call the model without a key/value cache (generate(..., "
+                             "use_cache=False))")
+        idx = args[0] if args else kwargs.get("idx", kwargs.get("input_ids"))
+        mask = kwargs.get("attention_mask")
+        if idx is not None and isinstance(mask, torch.Tensor) and mask.shape == idx.shape:
+            self._key_pad = mask == 0            # padded positions: a key there opens no gate
+        else:
+            self._key_pad = None
+        self._key_idx = idx
+
+    def _end_key_forward(self):
+        self._key_done = True
 
     def key_gates(self, idx: torch.Tensor) -> torch.Tensor:
         """Keyed modules: ``(K, *idx.shape)`` bool gates at each position ``t`` (``idx``: token ids, time
@@ -636,7 +679,9 @@ class ModuleSet:
         ``"majority"``: open where domain ``k`` has at least one key among them and no domain has more."""
         if self.keys is None:
             raise ValueError("key_gates: these modules have no keys (add_modules(..., keys=...))")
-        hit = self._keymask.to(idx.device)[:, idx.long()]              # (K, *idx.shape)
+        idx = idx.long()
+        keymask = self._keymask.to(idx.device)
+        hit = keymask[:, idx.clamp(min=0)] & (idx >= 0)                 # (K, *idx.shape); -1: no token
         if self.key_rule == "first":
             return hit.int().cummax(-1).values.bool()
         counts = hit.int().cumsum(-1)
@@ -644,6 +689,10 @@ class ModuleSet:
 
     def _key_gate(self, x: torch.Tensor) -> torch.Tensor:
         """The key gates of this forward as ``(K, B, T, 1)`` in ``x``'s dtype (computed once per forward)."""
+        if self._key_done and torch._C._current_graph_task_id() == -1:
+            # not a recomputation in backward: an MLP called outside a model forward
+            raise RuntimeError("keyed modules need the token ids: call the model with them (idx / input_ids as the "
+                               "first argument or keyword); an MLP called on its own has no token ids")
         if self._key_gates is None:
             idx = self._key_idx
             if idx is None:
@@ -652,6 +701,9 @@ class ModuleSet:
             if idx.shape != x.shape[:-1]:
                 raise ValueError(f"keyed modules: token ids of shape {tuple(idx.shape)} do not match an MLP input "
                                  f"of shape {tuple(x.shape)}")
+            pad = self._key_pad
+            if pad is not None:                  # ids at padded positions count as no key
+                idx = idx.masked_fill(pad.to(idx.device), -1)
             self._key_gates = self.key_gates(idx).unsqueeze(-1)
         return self._key_gates.to(x.device, x.dtype)
 
@@ -901,8 +953,9 @@ class ModuleSet:
         src = unwrap(model) if model is not None else self.model
         out = copy.deepcopy(src)
         for handle in self._key_hooks:
-            out._forward_pre_hooks_with_kwargs.pop(handle.id, None)
-            out._forward_pre_hooks.pop(handle.id, None)
+            for d in (out._forward_pre_hooks_with_kwargs, out._forward_pre_hooks, out._forward_hooks,
+                      out._forward_hooks_with_kwargs, out._forward_hooks_always_called):
+                d.pop(handle.id, None)
         for (name, _), handle in zip(self.blocks, self._hooks):
             mlp = out.get_submodule(name)
             for d in (mlp._forward_hooks, mlp._forward_hooks_with_kwargs):
