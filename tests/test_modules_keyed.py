@@ -209,9 +209,10 @@ def test_keys_key_checks_run_key_and_partial(tmp_path, monkeypatch):
     assert len(set(gen.values())) == 1, gen
 
 
-def test_keyed_headline_attacks_the_attached_release(tmp_path, monkeypatch):
-    """Keyed modules cannot be merged into a stock model: the attack runs on the modular model with the
-    attacked topic's module zeroed and switched off, the others on; before the attack it computes what
+@pytest.mark.parametrize("gate", [dict(keys="topic_rows"), dict(gated=True)], ids=["keyed", "gated"])
+def test_keyed_or_gated_headline_attacks_the_attached_release(tmp_path, monkeypatch, gate):
+    """Keyed or gated modules cannot be merged into a stock model: the attack runs on the modular model with
+    the attacked topic's module zeroed and switched off, the others on; before the attack it computes what
     the modular model does in that configuration."""
     import json
     E, parser = _setup(tmp_path, monkeypatch, steps=4)
@@ -219,7 +220,7 @@ def test_keyed_headline_attacks_the_attached_release(tmp_path, monkeypatch):
 
     def keyed_config(args):
         cfg = real(args)
-        cfg["modules"].update(keys="topic_rows", module_embed="topic_rows")
+        cfg["modules"].update(gate, module_embed="topic_rows")
         return cfg
     monkeypatch.setattr(E, "build_config", keyed_config)
     out = tmp_path / "o"
