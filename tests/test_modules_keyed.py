@@ -304,6 +304,13 @@ def test_selection_skips_candidates_that_cannot_be_built_on_the_corpus(tmp_path,
     assert list(s["skipped"]) == ["0"] and s["chosen"] == 1 and s["schedule"] == plain
     assert [r["candidate"] for r in s["rows"]] == [1]
     assert not (tmp_path / "o" / "select" / "c0").exists()
+    # the whole run: the skipped candidate is named in the summary, and nothing else asks for its keys or rows
+    keyed_rows = dict(keyed, module_embed="topic_rows")
+    monkeypatch.setitem(sel, "candidates", [keyed_rows, plain])
+    m = E.run(parser.parse_args(["--out", str(tmp_path / "o2"), "--workers", "1", "--methods", "base", "modular",
+                                 "--no-attack"]))
+    assert list(m["selection"]["skipped"]) == ["0"] and "module_embed_rows" not in m
+    assert "Candidate 0 " in (tmp_path / "o2" / "summary.md").read_text()
 
 
 def test_key_rule_majority_keeps_the_domain_with_most_keys_so_far():

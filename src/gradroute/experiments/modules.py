@@ -1569,7 +1569,8 @@ def run(args: argparse.Namespace) -> dict:
                "runs": {f"{m}_s{s}": {k: v for k, v in r.items() if k != "config"} for (m, s), r in results.items()},
                "attacks": {str(s): {k: v for k, v in r.items() if k != "config"} for s, r in attacks.items()},
                "wall_time_s": time.time() - t0}
-    cands = (selection or {}).get("candidates") or []
+    skipped = {int(i) for i in (selection or {}).get("skipped", {})}       # candidates this corpus cannot build
+    cands = [c for i, c in enumerate((selection or {}).get("candidates") or []) if i not in skipped]
     # rows of each topic's embedding delta (fully labelled model; training split only), per row option used
     for opt in ROW_EMBEDS:
         if any(_module_embed(c.get("module_embed")) == opt for c in [cfg["modules"], *cands]):
