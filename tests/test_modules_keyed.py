@@ -417,3 +417,17 @@ def test_keyed_hf_gpt2_gradient_checkpointing_recomputes_with_the_forwards_gates
         assert torch.allclose(got[n], want[n], atol=1e-6), n
     with pytest.raises(RuntimeError, match="keyed modules need the token ids"):
         model.transformer.h[0].mlp(torch.randn(2, 8, 16))
+
+
+def test_cli_flags_give_the_headline_schedule_without_selection(tmp_path, monkeypatch):
+    E, parser = _setup(tmp_path, monkeypatch)
+    cfg = E.build_config(parser.parse_args(["--out", "x"]))
+    assert not {"keys", "core_prefix"} & set(cfg["modules"])            # absent by default: run keys unchanged
+    cfg = E.build_config(parser.parse_args(["--out", "x", "--schedule", "ordered", "--keys", "exclusive-rows",
+                                            "--core-prefix", "--width", "0.5", "--module-embed", "topic-rows"]))
+    headline = {k: v for k, v in E.SELECT["candidates"][8].items() if k != "p_other"}   # (p_other: the profile's 0)
+    assert {k: cfg["modules"][k] for k in headline} == headline and "select" not in cfg["modules"]
+    with pytest.raises(ValueError, match="core_prefix .* needs modules.schedule 'ordered' and modules.keys"):
+        E.build_config(parser.parse_args(["--out", "x", "--core-prefix", "--keys", "exclusive-rows"]))
+    with pytest.raises(ValueError, match="--width must be"):
+        E.build_config(parser.parse_args(["--out", "x", "--width", "0"]))

@@ -1471,6 +1471,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "stories and in no general training story) or only on the rows of tokens of "
                              "that topic alone (exclusive-rows: also in no other topic's training stories); "
                              "modular models only (DEMix experts are unchanged)")
+    parser.add_argument("--keys", choices=["topic-rows", "exclusive-rows"], default=None,
+                        help="keyed modules (ours; the headline's design): a topic's module runs in a story only from "
+                             "the first of its key tokens on: ids in its training stories and in no general one "
+                             "(topic-rows) or also in no other topic's (exclusive-rows); modular models only")
+    parser.add_argument("--core-prefix", action="store_true",
+                        help="with --schedule ordered and --keys: phase 1 also trains the core on the topic "
+                             "stories' openings, the targets before the story's first key of any topic (ours)")
+    parser.add_argument("--width", type=float, default=None,
+                        help="module width as a fraction of the MLP (default: the profile's 0.1); like --keys and "
+                             "--core-prefix, an explicit setting: no selection")
     parser.add_argument("--spread", choices=["one", "each"], default=None,
                         help="general stories: one random module on with probability p_as (default), or each")
     parser.add_argument("--schedule", choices=list(SCHEDULES), default=None,
@@ -1517,14 +1527,25 @@ def build_config(args: argparse.Namespace) -> dict:
     me = getattr(args, "module_embed", None)
     if me:                                     # likewise; True (full vocabulary) as before, or a row option
         cfg["modules"]["module_embed"] = True if me in (True, "vocab") else me.replace("-", "_")
+    if getattr(args, "keys", None):            # likewise
+        cfg["modules"]["keys"] = args.keys.replace("-", "_")
+    if getattr(args, "core_prefix", False):
+        cfg["modules"]["core_prefix"] = True
+    w = getattr(args, "width", None)
+    if w is not None:
+        if not 0 < w <= 4:
+            raise ValueError(f"--width must be a fraction of the MLP in (0, 4], got {w}")
+        cfg["modules"]["width"] = w
     if getattr(args, "schedule", None) == "ordered":   # only when on: default configs (and run keys) unchanged
         cfg["modules"]["schedule"] = "ordered"
         for flag, v in (("p_cr", 1.0), ("p_as", 0.0)):
             if getattr(args, flag, None) is None:
                 cfg["modules"][flag] = v
         _schedule(cfg["modules"])                    # an explicit --p-cr / --p-as that contradicts it: an error
-    if getattr(args, "no_select", False) or any(getattr(args, f, None) is not None
-                                                 for f in ("p_cr", "p_as", "spread", "p_other", "schedule")):
+    if getattr(args, "core_prefix", False):
+        _schedule(cfg["modules"])                    # --core-prefix needs --schedule ordered and --keys: an error
+    if getattr(args, "no_select", False) or getattr(args, "core_prefix", False) or any(
+            getattr(args, f, None) is not None for f in ("p_cr", "p_as", "spread", "p_other", "schedule", "keys", "width")):
         cfg["modules"].pop("select", None)     # an explicit schedule: no selection
     return cfg
 
