@@ -1436,7 +1436,7 @@ def run_selection(cfg: dict, out: Path, device: str, workers: int, eval_seeds=()
     for r in choice["rows"]:                         # indices into the full candidate list
         r["candidate"] = usable[r["candidate"]]
     choice["chosen"] = usable[choice["chosen"]]
-    choice.update(skipped={str(i): why for i, why in skipped.items()},rule=SELECT_RULE, seeds=sel["seeds"], removal=sel["removal"], useful=sel.get("useful"), candidates=cands,
+    choice.update(skipped={str(i): why for i, why in skipped.items()}, rule=SELECT_RULE, seeds=sel["seeds"], removal=sel["removal"], useful=sel.get("useful"), candidates=cands,
                   schedule=cands[choice["chosen"]])
     return choice
 
