@@ -812,33 +812,44 @@ class ModuleSet:
         rows = torch.arange(D.shape[0], device=idx.device).view(-1, *([1] * (idx.ndim - 1)))
         return (x + D[rows, idx],)
 
-    def _keyed_input_delta(self, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Keyed modules: ``sum_k s_k g_k D_k[idx]``, each module's input delta times its key gate at that
-        position and its strength (per example in a routed pass, learning only where module ``k`` learns)."""
+    def _delta_terms(self, like: torch.Tensor, make):
+        """``(k, term)`` for every module ``k`` that contributes: ``make(W)`` of its delta weights ``W`` placed
+        in the rows' union, times its strength. In a routed pass: every module, per example, ``W`` learning
+        only from the examples where module ``k`` learns (the others get ``make`` of the detached weights);
+        else its inference strength (an off module is skipped without grad). ``like``: a ``(B, ...)`` tensor
+        giving the device, dtype and number of dims of the terms."""
         E = getattr(self.model, EMBED_CONTAINER)
-        _, inv, _ = self._layout(x.device)
-        gates = self._key_gate(x)                                       # (K, B, T, 1)
-        j = idx if inv is None else inv[idx]
         routed = self._route is not None
         if routed:
-            fs, ms = self._routed_strengths(x.device, x.dtype)
-            shape = (fs.shape[0], *([1] * (x.ndim - 1)))
-        total = torch.zeros_like(x)
+            fs, ms = self._routed_strengths(like.device, like.dtype)
+            shape = (fs.shape[0], *([1] * (like.ndim - 1)))
         for k, d in enumerate(self.domains):
-            s = 1.0 if routed else float(self.mask[1 + k])
-            if s == 0.0 and not torch.is_grad_enabled():
-                continue                           # inference: an off delta costs nothing
-            D = self._placed(E[d].weight, k)
-            if inv is not None:                    # tokens outside the rows' union U read an appended zero row
-                D = torch.cat([D, D.new_zeros(1, D.shape[1])])
-            e = F.embedding(j, D)
+            W = E[d].weight
             if routed:
                 f, m = fs[:, k].view(shape), ms[:, k].view(shape)
+                t = make(self._placed(W, k))
                 if not bool(m.all()):
-                    e = m * e + (1 - m) * e.detach()
-                e = f * e
-            elif s != 1.0:
-                e = s * e
+                    t = m * t + (1 - m) * make(self._placed(W.detach(), k))
+                yield k, f * t
+            else:
+                s = float(self.mask[1 + k])
+                if s == 0.0 and not torch.is_grad_enabled():
+                    continue                       # inference: an off delta costs nothing
+                t = make(self._placed(W, k))
+                yield k, t if s == 1.0 else s * t
+
+    def _keyed_input_delta(self, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Keyed modules: ``sum_k s_k g_k D_k[idx]``, each module's input delta times its key gate at that
+        position and its strength (:meth:`_delta_terms`)."""
+        _, inv, _ = self._layout(x.device)
+        gates = self._key_gate(x)                                       # (K, B, T, 1)
+        if inv is None:
+            lookup = lambda D: F.embedding(idx, D)                      # noqa: E731
+        else:                                      # tokens outside the rows' union U read an appended zero row
+            j = inv[idx]
+            lookup = lambda D: F.embedding(j, torch.cat([D, D.new_zeros(1, D.shape[1])]))   # noqa: E731
+        total = torch.zeros_like(x)
+        for k, e in self._delta_terms(x, lookup):
             total = total + gates[k] * e
         return total
 
@@ -865,28 +876,10 @@ class ModuleSet:
 
     def _gated_logits(self, h: torch.Tensor, out: torch.Tensor, gates: dict) -> torch.Tensor:
         """Gated modules: ``logits + sum_k s_k g_k h D_k^T`` with ``g_k`` module ``k``'s gate in the
-        last block at that position and ``s_k`` its strength (per example in a routed pass, where
-        ``D_k`` learns only on rows where module ``k`` learns)."""
-        E = getattr(self.model, EMBED_CONTAINER)
-        weights = [E[d].weight for d in self.domains]
-        union, _, _ = self._layout(weights[0].device)
-        if self._route is not None:
-            fs, ms = self._routed_strengths(h.device, h.dtype)
-            shape = (fs.shape[0], *([1] * (h.ndim - 1)))
+        last block at that position and ``s_k`` its strength (:meth:`_delta_terms`)."""
+        union, _, _ = self._layout(getattr(self.model, EMBED_CONTAINER)[self.domains[0]].weight.device)
         y = None
-        for k in range(self.K):
-            if self._route is not None:
-                f, m = fs[:, k].view(shape), ms[:, k].view(shape)
-                yk = F.linear(h, self._placed(weights[k], k))
-                if not bool(m.all()):
-                    yk = m * yk + (1 - m) * F.linear(h, self._placed(weights[k].detach(), k))
-                yk = f * yk
-            else:
-                s = float(self.mask[1 + k])
-                if s == 0.0 and not torch.is_grad_enabled():
-                    continue
-                yk = F.linear(h, self._placed(weights[k], k))
-                yk = yk if s == 1.0 else s * yk
+        for k, yk in self._delta_terms(h, lambda D: F.linear(h, D)):
             g = gates.get(k)
             if g is None:
                 raise RuntimeError(f"gated module {self.domains[k]!r}: no gate from the last block in this forward")
