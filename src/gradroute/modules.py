@@ -344,7 +344,8 @@ class ModuleSet:
         # the new options are checked before the model is changed: a refused call leaves it as it was
         embed_rows = (False if embed_delta is None or embed_delta is False     # False: no deltas
                       else _check_embed_delta(root, embed_delta, list(domains)))
-        key_ids = None if keys is None else _domain_ids("keys", keys, list(domains), _vocab_size(root))
+        V = None if keys is None else _vocab_size(root)
+        key_ids = None if keys is None else _domain_ids("keys", keys, list(domains), V)
         named = dict(root.named_parameters(remove_duplicate=False))
         always_learn = _check_always_learn(always_learn, named)
         self.model, self.domains, self.sync = root, list(domains), sync
@@ -376,7 +377,6 @@ class ModuleSet:
         self._gates: dict = {}                  # {k: gate of module k in the last block} of this forward
         self._key_hooks = []
         if key_ids is not None:
-            V = _vocab_size(root)
             dev = next(root.parameters()).device
             self._keymask = torch.zeros(self.K, V, dtype=torch.bool, device=dev)
             for k, d in enumerate(self.domains):

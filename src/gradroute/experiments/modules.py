@@ -1227,7 +1227,7 @@ def run_attacks(seed: int, cfg: dict, out: Path, device: str = "cpu") -> dict:
     for name, m in (("modular", released), (f"filter_{topic}", filt), ("ascent", ascent), ("base", base)):
         # the attached release is attacked in place: a deep copy would keep hooks bound to the original
         res.setdefault("attack", {})[name] = elicitation_attack(m, sets, topic, cfg, seed, device,
-                                                                copy_model=not (m is released and release == "attached"))
+                                                                copy_model=m is not modular)
     res["wall_s"] = time.time() - t0
     write_json(_run_path(out, "attack", seed), res)
     return res
@@ -1360,7 +1360,6 @@ def check_candidates(cands: list) -> None:
             raise ValueError(f"modules.select.candidates[{i}]: embed_free must be true or false, got {c['embed_free']!r}")
         try:
             _module_embed(c.get("module_embed"))
-            _keys(c.get("keys"))
             if _keys(c.get("keys")) and _gated(c):
                 raise ValueError("modules.keys and modules.gated are two kinds of gate: use one")
             if any(k in c for k in ORDERED_KEYS):   # an ordered one states p_cr 1, p_as 0 itself
