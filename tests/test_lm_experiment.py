@@ -108,10 +108,14 @@ def test_report_section(tiny, tmp_path):
     main(["run", "lm-unlearning", "--profile", "tiny", "--out", str(out), "--fractions", "0.5", "1",
           "--methods", "filtering", "era", "param_routing", "--workers", "1", "--device", "cpu"])
     r = E.report(out)
-    assert r["verdict"] in ("reproduced", "partly", "not") and len(r["table"]["rows"]) == 3 * 2 + 2 * 2  # + ablation rows
+    # 2 training steps learn nothing specific to the forget stories: the report says so instead of a verdict
+    assert r["verdict"] == "not assessed (little to unlearn)" and r["detail"].startswith("WARNING: little to unlearn")
+    assert len(r["table"]["rows"]) == 3 * 2 + 2 * 2 + 3           # + ablation rows + steps to recover
+    assert r["table"]["rows"][-1][0] == "param_routing (attack steps to recover, n=4)"
     assert r["figures"] == ["unlearning_vs_labelled_fraction.png", "relearning_curves.png", "learning_curves.png"]
     assert "intervals" in r["detail"] and "n=1" in r["detail"]
     m = json.loads((out / "metrics.json").read_text())
+    assert m["domain_check"]["learned"] is False and m["domain_check"]["n"] == 1
     assert set(m["claims"]) == {f"{meth} {what} at p=0.5" for meth in ("era", "param_routing")
                                 for what in ("> filtering on robust unlearning", "ablation raises forget >= 3x retain")}
     run = json.loads((out / "runs" / "filtering_p0.5_s0.json").read_text())

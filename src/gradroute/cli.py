@@ -28,6 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     demo_p.add_argument("--steps", type=int, default=300)
     demo_p.add_argument("--seed", type=int, default=0)
 
+    data_p = sub.add_parser("data", help="prepare a corpus: `gradroute data gcide --out FILE` (see --help)",
+                            add_help=False)
+    data_p.add_argument("dataset", nargs="?", choices=["gcide"])
+
     rep_p = sub.add_parser("reproduce", help="run every experiment and write report.md / report.html")
     from . import reproduce
 
@@ -36,6 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if args.command == "reproduce":
         return reproduce.main(rep_p.parse_args(argv[1:]))
+    if args.command == "data":
+        if args.dataset is None:
+            parser.parse_args(["data", "-h"]) if rest else print("datasets: gcide (`gradroute data gcide -h`)")
+            return 0 if rest else 2
+        from .lm import gcide
+
+        return gcide.main(rest)
     if args.command == "demo":
         args = demo_p.parse_args(argv[1:])
         from .demo import run as run_demo

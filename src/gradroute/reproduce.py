@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 
 from . import experiments
-from .utils import markdown_table, read_json, write_json
+from .utils import DataMissing, markdown_table, read_json, write_json
 
-PROFILES = ("demo", "quick", "paper")
+PROFILES = ("demo", "quick", "paper", "real")
 
 # profile -> experiment -> (the experiment's own --profile, extra flags).
 # quick: the whole reproduction in about 35 minutes on 2 CPU cores (2,110 s measured on 2026-11-30; target 45 min) (where an experiment's own
@@ -39,6 +39,8 @@ PROFILES = ("demo", "quick", "paper")
 # demo: every experiment at toy length (about 5-10 minutes): the report's pipeline end to end,
 #   numbers not meant to reproduce anything.
 # paper: the paper's settings (hours; meant for a GPU).
+# real: the real-text experiments (a real dictionary, GCIDE; about 45 minutes on 2 CPU cores); skipped,
+#   saying how to get it, where the dictionary is absent.
 PLAN: dict[str, dict[str, tuple[str, list[str]]]] = {
     "demo": {
         "mnist": ("quick", ["--setting", "1,8", "--epochs", "15", "--certificate-epochs", "5", "--threads", "1"]),
@@ -66,12 +68,20 @@ PLAN: dict[str, dict[str, tuple[str, list[str]]]] = {
         "token-routing": ("paper", []),
         "modules": ("paper", []),
     },
+    "real": {
+        "lm-unlearning": ("real", []),
+    },
 }
 
 
 def available() -> list[str]:
     """Experiments of the plan that exist in this installation, in plan order."""
     return [n for n in PLAN["quick"] if n in experiments.EXPERIMENTS and _importable(n)]
+
+
+def planned(profile: str) -> list[str]:
+    """The available experiments that ``profile`` runs, in plan order."""
+    return [n for n in available() if n in PLAN[profile]]
 
 
 def _importable(name: str) -> bool:
@@ -88,6 +98,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(paper settings; hours, meant for a GPU)")
     p.add_argument("--mnist-dir", type=Path, default=None,
                    help="MNIST IDX folder for the mnist experiment (e.g. the real 10k test set as held-out data)")
+    p.add_argument("--gcide", type=Path, default=None,
+                   help="profile real: the GCIDE entries file (default: $GRADROUTE_GCIDE, the cache, or the installed "
+                        "dict-gcide; `gradroute data gcide -h`)")
     p.add_argument("--out", type=Path, default=Path("runs/reproduce"), help="output folder (default: %(default)s)")
     p.add_argument("--only", nargs="+", metavar="NAME", help="run only these experiments")
     p.add_argument("--redo", nargs="+", metavar="NAME", default=[], help="run these again even if finished")
@@ -131,12 +144,15 @@ def _finished_with(exp_dir: Path, profile: str) -> bool:
         return False
 
 
-def run_one(name: str, profile: str, out: Path, device: str, mnist_dir: Path | None = None) -> dict:
+def run_one(name: str, profile: str, out: Path, device: str, mnist_dir: Path | None = None,
+            gcide: Path | None = None) -> dict:
     module = experiments.get(name)
     exp_profile, flags = PLAN[profile][name]
     argv = ["--profile", exp_profile, *flags]
     if name == "mnist" and mnist_dir is not None:
         argv += ["--data-dir", str(mnist_dir)]
+    if profile == "real" and gcide is not None:
+        argv += ["--gcide", str(gcide)]
     parser = argparse.ArgumentParser(prog=f"gradroute run {name}")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--device", default="auto")
@@ -156,7 +172,7 @@ def run_one(name: str, profile: str, out: Path, device: str, mnist_dir: Path | N
 def main(args: argparse.Namespace) -> int:
     if args.profile not in PROFILES:
         raise SystemExit(f"gradroute reproduce: unknown profile {args.profile!r}; choose from {', '.join(PROFILES)}")
-    names = available()
+    names = planned(args.profile)
     for n in (args.only or []) + args.redo:
         if n not in names:
             raise SystemExit(f"gradroute reproduce: unknown experiment {n!r}; available: {', '.join(names)}")
@@ -165,8 +181,8 @@ def main(args: argparse.Namespace) -> int:
     _check_out(args.out)
     # the report covers what this call runs plus what an earlier call finished in the same folder
     # with the same profile, so running one experiment again does not drop the others from it
-    shown = [n for n in available() if n in names or _finished_with(args.out / n, args.profile)]
-    failures = {}
+    shown = [n for n in planned(args.profile) if n in names or _finished_with(args.out / n, args.profile)]
+    failures, skipped = {}, {}
     print(f"gradroute reproduce --profile {args.profile}: {', '.join(names)} -> {args.out}", flush=True)
     for i, name in enumerate(names, 1):
         exp_dir = args.out / name
@@ -180,8 +196,13 @@ def main(args: argparse.Namespace) -> int:
             continue
         print(f"[{i}/{len(names)}] {name}: running", flush=True)
         try:
-            rec = run_one(name, args.profile, args.out, args.device, getattr(args, "mnist_dir", None))
+            rec = run_one(name, args.profile, args.out, args.device, getattr(args, "mnist_dir", None),
+                          getattr(args, "gcide", None))
             print(f"[{i}/{len(names)}] {name}: done in {rec['wall_s']:.0f} s", flush=True)
+        except DataMissing as e:           # optional data absent: skipped, with how to get it
+            skipped[name] = str(e)
+            write_json(exp_dir / "skipped.json", {"experiment": name, "profile": args.profile, "reason": str(e)})
+            print(f"[{i}/{len(names)}] {name}: skipped: {e}", flush=True)
         except Exception as e:  # one experiment failing must not lose the others
             failures[name] = f"{type(e).__name__}: {e}"
             traceback.print_exc()
@@ -203,7 +224,9 @@ def collect(out: Path, names: list[str]) -> list[dict]:
         exp_dir = out / name
         sec = {"name": name, "status": "not run", "figures": []}
         try:
-            if is_done(exp_dir):
+            if not is_done(exp_dir) and (exp_dir / "skipped.json").is_file():
+                sec.update(status="skipped", detail=read_json(exp_dir / "skipped.json")["reason"])
+            elif is_done(exp_dir):
                 sec["status"] = "finished"
                 sec["done"] = read_json(exp_dir / "done.json")
                 module = experiments.get(name)

@@ -13,6 +13,11 @@ import numpy as np
 import torch
 
 
+class DataMissing(FileNotFoundError):
+    """Optional data an experiment needs is not on this machine; the message says how to get it.
+    ``gradroute reproduce`` reports such an experiment as skipped, not failed."""
+
+
 def set_seed(seed: int) -> torch.Generator:
     """Seed python, numpy and torch; return a torch.Generator seeded the same way."""
     random.seed(seed)

@@ -38,7 +38,7 @@ from gradroute.lm import methods as M
 from gradroute.lm import user_corpus
 from gradroute.lm.corpus import load_corpus, split_counts
 from gradroute.lm.data import encode_stories
-from gradroute.lm.evaluate import SAMPLE_PROMPT, evaluate, retraining_attack, sample
+from gradroute.lm.evaluate import SAMPLE_PROMPT, domain_check, evaluate, retraining_attack, sample, steps_to_recover
 from gradroute.lm.tokenizer import get_tokenizer, model_tokenizer
 from gradroute.lm.train import TrainConfig, init_distributed, rank_world
 from gradroute.sweep import run_jobs, split_finished
@@ -79,6 +79,9 @@ PROFILES = {
         attack=dict(sizes=[1, 4, 16, 64], steps=40, repeats=5, lr=5e-5, eval_every=1, batch_size=None, n_eval=256),
         seeds=5),
 }
+PROFILES["real"] = copy.deepcopy(PROFILES["quick"])     # sized from the corpus (user_corpus.size_for_corpus)
+REAL_METHODS = ("base", "filtering", "era", "param_routing", "rmu")
+REAL_FRACTIONS = (0.1, 0.5)
 TRAIN_STREAM, EVAL_STREAM = 0, 1    # generated corpus: seeds of the training and held-out streams
 
 
@@ -176,6 +179,7 @@ def run_one(method: str, p: float | None, seed: int, cfg: dict, out: Path, devic
     for n, v in attack["min_by_n"].items():
         result[f"forget_loss_after_attack_n{n}"] = v
     result["attack_curves"] = attack["curves"]
+    result["attack_tokens_per_step"] = attack["tokens_per_step"]
     result["samples"] = samples
     tl = info.get("train", {})
     result["train_loss_final"] = tl["history"][-1]["loss"] if tl.get("history") else None
@@ -206,9 +210,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick",
                         help="quick (default; the full sweep of 6 methods x 5 p x 3 seeds is 72 runs, an estimated 60 CPU-minutes; "
                              "reproduce runs 5 methods x p in {0.1, 0.5}: 16 CPU-minutes measured) or paper (paper sizes)")
-    parser.add_argument("--methods", nargs="+", choices=M.METHODS, default=list(M.METHODS))
-    parser.add_argument("--fractions", nargs="+", type=float, default=FRACTIONS,
-                        help="labelled fractions p of the forget stories (default: %(default)s)")
+    parser.add_argument("--methods", nargs="+", choices=M.METHODS, default=None,
+                        help=f"default: all ({' '.join(M.METHODS)}); profile real: {' '.join(REAL_METHODS)}")
+    parser.add_argument("--fractions", nargs="+", type=float, default=None,
+                        help=f"labelled fractions p of the forget stories (default: {FRACTIONS}; profile real: "
+                             f"{REAL_FRACTIONS})")
+    parser.add_argument("--gcide", default=None, metavar="PATH",
+                        help="profile real: the GCIDE entries file (`gradroute data gcide --out PATH`; default: "
+                             "$GRADROUTE_GCIDE, the cache, or the installed dict-gcide converted once)")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: range(profile seeds)")
     parser.add_argument("--corpus", default="generated",
                         help="generated (default, offline), tinystories (HF hub, needs `datasets`) or a "
@@ -228,10 +237,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attack-repeats", type=int, default=None, help="override the profile")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="parallel training processes on CPU (1 = in this process; forced under torchrun)")
+    parser.add_argument("--no-domain-check", action="store_true",
+                        help="skip the fully filtered reference runs (filtering at p = 1) that say whether the "
+                             "base model learned anything specific to the forget domain")
     user_corpus.add_arguments(parser)
 
 
+def _real_text_defaults(args: argparse.Namespace) -> None:
+    """``--profile real``: the GCIDE medical corpus through the user-corpus path (the corpus file
+    is built once into the cache), Med-tagged entries labelled forget, the related fields as the
+    evaluation-only topic; the profile's methods and fractions unless given."""
+    from gradroute.lm import gcide
+
+    if args.corpus == "generated":
+        args.corpus = str(gcide.domain_corpus_file(args.gcide))
+        if args.label_field is None and not args.forget_words and not args.forget_regex:
+            args.label_field = "label"
+            args.topic_field = args.topic_field or "topic"
+    args.methods = args.methods or list(REAL_METHODS)
+    args.fractions = args.fractions or list(REAL_FRACTIONS)
+
+
 def build_config(args: argparse.Namespace) -> dict:
+    if args.profile == "real":
+        _real_text_defaults(args)
+    args.methods = args.methods or list(M.METHODS)
+    args.fractions = args.fractions or list(FRACTIONS)
     cfg = copy.deepcopy(PROFILES[args.profile])
     cfg["profile"], cfg["source"], cfg["arch"] = args.profile, args.corpus, args.arch
     if args.tokenizer:
@@ -265,10 +296,12 @@ def build_config(args: argparse.Namespace) -> dict:
     return cfg
 
 
-def jobs_for(methods, fractions, seeds) -> list[tuple[str, float | None, int]]:
-    """Training runs needed: base once per seed (also for filtering/RMU at p = 0), the rest per p."""
+def jobs_for(methods, fractions, seeds, domain_check: bool = False) -> list[tuple[str, float | None, int]]:
+    """Training runs needed: base once per seed (also for filtering/RMU at p = 0), the rest per p;
+    with ``domain_check`` also base and filtering at p = 1 (every labelled forget story removed)."""
     jobs = []
-    need_base = any(m == "base" or m == "rmu" or (m == "filtering" and 0.0 in fractions) for m in methods)
+    need_base = domain_check or any(m == "base" or m == "rmu" or (m == "filtering" and 0.0 in fractions)
+                                    for m in methods)
     for s in seeds:
         if need_base:
             jobs.append(("base", None, s))
@@ -277,6 +310,8 @@ def jobs_for(methods, fractions, seeds) -> list[tuple[str, float | None, int]]:
                 if m == "base" or (m in ("filtering", "rmu") and p == 0.0):
                     continue
                 jobs.append((m, p, s))
+        if domain_check and ("filtering", 1.0, s) not in jobs:
+            jobs.append(("filtering", 1.0, s))
     return jobs
 
 
@@ -288,7 +323,7 @@ def run(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     seeds = args.seeds if args.seeds is not None else list(range(cfg["seeds"]))
     fractions = sorted(set(args.fractions))
-    jobs = jobs_for(args.methods, fractions, seeds)
+    jobs = jobs_for(args.methods, fractions, seeds, domain_check=not args.no_domain_check)
     _, train_data, _, counts = _prepare(_cfg_key(cfg))     # build tokenizer + data once, before workers
     if rank == 0:
         print(f"corpus: {counts['stories']} training stories, {counts['forget']} match the forget rule "
@@ -304,8 +339,12 @@ def run(args: argparse.Namespace) -> dict:
         return {}
     runs = records(results, args.methods, fractions, seeds)
     summary = summarize(runs)
+    domain = None
+    if not args.no_domain_check:
+        domain = domain_check([results[("base", None, s)] for s in seeds], [results[("filtering", 1.0, s)] for s in seeds])
     metrics = {"experiment": "lm-unlearning", "profile": args.profile, "config": cfg, "seeds": seeds,
                "fractions": fractions, "methods": list(args.methods), "corpus": counts,
+               "domain_check": domain,
                "runs": runs, "summary": summary, "claims": check_claims(summary, paired_vs_filtering(runs)),
                "other_claims": other_claims(summary), "rmu_selection": rmu_selections(results),
                "wall_time_s": time.time() - t0, "world_size": world,
@@ -317,6 +356,8 @@ def run(args: argparse.Namespace) -> dict:
         (out / "evaluation.md").write_text(user_corpus.evaluation_table(runs))
     make_figures(out, summary, results)
     print(summary_tables(summary))
+    if domain is not None:
+        print(domain["message"])
     print(f"wrote {out / 'metrics.json'} ({metrics['wall_time_s']:.0f} s)")
     return metrics
 
@@ -324,7 +365,8 @@ def run(args: argparse.Namespace) -> dict:
 # ------------------------------------------------------------------------------------------
 # reporting
 # ------------------------------------------------------------------------------------------
-RECORD_KEYS = ("retain_loss", "forget_loss", "forget_loss_no_keywords", "forget_loss_after_attack")
+RECORD_KEYS = ("retain_loss", "forget_loss", "forget_loss_no_keywords", "topic_loss", "forget_loss_after_attack")
+RECOVERY_PREFIXES = ("attack_steps_to_base_n", "attack_tokens_to_base_n", "attack_recovered_n")
 ABLATION_KEYS = ("ablation_forget_raise", "ablation_retain_raise", "ablation_margin")
 MUST_SHOW = ("era", "param_routing")        # the methods the issue's checks are about
 
@@ -343,8 +385,33 @@ def records(results: dict, methods, fractions, seeds) -> list[dict]:
                             and k != "labelled_fraction"})
                 if "ablation_forget_raise" in rec:   # > 0 where forget rises >= 3x as much as retain
                     rec["ablation_margin"] = rec["ablation_forget_raise"] - 3 * rec["ablation_retain_raise"]
+                base = results.get(("base", None, s))
+                if base is not None:
+                    rec.update(recovery(r["attack_curves"], base["attack_curves"], r.get("attack_tokens_per_step")))
                 rec["from_run"] = _run_path(Path("."), *key).stem
                 out.append(rec)
+    return out
+
+
+def _curve(curves: dict, n):
+    return curves.get(str(n), curves.get(int(n)))
+
+
+def recovery(curves: dict, base_curves: dict, tokens_per_step: dict | None = None) -> dict:
+    """Per attack size n: ``attack_steps_to_base_n{n}``, the fine-tuning steps until the forget
+    loss is back at the base model's (its curve's starting point), and the tokens that took
+    (``attack_tokens_to_base_n{n}``); a run whose curve never gets there records
+    ``attack_recovered_n{n}`` = 0 and the attack's length as a lower bound (censored)."""
+    out = {}
+    for n in curves:
+        curve, base = _curve(curves, n), _curve(base_curves, n)
+        if not curve or not base:
+            continue
+        steps = steps_to_recover(curve, base[0][1])
+        out[f"attack_recovered_n{n}"] = int(steps is not None)
+        out[f"attack_steps_to_base_n{n}"] = float(curve[-1][0]) if steps is None else steps
+        if tokens_per_step and _curve(tokens_per_step, n):
+            out[f"attack_tokens_to_base_n{n}"] = out[f"attack_steps_to_base_n{n}"] * _curve(tokens_per_step, n)
     return out
 
 
@@ -353,9 +420,8 @@ def summarize(runs: list[dict]) -> dict:
     out: dict = {}
     for r in runs:
         d = out.setdefault(r["method"], {}).setdefault(f"{r['labelled_fraction']:g}", {})
-        for k in RECORD_KEYS + ABLATION_KEYS:
-            if k in r:
-                d.setdefault(k, []).append(r[k])
+        for k in [k for k in r if k in RECORD_KEYS + ABLATION_KEYS or k.startswith(RECOVERY_PREFIXES)]:
+            d.setdefault(k, []).append(r[k])
     return {m: {p: {k: mean_ci(v) for k, v in d.items()} for p, d in sorted(ps.items(), key=lambda kv: float(kv[0]))}
             for m, ps in out.items()}
 
@@ -565,6 +631,24 @@ def learning_curves_figure(out: Path, results: dict) -> Path | None:
     return savefig(fig, out / "learning_curves.png")
 
 
+def _corpus_text(m: dict) -> str:
+    ud = m["config"].get("user_data")
+    if ud is None:
+        return "generated corpus"
+    return f"corpus {m['corpus'].get('source')} ({m['corpus'].get('rule')})"
+
+
+def _largest_attack(m: dict) -> int:
+    return max(m["config"]["attack"]["sizes"])
+
+
+def recovery_cell(stats: dict, recovered: dict | None, attack_steps: int) -> str:
+    """Steps to recover as text: the mean ± 95% half-width, or '>= S' when a seed never got back."""
+    if recovered is not None and recovered["mean"] < 1:
+        return f">= {attack_steps}" if recovered["mean"] == 0 else f">= {format_ci(stats, 1)} ({recovered['mean']:.0%} recovered)"
+    return format_ci(stats, 1)
+
+
 def report(out: Path) -> dict:
     """This experiment's section of ``gradroute reproduce``'s report: the issue's checks (robust
     unlearning vs filtering, ablation effect) at every 0 < p <= 0.5, with 95% intervals."""
@@ -574,10 +658,20 @@ def report(out: Path) -> dict:
     rows = [[f"{meth} ({short})", *[format_ci(summary[meth][p][key]) if key in summary[meth].get(p, {}) else ""
                                      for p in ps]]
             for key, short in (("forget_loss_after_attack", "forget after attack"), ("retain_loss", "retain"),
+                               ("topic_loss", "related fields (topic)"),
                                ("ablation_forget_raise", "ablation: forget raise"),
                                ("ablation_retain_raise", "ablation: retain raise"))
             for meth in M.METHODS if meth in summary and any(key in summary[meth].get(p, {}) for p in ps)]
+    n_big, attack_steps = _largest_attack(m), m["config"]["attack"]["steps"]
+    k, rk = f"attack_steps_to_base_n{n_big}", f"attack_recovered_n{n_big}"
+    rows += [[f"{meth} (attack steps to recover, n={n_big})",
+              *[recovery_cell(summary[meth][p][k], summary[meth][p].get(rk), attack_steps)
+                if k in summary[meth].get(p, {}) else "" for p in ps]]
+             for meth in M.METHODS if meth in summary and meth != "base"]
     verdict, checks = claim_summary(claims, "holds", "checks hold on seed means")
+    domain = m.get("domain_check")
+    if domain is not None and not domain["learned"]:        # a verdict about nothing is no verdict
+        verdict = "not assessed (little to unlearn)"
     sep = [name for name, c in claims.items() if c.get("intervals_separate")]
     lines = []
     for name, c in claims.items():
@@ -601,10 +695,13 @@ def report(out: Path) -> dict:
                  "filtering is most robust at full labelling; ERA forget 1.91 vs base 1.47, retain 1.67 vs 1.59. "
                  "SGTM reports Pareto dominance over ERA.",
         "verdict": verdict,
-        "detail": (f"{checks}; 95% intervals separate for {len(sep)} of {len(claims)}. " + "; ".join(lines) + ". "
+        "detail": ((domain["message"] + ". " if domain else "")
+                   + f"{checks}; 95% intervals separate for {len(sep)} of {len(claims)}. " + "; ".join(lines) + ". "
                    f"Profile {m['profile']}: {cfg['train']['steps']} steps of {cfg['batch_size']} stories, "
                    f"model {cfg['model']}, {n} seed{'s' if n != 1 else ''} ({'n=1, no interval' if n == 1 else 'mean ± 95% CI'}), "
-                   f"generated corpus. Table: loss in nats/token."),
+                   f"{_corpus_text(m)}. Table: loss in nats/token; steps to recover: attack steps until the forget "
+                   f"loss is back at the base model's (n={_largest_attack(m)} attack documents; '>= S' where some "
+                   f"seed never got there in S steps)."),
         "table": {"header": ["method (metric)", *[f"p={p}" for p in ps]], "rows": rows},
         "figures": [f for f in ("unlearning_vs_labelled_fraction.png", "relearning_curves.png", "learning_curves.png")
                     if (Path(out) / f).exists()],

@@ -53,7 +53,8 @@ def retraining_attack(model: nn.Module, pool: Stories, forget_eval: Stories, siz
 
     Returns ``min`` (lowest forget loss reached by any attack, the starting point included),
     ``min_by_n`` (per n, mean over repeats of each attack's minimum) and ``curves`` (per n, the
-    mean curve ``[[step, loss], ...]``)."""
+    mean curve ``[[step, loss], ...]``) and ``tokens_per_step`` (per n, target tokens in one
+    attack step, mean over repeats)."""
     if steps < 1 or repeats < 1 or eval_every < 1:
         raise ValueError("steps, repeats and eval_every must be >= 1")
     sizes = [int(n) for n in sizes]
@@ -62,13 +63,14 @@ def retraining_attack(model: nn.Module, pool: Stories, forget_eval: Stories, siz
     if _overlap(pool, forget_eval):
         raise ValueError("the attack pool shares stories with the evaluation stories; they must be disjoint")
     ev = lambda m: {"forget_loss": mean_loss(m, forget_eval)}
-    overall, by_n, curves = float("inf"), {}, {}
+    overall, by_n, curves, tokens = float("inf"), {}, {}, {}
     for n in sizes:
-        mins, runs = [], []
+        mins, runs, per_step = [], [], []
         for r in range(repeats):
             g = torch.Generator().manual_seed(seed * 7919 + n * 131 + r)
             d = pool.subset(torch.randperm(len(pool), generator=g)[:n])
             order = BatchOrder(d, min(n, batch_size or n), seed + r)
+            per_step.append(int((d.y != IGNORE).sum()) * min(n, batch_size or n) / n)
             m = copy.deepcopy(model)
             cfg = TrainConfig(steps=steps, lr=lr, min_lr=lr, warmup=0, eval_every=eval_every, desc=f"attack n={n}")
             log = train(m, order, cfg, eval_fn=ev, distributed=False, device=device)
@@ -78,7 +80,8 @@ def retraining_attack(model: nn.Module, pool: Stories, forget_eval: Stories, siz
         overall = min(overall, min(mins))
         by_n[n] = float(np.mean(mins))
         curves[n] = [[s, float(np.mean([c[i][1] for c in runs]))] for i, (s, _) in enumerate(runs[0])]
-    return {"min": overall, "min_by_n": by_n, "curves": curves}
+        tokens[n] = float(np.mean(per_step))
+    return {"min": overall, "min_by_n": by_n, "curves": curves, "tokens_per_step": tokens}
 
 
 def _overlap(a: Stories, b: Stories) -> bool:
@@ -141,4 +144,61 @@ def sample_many(model: nn.Module, tok: Tokenizer, prompt: str = SAMPLE_PROMPT, n
         if tok.eot_id in row:
             row = row[: row.index(tok.eot_id)]
         out.append(tok.decode(row))
+    return out
+
+
+def steps_to_recover(curve, target: float) -> float | None:
+    """The first attack step at which the forget loss is back at ``target`` (the base model's
+    forget loss) or below, from a curve ``[[step, loss], ...]`` (evaluations every few steps,
+    step 0 first): the step of the first evaluation at or below ``target``, linearly
+    interpolated from the evaluation before it. ``None`` when the curve never gets there
+    (censored: "more than the attack's last step")."""
+    prev = None
+    for step, loss in curve:
+        if loss <= target:
+            if prev is None or prev[1] == loss:
+                return float(step)
+            (s0, l0) = prev
+            return float(s0 + (step - s0) * (l0 - target) / (l0 - loss))
+        prev = (step, loss)
+    return None
+
+
+# The domain-learned check: thresholds on (fully filtered - base) forget loss. Below them the
+# base model holds too little that is specific to the forget domain for an unlearning verdict to
+# be about anything (docs/lm_unlearning.md, "Was there anything to unlearn?").
+MIN_FORGET_GAP = 0.3        # nats/token
+MIN_GAP_RATIO = 5.0         # forget gap / retain gap
+
+
+def domain_check(base: list[dict], filtered: list[dict], min_gap: float = MIN_FORGET_GAP,
+                 min_ratio: float = MIN_GAP_RATIO) -> dict:
+    """Whether the base model learned something specific to the forget domain: per seed, the fully
+    filtered model's (every labelled forget document removed) loss minus the base model's, on the
+    forget, retain (and topic, when measured) evaluation sets, as mean and 95% interval over
+    seeds. ``learned`` needs the forget gap >= ``min_gap`` and >= ``min_ratio`` x the retain gap;
+    ``message`` says what was found and, when not learned, what to raise."""
+    from ..utils import format_ci, mean_ci
+
+    by_seed = {r["seed"]: r for r in base}
+    pairs = [(by_seed[f["seed"]], f) for f in filtered if f["seed"] in by_seed]
+    if not pairs:
+        raise ValueError("domain_check needs base and fully filtered runs of the same seeds")
+    gap = lambda k: mean_ci([f[k] - b[k] for b, f in pairs])
+    out = {"forget_gap": gap("forget_loss"), "retain_gap": gap("retain_loss"), "n": len(pairs),
+           "min_forget_gap": min_gap, "min_gap_ratio": min_ratio}
+    if all("topic_loss" in b and "topic_loss" in f for b, f in pairs):
+        out["topic_gap"] = gap("topic_loss")
+    fg, rg = out["forget_gap"]["mean"], out["retain_gap"]["mean"]
+    out["gap_ratio"] = fg / rg if rg > 0 else float("inf")
+    out["learned"] = bool(fg >= min_gap and fg >= min_ratio * max(rg, 0.0))
+    text = (f"fully filtered minus base: forget {format_ci(out['forget_gap'])} nats/token, retain "
+            f"{format_ci(out['retain_gap'])}" + (f", topic {format_ci(out['topic_gap'])}" if "topic_gap" in out else "")
+            + f" (n={len(pairs)} seed{'s' if len(pairs) != 1 else ''})")
+    if out["learned"]:
+        out["message"] = f"the base model learned the forget domain: {text}"
+    else:
+        out["message"] = (f"WARNING: little to unlearn: {text}; an unlearning verdict needs the forget gap >= "
+                          f"{min_gap} nats and >= {min_ratio:g}x the retain gap. Raise --steps, the model size "
+                          f"(--d-model, --n-layer) or --vocab-size, or label more of the domain.")
     return out

@@ -67,19 +67,21 @@ def _corpus_dir() -> Path:
 
 
 def scan_labels(source: str, rule: ForgetRule, text_field: str = "text", split: str = "train") -> dict:
-    """Per document: ``status`` (FORGET / RETAIN / UNLABELLED) and ``topic``, plus counts. Raises
+    """Per document: ``status`` (FORGET / RETAIN / UNLABELLED), ``topic`` and ``chars`` (length). Raises
     a clear error for an empty corpus, a label field no document has, or no forget documents."""
     fp = fingerprint(source, text_field, split)
     key = hashlib.sha256(f"{fp}|{rule.key()}".encode()).hexdigest()[:20]
     path = _corpus_dir() / f"labels-{key}.npz"
     if path.is_file():
         z = np.load(path)
-        return {"status": z["status"], "topic": z["topic"], "fingerprint": fp}
-    status, topic, first, seen_field = [], [], None, 0
+        if "chars" in z:                        # (caches written before document lengths were kept: redo)
+            return {"status": z["status"], "topic": z["topic"], "chars": z["chars"], "fingerprint": fp}
+    status, topic, chars, first, seen_field = [], [], [], None, 0
     for d in iter_documents(source, text_field, split):
         first = first or d
         status.append(rule.status(d.record, d.where))
         topic.append(rule.is_topic(d.record, d.where))
+        chars.append(len(d.text))
         seen_field += rule.label_field is not None and d.record.get(rule.label_field) is not None
     if not status:
         raise CorpusError(f"{source} contains no documents")
@@ -95,9 +97,10 @@ def scan_labels(source: str, rule: ForgetRule, text_field: str = "text", split: 
                          "documents")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + f".tmp{os.getpid()}.npz")
-    np.savez(tmp, status=status, topic=topic)
+    chars = np.array(chars, dtype=np.int64)
+    np.savez(tmp, status=status, topic=topic, chars=chars)
     tmp.replace(path)
-    return {"status": status, "topic": topic, "fingerprint": fp}
+    return {"status": status, "topic": topic, "chars": chars, "fingerprint": fp}
 
 
 # ------------------------------------------------------------------------------------------

@@ -1,0 +1,153 @@
+"""Real text: the GCIDE converter (on a tiny dictd pair written here), the domain corpus, the
+domain-learned check, the steps-to-recover metric, and `reproduce --profile real` without the
+dictionary."""
+import gzip
+import json
+
+import pytest
+
+from gradroute.experiments import lm_unlearning as E
+from gradroute.lm import gcide
+from gradroute.lm.evaluate import domain_check, steps_to_recover
+from gradroute.lm.sources import CorpusError
+
+ENTRIES = [
+    ("Aspirin", "Aspirin \\As\"pi*rin\\, n. (Med.) A drug that relieves pain and fever.\n   [1913 Webster]\n"),
+    ("Femur", "Femur \\Fe\"mur\\, n. (Anat.) The thigh bone.\n   [WordNet 1.5]\n"),
+    ("Oak", "Oak \\Oak\\, n. (Bot.) A tree of the genus Quercus, bearing acorns.\n   [PJC]\n"),
+    ("Sail", "Sail \\Sail\\, n. (Naut.) A sheet of canvas spread to the wind.\n"),
+    ("Fever", "Fever \\Fe\"ver\\, n. (Med.) (Physiol.) A rise of the body's temperature above the normal.\n"),
+    ("Tiny", "Tiny \\Ti\"ny\\\n"),                                     # under 20 characters: dropped
+]
+
+
+def number(v: int) -> str:
+    digits = ""
+    while True:
+        digits = gcide.B64[v % 64] + digits
+        v //= 64
+        if v == 0:
+            return digits
+
+
+def write_dictd(folder, entries=ENTRIES, extra_index=()):
+    """A dictd pair: gcide.dict.dz (gzip) and gcide.index; each headword once, plus one alias
+    line pointing at the first entry's record (a duplicate record is kept once)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data, lines = b"", []
+    for head, text in entries:
+        raw = text.encode()
+        lines.append(f"{head}\t{number(len(data))}\t{number(len(raw))}")
+        data += raw
+    lines.insert(1, lines[0].replace(entries[0][0], entries[0][0].lower()))
+    (folder / "gcide.index").write_text("\n".join([*lines, *extra_index]) + "\n")
+    with gzip.open(folder / "gcide.dict.dz", "wb") as fh:
+        fh.write(data)
+    return folder
+
+
+def test_dictd_numbers_round_trip():
+    for v in (0, 1, 63, 64, 4095, 123456789):
+        assert gcide.decode_number(number(v)) == v
+    assert gcide.decode_number("BA") == 64
+    with pytest.raises(ValueError, match="not a dictd base-64 digit"):
+        gcide.decode_number("A-")
+
+
+def test_convert_tiny_dictionary(tmp_path):
+    d = write_dictd(tmp_path / "dictd")
+    out = tmp_path / "gcide.jsonl.gz"
+    assert gcide.convert(out, d) == 5                          # the alias is one record; "Tiny" is dropped
+    rows = [json.loads(line) for line in gzip.open(out, "rt")]
+    assert [r["headword"] for r in rows] == ["Aspirin", "Femur", "Oak", "Sail", "Fever"]
+    assert rows[0]["text"] == "Aspirin \\As\"pi*rin\\, n. (Med.) A drug that relieves pain and fever."
+    assert rows[0]["fields"] == ["Med"] and rows[4]["fields"] == ["Med", "Physiol"]
+    assert all("[" not in r["text"] and "\n" not in r["text"] for r in rows)   # markers and line breaks gone
+    assert gcide.read_entries(out) == rows
+
+
+def test_convert_errors_name_the_line_and_offset(tmp_path):
+    d = write_dictd(tmp_path / "a", extra_index=["Ghost\tZZZ\tBA"])
+    with pytest.raises(CorpusError, match=rf"gcide.index:8: entry 'Ghost' at offset {25 * 64 * 64 + 25 * 64 + 25} "
+                                          r"\(length 64\) lies outside"):
+        gcide.convert(tmp_path / "x.jsonl", d)
+    d = write_dictd(tmp_path / "b", extra_index=["Broken\tAB"])
+    with pytest.raises(CorpusError, match=r"gcide.index:8: expected 'headword<TAB>offset<TAB>length', got 2"):
+        gcide.convert(tmp_path / "x.jsonl", d)
+    d = write_dictd(tmp_path / "c", extra_index=["Bad\tA!\tB"])
+    with pytest.raises(CorpusError, match=r"gcide.index:8: bad offset/length 'A!'/'B'"):
+        gcide.convert(tmp_path / "x.jsonl", d)
+    with pytest.raises(gcide.GcideMissing, match="apt-get install dict-gcide"):
+        gcide.convert(tmp_path / "x.jsonl", tmp_path / "nowhere")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a", "fields": []}\n{"text": 3}\n')
+    with pytest.raises(CorpusError, match=r"bad.jsonl:2: an entry needs a 'text' string"):
+        gcide.read_entries(bad)
+
+
+def test_domain_corpus_and_cli(tmp_path, capsys):
+    from gradroute.cli import main
+
+    d = write_dictd(tmp_path / "dictd")
+    out = tmp_path / "med.jsonl"
+    assert main(["data", "gcide", "--dictd", str(d), "--domain", "Med", "--out", str(out)]) == 0
+    assert "2 labelled forget (Med), 1 topical" in capsys.readouterr().out
+    docs = [json.loads(line) for line in out.read_text().splitlines()]
+    by = {r["headword"]: r for r in docs}
+    assert by["Aspirin"]["label"] == "forget" and by["Fever"]["label"] == "forget"   # Med wins over Physiol
+    assert by["Femur"]["topic"] is True and "label" not in by["Femur"]
+    assert "label" not in by["Oak"] and "topic" not in by["Oak"]
+    again = gcide.domain_corpus(list(gcide.iter_entries(*gcide.dictd_pair(d))), "Med")
+    assert again == docs                                      # deterministic
+    with pytest.raises(ValueError, match="also among the related"):
+        gcide.domain_corpus([], "Anat")
+    assert main(["data", "gcide", "--dictd", str(tmp_path / "none"), "--out", str(out)]) == 2
+    assert "apt-get install dict-gcide" in capsys.readouterr().out
+
+
+def test_steps_to_recover_on_a_hand_made_curve():
+    curve = [[0, 3.0], [4, 2.6], [8, 2.2], [12, 1.8]]
+    assert steps_to_recover(curve, 3.5) == 0.0                 # already at or below the base model
+    assert steps_to_recover(curve, 2.6) == 4.0                 # reached exactly at an evaluation
+    assert steps_to_recover(curve, 2.0) == pytest.approx(10.0)  # halfway between 2.2 (step 8) and 1.8 (step 12)
+    assert steps_to_recover(curve, 1.5) is None                # never: censored
+    rec = E.recovery({"4": curve, "1": [[0, 3.0], [4, 2.9]]}, {"4": [[0, 2.0]], "1": [[0, 2.0]]}, {"4": 100.0})
+    assert rec["attack_steps_to_base_n4"] == pytest.approx(10.0) and rec["attack_recovered_n4"] == 1
+    assert rec["attack_tokens_to_base_n4"] == pytest.approx(1000.0)
+    assert rec["attack_recovered_n1"] == 0 and rec["attack_steps_to_base_n1"] == 4.0   # lower bound
+
+
+def test_domain_check_says_whether_there_was_anything_to_unlearn():
+    base = [{"seed": s, "forget_loss": 3.0, "retain_loss": 3.5, "topic_loss": 3.2} for s in range(3)]
+    learned = [{"seed": s, "forget_loss": 3.5 + 0.01 * s, "retain_loss": 3.52, "topic_loss": 3.3} for s in range(3)]
+    c = domain_check(base, learned)
+    assert c["learned"] and c["forget_gap"]["mean"] == pytest.approx(0.51) and c["n"] == 3
+    assert c["topic_gap"]["mean"] == pytest.approx(0.1) and "learned the forget domain" in c["message"]
+    little = [{"seed": s, "forget_loss": 3.2, "retain_loss": 3.55} for s in range(3)]
+    c = domain_check(base, little)
+    assert not c["learned"] and c["message"].startswith("WARNING: little to unlearn") and "--steps" in c["message"]
+    shared = [{"seed": s, "forget_loss": 3.4, "retain_loss": 3.6} for s in range(3)]      # 0.4 vs 0.1: under 5x
+    assert not domain_check(base, shared)["learned"]
+    with pytest.raises(ValueError, match="same seeds"):
+        domain_check(base, [{"seed": 9, "forget_loss": 1, "retain_loss": 1}])
+
+
+def test_jobs_add_the_fully_filtered_reference():
+    jobs = E.jobs_for(["era"], [0.5], [0, 1], domain_check=True)
+    assert jobs == [("base", None, 0), ("era", 0.5, 0), ("filtering", 1.0, 0),
+                    ("base", None, 1), ("era", 0.5, 1), ("filtering", 1.0, 1)]
+    assert E.jobs_for(["filtering"], [1.0], [0], domain_check=True).count(("filtering", 1.0, 0)) == 1
+
+
+def test_reproduce_real_profile_skips_without_the_dictionary(tmp_path, monkeypatch, capsys):
+    from gradroute import reproduce
+
+    monkeypatch.setenv("GRADROUTE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("GRADROUTE_GCIDE", raising=False)
+    monkeypatch.setattr(gcide, "DICTD_DIR", tmp_path / "no-dictd")
+    p = __import__("argparse").ArgumentParser()
+    reproduce.add_arguments(p)
+    assert reproduce.main(p.parse_args(["--profile", "real", "--out", str(tmp_path / "rep")])) == 0
+    assert "lm-unlearning: skipped: the GCIDE dictionary was not found" in capsys.readouterr().out
+    report = (tmp_path / "rep" / "report.md").read_text()
+    assert "| skipped |" in report and "apt-get install dict-gcide" in report
