@@ -97,6 +97,15 @@ def test_cli_label_field_topic_and_saved_models(env):
     assert mean_loss(model, sets["topic"]) == pytest.approx(rec["topic_loss"], abs=1e-5)
     hf_tok = transformers.AutoTokenizer.from_pretrained(rec["saved_model"])
     assert hf_tok.encode("Once upon a time") == tok.encode("Once upon a time")
+    # the held-out documents for `gradroute eval --data`: the evaluation sets, none of them trained on
+    data = {k: [json.loads(line) for line in (env / "out" / "eval_data" / f"{k}.jsonl").read_text().splitlines()]
+            for k in ("forget", "retain", "topic")}
+    assert [len(data[k]) for k in ("forget", "retain", "topic")] == [c["held_out"]["forget"], c["held_out"]["retain"], 8]
+    assert all(d["label"] == "forget" for d in data["forget"])
+    for k in ("forget", "retain", "topic"):      # the same documents, in the same order, as the evaluation sets
+        for d, row in zip(data[k], sets[k].x):
+            ids = tok.encode(d["text"])[:8]
+            assert row[:len(ids)].tolist() == ids
 
 
 # ------------------------------------------------------------------------------------------

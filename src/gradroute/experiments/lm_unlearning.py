@@ -67,7 +67,7 @@ PROFILES = {
         method=dict(expand=32, l1=1e-4, coherence_steps=8, coherence_lr=3e-4, rmu_steps=40, rmu_lr=3e-3,
                     rmu_grid=RMU_GRID["quick"]),
         attack=dict(sizes=[1, 4, 16, 64], steps=16, repeats=1, lr=3e-4, eval_every=4, batch_size=8, n_eval=32),
-        seeds=3),
+        seeds=3, size_from_corpus=True),
     # the paper's sizes (TinyStories-28M shape, 5000 steps of 80 stories, GPT-2/Neo vocabulary)
     "paper": dict(
         corpus=dict(n_train=200_000, n_eval=1000, n_attack=256, n_val=256),
@@ -229,7 +229,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a Hugging Face causal LM folder (weights, or config.json only: trained from scratch) "
                              "with its own tokenizer; replaces --arch and --tokenizer (GPT-2, Llama/Qwen, GPT-NeoX "
                              "layouts; see docs/your_data.md)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (override the profile)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps (override the profile; with --corpus PATH, default: sized to the corpus)")
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help="BPE vocabulary (override the profile; with --corpus PATH, default: sized to the corpus)")
+    parser.add_argument("--d-model", type=int, default=None,
+                        help="model width; the MLP is 4x (override the profile; with --corpus PATH, default: sized to the corpus)")
+    parser.add_argument("--n-layer", type=int, default=None, help="transformer blocks (override the profile)")
     parser.add_argument("--lr", type=float, default=None,
                         help="training learning rate (override the profile; cosine floor lr/10), e.g. lower for "
                              "a pretrained --model")
@@ -258,6 +264,20 @@ def _real_text_defaults(args: argparse.Namespace) -> None:
     args.fractions = args.fractions or list(REAL_FRACTIONS)
 
 
+def set_steps(cfg: dict, steps: int) -> None:
+    cfg["train"]["steps"] = steps
+    cfg["train"]["warmup"] = min(cfg["train"]["warmup"], steps // 10)
+
+
+def set_width(cfg: dict, d_model: int) -> None:
+    """Model width ``d_model`` with the MLP at 4x and heads of the profile's head width."""
+    m = cfg["model"]
+    head_dim = m["d_model"] // m["n_head"]
+    if d_model % head_dim:
+        raise ValueError(f"--d-model must be a multiple of the head width {head_dim}, got {d_model}")
+    m.update(d_model=d_model, d_mlp=4 * d_model, n_head=d_model // head_dim)
+
+
 def build_config(args: argparse.Namespace) -> dict:
     if args.profile == "real":
         _real_text_defaults(args)
@@ -273,11 +293,20 @@ def build_config(args: argparse.Namespace) -> dict:
         cfg["arch"], cfg["tokenizer"] = "hf", "model"
         cfg["model"] = M.hf_model_spec(args.model, cfg["model"]["n_ctx"])
         cfg.pop("vocab_size", None)
+    for flag, lo in (("steps", 1), ("vocab_size", 64), ("d_model", 8), ("n_layer", 1)):
+        v = getattr(args, flag, None)
+        if v is not None and v < lo:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= {lo}, got {v}")
+    if getattr(args, "model", None) and any(getattr(args, f, None) for f in ("vocab_size", "d_model", "n_layer")):
+        raise ValueError("--model brings its own shape and tokenizer: drop --vocab-size / --d-model / --n-layer")
     if args.steps is not None:
-        if args.steps < 1:
-            raise ValueError(f"--steps must be >= 1, got {args.steps}")
-        cfg["train"]["steps"] = args.steps
-        cfg["train"]["warmup"] = min(cfg["train"]["warmup"], args.steps // 10)
+        set_steps(cfg, args.steps)
+    if getattr(args, "vocab_size", None):
+        cfg["vocab_size"] = args.vocab_size
+    if getattr(args, "d_model", None):
+        set_width(cfg, args.d_model)
+    if getattr(args, "n_layer", None):
+        cfg["model"]["n_layer"] = args.n_layer
     if getattr(args, "lr", None) is not None:
         if args.lr <= 0:
             raise ValueError(f"--lr must be > 0, got {args.lr}")
@@ -354,6 +383,8 @@ def run(args: argparse.Namespace) -> dict:
     (out / "samples.md").write_text(samples_md(results))
     if "user_data" in cfg:
         (out / "evaluation.md").write_text(user_corpus.evaluation_table(runs))
+        if cfg["user_data"]["save_models"]:     # the held-out documents, for `gradroute eval MODEL --data`
+            user_corpus.write_eval_data(cfg, out / "eval_data")
     make_figures(out, summary, results)
     print(summary_tables(summary))
     if domain is not None:

@@ -121,6 +121,9 @@ def configure(cfg: dict, args: argparse.Namespace) -> None:
         raise ValueError("--n-topic needs --topic-field")
     plan = plan_splits(scan["status"], scan["topic"], targets, args.split_seed, source=args.corpus)
     sizes = plan["sizes"]
+    if cfg.get("size_from_corpus") and cfg.get("tokenizer") == "bpe":
+        cfg["sizing"] = size_for_corpus(cfg, scan["chars"][plan["index"]["train"]], explicit={
+            k for k in ("steps", "vocab_size", "d_model") if getattr(args, k, None) is not None})
     cfg["user_data"] = {
         "rule": {"label_field": rule.label_field, "words": list(rule.words), "regex": rule.regex,
                  "topic_field": rule.topic_field},
@@ -131,20 +134,78 @@ def configure(cfg: dict, args: argparse.Namespace) -> None:
     a["n_eval"] = min(a["n_eval"], sizes["forget"])
 
 
+# Sizing a user's corpus (profiles quick and real, our GPT with a BPE trained on the corpus).
+# The rule was chosen on the GCIDE medical corpus's validation split so that the base model learns
+# the forget domain (docs/lm_unlearning.md, "Real text: sizing"): a larger vocabulary lets a
+# domain's words be tokens of their own, and more passes over the data let the model learn them.
+SIZING = {"chars_per_merge": 1000, "vocab": (1024, 8192), "epochs": 2.0, "max_steps": 2400}
+
+
+def size_for_corpus(cfg: dict, train_chars: np.ndarray, explicit: set = frozenset()) -> dict:
+    """Set the vocabulary and training steps of ``cfg`` from the training documents' lengths
+    (``train_chars``), except what the user gave (``explicit``); returns what was chosen and why.
+
+    - vocabulary: a power of two near one BPE token per ``chars_per_merge`` characters of
+      training text, within ``vocab`` (1,024 for under ~1.5M characters, 4,096 for ~5M);
+    - steps: ``epochs`` passes over the training documents at the profile's batch size, at
+      least the profile's steps and at most ``max_steps``."""
+    n_docs, chars = int(train_chars.size), int(train_chars.sum())
+    lo, hi = SIZING["vocab"]
+    vocab = int(min(hi, max(lo, 2 ** round(np.log2(max(chars / SIZING["chars_per_merge"], 1))))))
+    steps = int(min(SIZING["max_steps"], max(cfg["train"]["steps"],
+                                             np.ceil(SIZING["epochs"] * n_docs / cfg["batch_size"]))))
+    chosen = {"train_documents": n_docs, "train_characters": chars, "rule": dict(SIZING)}
+    if "vocab_size" not in explicit:
+        cfg["vocab_size"] = chosen["vocab_size"] = vocab
+    if "steps" not in explicit:
+        cfg["train"]["steps"] = chosen["steps"] = steps
+    return chosen
+
+
 def _rule(ud: dict) -> ForgetRule:
     return ForgetRule(**ud["rule"])
+
+
+def _plan(cfg: dict, source: str):
+    ud = cfg["user_data"]
+    rule = _rule(ud)
+    scan = scan_labels(source, rule, ud["text_field"], ud["split"])
+    if scan["fingerprint"] != ud["fingerprint"]:
+        raise CorpusError(f"{source} changed since the run was configured; start the command again")
+    return rule, scan, plan_splits(scan["status"], scan["topic"], SplitTargets(**ud["sizes"]), ud["split_seed"],
+                                   source=source)
+
+
+EVAL_DATA_SETS = ("forget", "retain", "topic")
+
+
+def write_eval_data(cfg: dict, folder) -> Path:
+    """The held-out evaluation documents (``forget``, ``retain`` and, with a topic field, ``topic``)
+    as ``folder/<set>.jsonl``: ``text`` plus the record's other string fields (e.g. ``headword``),
+    for ``gradroute eval --data folder``; never training documents."""
+    import json
+
+    ud = cfg["user_data"]
+    _, _, plan = _plan(cfg, cfg["source"])
+    where = {int(i): k for k in EVAL_DATA_SETS for i in plan["index"][k]}
+    rows: dict = {k: [] for k in EVAL_DATA_SETS if plan["sizes"][k]}
+    for i, d in enumerate(iter_documents(cfg["source"], ud["text_field"], ud["split"])):
+        if i in where:
+            extra = {k: v for k, v in d.record.items() if isinstance(v, str) and k != ud["text_field"]}
+            rows[where[i]].append({**extra, "text": d.text})
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, docs in rows.items():
+        (folder / f"{k}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in docs))
+    return folder
 
 
 def prepare(cfg: dict, source: str | None = None):
     """``(tokenizer, training Stories, held-out sets, counts)`` as the experiment's ``_prepare``."""
     ud = cfg["user_data"]
     source = source or cfg["source"]
-    rule = _rule(ud)
-    scan = scan_labels(source, rule, ud["text_field"], ud["split"])
-    if scan["fingerprint"] != ud["fingerprint"]:
-        raise CorpusError(f"{source} changed since the run was configured; start the command again")
+    rule, scan, plan = _plan(cfg, source)
     status, topic = scan["status"], scan["topic"]
-    plan = plan_splits(status, topic, SplitTargets(**ud["sizes"]), ud["split_seed"], source=source)
     rows_of, slices = row_order(plan, status.size)
     train_idx = plan["index"]["train"]
     docs = lambda: iter_documents(source, ud["text_field"], ud["split"])
