@@ -89,14 +89,14 @@ def test_headword_mc_items(tmp_path):
         assert len(it["choices"]) == 4 and len({c.lower() for c in it["choices"]}) == 4
         assert it["choices"][it["label"]] == w and sum(c == w for c in it["choices"]) == 1
         assert set(it["choices"]) <= {m[0] for m in MED}
-        assert not re.search(re.escape(w), it["question"], re.IGNORECASE)
-        assert it["question"].startswith("n. ")
+        assert not re.search(re.escape(w), it["definition"], re.IGNORECASE)
+        assert it["definition"].startswith("n. ")
     assert ev.build_headword_mc(recs) == items                           # fixed seed: the same file every time
     assert ev.build_headword_mc(recs, seed=1) != items
     assert len({it["label"] for it in ev.build_headword_mc(recs * 1)}) > 1    # the answer's position varies
     long = ev.build_headword_mc([{"text": r["text"] + " more words" * 100, "headword": r["headword"]}
                                  for r in recs[:6]], max_chars=100)
-    assert all(len(it["question"]) <= 104 and it["question"].endswith(" ...") for it in long)
+    assert all(len(it["definition"]) <= 104 and it["definition"].endswith(" ...") for it in long)
     with pytest.raises(ev.EvalError, match=r"needs at least 4 distinct headwords, found 3.*somewhere\.jsonl"
                        r"|somewhere\.jsonl.*needs at least 4 distinct headwords, found 3"):
         ev.build_headword_mc(recs[:3], where="somewhere.jsonl")
@@ -105,15 +105,21 @@ def test_headword_mc_items(tmp_path):
 def test_local_task_files(tmp_path, run_dir):
     pytest.importorskip("yaml")
     data = run_dir / "eval_data"
-    written = ev.write_local_tasks(["gradroute_unlearning", "gradroute_headword"], data, tmp_path / "t")
+    written = ev.write_local_tasks(["gradroute_unlearning", "gradroute_headword", "gradroute_headword_question"],
+                                   data, tmp_path / "t")
     # no topic.jsonl: the groups leave their topic tasks out
     assert written == ["gradroute_forget_ppl", "gradroute_retain_ppl", "gradroute_headword_mc",
-                       "gradroute_headword_mc_retain"]
-    lines = (tmp_path / "t" / "gradroute_headword_mc.jsonl").read_text().splitlines()
-    assert len(lines) == len(MED)
-    for line, (w, _, _) in zip(lines, MED):
-        it = json.loads(line)
-        assert len(it["choices"]) == 4 and it["choices"][it["label"]] == w and w.lower() not in it["question"].lower()
+                       "gradroute_headword_mc_retain", "gradroute_headword_question"]
+    for split, rows in (("forget", MED), ("retain", OTHER)):
+        lines = (tmp_path / "t" / f"headword_{split}.jsonl").read_text().splitlines()
+        assert len(lines) == len(rows)
+        for line, (w, _, d) in zip(lines, rows):
+            it = json.loads(line)
+            assert len(it["choices"]) == 4 and it["choices"][it["label"]] == w
+            assert w.lower() not in it["definition"].lower() and it["definition"].startswith("n. ")
+    yml = (tmp_path / "t" / "gradroute_headword_mc.yaml").read_text()
+    assert "doc_to_text: label" in yml and "doc_to_target: definition" in yml     # headword first
+    assert "Which word" in (tmp_path / "t" / "gradroute_headword_question.yaml").read_text()
     group = (tmp_path / "t" / "gradroute_unlearning.yaml").read_text()
     assert "gradroute_forget_ppl" in group and "gradroute_topic_ppl" not in group
     assert str((data / "forget.jsonl").resolve()) in (tmp_path / "t" / "gradroute_forget_ppl.yaml").read_text()
@@ -177,6 +183,20 @@ def test_unknown_local_task(run_dir, capsys):
     assert rc == 2 and "unknown task 'gradroute_forget_pl'" in err and "did you mean gradroute_forget_ppl" in err
 
 
+def test_definition_longer_than_the_context(tmp_path, run_dir):
+    import shutil
+
+    m = tmp_path / "short"
+    shutil.copytree(run_dir / "models" / "base", m)
+    cfg = json.loads((m / "config.json").read_text())
+    ev.write_local_tasks(["gradroute_headword_mc"], run_dir / "eval_data", tmp_path / "t")
+    files = [tmp_path / "t" / "headword_forget.jsonl"]
+    ev.check_mc_fits(m, files, 120)                                # 128 positions: fits
+    (m / "config.json").write_text(json.dumps({**cfg, "n_positions": 8}))
+    with pytest.raises(ev.EvalError, match=rf"{re.escape(str(m))}: the headword item for .* context is 8; lower --mc-chars"):
+        ev.check_mc_fits(m, files, 120)
+
+
 def test_without_lm_eval(run_dir, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)           # import lm_eval raises ImportError
     rc, _, err = _eval(capsys, run_dir / "models" / "base", "--tasks", "gradroute_unlearning")
@@ -201,14 +221,15 @@ def test_eval_two_models_local_and_user_tasks(tmp_path, run_dir, capsys):
         "    higher_is_better: false\n")
     out = tmp_path / "res" / "results.json"
     models = [run_dir / "models" / "base", run_dir / "models" / "era"]
-    rc, printed, err = _eval(capsys, *models, "--tasks", "gradroute_unlearning", "gradroute_headword", "my_ppl",
+    rc, printed, err = _eval(capsys, *models, "--tasks", "gradroute_unlearning", "gradroute_headword",
+                             "gradroute_headword_question", "my_ppl",
                              "--include-path", tmp_path / "mine", "--device", "cpu", "--batch-size", "4",
                              "--out", out)
     assert rc == 0, err
     assert printed.count("## base") == 1 and printed.count("## era") == 1
     tables = printed.split("side by side:")[0]
     for t in ("gradroute_forget_ppl", "gradroute_retain_ppl", "gradroute_headword_mc", "gradroute_headword_mc_retain",
-              "my_ppl"):
+              "gradroute_headword_question", "my_ppl"):
         assert len(re.findall(rf"\|\s*(- )?{t}\s*\|", tables)) == 2, t     # a row in each model's table
     rows = [r for r in printed.splitlines() if r.startswith("|") and not r.startswith("|--")]
     nums = _numbers(rows)
@@ -223,8 +244,8 @@ def test_eval_two_models_local_and_user_tasks(tmp_path, run_dir, capsys):
     base, era = (res["results"][m]["results"]["gradroute_forget_ppl"]["bits_per_byte,none"] for m in ("base", "era"))
     assert base != era                                              # two models, two results
     for r in res["results"].values():
-        assert 0 <= r["results"]["gradroute_headword_mc"]["acc,none"] <= 1
-        assert r["n-samples"]["gradroute_headword_mc"]["effective"] == len(MED)
+        for t in ("gradroute_headword_mc", "gradroute_headword_mc_retain", "gradroute_headword_question"):
+            assert 0 <= r["results"][t]["acc,none"] <= 1 and r["n-samples"][t]["effective"] == len(MED)
         assert r["n-samples"]["gradroute_forget_ppl"]["effective"] == len(MED)
         assert math.isfinite(r["results"]["my_ppl"]["bits_per_byte,none"])
         assert r["results"]["gradroute_retain_ppl"]["word_perplexity,none"] > 1

@@ -19,7 +19,13 @@ are built from a run's held-out documents (``--data DIR``, by default ``MODEL_DI
 * ``gradroute_headword_mc`` / ``gradroute_headword_mc_retain`` (/ ``_topic``): "which headword
   does this definition describe?", four choices, built from the entries that have a headword
   (:func:`build_headword_mc`), grouped as ``gradroute_headword``: the forget-domain question set
-  against a retain-domain one, as WMDP is reported next to MMLU.
+  against a retain-domain one, as WMDP is reported next to MMLU. Scored in the dictionary's own
+  order: the definition's log-likelihood after each candidate headword (lm-eval's
+  multiple-input form, as Winogrande), so a small model trained on entries can answer.
+* ``gradroute_headword_question`` / ``_retain`` (/ ``_topic``), group
+  ``gradroute_headword_questions``: the same items as a question (the definition, then
+  "Which word does this define? Answer:", each headword scored as the answer), for models
+  that can follow such a prompt.
 
 The task YAMLs and the multiple-choice data are written into a temporary folder at run time
 and point at the files under ``--data``; nothing is downloaded for them. lm-eval is an optional
@@ -41,11 +47,14 @@ OPTIONAL_SPLITS = ("topic",)     # left out of the groups when the run wrote no 
 PPL_TASKS = {"gradroute_forget_ppl": "forget", "gradroute_retain_ppl": "retain", "gradroute_topic_ppl": "topic"}
 MC_TASKS = {"gradroute_headword_mc": "forget", "gradroute_headword_mc_retain": "retain",
             "gradroute_headword_mc_topic": "topic"}
-LOCAL_TASKS = {**PPL_TASKS, **MC_TASKS}
-LOCAL_GROUPS = {"gradroute_unlearning": list(PPL_TASKS), "gradroute_headword": list(MC_TASKS)}
+QUESTION_TASKS = {"gradroute_headword_question": "forget", "gradroute_headword_question_retain": "retain",
+                  "gradroute_headword_question_topic": "topic"}
+LOCAL_TASKS = {**PPL_TASKS, **MC_TASKS, **QUESTION_TASKS}
+LOCAL_GROUPS = {"gradroute_unlearning": list(PPL_TASKS), "gradroute_headword": list(MC_TASKS),
+                "gradroute_headword_questions": list(QUESTION_TASKS)}
 MC_SEED = 0
 MC_CHOICES = 4
-MC_MAX_CHARS = 400
+MC_MAX_CHARS = 120     # headword + definition fit a 96-token context with a 1,024-token BPE
 MAIN_METRICS = ("acc", "exact_match", "bits_per_byte", "word_perplexity")
 MASK = "___"
 
@@ -141,7 +150,7 @@ def build_headword_mc(records: list[dict], seed: int = MC_SEED, n_choices: int =
     ``n_choices - 1`` other answers of the same records drawn with ``random.Random(seed)``
     (distinct case-insensitively), the true answer at a position drawn from the same generator.
     An entry listed under several headwords (same answer and definition) gives one item;
-    definitions under 10 characters are skipped. Each item: ``question``, ``choices``,
+    definitions under 10 characters are skipped. Each item: ``definition``, ``choices``,
     ``label`` (the index of the true answer), ``headword``."""
     items, seen = [], set()
     for d in records:
@@ -154,7 +163,7 @@ def build_headword_mc(records: list[dict], seed: int = MC_SEED, n_choices: int =
         if len(definition) < 10 or key in seen:
             continue
         seen.add(key)
-        items.append({"question": definition, "headword": answer})
+        items.append({"definition": definition, "headword": answer})
     pool = sorted({it["headword"].lower(): it["headword"] for it in items}.values())
     if len(pool) < n_choices:
         raise EvalError(f"{where}: a {n_choices}-choice headword task needs at least {n_choices} distinct headwords, "
@@ -194,13 +203,30 @@ def _ppl_config(name: str, data_file: Path, cache: Path) -> dict:
 
 
 def _mc_config(name: str, data_file: Path, cache: Path) -> dict:
+    """Headword first: each choice is a context, the definition the shared continuation; doc_to_text
+    naming an int column (the true choice) is lm-eval's multiple-input form."""
     return {
         "task": name,
         "dataset_path": "json",
         "dataset_kwargs": {"data_files": str(data_file), "cache_dir": str(cache)},
         "output_type": "multiple_choice",
         "test_split": "train",
-        "doc_to_text": "Definition: {{question}}\nWhich word does this define? Answer:",
+        "doc_to_text": "label",
+        "doc_to_choice": "choices",
+        "doc_to_target": "definition",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+        "metadata": {"version": 1.0},
+    }
+
+
+def _question_config(name: str, data_file: Path, cache: Path) -> dict:
+    return {
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": str(data_file), "cache_dir": str(cache)},
+        "output_type": "multiple_choice",
+        "test_split": "train",
+        "doc_to_text": "Definition: {{definition}}\nWhich word does this define? Answer:",
         "doc_to_choice": "choices",
         "doc_to_target": "label",
         "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")],
@@ -233,10 +259,12 @@ def expand_local(names: list[str]) -> list[str]:
     return out
 
 
-def write_local_tasks(names: list[str], data: Path, folder: Path, data_given: bool = True) -> list[str]:
-    """Write the YAMLs (and the multiple-choice data) of the local tasks and groups requested
-    in ``names`` into ``folder``; returns the task names written. A requested group leaves out
-    its optional (topic) tasks when their file is absent; a requested task needs its file."""
+def write_local_tasks(names: list[str], data: Path, folder: Path, data_given: bool = True,
+                      mc_chars: int = MC_MAX_CHARS) -> list[str]:
+    """Write the YAMLs (and the multiple-choice data, ``headword_<split>.jsonl``) of the local
+    tasks and groups requested in ``names`` into ``folder``; returns the task names written. A
+    requested group leaves out its optional (topic) tasks when their file is absent; a requested
+    task needs its file."""
     folder.mkdir(parents=True, exist_ok=True)
     cache = folder / "hf_datasets_cache"
     import yaml
@@ -253,12 +281,13 @@ def write_local_tasks(names: list[str], data: Path, folder: Path, data_given: bo
             read_jsonl(src)                     # a clear error now rather than inside lm-eval
             cfg = _ppl_config(t, src.resolve(), cache)
         else:
-            items = build_headword_mc(read_jsonl(src), where=str(src))
-            mc_file = folder / f"{t}.jsonl"
-            with open(mc_file, "w", encoding="utf-8") as f:
-                for it in items:
-                    f.write(json.dumps(it, ensure_ascii=False) + "\n")
-            cfg = _mc_config(t, mc_file.resolve(), cache)
+            mc_file = folder / f"headword_{LOCAL_TASKS[t]}.jsonl"
+            if not mc_file.is_file():
+                items = build_headword_mc(read_jsonl(src), max_chars=mc_chars, where=str(src))
+                with open(mc_file, "w", encoding="utf-8") as f:
+                    for it in items:
+                        f.write(json.dumps(it, ensure_ascii=False) + "\n")
+            cfg = (_mc_config if t in MC_TASKS else _question_config)(t, mc_file.resolve(), cache)
         (folder / f"{t}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
     for g, members in LOCAL_GROUPS.items():
         if g in names:
@@ -309,6 +338,39 @@ def _task_manager(include: list[Path], names: list[str]):
                         f"({', '.join(list(LOCAL_GROUPS) + list(LOCAL_TASKS))}), not in --include-path, "
                         f"and not among lm-eval's own tasks and groups")
     return tm
+
+
+def _context_length(model_dir: Path) -> int | None:
+    """The model's context in tokens, read from its config as lm-eval reads it."""
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    for k in ("n_positions", "max_position_embeddings", "n_ctx"):
+        if isinstance(cfg.get(k), int):
+            return cfg[k]
+    return None
+
+
+def check_mc_fits(model_dir: Path, mc_files: list[Path], mc_chars: int) -> None:
+    """Raise :class:`EvalError` when a headword item (a choice, then the definition) is longer
+    than the model's context: lm-eval would cut the context, the headword, from the left."""
+    n_ctx = _context_length(model_dir)
+    if n_ctx is None or not mc_files:
+        return
+    from ..hf import _transformers
+
+    tok = _transformers().AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    worst, where = 0, None
+    for f in mc_files:
+        for line in f.read_text(encoding="utf-8").splitlines():
+            it = json.loads(line)
+            n = len(tok(" " + it["definition"])["input_ids"]) + max(len(tok(c)["input_ids"]) for c in it["choices"])
+            if n > worst:
+                worst, where = n, it["headword"]
+    if worst > n_ctx:
+        raise EvalError(f"{model_dir}: the headword item for {where!r} is {worst} tokens (a choice and the definition) "
+                        f"but the model's context is {n_ctx}; lower --mc-chars (now {mc_chars})")
 
 
 def main_metric(task_results: dict) -> tuple[str, float] | None:
@@ -363,7 +425,8 @@ def side_by_side(results: dict[str, dict]) -> str:
 
 def evaluate_models(model_dirs: list[Path], tasks: list[str], data: Path | None = None,
                     include_path: list[Path] | None = None, limit: float | None = None, batch_size: int = 8,
-                    device: str = "auto", out: Path | None = None, echo: Callable[[str], None] = print) -> dict:
+                    device: str = "auto", out: Path | None = None, mc_chars: int = MC_MAX_CHARS,
+                    echo: Callable[[str], None] = print) -> dict:
     """Run lm-eval's ``tasks`` on each model folder; print the tables; write ``out`` (JSON).
     Returns ``{model label: lm-eval's results dict (without per-sample logs)}``."""
     model_dirs = [Path(m) for m in model_dirs]
@@ -388,7 +451,11 @@ def evaluate_models(model_dirs: list[Path], tasks: list[str], data: Path | None 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     work = Path(tempfile.mkdtemp(prefix="gradroute-eval-"))
     try:
-        local = write_local_tasks(tasks, data_dir, work / "tasks", data_given=given) if expand_local(tasks) else []
+        local = (write_local_tasks(tasks, data_dir, work / "tasks", data_given=given, mc_chars=mc_chars)
+                 if expand_local(tasks) else [])
+        mc_files = sorted({work / "tasks" / f"headword_{LOCAL_TASKS[t]}.jsonl" for t in local if t in MC_TASKS})
+        for m in model_dirs:
+            check_mc_fits(m, mc_files, mc_chars)
         tm = _task_manager(([work / "tasks"] if local else []) + include, list(tasks))
         results: dict[str, dict] = {}
         for label, m in zip(_labels(model_dirs), model_dirs):
@@ -426,7 +493,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Hugging Face model folders with their tokenizer (OUT/models/<run>/ from --save-models)")
     p.add_argument("--tasks", nargs="+", required=True, metavar="T",
                    help="lm-eval task or group names: gradroute_unlearning (forget / retain perplexity), "
-                        "gradroute_headword (the headword multiple choice, forget and retain), their tasks "
+                        "gradroute_headword (the headword multiple choice, forget and retain), "
+                        "gradroute_headword_questions (the same as a question), their tasks "
                         f"({', '.join(LOCAL_TASKS)}), any lm-eval task, or one from --include-path")
     p.add_argument("--data", type=Path, default=None,
                    help="folder of forget.jsonl, retain.jsonl[, topic.jsonl] for the local tasks "
@@ -435,6 +503,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a folder (or YAML file) of your own lm-eval task configs; repeatable")
     p.add_argument("--limit", type=float, default=None, help="at most N documents per task (a fraction when < 1)")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--mc-chars", type=int, default=MC_MAX_CHARS,
+                   help="cut the headword tasks' definitions to this many characters (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda")
     p.add_argument("--out", type=Path, default=Path("runs") / "eval" / "results.json",
                    help="results JSON (default: %(default)s)")
@@ -445,5 +515,5 @@ def main(args: argparse.Namespace) -> int:
     if limit is not None and limit >= 1:
         limit = int(limit)
     evaluate_models(args.model_dirs, args.tasks, data=args.data, include_path=args.include_path, limit=limit,
-                    batch_size=args.batch_size, device=args.device, out=args.out)
+                    batch_size=args.batch_size, device=args.device, out=args.out, mc_chars=args.mc_chars)
     return 0
