@@ -104,7 +104,7 @@ _GCIDE_FORM = re.compile(r"\s*([^\\\n]{1,80}?)\s*\\[^\\\n]{0,120}\\\s*(?:\([^()\
 _LEADING_PUNCT = re.compile(r"^[\s,;:.\-\u2013\u2014]+")
 
 
-def split_entry(text: str, headword: str) -> tuple[str, str]:
+def split_entry(text: str, headword: str, etymology: bool = True) -> tuple[str, str]:
     """``(answer, definition)`` of one dictionary entry.
 
     A GCIDE entry opens with its word and the pronunciation between backslashes
@@ -112,9 +112,11 @@ def split_entry(text: str, headword: str) -> tuple[str, str]:
     spellings (``Squinance \\..\\ (..), Squinancy \\..\\ (..), n.``): the first word is the answer
     (it can differ from the index ``headword``, e.g. the entry ``Boil`` listed under
     ``A blind boil``) and all these forms are cut off. Other texts: the answer is ``headword``,
-    cut off when the text starts with it. In what remains, every word that starts with the
-    answer, the headword or another opening spelling (``Boil``, ``boils``, ``{Delhi boil}``;
-    the etymology's ``embolismus`` for ``Embolism``) becomes ``___``, case-insensitively."""
+    cut off when the text starts with it. ``etymology=False`` drops the bracketed etymology near
+    the start (it spells the word's roots; without it the item asks about the sense alone). In
+    what remains, every word that
+    starts with the answer, the headword or another opening spelling (``Boil``, ``boils``,
+    ``{Delhi boil}``) becomes ``___``, case-insensitively."""
     headword = headword.strip()
     forms, pos = [], 0
     while len(forms) < 8:
@@ -129,10 +131,31 @@ def split_entry(text: str, headword: str) -> tuple[str, str]:
         answer, rest = headword, text.strip()
         if rest.lower().startswith(headword.lower()):
             rest = _LEADING_PUNCT.sub("", rest[len(headword):])
+    if not etymology:
+        rest = _drop_etymology(rest)
     for word in sorted({answer, headword, *forms}, key=len, reverse=True):
         if word:
             rest = re.sub(r"(?<!\w)" + re.escape(word) + r"\w*", MASK, rest, flags=re.IGNORECASE)
     return answer, rest.strip()
+
+
+def _drop_etymology(rest: str, within: int = 60) -> str:
+    """Without the first bracketed etymology (``[L. medicina, fr. medicus.]``, brackets may
+    nest: ``[Hemi- + an[ae]sthesia.]``) that opens in the first ``within`` characters; GCIDE's
+    short letter marks (``[ae]``, ``[=o]``) are not etymologies."""
+    i = rest.find("[")
+    while 0 <= i < within:
+        depth = 0
+        for j in range(i, len(rest)):
+            depth += {"[": 1, "]": -1}.get(rest[j], 0)
+            if depth == 0:
+                break
+        else:
+            return rest
+        if j - i > 5:
+            return (rest[:i].rstrip() + " " + rest[j + 1:].lstrip()).strip()
+        i = rest.find("[", j + 1)
+    return rest
 
 
 def _shorten(text: str, max_chars: int) -> str:
@@ -143,7 +166,7 @@ def _shorten(text: str, max_chars: int) -> str:
 
 
 def build_headword_mc(records: list[dict], seed: int = MC_SEED, n_choices: int = MC_CHOICES,
-                      max_chars: int = MC_MAX_CHARS, where: str = "the data") -> list[dict]:
+                      max_chars: int = MC_MAX_CHARS, etymology: bool = True, where: str = "the data") -> list[dict]:
     """Multiple-choice items "which headword does this definition describe?" from the
     ``records`` with a non-empty ``headword``, in file order: the definition
     (:func:`split_entry`, cut to ``max_chars`` at a word boundary), the true answer and
@@ -157,7 +180,7 @@ def build_headword_mc(records: list[dict], seed: int = MC_SEED, n_choices: int =
         hw = d.get("headword")
         if not isinstance(hw, str) or not hw.strip():
             continue
-        answer, definition = split_entry(d["text"], hw)
+        answer, definition = split_entry(d["text"], hw, etymology)
         definition = _shorten(definition, max_chars)
         key = (answer.lower(), definition)
         if len(definition) < 10 or key in seen:
@@ -260,7 +283,7 @@ def expand_local(names: list[str]) -> list[str]:
 
 
 def write_local_tasks(names: list[str], data: Path, folder: Path, data_given: bool = True,
-                      mc_chars: int = MC_MAX_CHARS) -> list[str]:
+                      mc_chars: int = MC_MAX_CHARS, etymology: bool = True) -> list[str]:
     """Write the YAMLs (and the multiple-choice data, ``headword_<split>.jsonl``) of the local
     tasks and groups requested in ``names`` into ``folder``; returns the task names written. A
     requested group leaves out its optional (topic) tasks when their file is absent; a requested
@@ -283,7 +306,7 @@ def write_local_tasks(names: list[str], data: Path, folder: Path, data_given: bo
         else:
             mc_file = folder / f"headword_{LOCAL_TASKS[t]}.jsonl"
             if not mc_file.is_file():
-                items = build_headword_mc(read_jsonl(src), max_chars=mc_chars, where=str(src))
+                items = build_headword_mc(read_jsonl(src), max_chars=mc_chars, etymology=etymology, where=str(src))
                 with open(mc_file, "w", encoding="utf-8") as f:
                     for it in items:
                         f.write(json.dumps(it, ensure_ascii=False) + "\n")
@@ -426,6 +449,7 @@ def side_by_side(results: dict[str, dict]) -> str:
 def evaluate_models(model_dirs: list[Path], tasks: list[str], data: Path | None = None,
                     include_path: list[Path] | None = None, limit: float | None = None, batch_size: int = 8,
                     device: str = "auto", out: Path | None = None, mc_chars: int = MC_MAX_CHARS,
+                    etymology: bool = True,
                     echo: Callable[[str], None] = print) -> dict:
     """Run lm-eval's ``tasks`` on each model folder; print the tables; write ``out`` (JSON).
     Returns ``{model label: lm-eval's results dict (without per-sample logs)}``."""
@@ -451,8 +475,8 @@ def evaluate_models(model_dirs: list[Path], tasks: list[str], data: Path | None 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     work = Path(tempfile.mkdtemp(prefix="gradroute-eval-"))
     try:
-        local = (write_local_tasks(tasks, data_dir, work / "tasks", data_given=given, mc_chars=mc_chars)
-                 if expand_local(tasks) else [])
+        local = (write_local_tasks(tasks, data_dir, work / "tasks", data_given=given, mc_chars=mc_chars,
+                                   etymology=etymology) if expand_local(tasks) else [])
         mc_files = sorted({work / "tasks" / f"headword_{LOCAL_TASKS[t]}.jsonl" for t in local if t in MC_TASKS})
         for m in model_dirs:
             check_mc_fits(m, mc_files, mc_chars)
@@ -505,6 +529,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--mc-chars", type=int, default=MC_MAX_CHARS,
                    help="cut the headword tasks' definitions to this many characters (default: %(default)s)")
+    p.add_argument("--mc-no-etymology", action="store_true",
+                   help="drop the bracketed etymology from the headword tasks' definitions (the sense alone)")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda")
     p.add_argument("--out", type=Path, default=Path("runs") / "eval" / "results.json",
                    help="results JSON (default: %(default)s)")
@@ -515,5 +541,6 @@ def main(args: argparse.Namespace) -> int:
     if limit is not None and limit >= 1:
         limit = int(limit)
     evaluate_models(args.model_dirs, args.tasks, data=args.data, include_path=args.include_path, limit=limit,
-                    batch_size=args.batch_size, device=args.device, out=args.out, mc_chars=args.mc_chars)
+                    batch_size=args.batch_size, device=args.device, out=args.out, mc_chars=args.mc_chars,
+                    etymology=not args.mc_no_etymology)
     return 0
