@@ -181,6 +181,12 @@ def test_default_data_folder_missing(tmp_path, run_dir, capsys):
     assert str(tmp_path / "r" / "eval_data" / "forget.jsonl") in err and "pass --data DIR" in err
 
 
+def test_include_path_must_be_a_folder(tmp_path, run_dir, capsys):
+    (tmp_path / "t.yaml").write_text("task: t\n")
+    rc, _, err = _eval(capsys, run_dir / "models" / "base", "--tasks", "t", "--include-path", tmp_path / "t.yaml")
+    assert rc == 2 and f"--include-path {tmp_path / 't.yaml'}: no such folder" in err
+
+
 def test_unknown_local_task(run_dir, capsys):
     pytest.importorskip("lm_eval")
     rc, _, err = _eval(capsys, run_dir / "models" / "base", "--tasks", "gradroute_forget_pl")

@@ -42,7 +42,6 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-SPLITS = ("forget", "retain", "topic")
 OPTIONAL_SPLITS = ("topic",)     # left out of the groups when the run wrote no topic.jsonl
 PPL_TASKS = {"gradroute_forget_ppl": "forget", "gradroute_retain_ppl": "retain", "gradroute_topic_ppl": "topic"}
 MC_TASKS = {"gradroute_headword_mc": "forget", "gradroute_headword_mc_retain": "retain",
@@ -337,7 +336,7 @@ def check_model_dir(folder: Path) -> None:
                         "model's own tokenizer saved next to it")
 
 
-def _task_manager(include: list[Path], names: list[str]):
+def _task_manager(include: list[Path], names: list[str], user_paths: bool = False):
     """lm-eval's TaskManager over ``include``; its own ~14,000 built-in tasks (a 10 s scan) are
     indexed only when a requested name is not found in ``include``."""
     from lm_eval.tasks import TaskManager
@@ -358,8 +357,9 @@ def _task_manager(include: list[Path], names: list[str]):
             close = difflib.get_close_matches(n, list(LOCAL_TASKS) + list(LOCAL_GROUPS) + tm.all_tasks, n=3)
             hints.append(f"{n!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
         raise EvalError(f"unknown task {', '.join(hints)}: not a gradroute local task "
-                        f"({', '.join(list(LOCAL_GROUPS) + list(LOCAL_TASKS))}), not in --include-path, "
-                        f"and not among lm-eval's own tasks and groups")
+                        f"({', '.join(list(LOCAL_GROUPS) + list(LOCAL_TASKS))}), not in --include-path"
+                        + (" (lm-eval skips a YAML it cannot read)" if user_paths else "")
+                        + ", and not among lm-eval's own tasks and groups")
     return tm
 
 
@@ -462,8 +462,8 @@ def evaluate_models(model_dirs: list[Path], tasks: list[str], data: Path | None 
         check_model_dir(m)
     include = [Path(p) for p in (include_path or [])]
     for p in include:
-        if not p.exists():
-            raise EvalError(f"--include-path {p}: no such file or folder")
+        if not p.is_dir():
+            raise EvalError(f"--include-path {p}: no such folder (give the folder that holds your task YAMLs)")
     data_dir, given = resolve_data_dir(data, model_dirs)
     _lm_eval()
     import lm_eval
@@ -480,7 +480,7 @@ def evaluate_models(model_dirs: list[Path], tasks: list[str], data: Path | None 
         mc_files = sorted({work / "tasks" / f"headword_{LOCAL_TASKS[t]}.jsonl" for t in local if t in MC_TASKS})
         for m in model_dirs:
             check_mc_fits(m, mc_files, mc_chars)
-        tm = _task_manager(([work / "tasks"] if local else []) + include, list(tasks))
+        tm = _task_manager(([work / "tasks"] if local else []) + include, list(tasks), user_paths=bool(include))
         results: dict[str, dict] = {}
         for label, m in zip(_labels(model_dirs), model_dirs):
             r = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": str(m.resolve()), "dtype": "float32"},
@@ -524,7 +524,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="folder of forget.jsonl, retain.jsonl[, topic.jsonl] for the local tasks "
                         "(default: MODEL_DIR/../../eval_data)")
     p.add_argument("--include-path", type=Path, action="append", default=None, metavar="DIR",
-                   help="a folder (or YAML file) of your own lm-eval task configs; repeatable")
+                   help="a folder of your own lm-eval task YAMLs (searched recursively); repeatable")
     p.add_argument("--limit", type=float, default=None, help="at most N documents per task (a fraction when < 1)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--mc-chars", type=int, default=MC_MAX_CHARS,
