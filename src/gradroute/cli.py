@@ -1,4 +1,5 @@
-"""Command line: ``gradroute run <experiment> [flags]``, ``gradroute reproduce``, ``gradroute demo``."""
+"""Command line: ``gradroute run <experiment> [flags]``, ``gradroute reproduce``, ``gradroute demo``,
+``gradroute eval MODEL_DIR ... --tasks ...``."""
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,18 @@ def main(argv: list[str] | None = None) -> int:
 
     reproduce.add_arguments(rep_p)
 
+    from .lm import eval as lm_eval_cmd
+
+    eval_p = sub.add_parser("eval", help="lm-evaluation-harness tasks on saved models (docs/eval.md)")
+    lm_eval_cmd.add_arguments(eval_p)
+
     args, rest = parser.parse_known_args(argv)
+    if args.command == "eval":
+        try:
+            return lm_eval_cmd.main(eval_p.parse_args(argv[1:]))
+        except (lm_eval_cmd.EvalError, lm_eval_cmd.LmEvalMissing) as e:
+            print(f"gradroute eval: error: {e}", file=sys.stderr)
+            return 2
     if args.command == "reproduce":
         return reproduce.main(rep_p.parse_args(argv[1:]))
     if args.command == "data":

@@ -12,4 +12,6 @@
     labels.py     forget rules: label field, keywords, regex, callable; evaluation (topic) field
     splits.py     held-out forget/attack/retain/validation/topic sets drawn by counts
     user_corpus.py  the above wired into `gradroute run lm-unlearning --corpus PATH` (docs/your_data.md)
+    eval.py       `gradroute eval`: lm-evaluation-harness on saved models, local perplexity and
+                  headword multiple-choice tasks from a run's held-out documents (docs/eval.md)
 """
