@@ -1,4 +1,4 @@
-"""Module routing on multi-topic stories (GRAM, arXiv 2607.08077; paper summary section 8).
+"""Module routing on multi-topic stories (GRAM, arXiv 2607.08077; docs/modules.md).
 
 The generated story corpus gets four topics (forest, sea, space, dinosaurs; each with its own
 places, scenes, events and dialogue) as domains; the other stories are general. Trained per
@@ -10,10 +10,10 @@ seed on the same data and batch order:
   probability ``p_cr``), general stories train the core (one random module on with probability
   ``p_as``; or each module independently: ``spread``); optionally (ours) the other modules also
   run, without learning, on a labelled topic story with probability ``p_other``; isolation under
-  AdamW as in :mod:`gradroute.modules`. The schedule (``p_cr``, ``p_as``, ``spread``, ``p_other``)
-  is chosen first among
-  :data:`SELECT` candidates on the validation split of separate selection seeds
-  (:func:`run_selection`, rule :data:`SELECT_RULE`) unless given explicitly;
+  AdamW as in :mod:`gradroute.modules`. The schedule is chosen first among :data:`SELECT` candidates
+  on the validation split of separate selection seeds (:func:`run_selection`, rule :data:`SELECT_RULE`)
+  unless given explicitly: the official gateless schedules (``p_cr``, ``p_as``, ``spread``, ``p_other``)
+  and keyed modules (ours: a module runs from its topic's first own word on) on the ordered schedule;
 - ``filter_<topic>`` and ``filter_all``: drop that topic's (all topics') stories, from scratch;
 - ``modular_partial`` / ``filter_partial``: half of all stories unlabelled (a seeded subset):
   unlabelled stories run and train everything; filtering drops only the *labelled* topic stories;
@@ -29,7 +29,8 @@ the base model's validation loss of that set against training step, invert it at
 loss, divide by the run's steps; per seed); an elicitation attack on the attacked topic (full-
 batch AdamW on held-out topic stories at lr/4, constant, up to ``rounds`` steps, patience, keep
 the weights with the best validation loss; report the test loss there) against: the modular
-model released without the topic (``export`` merges the other modules: a stock checkpoint),
+model released without the topic (gateless: ``export`` merges the other modules into a stock checkpoint;
+keyed: the attached model with the topic's module zeroed and off),
 the topic-filtered model, gradient ascent, and base.
 
     gradroute run modules --out runs/modules                 # quick profile
@@ -81,10 +82,10 @@ MLP_PATTERN = "transformer.h.*.mlp"
 # (largest |change| of another topic's or general val loss when one module is switched off,
 # against all on); if none qualifies, the smallest worst shortfall of the two requirements. (The
 # usefulness requirement was added after a rule on removal alone chose modules that had not
-# learned their topic; docs/modules.md, "Why it fails".)
+# learned their topic; docs/notes/2026-12-06-modules-research.md.)
 # Candidates 4-7 (ours) add p_other, other modules running without learning on a labelled topic
 # story, to the official values: a schedule change aimed at the measured cause of interference
-# (docs/modules.md, "Why it fails", points 3 and 6); the rule is unchanged.
+# (docs/notes/2026-12-06-modules-research.md, rounds 3 and 6); the rule is unchanged.
 SELECT = dict(seeds=[100], removal=0.9, useful=1.1, candidates=[
     dict(p_cr=0.7, p_as=0.5, spread="one", p_other=0.0),
     dict(p_cr=0.7, p_as=0.5, spread="each", p_other=0.0),
@@ -94,7 +95,7 @@ SELECT = dict(seeds=[100], removal=0.9, useful=1.1, candidates=[
     dict(p_cr=0.7, p_as=0.5, spread="each", p_other=0.5),
     dict(p_cr=0.7, p_as=0.5, spread="one", p_other=1.0),
     dict(p_cr=0.7, p_as=0.5, spread="each", p_other=1.0),
-    # 8-10 (ours; docs/modules.md, "Why it fails", point 21, adopted by the rule fixed before its runs): keyed
+    # 8-10 (ours; research round 21, adopted by the rule fixed before its runs): keyed
     # modules (a module runs only from the first word of its topic alone on), topic-row deltas, the ordered
     # schedule with the core also learning the topic stories' openings; widths 0.5, 0.5 without the openings, 0.1
     dict(schedule="ordered", p_cr=1.0, p_as=0.0, p_other=0.0, width=0.5, module_embed="topic_rows",
@@ -205,7 +206,7 @@ def _spec(cfg: dict, vocab_size: int) -> dict:
 
 
 # ``modules.keys`` (ours; default off, the key is then absent from the config; a departure from the paper's
-# gateless modules; docs/modules.md, "Design"): each topic's modules run at a position only once one of its
+# gateless modules; docs/modules.md, "The API"): each topic's modules run at a position only once one of its
 # *key* tokens has occurred in the story (``add_modules(..., keys=...)``): ``"topic_rows"`` the ids of
 # ``topic_only_token_ids`` (in the topic's labelled training stories, in no labelled general story),
 # ``"exclusive_rows"`` those of ``exclusive=True`` (also in no other topic's). Architecture, like ``width``: the
