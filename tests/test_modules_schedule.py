@@ -1,5 +1,7 @@
 """Module routing: the mask schedule (labels -> forward and learn masks, a pure function) and the routed forward
 and backward it drives: per-example forward masks, core freezing, modules that run without learning."""
+import copy
+
 import pytest
 import torch
 
