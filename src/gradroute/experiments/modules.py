@@ -1,4 +1,4 @@
-"""Module routing on multi-topic stories (GRAM, arXiv 2607.08077; paper summary section 8).
+"""Module routing on multi-topic stories (GRAM, arXiv 2607.08077; docs/modules.md).
 
 The generated story corpus gets four topics (forest, sea, space, dinosaurs; each with its own
 places, scenes, events and dialogue) as domains; the other stories are general. Trained per
@@ -10,10 +10,10 @@ seed on the same data and batch order:
   probability ``p_cr``), general stories train the core (one random module on with probability
   ``p_as``; or each module independently: ``spread``); optionally (ours) the other modules also
   run, without learning, on a labelled topic story with probability ``p_other``; isolation under
-  AdamW as in :mod:`gradroute.modules`. The schedule (``p_cr``, ``p_as``, ``spread``, ``p_other``)
-  is chosen first among
-  :data:`SELECT` candidates on the validation split of separate selection seeds
-  (:func:`run_selection`, rule :data:`SELECT_RULE`) unless given explicitly;
+  AdamW as in :mod:`gradroute.modules`. The schedule is chosen first among :data:`SELECT` candidates
+  on the validation split of separate selection seeds (:func:`run_selection`, rule :data:`SELECT_RULE`)
+  unless given explicitly: the official gateless schedules (``p_cr``, ``p_as``, ``spread``, ``p_other``)
+  and keyed modules (ours: a module runs from its topic's first own word on) on the ordered schedule;
 - ``filter_<topic>`` and ``filter_all``: drop that topic's (all topics') stories, from scratch;
 - ``modular_partial`` / ``filter_partial``: half of all stories unlabelled (a seeded subset):
   unlabelled stories run and train everything; filtering drops only the *labelled* topic stories;
@@ -29,7 +29,8 @@ the base model's validation loss of that set against training step, invert it at
 loss, divide by the run's steps; per seed); an elicitation attack on the attacked topic (full-
 batch AdamW on held-out topic stories at lr/4, constant, up to ``rounds`` steps, patience, keep
 the weights with the best validation loss; report the test loss there) against: the modular
-model released without the topic (``export`` merges the other modules: a stock checkpoint),
+model released without the topic (gateless: ``export`` merges the other modules into a stock checkpoint;
+keyed: the attached model with the topic's module zeroed and off),
 the topic-filtered model, gradient ascent, and base.
 
     gradroute run modules --out runs/modules                 # quick profile
@@ -39,7 +40,6 @@ the topic-filtered model, gradient ascent, and base.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import functools
 import json
@@ -82,10 +82,10 @@ MLP_PATTERN = "transformer.h.*.mlp"
 # (largest |change| of another topic's or general val loss when one module is switched off,
 # against all on); if none qualifies, the smallest worst shortfall of the two requirements. (The
 # usefulness requirement was added after a rule on removal alone chose modules that had not
-# learned their topic; docs/modules.md, "Why it fails".)
+# learned their topic; docs/notes/2026-12-06-modules-research.md.)
 # Candidates 4-7 (ours) add p_other, other modules running without learning on a labelled topic
 # story, to the official values: a schedule change aimed at the measured cause of interference
-# (docs/modules.md, "Why it fails", points 3 and 6); the rule is unchanged.
+# (docs/notes/2026-12-06-modules-research.md, rounds 3 and 6); the rule is unchanged.
 SELECT = dict(seeds=[100], removal=0.9, useful=1.1, candidates=[
     dict(p_cr=0.7, p_as=0.5, spread="one", p_other=0.0),
     dict(p_cr=0.7, p_as=0.5, spread="each", p_other=0.0),
@@ -95,7 +95,7 @@ SELECT = dict(seeds=[100], removal=0.9, useful=1.1, candidates=[
     dict(p_cr=0.7, p_as=0.5, spread="each", p_other=0.5),
     dict(p_cr=0.7, p_as=0.5, spread="one", p_other=1.0),
     dict(p_cr=0.7, p_as=0.5, spread="each", p_other=1.0),
-    # 8-10 (ours; docs/modules.md, "Why it fails", point 21, adopted by the rule fixed before its runs): keyed
+    # 8-10 (ours; research round 21, adopted by the rule fixed before its runs): keyed
     # modules (a module runs only from the first word of its topic alone on), topic-row deltas, the ordered
     # schedule with the core also learning the topic stories' openings; widths 0.5, 0.5 without the openings, 0.1
     dict(schedule="ordered", p_cr=1.0, p_as=0.0, p_other=0.0, width=0.5, module_embed="topic_rows",
@@ -205,36 +205,24 @@ def _spec(cfg: dict, vocab_size: int) -> dict:
     return dict(cfg["model"], vocab_size=vocab_size, arch="gpt")
 
 
-# The token embedding (tied with the unembedding in our GPT): with ``modules.embed_free`` (ours;
-# default off, the key is then absent from the config) it learns on every story, core-frozen
-# topic stories included, while the rest of the core is frozen as before (docs/modules.md,
-# "Why it fails", point 7).
-EMBED_PARAMS = ("transformer.wte.weight",)
-
-
-# With ``modules.module_embed`` (ours; default off, the key is then absent from the config) each
-# topic's module also has its own token-embedding delta, switched and trained with the module:
-# ``True`` a full-vocabulary delta (``add_modules(..., embed_delta=True)``; docs/modules.md, "Why it
-# fails", point 8), ``"topic_rows"`` a delta on the rows of the topic's own tokens only
-# (``embed_delta={topic: topic_only_token_ids(...)[topic]}``; point 9), ``"exclusive_rows"`` a
-# delta on the rows of the tokens of that topic alone (in no general and no other topic's labelled
-# training story: ``topic_only_token_ids(..., exclusive=True)``; point 10).
-ROW_EMBEDS = ("topic_rows", "exclusive_rows")
-# the keys of the ordered schedule and its phase-2 objectives (points 13-19): dropped together for the
-# single-phase partial-label model; a candidate carrying any of them is checked as an ordered one
-ORDERED_KEYS = ("schedule", "aux_ratio", "lam", "own_alone", "kl", "quiet", "quiet_norm", "gated", "core_prefix")
-
-
 # ``modules.keys`` (ours; default off, the key is then absent from the config; a departure from the paper's
-# gateless modules; docs/modules.md, "Why it fails", point 20): each topic's modules run at a position only
-# once one of its *key* tokens has occurred in the story (``add_modules(..., keys=...)``): ``"topic_rows"``
-# the ids of ``topic_only_token_ids`` (in the topic's labelled training stories, in no labelled general
-# story), ``"exclusive_rows"`` those of ``exclusive=True`` (also in no other topic's). Architecture, like
-# ``width``: the partial-label model keeps it (keys from its own labelled stories).
+# gateless modules; docs/modules.md, "The API"): each topic's modules run at a position only once one of its
+# *key* tokens has occurred in the story (``add_modules(..., keys=...)``): ``"topic_rows"`` the ids of
+# ``topic_only_token_ids`` (in the topic's labelled training stories, in no labelled general story),
+# ``"exclusive_rows"`` those of ``exclusive=True`` (also in no other topic's). Architecture, like ``width``: the
+# partial-label model keeps it (keys from its own labelled stories).
+# ``modules.module_embed = "topic_rows"`` (with keys only; absent = no deltas): each topic's module also has a
+# token-embedding delta on the rows of its topic's own tokens (``embed_delta={topic: topic_only_token_ids(...)}``),
+# gated by its keys and trained with the module.
+KEY_ROWS = ("topic_rows", "exclusive_rows")
+# the keys of the ordered schedule: dropped together for the single-phase partial-label model
+ORDERED_KEYS = ("schedule", "core_prefix")
+
+
 def _keys(value):
     if value in (None, False):
         return False
-    if value in ROW_EMBEDS:
+    if value in KEY_ROWS:
         return value
     raise ValueError(f"modules.keys must be 'topic_rows' or 'exclusive_rows', got {value!r}")
 
@@ -255,12 +243,17 @@ def keys_for(keys, data: Stories, route_labels: torch.Tensor, vocab_size: int) -
     return topic_only_token_ids(data, route_labels, vocab_size, exclusive=keys == "exclusive_rows", what="keys")
 
 
-def _module_embed(value):
+def _module_embed(mc: dict):
+    """``"topic_rows"`` or False; checks that it comes with keys."""
+    value = mc.get("module_embed")
     if value in (None, False):
         return False
-    if value is True or value in ROW_EMBEDS:
-        return value
-    raise ValueError(f"modules.module_embed must be true, 'topic_rows' or 'exclusive_rows', got {value!r}")
+    if value != "topic_rows":
+        raise ValueError(f"modules.module_embed must be 'topic_rows', got {value!r}")
+    if not _keys(mc.get("keys")):
+        raise ValueError("modules.module_embed 'topic_rows' gives keyed modules their embedding deltas: it needs "
+                         "modules.keys")
+    return value
 
 
 def story_token_ids(data: Stories, mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -297,28 +290,17 @@ def topic_only_token_ids(data: Stories, route_labels: torch.Tensor, vocab_size: 
 
 
 def embed_rows_for(module_embed, data: Stories, route_labels: torch.Tensor, vocab_size: int) -> dict | None:
-    """The delta rows of a ``modules.module_embed`` setting: ``{topic: ids}`` for the row options,
-    ``None`` otherwise (no deltas, or full-vocabulary deltas)."""
-    module_embed = _module_embed(module_embed)
-    if module_embed not in ROW_EMBEDS:
+    """The delta rows of a ``modules.module_embed`` setting: ``{topic: ids}``, or ``None`` without deltas."""
+    if module_embed != "topic_rows":
         return None
-    return topic_only_token_ids(data, route_labels, vocab_size, exclusive=module_embed == "exclusive_rows")
+    return topic_only_token_ids(data, route_labels, vocab_size)
 
 
-def attach_modules(model, cfg: dict, method: str, embed_free: bool = False, module_embed=False,
-                   embed_rows: dict | None = None, gated: bool = False, keys: dict | None = None):
-    """``module_embed``: False, True (full-vocabulary deltas), ``"topic_rows"`` or
-    ``"exclusive_rows"`` (then ``embed_rows``: ``{topic: token ids}``, see :func:`embed_rows_for`);
-    ``keys``: ``{topic: key ids}`` (:func:`keys_for`) or None."""
+def attach_modules(model, cfg: dict, method: str, embed_rows: dict | None = None, keys: dict | None = None):
+    """``keys``: ``{topic: key ids}`` (:func:`keys_for`) or None; ``embed_rows``: ``{topic: token ids}``
+    (:func:`embed_rows_for`, keyed modules only) or None."""
     width = 1.0 if method == "demix" else cfg["modules"]["width"]
-    module_embed = _module_embed(module_embed)
-    if module_embed in ROW_EMBEDS:
-        if embed_rows is None:
-            raise ValueError(f"module_embed {module_embed!r} needs embed_rows (embed_rows_for)")
-        module_embed = embed_rows
-    return gr.add_modules(model, MLP_PATTERN, list(TOPIC_NAMES), width=width,
-                          always_learn=EMBED_PARAMS if embed_free else (), embed_delta=module_embed, gated=gated,
-                          keys=keys)
+    return gr.add_modules(model, MLP_PATTERN, list(TOPIC_NAMES), width=width, keys=keys, embed_delta=embed_rows)
 
 
 def _step_generator(seed: int, idx: torch.Tensor) -> torch.Generator:
@@ -362,150 +344,20 @@ def demix_loss(mods, labels: torch.Tensor):
 
 
 # ``modules.schedule = "ordered"`` (ours, after the official ``do_routed_ordered``; default absent = the
-# single-phase schedule; docs/modules.md, "Why it fails", point 13): the same stories as the single-phase
-# model in the same order, split by phase. Phase 1 trains the core alone (modules do not run) on the
-# general (and unlabelled) rows of every step's batch, for the profile's steps; phase 2 trains the
-# modules alone (the core frozen: out of the optimizer and core-frozen by the router) on the labelled
-# topic rows of every step's batch that has any (one optimizer step per such batch): a topic story runs
-# core + its module (+ each other module with probability ``p_other``, not learning). Each phase has its
-# own AdamW and its own warmup + cosine cycle (the official code: one lr cycle per phase), through the one
-# training loop (``lm.train.train``, called once per phase). p_cr is 1 and p_as 0 by construction.
+# single-phase schedule): the same stories as the single-phase model in the same order, split by phase. Phase 1
+# trains the core alone (modules do not run) on the general (and unlabelled) rows of every step's batch, for the
+# profile's steps; phase 2 trains the modules alone (the core frozen: out of the optimizer and core-frozen by the
+# router) on the labelled topic rows of every step's batch that has any (one optimizer step per such batch): a
+# topic story runs core + its module (+ each other module with probability ``p_other``, not learning). Each
+# phase has its own AdamW and its own warmup + cosine cycle (the official code: one lr cycle per phase), through
+# the one training loop (``lm.train.train``, called once per phase). p_cr is 1 and p_as 0 by construction.
 #
-# ``modules.aux_ratio`` (ordered only; absent = 0, point 13's phase 2; docs/modules.md, "Why it fails", point
-# 14): the official ordered schedule's ``core_aux_ratio``: phase 2 also trains each module on general stories,
-# ``aux_ratio`` of them per topic story. Ours: they are the *same batch's* labelled general rows (the first
-# ``min(available, round(aux_ratio x topic rows))`` of them; the stories the core trained on in phase 1, so
-# the model sees no story the single-phase model does not; the official code takes them out of phase 1, which
-# with our 32% topic share would leave the core about one general story per batch), each running core + one
-# module, the module of the batch's topic rows in turn (so each module gets about ``aux_ratio`` general
-# stories per own story, as the official per-domain mix), and training only that module (core frozen).
-#
-# ``modules.lam`` (ordered only; absent = 0 = off; ours; docs/modules.md, "Why it fails", point 14 (B)): the
-# "leave others alone" objective in phase 2. A module running on a row that is not its topic's story (a
-# *visitor*: another module's story via ``p_other``, or an ``aux_ratio`` general row) learns only to keep the
-# model's next-token distribution where it is without the visitors: ``lam`` x KL(p_without (detached) ||
-# p_with), summed over target tokens, gradient to the visitors' parameters (module + delta) only; a topic
-# row's own module learns the ordinary LM loss as before (the visitors do not learn from it), and general
-# rows carry no LM loss (the core is frozen). Three forwards per step (reference without the visitors under
-# no_grad, the LM forward, the KL forward), all inside the loss of the one training loop.
-#
-# ``modules.own_alone`` (ordered with ``lam`` > 0 only; absent = false = point 14's objective; ours;
-# docs/modules.md, "Why it fails", point 15): the own module's LM loss on a topic row is computed with the
-# visitors **off** (core + the own module alone: the configuration usefulness is measured in), not next to
-# them; that one forward of every phase-2 row without its visitors, detached, is also the KL's reference, so
-# two forwards per step (that pass and the KL forward with the visitors on, which only the visitors learn).
-#
-# ``modules.kl`` (with ``own_alone`` only; absent = "joint" = point 15's objective; ours; docs/modules.md, "Why it
-# fails", point 16): "each" gives every visitor v of a row its own term, ``lam`` x KL(p with the own module alone
-# (the ``own_alone`` pass, detached) || p with the own module + v only), the gradient to v only, instead of one
-# KL that removes all of a row's visitors together. Batched: one KL forward whose rows are the (row, visitor)
-# pairs (a row duplicated once per visitor), each with the row's other visitors off and only its visitor learning.
-#
-# ``modules.quiet`` (ordered with ``own_alone`` only, and **instead of** ``lam``: the two are mutually exclusive;
-# absent = 0 = off; ours; docs/modules.md, "Why it fails", point 17): a visitor learns no KL but only a penalty on
-# the size of what it adds where it is not its topic: ``quiet`` x, per (row, visitor v), the sum over blocks of
-# the mean over the row's target tokens of ||m_v(x)||^2 (its module's output), plus the means of ||h D_v^T||^2
-# (its embedding delta's logit contribution, on its rows) and of ||D_v[token]||^2 (its input delta) when it has a
-# delta; the inputs (x, h) are those of the forward with the row's visitors on, detached, so the gradient of each
-# term reaches only v (module + delta). Passes: the ``own_alone`` LM pass on the topic rows (visitors off) and one
-# no_grad forward of the rows with visitors (visitors on) that records the inputs (:func:`module_inputs`).
-#
-# ``modules.quiet_norm`` (only with ``quiet``; absent = every term weight 1 = point 17's penalty; ours;
-# docs/modules.md, point 18): one weight per term of that size, ``{"module": .., "delta_logit": ..,
-# "delta_input": ..}`` (all three, each > 0), multiplying the module-output term, the delta's logit term and
-# the input-delta term before they are summed (then x ``quiet``). Point 18 sets each to N / (that term's size
-# for the own module on its own stories, on point 15's k1 model): a visitor as large as the own module in a
-# term costs 1 nat per target token in that term.
-#
-# ``modules.gated`` (ordered only, instead of ``lam`` / ``quiet`` / ``own_alone``; absent = false = ungated modules;
-# ours, a departure from the paper's gateless modules; docs/modules.md, point 19): every module gets a learned
-# per-token gate ``sigmoid(gate(x))`` in each block (``add_modules(..., gated=True)``) multiplying its output, and
-# its embedding delta's logit term is multiplied by its last block's gate. Phase 2: the own module's LM loss on
-# the topic rows with the visitors off (as ``own_alone``) + a gate loss: per block and module, the binary cross
-# entropy of the gate's logit on the forward with the visitors on (inputs detached: the gradient reaches the gates
-# only), target 1 on the module's own topic rows and 0 where it visits (``p_other`` rows, ``aux_ratio`` general
-# rows), summed over target tokens, averaged over blocks.
-#
-# ``modules.core_prefix`` (ordered with ``keys`` only; absent = false = the core learns on general rows only; ours;
-# docs/modules.md, "Why it fails", point 21): phase 1 also trains the core on the labelled topic rows of each step,
-# but only on their *openings*: target positions before the first key of any topic in the story (no key among the
-# inputs up to that position, and the target itself not a key; :func:`opening_targets`). Everything from a story's
-# first key on stays with its module.
-QUIET_TERMS = ("module", "delta_logit", "delta_input")
-KL_MODES = ("joint", "each")
+# ``modules.core_prefix`` (ordered with ``keys`` only; absent = false = the core learns on general rows only;
+# ours): phase 1 also trains the core on the labelled topic rows of each step, but only on their *openings*:
+# target positions before the first key of any topic in the story (no key among the inputs up to that
+# position, and the target itself not a key; :func:`opening_targets`). Everything from a story's first key on
+# stays with its module.
 SCHEDULES = ("single", "ordered")
-
-
-def _lam(mc: dict) -> float:
-    v = mc.get("lam", 0.0)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1e4:
-        raise ValueError(f"modules.lam must be a number >= 0 (weight of the leave-others-alone KL), got {v!r}")
-    if v and mc.get("schedule", "single") != "ordered":
-        raise ValueError("modules.lam is an objective of phase 2 of the ordered schedule: it needs "
-                         f"modules.schedule 'ordered', got {mc.get('schedule', 'single')!r}")
-    return float(v)
-
-
-def _aux_ratio(mc: dict) -> float:
-    v = mc.get("aux_ratio", 0.0)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 100:
-        raise ValueError(f"modules.aux_ratio must be a number in [0, 100] (general stories per topic story in "
-                         f"phase 2), got {v!r}")
-    if v and mc.get("schedule", "single") != "ordered":
-        raise ValueError("modules.aux_ratio mixes general stories into phase 2 of the ordered schedule: it needs "
-                         f"modules.schedule 'ordered', got {mc.get('schedule', 'single')!r}")
-    return float(v)
-
-
-def _own_alone(mc: dict) -> bool:
-    v = mc.get("own_alone", False)
-    if not isinstance(v, bool):
-        raise ValueError(f"modules.own_alone must be true or false, got {v!r}")
-    if v and (mc.get("schedule", "single") != "ordered" or not (_lam(mc) or _quiet(mc))):
-        raise ValueError("modules.own_alone changes the leave-others-alone objective of the ordered schedule: it "
-                         f"needs modules.schedule 'ordered' and modules.lam > 0 or modules.quiet > 0, got schedule "
-                         f"{mc.get('schedule', 'single')!r}, lam {mc.get('lam', 0.0)!r} and quiet {mc.get('quiet', 0.0)!r}")
-    return v
-
-
-def _quiet(mc: dict) -> float:
-    v = mc.get("quiet", 0.0)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1e6:
-        raise ValueError(f"modules.quiet must be a number >= 0 (weight of the visitors' output-size penalty), got {v!r}")
-    if v and (mc.get("schedule", "single") != "ordered" or mc.get("own_alone") is not True or mc.get("lam", 0.0)):
-        raise ValueError("modules.quiet replaces the KL of the own_alone objective (mutually exclusive with lam): it "
-                         f"needs modules.schedule 'ordered', modules.own_alone true and no modules.lam, got schedule "
-                         f"{mc.get('schedule', 'single')!r}, own_alone {mc.get('own_alone', False)!r} and lam "
-                         f"{mc.get('lam', 0.0)!r}")
-    return float(v)
-
-
-def _quiet_norm(mc: dict):
-    """The per-term weights of ``modules.quiet_norm`` as a tuple in :data:`QUIET_TERMS` order, or ``None``."""
-    v = mc.get("quiet_norm")
-    if v is None:
-        return None
-    if not isinstance(v, dict) or set(v) != set(QUIET_TERMS) or any(
-            isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w <= 1e6 for w in v.values()):
-        raise ValueError(f"modules.quiet_norm must be a dict of one weight > 0 per term of the visitors' size, "
-                         f"keys {list(QUIET_TERMS)}, got {v!r}")
-    if not _quiet(mc):
-        raise ValueError("modules.quiet_norm weighs the terms of the quiet penalty: it needs modules.quiet > 0, got "
-                         f"quiet {mc.get('quiet', 0.0)!r}")
-    return tuple(float(v[k]) for k in QUIET_TERMS)
-
-
-def _gated(mc: dict) -> bool:
-    v = mc.get("gated", False)
-    if not isinstance(v, bool):
-        raise ValueError(f"modules.gated must be true or false, got {v!r}")
-    if v and (mc.get("schedule", "single") != "ordered" or mc.get("lam", 0.0) or mc.get("quiet", 0.0)
-              or mc.get("own_alone", False)):
-        raise ValueError("modules.gated trains the modules' gates in phase 2 of the ordered schedule (its own "
-                         "module loss is the own_alone one): it needs modules.schedule 'ordered' and no lam, quiet "
-                         f"or own_alone, got schedule {mc.get('schedule', 'single')!r}, lam {mc.get('lam', 0.0)!r}, "
-                         f"quiet {mc.get('quiet', 0.0)!r} and own_alone {mc.get('own_alone', False)!r}")
-    return v
 
 
 def _core_prefix(mc: dict) -> bool:
@@ -527,30 +379,10 @@ def opening_targets(x: torch.Tensor, y: torch.Tensor, keys: torch.Tensor) -> tor
     return valid & ~hit.int().cummax(-1).values.bool()
 
 
-def _kl(mc: dict) -> str:
-    v = mc.get("kl", "joint")
-    if v not in KL_MODES:
-        raise ValueError(f"modules.kl must be one of {KL_MODES} (one KL for all of a row's visitors, or one per "
-                         f"visitor), got {v!r}")
-    if v == "each" and not (mc.get("schedule", "single") == "ordered" and _lam(mc) and _own_alone(mc)):
-        raise ValueError("modules.kl 'each' is a per-visitor form of the own_alone KL: it needs modules.schedule "
-                         f"'ordered', modules.lam > 0 and modules.own_alone true, got schedule "
-                         f"{mc.get('schedule', 'single')!r}, lam {mc.get('lam', 0.0)!r} and own_alone "
-                         f"{mc.get('own_alone', False)!r}")
-    return v
-
-
 def _schedule(mc: dict) -> str:
     s = mc.get("schedule", "single")
     if s not in SCHEDULES:
         raise ValueError(f"modules.schedule must be one of {SCHEDULES}, got {s!r}")
-    _aux_ratio(mc)
-    _lam(mc)
-    _own_alone(mc)
-    _kl(mc)
-    _quiet(mc)
-    _quiet_norm(mc)
-    _gated(mc)
     _core_prefix(mc)
     if s == "ordered" and (mc.get("p_cr", 1.0) != 1.0 or mc.get("p_as", 0.0) != 0.0):
         raise ValueError("modules.schedule 'ordered' freezes the core on every topic story and runs no module on "
@@ -559,13 +391,10 @@ def _schedule(mc: dict) -> str:
 
 
 def ordered_phases(order: BatchOrder, route_labels: torch.Tensor, steps: int,
-                   aux_ratio: float = 0.0, core_prefix: bool = False) -> tuple[list, list]:
-    """The two phases' batches (row indices) of the ordered schedule: per step of the single-phase
-    order, its general/unlabelled rows (phase 1; every step) and its labelled topic rows (phase 2;
-    steps without any are skipped). Together exactly the single-phase model's stories. With
-    ``aux_ratio`` > 0 a phase-2 batch is its topic rows followed by the first
-    ``min(available, round(aux_ratio x topic rows))`` labelled general rows of the same step's batch
-    (also in phase 1: see ``modules.aux_ratio`` above). With ``core_prefix`` phase 1 has every row of
+                   core_prefix: bool = False) -> tuple[list, list]:
+    """The two phases' batches (row indices) of the ordered schedule: per step of the single-phase order, its
+    general/unlabelled rows (phase 1; every step) and its labelled topic rows (phase 2; steps without any are
+    skipped). Together exactly the single-phase model's stories. With ``core_prefix`` phase 1 has every row of
     each step (the topic rows' targets are then limited to their openings by :func:`train_ordered`)."""
     one, two = [], []
     for s in range(steps):
@@ -576,280 +405,8 @@ def ordered_phases(order: BatchOrder, route_labels: torch.Tensor, steps: int,
         elif (~topic).any():
             one.append(idx[~topic])
         if topic.any():
-            aux = idx[route_labels[idx] == GENERAL][:round(aux_ratio * int(topic.sum()))] if aux_ratio else idx[:0]
-            two.append(torch.cat([idx[topic], aux]))
+            two.append(idx[topic])
     return one, two
-
-
-def aux_masks(mods, lab: torch.Tensor, generator: torch.Generator | None, p_other: float = 0.0):
-    """Phase-2 masks with general rows (``aux_ratio``): topic rows as ``mods.masks`` with p_cr 1, p_as 0
-    and ``p_other``; each ``GENERAL`` row runs core + one module and trains only that module, the
-    modules of the batch's topic rows in turn; the core learns nowhere."""
-    fwd, learn = mods.masks(lab, 1.0, 0.0, generator, "one", p_other)
-    gen = (lab == GENERAL).nonzero().flatten()
-    own = lab[lab >= 0]
-    if len(gen):
-        if not len(own):
-            raise ValueError("aux_masks: general rows need topic rows in the same batch")
-        k = own[torch.arange(len(gen)) % len(own)]
-        fwd[gen, 1 + k] = 1.0
-        learn[gen, 1 + k] = True
-    learn[:, 0] = False
-    return fwd, learn
-
-
-def visitors(fwd: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
-    """Bool ``(B, K)``: modules that run on a row that is not their topic's story."""
-    own = torch.zeros(fwd.shape[0], fwd.shape[1] - 1, dtype=torch.bool)
-    topic = (lab >= 0).nonzero().flatten()
-    own[topic, lab[topic]] = True
-    return (fwd[:, 1:] != 0) & ~own
-
-
-def without_visitors(fwd: torch.Tensor, visit: torch.Tensor) -> torch.Tensor:
-    """The forward mask ``fwd`` with the ``visit`` modules switched off."""
-    out = fwd.clone()
-    out[:, 1:][visit] = 0.0
-    return out
-
-
-def phase2_masks(mods, route_labels: torch.Tensor, seed: int, p_other: float, b):
-    """The masks of a phase-2 batch ``b`` (:func:`aux_masks`) as the visitor objectives use them:
-    ``(labels, forward, visitors, topic row indices, learn)`` where in ``learn`` the own module
-    learns and the visitors and the core do not."""
-    lab = route_labels[b.index]
-    fwd, learn = aux_masks(mods, lab, _step_generator(seed, b.index), p_other)
-    visit = visitors(fwd, lab)
-    topic = (lab >= 0).nonzero().flatten()
-    lm = learn.clone()
-    lm[:, 1:] &= ~visit
-    return lab, fwd, visit, topic, lm
-
-
-def own_alone_lm(net, mods, b, fwd: torch.Tensor, visit: torch.Tensor, topic: torch.Tensor,
-                 lm: torch.Tensor) -> torch.Tensor:
-    """The topic rows' LM loss (summed over tokens) with their visitors off: core + the own module,
-    only the own module learning (the configuration usefulness is measured in)."""
-    with mods.route(forward=without_visitors(fwd, visit)[topic], learn=lm[topic]):
-        return token_losses(net, b.x[topic], b.y[topic]).sum()
-
-
-def leave_alone_kl(net, mods, x: torch.Tensor, y: torch.Tensor, fwd: torch.Tensor, visit: torch.Tensor,
-                   ref: torch.Tensor | None = None) -> torch.Tensor:
-    """Summed over target tokens: KL(p without the ``visit`` modules (detached) || p with them), the
-    gradient to the visiting modules (and their deltas) only; nothing else learns. ``ref``: the
-    log-probabilities without the visitors when already computed (``own_alone``); else a no_grad forward."""
-    from gradroute.lm.train import logits
-    nobody = torch.zeros(fwd.shape, dtype=torch.bool)
-    if ref is None:
-        with torch.no_grad(), mods.route(forward=without_visitors(fwd, visit), learn=nobody):
-            ref = torch.log_softmax(logits(net, x).float(), -1)
-    ref = ref.detach()
-    learn = nobody.clone()
-    learn[:, 1:] = visit
-    with mods.route(forward=fwd, learn=learn):
-        out = torch.log_softmax(logits(net, x).float(), -1)
-    kl = (ref.exp() * (ref - out)).sum(-1)
-    return kl[y != IGNORE].sum()
-
-
-@contextlib.contextmanager
-def module_inputs(mods):
-    """Records the inputs of a forward: ``{block name: input of that MLP (B, T, d)}`` for every block with
-    modules and, with embedding deltas, ``"lm_head"``: the input of ``lm_head`` (the last write wins)."""
-    rec = {}
-
-    def keep(name):
-        def hook(m, args, kwargs):
-            rec[name] = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
-        return hook
-    hooks = [mlp.register_forward_pre_hook(keep(name), with_kwargs=True) for name, mlp in mods.blocks]
-    if mods.embed_delta:
-        hooks.append(mods.model.lm_head.register_forward_pre_hook(keep("lm_head"), with_kwargs=True))
-    try:
-        yield rec
-    finally:
-        for h in hooks:
-            h.remove()
-
-
-def visitor_sizes(mods, rec: dict, x: torch.Tensor, y: torch.Tensor, pr: torch.Tensor, pv: torch.Tensor,
-                  weights=None, split: bool = False) -> torch.Tensor:
-    """``(P,)``: for each pair (row ``pr[i]``, module ``pv[i]``) the size of what that module adds to the row:
-    the sum over blocks of the mean over the row's target tokens (``y != IGNORE``) of ||module output||^2 and,
-    with a delta, the means of ||h D^T||^2 (the delta's logit contribution, its rows only) and ||D[token]||^2
-    (its input delta); the recorded inputs ``rec`` (:func:`module_inputs`) detached, so each value's gradient
-    reaches only that module and its delta. ``weights``: one factor per term (:data:`QUIET_TERMS` order;
-    ``None`` = 1 each); ``split``: return the ``(P, 3)`` terms unweighted instead of their weighted sum."""
-    from gradroute.modules import CONTAINER, EMBED_CONTAINER
-    if weights is not None and (split or len(weights) != len(QUIET_TERMS)):
-        raise ValueError(f"visitor_sizes: weights needs one factor per term {QUIET_TERMS} and no split, got {weights!r}")
-    m = (y[pr] != IGNORE).float()
-    n = m.sum(1).clamp(min=1.0)
-    out = torch.zeros(len(pr), len(QUIET_TERMS))
-    for k, d in enumerate(mods.domains):
-        sel = (pv == k).nonzero().flatten()
-        if not len(sel):
-            continue
-        r, w, c = pr[sel], m[sel], n[sel]
-        mean = lambda sq: (sq * w).sum(1) / c
-        tot = 0.0
-        for name, mlp in mods.blocks:
-            tot = tot + mean(getattr(mlp, CONTAINER)[d](rec[name][r].detach()).float().pow(2).sum(-1))
-        terms = [tot, torch.zeros(len(sel)), torch.zeros(len(sel))]
-        if mods.embed_delta:
-            D = getattr(mods.model, EMBED_CONTAINER)[d]
-            terms[1] = mean((rec["lm_head"][r].detach() @ D.weight.T).float().pow(2).sum(-1))
-            ids = x[r]
-            if D.rows is None:
-                inp = D.weight[ids]
-            else:
-                pos = torch.searchsorted(D.rows, ids).clamp(max=D.rows.numel() - 1)
-                inp = D.weight[pos] * (D.rows[pos] == ids).unsqueeze(-1).to(D.weight.dtype)
-            terms[2] = mean(inp.float().pow(2).sum(-1))
-        out = out.index_add(0, sel, torch.stack(terms, 1))
-    if split:
-        return out
-    if weights is not None:
-        out = out * torch.tensor(weights, dtype=out.dtype)
-    return out.sum(1)
-
-
-def quiet_penalty(net, mods, x: torch.Tensor, y: torch.Tensor, fwd: torch.Tensor, visit: torch.Tensor,
-                  weights=None) -> torch.Tensor:
-    """Summed over the (row, visitor) pairs of ``visit``: :func:`visitor_sizes` measured in the forward with
-    ``fwd`` (the visitors on; no_grad: only the inputs are kept); the gradient to each visitor (module + delta)
-    from its own terms only (each term x its factor in ``weights``, ``modules.quiet_norm``). The visitors are
-    flagged as learning (so the isolation keeps their gradient)."""
-    from gradroute.lm.train import logits
-    learn = torch.zeros(fwd.shape, dtype=torch.bool)
-    learn[:, 1:] = visit
-    with module_inputs(mods) as rec, mods.route(forward=fwd, learn=learn), torch.no_grad():
-        logits(net, x)
-    pr, pv = visit.nonzero(as_tuple=True)
-    return visitor_sizes(mods, rec, x, y, pr, pv, weights).sum()
-
-
-def gate_bce(mods, rec: dict, y: torch.Tensor, own: torch.Tensor, visit: torch.Tensor) -> torch.Tensor:
-    """Summed over target tokens and (row, module) pairs with ``own`` (target 1) or ``visit`` (target 0), averaged
-    over blocks: the binary cross entropy of each module's gate logit on the recorded (detached) block inputs
-    ``rec`` (:func:`module_inputs`); the gradient reaches the gates only."""
-    import torch.nn.functional as F
-
-    from gradroute.modules import CONTAINER
-    tok = y != IGNORE
-    total = y.new_zeros((), dtype=torch.float32)
-    for name, mlp in mods.blocks:
-        x = rec[name].detach()
-        for k, d in enumerate(mods.domains):
-            rows = own[:, k] | visit[:, k]
-            if not bool(rows.any()):
-                continue
-            gate = getattr(mlp, CONTAINER)[d].gate
-            z = F.linear(x[rows], gate.weight, gate.bias).squeeze(-1).float()
-            t = own[rows, k].float().view(-1, 1).expand_as(z)
-            total = total + F.binary_cross_entropy_with_logits(z, t, reduction="none")[tok[rows]].sum()
-    return total / len(mods.blocks)
-
-
-def gated_loss(mods, route_labels: torch.Tensor, seed: int, p_other: float = 0.0):
-    """Phase 2's loss with ``modules.gated`` (see above): the own module's LM loss on the topic rows with the
-    visitors off + :func:`gate_bce` on the forward of all rows with the visitors on (masks of :func:`aux_masks`)."""
-    if not getattr(mods, "gated", False):
-        raise ValueError("gated_loss needs gated modules (add_modules(..., gated=True))")
-    from gradroute.lm.train import logits
-
-    def loss_fn(net, b):
-        lab, fwd, visit, topic, lm = phase2_masks(mods, route_labels, seed, p_other, b)
-        loss = own_alone_lm(net, mods, b, fwd, visit, topic, lm)
-        own = torch.zeros_like(visit)
-        own[topic, lab[topic]] = True
-        flags = torch.zeros(fwd.shape, dtype=torch.bool)
-        flags[:, 1:] = own | visit               # the gates that learn (the isolation keeps their gradient)
-        with module_inputs(mods) as rec, mods.route(forward=fwd, learn=flags), torch.no_grad():
-            logits(net, b.x)
-        return loss + gate_bce(mods, rec, b.y, own, visit)
-    return loss_fn
-
-
-def leave_alone_loss(mods, route_labels: torch.Tensor, seed: int, p_other: float = 0.0, aux_ratio: float = 0.0,
-                     lam: float = 1.0, own_alone: bool = False, kl: str = "joint", quiet: float = 0.0,
-                     quiet_norm=None):
-    """Phase 2's loss with ``modules.lam`` (see above): the own module's LM loss on topic rows (the
-    masks of :func:`aux_masks`, visitors running but not learning; with ``own_alone`` the visitors off)
-    + ``lam`` x :func:`leave_alone_kl` on every row with visitors (with ``own_alone`` its reference is the
-    LM pass, detached); with ``kl`` "each" (``own_alone`` only) one KL per (row, visitor) pair, the
-    row's other visitors off, in one forward of the pairs."""
-    if kl not in KL_MODES:
-        raise ValueError(f"kl must be one of {KL_MODES}, got {kl!r}")
-    if kl == "each" and not own_alone:
-        raise ValueError("kl 'each' compares each visitor with the own_alone pass: it needs own_alone")
-    if quiet and (lam or not own_alone or kl != "joint"):
-        raise ValueError("quiet replaces the KL of the own_alone objective: it needs own_alone and no lam / kl")
-    if quiet_norm is not None and not quiet:
-        raise ValueError("quiet_norm weighs the terms of the quiet penalty: it needs quiet > 0")
-    import torch.nn.functional as F
-
-    from gradroute.lm.train import logits
-
-    def loss_fn(net, b):
-        _, fwd, visit, topic, lm = phase2_masks(mods, route_labels, seed, p_other, b)
-        rows = visit.any(1).nonzero().flatten()
-        ref = None
-        if quiet:                                # the topic rows, visitors off: the LM loss; visitors: the penalty
-            loss = own_alone_lm(net, mods, b, fwd, visit, topic, lm)
-            if len(rows):
-                loss = loss + quiet * quiet_penalty(net, mods, b.x[rows], b.y[rows], fwd[rows], visit[rows],
-                                                     quiet_norm)
-            return loss
-        if own_alone:                            # every row, visitors off: the LM loss and the KL reference
-            with mods.route(forward=without_visitors(fwd, visit), learn=lm):
-                lg = logits(net, b.x)
-            tok = F.cross_entropy(lg.flatten(0, 1).float(), b.y.flatten(), ignore_index=IGNORE,
-                                  reduction="none").view(b.y.shape)
-            loss = tok[topic].sum()
-            if kl == "each":                     # one KL per (row, visitor): the row's other visitors off
-                pr, pv = visit.nonzero(as_tuple=True)
-                if len(pr):
-                    one = torch.zeros_like(visit[pr])
-                    one[torch.arange(len(pr)), pv] = True
-                    ref = torch.log_softmax(lg[pr].detach().float(), -1)
-                    loss = loss + lam * leave_alone_kl(net, mods, b.x[pr], b.y[pr],
-                                                       without_visitors(fwd[pr], visit[pr] & ~one), one, ref)
-                return loss
-            ref = torch.log_softmax(lg[rows].detach().float(), -1)
-        else:
-            with mods.route(forward=fwd[topic], learn=lm[topic]):
-                loss = token_losses(net, b.x[topic], b.y[topic]).sum()
-        if len(rows):
-            loss = loss + lam * leave_alone_kl(net, mods, b.x[rows], b.y[rows], fwd[rows], visit[rows], ref)
-        return loss
-    return loss_fn
-
-
-def ordered_module_loss(mods, route_labels: torch.Tensor, seed: int, p_other: float = 0.0, aux_ratio: float = 0.0,
-                        lam: float = 0.0, own_alone: bool = False, kl: str = "joint", quiet: float = 0.0,
-                        quiet_norm=None, gated: bool = False):
-    """Phase 2's loss: point 13's (``modular_loss`` with p_cr 1, p_as 0) without general rows; with them
-    the masks of :func:`aux_masks`; with ``lam`` > 0 :func:`leave_alone_loss` (``own_alone``, ``kl`` there)."""
-    if own_alone and not (lam or quiet):
-        raise ValueError("own_alone is an option of the leave-others-alone objective: it needs lam > 0 or quiet > 0")
-    if quiet_norm is not None and not quiet:      # (with quiet, leave_alone_loss checks its other options)
-        raise ValueError("quiet_norm weighs the terms of the quiet penalty: it needs quiet > 0")
-    if gated:
-        if lam or quiet or own_alone:
-            raise ValueError("gated has its own (own_alone) module loss: no lam, quiet or own_alone with it")
-        return gated_loss(mods, route_labels, seed, p_other)
-    if lam or quiet:
-        return leave_alone_loss(mods, route_labels, seed, p_other, aux_ratio, lam, own_alone, kl, quiet, quiet_norm)
-    if not aux_ratio:
-        return modular_loss(mods, route_labels, 1.0, 0.0, seed, "one", p_other=p_other)
-
-    def loss_fn(net, b):
-        fwd, learn = aux_masks(mods, route_labels[b.index], _step_generator(seed, b.index), p_other)
-        with mods.route(forward=fwd, learn=learn):
-            return token_losses(net, b.x, b.y).sum()
-    return loss_fn
 
 
 def _rows_batch(data: Stories, batches: list, y_all: torch.Tensor | None = None):
@@ -865,14 +422,13 @@ def _rows_batch(data: Stories, batches: list, y_all: torch.Tensor | None = None)
 
 
 def train_ordered(model, mods, data: Stories, order: BatchOrder, route_labels: torch.Tensor, tc: dict, seed: int,
-                  p_other: float = 0.0, desc: str = "modular", device: str = "cpu", aux_ratio: float = 0.0,
-                  lam: float = 0.0, own_alone: bool = False, kl: str = "joint", quiet: float = 0.0,
-                  quiet_norm=None, gated: bool = False, prefix_keys: torch.Tensor | None = None) -> dict:
+                  p_other: float = 0.0, desc: str = "modular", device: str = "cpu",
+                  prefix_keys: torch.Tensor | None = None) -> dict:
     """Train ``model`` (with ``mods`` attached) by the ordered schedule (see :data:`SCHEDULES`);
     returns ``{"phases": [log of phase 1, log of phase 2], "steps": [n1, n2], "phase2_rows": {...}}``.
     ``prefix_keys`` (``(vocab,)`` bool, ``modules.core_prefix``): phase 1 also learns the labelled topic
     rows' targets before their first key (:func:`opening_targets`); then ``"core_prefix_targets"`` is added."""
-    one, two = ordered_phases(order, route_labels, tc["steps"], aux_ratio, core_prefix=prefix_keys is not None)
+    one, two = ordered_phases(order, route_labels, tc["steps"], core_prefix=prefix_keys is not None)
     y_core = None
     if prefix_keys is not None:
         topic = route_labels >= 0
@@ -894,8 +450,7 @@ def train_ordered(model, mods, data: Stories, order: BatchOrder, route_labels: t
     logs = []
     for phase, (batches, loss_fn, sel, y_all) in enumerate((
             (one, core_loss, lambda n, p: id(p) not in mod_ids, y_core),
-            (two, ordered_module_loss(mods, route_labels, seed, p_other, aux_ratio, lam, own_alone, kl, quiet,
-                                     quiet_norm, gated),
+            (two, modular_loss(mods, route_labels, 1.0, 0.0, seed, "one", p_other=p_other),
              lambda n, p: id(p) in mod_ids, None))):
         c = TrainConfig(**{**tc, "steps": len(batches), "warmup": min(tc.get("warmup", 0), len(batches) // 10)},
                         desc=f"{desc} phase {phase + 1}")
@@ -1023,12 +578,10 @@ def run_train(method: str, seed: int, cfg: dict, out: Path, device: str = "cpu")
                 mc.pop(k, None)                 # single phase, as fixed (the ordered schedule's options go too)
         schedule = _schedule(mc)
         route_labels = routing_labels(labels, unl if method == "modular_partial" else None)
-        module_embed = _module_embed(mc.get("module_embed"))
-        embed_rows = embed_rows_for(module_embed, data, route_labels, tok.vocab_size)
+        embed_rows = embed_rows_for(_module_embed(mc), data, route_labels, tok.vocab_size)
         rows_info = None if embed_rows is None else {t: int(v.numel()) for t, v in embed_rows.items()}
         key_ids = keys_for(mc.get("keys"), data, route_labels, tok.vocab_size)
-        mods = attach_modules(model, cfg, method, embed_free=bool(mc.get("embed_free", False)),
-                              module_embed=module_embed, embed_rows=embed_rows, gated=_gated(mc), keys=key_ids)
+        mods = attach_modules(model, cfg, method, embed_rows=embed_rows, keys=key_ids)
         loss_fn = modular_loss(mods, route_labels, mc["p_cr"], mc["p_as"], seed, mc.get("spread", "one"),
                                p_other=mc.get("p_other", 0.0))
     elif method == "demix":
@@ -1039,9 +592,7 @@ def run_train(method: str, seed: int, cfg: dict, out: Path, device: str = "cpu")
     phases = phase2_rows = prefix_targets = None
     if method in ("modular", "modular_partial") and schedule == "ordered":
         ordered = train_ordered(model, mods, data, order, route_labels, tc, seed, p_other=mc.get("p_other", 0.0),
-                                desc=f"{method} s{seed}", device=device, aux_ratio=_aux_ratio(mc),
-                                lam=_lam(mc), own_alone=_own_alone(mc), kl=_kl(mc),
-                                quiet=_quiet(mc), quiet_norm=_quiet_norm(mc), gated=_gated(mc),
+                                desc=f"{method} s{seed}", device=device,
                                 prefix_keys=_union_keys(key_ids, tok.vocab_size) if _core_prefix(mc) else None)
         phases = ordered["steps"]
         prefix_targets = ordered.get("core_prefix_targets")
@@ -1056,7 +607,7 @@ def run_train(method: str, seed: int, cfg: dict, out: Path, device: str = "cpu")
               "train_loss_first": log["history"][0]["loss"], "train_loss_final": log["history"][-1]["loss"]}
     if phases is not None:
         result["ordered_steps"] = phases                 # optimizer steps of phase 1 (core), phase 2 (modules)
-        result["ordered_phase2_rows"] = phase2_rows     # phase 2's topic and (aux_ratio) general rows
+        result["ordered_phase2_rows"] = phase2_rows     # phase 2's topic (and general: none) rows
     if prefix_targets is not None:
         result["core_prefix_targets"] = prefix_targets  # topic targets the core learned on (openings), of all
     if method == "base":
@@ -1200,14 +751,12 @@ def run_attacks(seed: int, cfg: dict, out: Path, device: str = "cpu") -> dict:
     load(base, "base")
     modular = make_model(spec, seed)
     mc = cfg["modules"]
-    module_embed = _module_embed(mc.get("module_embed"))
     rl = routing_labels(labels, None)
-    mods = attach_modules(modular, cfg, "modular", module_embed=module_embed,
-                          embed_rows=embed_rows_for(module_embed, data, rl, tok.vocab_size), gated=_gated(mc),
+    mods = attach_modules(modular, cfg, "modular", embed_rows=embed_rows_for(_module_embed(mc), data, rl, tok.vocab_size),
                           keys=keys_for(mc.get("keys"), data, rl, tok.vocab_size))
     load(modular, "modular")
     kept = [t for t in TOPIC_NAMES if t != topic]
-    if mods.gated or mods.keys is not None:
+    if mods.keys is not None:
         # a per-token gate cannot be merged into a stock model: the released model is the modular one with
         # the topic's module dropped (its parameters zeroed and switched off), the others on, attached
         with torch.no_grad():
@@ -1327,9 +876,9 @@ def _mean_configs(runs: list) -> dict:
 
 # A candidate is a partial ``modules`` config merged into the profile's for that candidate's run (so
 # every key reaches the run key: a run trained with other settings is retrained, never reused).
-# ``width`` (ours, diagnosis point 11): the module width of that candidate (a fraction of the MLP's
+# ``width`` (ours): the module width of that candidate (a fraction of the MLP's
 # hidden width, or an int unit count); absent: the profile's ``modules.width``.
-CANDIDATE_KEYS = ("p_cr", "p_as", "spread", "p_other", "width", "embed_free", "module_embed", "keys") + ORDERED_KEYS
+CANDIDATE_KEYS = ("p_cr", "p_as", "spread", "p_other", "width", "module_embed", "keys") + ORDERED_KEYS
 MAX_CANDIDATES = 12
 
 
@@ -1356,12 +905,9 @@ def check_candidates(cands: list) -> None:
                 raise ValueError(f"modules.select.candidates[{i}]: {p} must be a number in [0, 1], got {v!r}")
         if c.get("spread", "one") not in ("one", "each"):
             raise ValueError(f"modules.select.candidates[{i}]: spread must be 'one' or 'each', got {c['spread']!r}")
-        if not isinstance(c.get("embed_free", False), bool):
-            raise ValueError(f"modules.select.candidates[{i}]: embed_free must be true or false, got {c['embed_free']!r}")
         try:
-            _module_embed(c.get("module_embed"))
-            if _keys(c.get("keys")) and _gated(c):
-                raise ValueError("modules.keys and modules.gated are two kinds of gate: use one")
+            _keys(c.get("keys"))
+            _module_embed(c)
             if any(k in c for k in ORDERED_KEYS):   # an ordered one states p_cr 1, p_as 0 itself
                 mc = {k: c[k] for k in (*ORDERED_KEYS, "keys") if k in c}
                 if c.get("schedule") == "ordered":       # (not the profile's p_cr 0.7)
@@ -1375,12 +921,12 @@ def not_applicable(cfg: dict, cand: dict) -> str | None:
     """Why candidate ``cand`` cannot be built on ``cfg``'s corpus (a row or key option whose topic has no such
     token, e.g. keys on the shared-vocabulary topics), or None."""
     mc = {**cfg["modules"], **cand}
-    if not (_module_embed(mc.get("module_embed")) in ROW_EMBEDS or _keys(mc.get("keys"))):
+    if not (_module_embed(mc) or _keys(mc.get("keys"))):
         return None
     tok, data, labels, _, _ = _prepare(_cfg_key(cfg))
     rl = routing_labels(labels, None)
     try:
-        embed_rows_for(mc.get("module_embed"), data, rl, tok.vocab_size)
+        embed_rows_for(_module_embed(mc), data, rl, tok.vocab_size)
         keys_for(mc.get("keys"), data, rl, tok.vocab_size)
     except ValueError as e:
         return str(e)
@@ -1457,19 +1003,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--p-other", type=float, default=None,
                         help="probability that each other module runs, without learning, on a labelled topic "
                              "story (ours; default 0 = the official schedule)")
-    parser.add_argument("--embed-free", action="store_true",
-                        help="the token embedding (tied unembedding) learns on every story, core-frozen topic "
-                             "stories included; the rest of the core is frozen as before (ours; default off = "
-                             "the official code: embeddings frozen with the core); modular models only")
-    parser.add_argument("--module-embed", nargs="?", const="vocab", choices=["vocab", "topic-rows", "exclusive-rows"],
-                        default=None,
-                        help="each topic's module also has its own token-embedding delta (input and tied "
-                             "output embedding), switched and trained with the module (ours; default off): "
-                             "over the full vocabulary (vocab, the default when the flag is given alone) or "
-                             "only on the rows of the topic's own tokens (topic-rows: ids in its training "
-                             "stories and in no general training story) or only on the rows of tokens of "
-                             "that topic alone (exclusive-rows: also in no other topic's training stories); "
-                             "modular models only (DEMix experts are unchanged)")
+    parser.add_argument("--module-embed", choices=["topic-rows"], default=None,
+                        help="with --keys: each topic's module also has its own token-embedding delta on the rows "
+                             "of the topic's own tokens (ids in its training stories and in no general training "
+                             "story), gated by its keys and trained with the module (ours; the headline's design)")
     parser.add_argument("--keys", choices=["topic-rows", "exclusive-rows"], default=None,
                         help="keyed modules (ours; the headline's design): a topic's module runs in a story only from "
                              "the first of its key tokens on: ids in its training stories and in no general one "
@@ -1521,11 +1058,8 @@ def build_config(args: argparse.Namespace) -> dict:
             cfg["attack"][key] = v
     if args.spread is not None:
         cfg["modules"]["spread"] = args.spread
-    if getattr(args, "embed_free", False):
-        cfg["modules"]["embed_free"] = True   # only when on: default configs (and resume keys) unchanged
-    me = getattr(args, "module_embed", None)
-    if me:                                     # likewise; True (full vocabulary) as before, or a row option
-        cfg["modules"]["module_embed"] = True if me in (True, "vocab") else me.replace("-", "_")
+    if getattr(args, "module_embed", None):  # only when on: default configs (and resume keys) unchanged
+        cfg["modules"]["module_embed"] = args.module_embed.replace("-", "_")
     if getattr(args, "keys", None):            # likewise
         cfg["modules"]["keys"] = args.keys.replace("-", "_")
     if getattr(args, "core_prefix", False):
@@ -1543,6 +1077,7 @@ def build_config(args: argparse.Namespace) -> dict:
         _schedule(cfg["modules"])                    # an explicit --p-cr / --p-as that contradicts it: an error
     if getattr(args, "core_prefix", False):
         _schedule(cfg["modules"])                    # --core-prefix needs --schedule ordered and --keys: an error
+    _module_embed(cfg["modules"])                    # --module-embed needs --keys: an error
     if getattr(args, "no_select", False) or getattr(args, "core_prefix", False) or any(
             getattr(args, f, None) is not None for f in ("p_cr", "p_as", "spread", "p_other", "schedule", "keys", "width")):
         cfg["modules"].pop("select", None)     # an explicit schedule: no selection
@@ -1591,13 +1126,11 @@ def run(args: argparse.Namespace) -> dict:
                "wall_time_s": time.time() - t0}
     skipped = {int(i) for i in (selection or {}).get("skipped", {})}       # candidates this corpus cannot build
     cands = [c for i, c in enumerate((selection or {}).get("candidates") or []) if i not in skipped]
-    # rows of each topic's embedding delta (fully labelled model; training split only), per row option used
-    for opt in ROW_EMBEDS:
-        if any(_module_embed(c.get("module_embed")) == opt for c in [cfg["modules"], *cands]):
-            tok = _prepare(_cfg_key(cfg))[0]
-            rows = embed_rows_for(opt, data, routing_labels(labels, None), tok.vocab_size)
-            key = "module_embed_rows" if opt == "topic_rows" else f"module_embed_rows_{opt}"
-            metrics[key] = {t: int(v.numel()) for t, v in rows.items()}
+    # rows of each topic's embedding delta (fully labelled model; training split only), when any run uses them
+    if any(_module_embed(c) for c in [cfg["modules"], *cands]):
+        tok = _prepare(_cfg_key(cfg))[0]
+        rows = embed_rows_for("topic_rows", data, routing_labels(labels, None), tok.vocab_size)
+        metrics["module_embed_rows"] = {t: int(v.numel()) for t, v in rows.items()}
     write_json(out / "metrics.json", metrics)
     (out / "summary.md").write_text(summary_md(summary, claims, selection))
     make_figures(out, summary, results)
@@ -1878,11 +1411,8 @@ def report(out: Path) -> dict:
                    f"model {cfg['model']}, modules width {cfg['modules']['width']} of the MLP, p_cr "
                    f"{cfg['modules']['p_cr']}, p_as {cfg['modules']['p_as']}, spread "
                    f"{cfg['modules'].get('spread', 'one')}, p_other {cfg['modules'].get('p_other', 0.0)}"
-                   + (", token embedding free (learns on topic stories)" if cfg["modules"].get("embed_free") else "")
-                   + (", per-module token-embedding deltas" if cfg["modules"].get("module_embed") else "")
-                   + (" on each topic's own token rows" if cfg["modules"].get("module_embed") == "topic_rows" else "")
-                   + (" on the rows of tokens exclusive to each topic" if cfg["modules"].get("module_embed")
-                      == "exclusive_rows" else "")
+                   + (", per-module token-embedding deltas on each topic's own token rows"
+                      if cfg["modules"].get("module_embed") == "topic_rows" else "")
                    + (", ordered schedule (core, then modules)" if cfg["modules"].get("schedule") == "ordered" else "")
                    + (f", keyed modules (a module runs from the first {cfg['modules']['keys'].replace('_', '-')} "
                       "token of its topic in the story on; ours)" if cfg["modules"].get("keys") else "")
