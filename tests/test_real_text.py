@@ -4,6 +4,7 @@ dictionary."""
 import gzip
 import json
 
+import numpy as np
 import pytest
 
 from gradroute.experiments import lm_unlearning as E
@@ -151,3 +152,64 @@ def test_reproduce_real_profile_skips_without_the_dictionary(tmp_path, monkeypat
     assert "lm-unlearning: skipped: the GCIDE dictionary was not found" in capsys.readouterr().out
     report = (tmp_path / "rep" / "report.md").read_text()
     assert "| skipped |" in report and "apt-get install dict-gcide" in report
+
+
+def test_size_for_corpus_rule():
+    from gradroute.lm.user_corpus import SIZING, size_for_corpus
+
+    cfg = {"train": {"steps": 800}, "batch_size": 24, "vocab_size": 1024}
+    chosen = size_for_corpus(cfg, np.full(20_000, 250))                  # 5M characters, 20k documents
+    assert cfg["vocab_size"] == chosen["vocab_size"] == 4096
+    assert cfg["train"]["steps"] == chosen["steps"] == min(SIZING["max_steps"], int(np.ceil(SIZING["epochs"] * 20_000 / 24)))
+    small = {"train": {"steps": 800}, "batch_size": 24, "vocab_size": 1024}
+    size_for_corpus(small, np.full(600, 300))                            # a small corpus keeps the profile's sizes
+    assert small["vocab_size"] == SIZING["vocab"][0] and small["train"]["steps"] == 800
+    given = {"train": {"steps": 50}, "batch_size": 24, "vocab_size": 300}
+    chosen = size_for_corpus(given, np.full(20_000, 250), explicit={"steps", "vocab_size"})
+    assert given == {"train": {"steps": 50}, "batch_size": 24, "vocab_size": 300} and "steps" not in chosen
+
+
+def write_entries(path, n_med=40, n_anat=30, n_other=160):
+    import random
+
+    rng = random.Random(0)
+    words = "the a of to and in is by or as with from for on at body water light stone tree ship song law".split()
+    med = "fever pain drug dose wound blood disease remedy pulse tumor".split()
+    rows = []
+    for i in range(n_med + n_anat + n_other):
+        kind = "Med" if i < n_med else "Anat" if i < n_med + n_anat else None
+        vocab = words + (med if kind else [])
+        text = f"Word{i} \\Word{i}\\, n. " + (f"({kind}.) " if kind else "") + " ".join(rng.choice(vocab) for _ in range(30))
+        rows.append({"headword": f"Word{i}", "text": text, "fields": [kind] if kind else []})
+    gcide.write_jsonl(rows, path)
+    return path
+
+
+def test_real_profile_runs_through_the_user_corpus_path(tmp_path, monkeypatch, capsys):
+    from gradroute.cli import main
+
+    tiny = dict(corpus=dict(n_train=0, n_eval=8, n_attack=4, n_val=4), tokenizer="bpe", vocab_size=300,
+                model=dict(n_ctx=48, n_layer=2, n_head=2, d_model=16, d_mlp=32),
+                train=dict(steps=2, lr=1e-2, warmup=1, ckpt_every=1), batch_size=8,
+                method=dict(expand=4, coherence_steps=1, rmu_steps=1),
+                attack=dict(sizes=[1, 4], steps=4, repeats=1, lr=1e-3, eval_every=2, batch_size=None, n_eval=4),
+                seeds=1, size_from_corpus=True)
+    monkeypatch.setitem(E.PROFILES, "real", tiny)
+    monkeypatch.setenv("GRADROUTE_CACHE", str(tmp_path / "cache"))
+    E._prepare.cache_clear()
+    entries = write_entries(tmp_path / "entries.jsonl.gz")
+    out = tmp_path / "out"
+    assert main(["run", "lm-unlearning", "--profile", "real", "--gcide", str(entries), "--methods", "base",
+                 "filtering", "era", "--fractions", "0.5", "--workers", "1", "--device", "cpu", "--out", str(out)]) == 0
+    E._prepare.cache_clear()
+    m = json.loads((out / "metrics.json").read_text())
+    ud = m["config"]["user_data"]
+    assert ud["rule"]["label_field"] == "label" and ud["rule"]["topic_field"] == "topic"
+    assert m["corpus"]["forget_documents"] == 40 and m["corpus"]["topic_documents"] == 30
+    assert m["config"]["sizing"]["train_documents"] == m["corpus"]["stories"]
+    assert m["config"]["train"]["steps"] == max(2, int(np.ceil(2.0 * m["corpus"]["stories"] / 8)))
+    assert {"forget_gap", "retain_gap", "topic_gap", "learned", "message"} <= set(m["domain_check"])
+    assert m["domain_check"]["message"] in capsys.readouterr().out
+    era = next(r for r in m["runs"] if r["method"] == "era")
+    assert {"topic_loss", "attack_steps_to_base_n4", "attack_recovered_n4", "attack_tokens_to_base_n4"} <= set(era)
+    assert E.report(out)["table"]["rows"]
