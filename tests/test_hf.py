@@ -16,9 +16,9 @@ VOCAB = 300
 
 def _tokenizer(n_vocab=VOCAB):
     from gradroute.lm.corpus import generate_stories
-    from gradroute.lm.tokenizer import train_bpe
+    from gradroute.lm.tokenizer import train_bpe, wrap_tokenizer
 
-    return hf.wrap_tokenizer(train_bpe(generate_stories(60, seed=3), n_vocab, cache=None))
+    return wrap_tokenizer(train_bpe(generate_stories(60, seed=3), n_vocab, cache=None))
 
 
 CONFIGS = {
