@@ -8,8 +8,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import gradroute as gr
 from gradroute.models import GPT, GPTConfig
 
-from distributed import spawn2
-
 
 def make_model():
     torch.manual_seed(0)
@@ -55,7 +53,7 @@ def worker(rank, port, path, mode, forget_first=False):
         dist.destroy_process_group()
 
 
-def run_both(tmp_path, mode, forget_first=False):
+def run_both(spawn2, tmp_path, mode, forget_first=False):
     path = tmp_path / f"{mode}.pt"
     spawn2(worker, str(path), mode, forget_first)
     ddp_grads = torch.load(path)
@@ -66,17 +64,17 @@ def run_both(tmp_path, mode, forget_first=False):
         assert torch.allclose(ddp_grads[n], p.grad, atol=1e-6), n
 
 
-def test_activation_routing_under_ddp(tmp_path):
-    run_both(tmp_path, "activation")
+def test_activation_routing_under_ddp(spawn2, tmp_path):
+    run_both(spawn2, tmp_path, "activation")
 
 
-def test_parameter_routing_under_ddp(tmp_path):
-    run_both(tmp_path, "param")
+def test_parameter_routing_under_ddp(spawn2, tmp_path):
+    run_both(spawn2, tmp_path, "param")
 
 
-def test_parameter_routing_under_ddp_with_an_all_forget_rank(tmp_path):
+def test_parameter_routing_under_ddp_with_an_all_forget_rank(spawn2, tmp_path):
     # plain DDP (find_unused_parameters=False): every parameter must stay in each rank's graph
-    run_both(tmp_path, "param", forget_first=True)
+    run_both(spawn2, tmp_path, "param", forget_first=True)
 
 
 def _abort_once(rank, port, marker):
@@ -96,7 +94,7 @@ def _raise(rank, port, marker):
         raise AssertionError("a wrong result must fail the test, not be retried")
 
 
-def test_spawn2_retries_a_signal_death_once_but_never_a_raised_error(tmp_path):
+def test_spawn2_retries_a_signal_death_once_but_never_a_raised_error(spawn2, tmp_path):
     import pytest
     from torch.multiprocessing.spawn import ProcessRaisedException
 

@@ -205,10 +205,8 @@ def _trainer_worker(rank, port, path):
     dist.destroy_process_group()
 
 
-def test_trainer_under_two_processes(tmp_path):
+def test_trainer_under_two_processes(spawn2, tmp_path):
     """2 gloo processes with 2 examples each give the weights of 1 process with batches of 4."""
-    from distributed import spawn2
-
     path = tmp_path / "ddp.pt"
     spawn2(_trainer_worker, str(path))
     ids, forget = _examples()

@@ -111,3 +111,23 @@ def test_no_import_cycle():
     for m in graph:
         if m not in state:
             visit(m)
+
+
+# Test modules share helpers through conftest.py fixtures, never by importing one another.
+# The module-routing tests (test_modules*.py) are being regrouped by behaviour in their own
+# branch; until that lands they are left out here (and tests/distributed.py re-exports spawn2 for them).
+PENDING_REGROUP = "test_modules"
+
+
+def test_no_test_module_imports_another():
+    tests = Path(__file__).resolve().parent
+    local = {p.stem for p in tests.glob("*.py")}
+    bad = []
+    for path in sorted(tests.glob("test_*.py")):
+        if path.stem.startswith(PENDING_REGROUP):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            bad += [f"{path.name}:{node.lineno} imports {n}" for n in names if n.split(".")[0] in local | {"tests"}]
+    assert not bad, "\n".join(bad)
