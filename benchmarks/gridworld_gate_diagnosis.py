@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from gradroute.envs.gridworld import DIAMOND, GHOST, GridworldVecEnv
 from gradroute.experiments import gridworld as gw
+from gradroute.experiments import gridworld_fast
 from gradroute.utils import set_seed
 
 
@@ -58,7 +59,7 @@ def main(argv=None) -> dict:
     last = {}
     for u in range(args.updates + 1):
         opt.zero_grad(set_to_none=True)
-        obs, batch = gw.rollout(policy, env, obs, T, gen)
+        obs, batch = gridworld_fast.rollout(policy, env, obs, T, gen)   # keeps h, gl, logits
         if u % args.every == 0:
             with torch.no_grad():
                 done, reached = batch["done"], batch["reached"]
