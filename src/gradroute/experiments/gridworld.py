@@ -818,7 +818,7 @@ def report(out: Path) -> dict:
     cfg = m["config"]
     steps = cfg["updates"] * cfg["num_envs"] * cfg["num_steps"]
     return {
-        "title": "Scalable oversight in a gridworld (paper section 6)",
+        "title": "Scalable oversight in a gridworld (arXiv 2410.04332, sec. 4.3)",
         "claim": "The routed MoE policy steered to the diamond expert beats naive training and data "
                  "filtering at low oversight, and at 5% matches the baselines at ~30%.",
         "paper": "Routing clearly nontrivial at 1% oversight; at 5% it matches baselines given 6x more "
