@@ -99,6 +99,17 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_bf16_flags() -> list[str]:
+    """The CPU's bf16 instruction-set flags (avx512_bf16, amx_bf16, ...): bf16 matmul speed depends on them."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return sorted(f for f in line.split(":", 1)[1].split() if "bf16" in f)
+    except OSError:
+        pass
+    return []
+
+
 def autograd_train(num_envs: int, updates: int, precision: str = "bf16") -> None:
     cfg = dict(gw.PROFILES["cpu"], num_envs=num_envs, precision=precision)
     gen = torch.Generator().manual_seed(0)
@@ -258,7 +269,8 @@ def main() -> None:
         return
     t_start, cpu_start = time.time(), time.process_time()
     res = {"threads": args.threads, "cpu_count": os.cpu_count(), "torch": torch.__version__,
-           "machine": platform.machine(), "cpu_model": cpu_model(), "load_avg_1m_at_start": os.getloadavg()[0]}
+           "machine": platform.machine(), "cpu_model": cpu_model(), "cpu_flags_bf16": cpu_bf16_flags(),
+           "load_avg_1m_at_start": os.getloadavg()[0]}
     res["matmul_gflops_fp32"] = round(matmul_gflops(torch.float32), 1)
     res["matmul_gflops_bf16"] = round(matmul_gflops(torch.bfloat16), 1)
     print(f"plain matmul 16384x256 @ 256x256: fp32 {res['matmul_gflops_fp32']} GFLOP/s, "
