@@ -60,7 +60,7 @@ JOB_METHODS = {"routing": ["routing", "routing_ghost"], "no_routing": ["no_routi
                "oracle": ["oracle"]}
 METHODS = list(METHOD_JOB)
 
-# Faithfulness switches (A/B in docs/gridworld.md). Each defaults to the original code's choice,
+# Faithfulness switches (A/B in docs/notes/2026-12-06-gridworld-faithfulness-and-gate.md). Each defaults to the original code's choice,
 # except filtering: the original's variant (no-terminal episodes kept, loss scaled by the kept
 # fraction) scored 0.14 vs 0.50 for overseen-terminal-only filtering at p = 0.1, so the stronger
 # baseline is the default and `--filter-mode original` gives the original's.
@@ -73,7 +73,7 @@ PROFILES = {
                   eval_every=500, val_episodes=2048, test_episodes=8192, precision="fp32", **FAITHFUL),
     # 5 seeds (was 3): the 3-seed run's routing vs filtering intervals at p = 0.05 overlapped by
     # 0.01 with a 0.08 gap between means; the t multiplier falls from 4.30 (n=3) to 2.78 (n=5).
-    # Decided before the 5-seed run; both runs are reported in docs/gridworld.md.
+    # Decided before the 5-seed run; both runs are reported (docs/gridworld.md, docs/notes/).
     "cpu": dict(updates=2_000, num_envs=256, num_steps=32, lr=3e-4, seeds=5,
                 eval_every=100, val_episodes=1024, test_episodes=4096, precision="bf16", **FAITHFUL),
     "quick": dict(updates=500, num_envs=256, num_steps=32, lr=3e-4, seeds=3,
