@@ -1,12 +1,15 @@
 """Routing inside DistributedDataParallel: 2 gloo processes give the single-process gradients."""
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import gradroute as gr
 from gradroute.models import GPT, GPTConfig
+
+pytestmark = pytest.mark.slow          # every test here runs 2 processes
 
 
 def make_model():
@@ -95,7 +98,6 @@ def _raise(rank, port, marker):
 
 
 def test_spawn2_retries_a_signal_death_once_but_never_a_raised_error(spawn2, tmp_path):
-    import pytest
     from torch.multiprocessing.spawn import ProcessRaisedException
 
     marker = tmp_path / "tries"

@@ -311,6 +311,7 @@ def test_evaluate_random_policy_in_range():
     assert 0 <= ev["ghost_rate_when_closer_unobserved"] <= 1 and ev["n_closer_unobserved"] > 0
 
 
+@pytest.mark.slow
 def test_training_is_deterministic_by_seed():
     a = gw.train("routing", 0.1, 0, TINY)
     b = gw.train("routing", 0.1, 0, TINY)
@@ -320,6 +321,7 @@ def test_training_is_deterministic_by_seed():
     assert c["records"] != a["records"]
 
 
+@pytest.mark.slow
 def test_training_with_plain_autograd_follows_the_fast_path():
     # fp32: the plain update (autograd + route) and the fast path train to the same weights, up to
     # float summation order, from the same seed
@@ -526,6 +528,7 @@ def test_bf16_update_is_close_to_fp32():
 
 
 # ---------------------------------------------------------------------------- end to end
+@pytest.mark.slow
 def test_cli_end_to_end_and_resume(tmp_path, capsys):
     out = tmp_path / "gw"
     flags = ["run", "gridworld", "--out", str(out), "--oversight", "0.1", "--seeds", "0",

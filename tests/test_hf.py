@@ -205,6 +205,7 @@ def _trainer_worker(rank, port, path):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_trainer_under_two_processes(spawn2, tmp_path):
     """2 gloo processes with 2 examples each give the weights of 1 process with batches of 4."""
     path = tmp_path / "ddp.pt"

@@ -144,6 +144,7 @@ def _train_for_ddp(mode):
     return res
 
 
+@pytest.mark.slow
 def test_ddp_matches_single_process(spawn2, tmp_path):
     """Activation routing (ERA) and parameter routing, trained 4 steps by 2 gloo processes (7-row
     batches split 4 + 3 rows) == one process, up to float rounding."""
