@@ -45,6 +45,13 @@ SCRIPT = textwrap.dedent("""
         model(ids, targets=ids)[1].backward()
     loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
     assert not loaded, loaded
+    if "numpy" in BLOCKED:     # an experiment says which extra it needs
+        from gradroute import experiments
+        try:
+            experiments.get("gridworld")
+            raise AssertionError("the gridworld experiment imported without numpy")
+        except ModuleNotFoundError as e:
+            assert "gradroute[experiments]" in str(e), e
     print("routed without", ",".join(sorted(BLOCKED)))
 """)
 
