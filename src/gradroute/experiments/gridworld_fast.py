@@ -17,6 +17,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+
+# ------------------------------------------------------------------------------------------
+# the policy's layers, fused
+# ------------------------------------------------------------------------------------------
 def fused_weights(policy):
     """The first layer of every expert *and* of the gate as one ``(obs_dim + 1, experts*hidden
     [+ gate width])`` matrix whose last row is the bias (one matmul per step for all of them,
@@ -53,7 +57,6 @@ def gate_rest(gate, y: torch.Tensor) -> torch.Tensor:
     if gate.fc2 is not None:
         y = torch.relu(F.linear(y, gate.fc2.weight.to(y.dtype), gate.fc2.bias.to(y.dtype)))
     return gate.out(y.float()).squeeze(-1)
-
 
 
 # ------------------------------------------------------------------------------------------
