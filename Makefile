@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.gradroute-installed
 
-.PHONY: install test demo bench clean
+.PHONY: install test test-fast demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# everything but the end-to-end runs and the multi-process tests (pytest marker `slow`)
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
 
 # the real MNIST test set, used as held-out data when this checkout sits beside shared/
 MNIST_DIR := $(wildcard ../shared/data/mnist)

@@ -11,7 +11,7 @@ mean norm of each expert's hidden state. Every ``4 * every`` updates it scores t
 steered to the diamond on the *validation* envs (stepwise return, timeout rate). One JSON line
 per report; the last line is a JSON summary.
 
-The mechanism it shows (docs/gridworld.md): with the gate at ~0.5 everywhere, the mixed policy
+The mechanism it shows (docs/notes/2026-12-06-gridworld-faithfulness-and-gate.md): with the gate at ~0.5 everywhere, the mixed policy
 only sees the sum of the experts' logits, while routed (overseen) episodes move one expert
 alone, i.e. their difference; nothing then bounds that difference, the experts' hidden states
 grow, and the policy steered to one expert drifts away from the mixed policy that is trained.
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from gradroute.envs.gridworld import DIAMOND, GHOST, GridworldVecEnv
 from gradroute.experiments import gridworld as gw
+from gradroute.experiments import gridworld_fast
 from gradroute.utils import set_seed
 
 
@@ -58,7 +59,7 @@ def main(argv=None) -> dict:
     last = {}
     for u in range(args.updates + 1):
         opt.zero_grad(set_to_none=True)
-        obs, batch = gw.rollout(policy, env, obs, T, gen)
+        obs, batch = gridworld_fast.rollout(policy, env, obs, T, gen)   # keeps h, gl, logits
         if u % args.every == 0:
             with torch.no_grad():
                 done, reached = batch["done"], batch["reached"]

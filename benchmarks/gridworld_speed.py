@@ -14,7 +14,13 @@ optimizer step (no evaluation), for routing at p = 0.1, measured side by side in
   original: 1x1 conv + MLP 100-256-256-1), with the expert and gate matmuls in fp32 or bfloat16
   (``new_bf16`` is the quick and cpu profiles' setting);
 - ``new_bf16_mlp64``: the same with the smaller gate (100-64-1) that the old loop also has, so
-  the loops compare like with like.
+  the loops compare like with like;
+- ``autograd_bf16``: the experiment's plain training step, the one ``gridworld.py`` shows: a
+  rollout without stored activations, then the policy again over all steps with autograd,
+  ``gradroute.route`` in the mix and bf16 autocast (``--backward autograd``). The ``new_*`` loops
+  are the trainer's default fast path (``gridworld_fast.py``: the rollout keeps its activations and
+  the backward is written by hand); ``hand_over_autograd_*`` is ``new_bf16`` over ``autograd_bf16``
+  in the same run, the ratio that justifies keeping the hand-written backward (>= 1.3x).
 
 Each loop's speed is its best round of ``--updates`` updates (4), every round starting the loop
 afresh (policy, optimizer, env, buffers); rounds interleave the loops. One-off costs therefore
@@ -49,6 +55,7 @@ from gridworld_reference_loop import reference_train  # noqa: E402
 
 from gradroute.envs.gridworld import GridworldVecEnv  # noqa: E402
 from gradroute.experiments import gridworld as gw  # noqa: E402
+from gradroute.experiments import gridworld_fast as fast  # noqa: E402
 
 HIDDEN, OBS = 256, 100
 # the old loop steps the old env (every env draws a fresh episode on every step), so the speedup
@@ -82,6 +89,41 @@ def matmul_gflops(dtype, m=16384, k=256, n=256, reps=10) -> float:
     return best
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_bf16_flags() -> list[str]:
+    """The CPU's bf16 instruction-set flags (avx512_bf16, amx_bf16, ...): bf16 matmul speed depends on them."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return sorted(f for f in line.split(":", 1)[1].split() if "bf16" in f)
+    except OSError:
+        pass
+    return []
+
+
+def autograd_train(num_envs: int, updates: int, precision: str = "bf16") -> None:
+    cfg = dict(gw.PROFILES["cpu"], num_envs=num_envs, precision=precision)
+    gen = torch.Generator().manual_seed(0)
+    env = GridworldVecEnv(num_envs, 0.1, return_final_obs=False)
+    policy = gw.make_policy("routing", cfg)
+    opt = torch.optim.Adam(policy.parameters(), lr=cfg["lr"])
+    obs, _ = env.reset(seed=0)
+    for _ in range(updates):
+        opt.zero_grad(set_to_none=True)
+        obs, batch = gw.rollout(policy, env, obs, 32, gen)
+        gw.update(policy, batch, "routing", cfg)
+        opt.step()
+
+
 def new_train(num_envs: int, updates: int, precision: str, gate: str = "original") -> None:
     cfg = dict(gw.PROFILES["cpu"], num_envs=num_envs, precision=precision, gate=gate)
     gen = torch.Generator().manual_seed(0)
@@ -92,7 +134,7 @@ def new_train(num_envs: int, updates: int, precision: str, gate: str = "original
     buffers: dict = {}                       # as gw.train: rollout and backward buffers reused across updates
     for _ in range(updates):
         opt.zero_grad(set_to_none=True)
-        obs, batch = gw.rollout(policy, env, obs, 32, gen, buffers)
+        obs, batch = fast.rollout(policy, env, obs, 32, gen, buffers)
         gw.update(policy, batch, "routing", cfg, buffers=buffers)
         opt.step()
 
@@ -110,7 +152,7 @@ def breakdown(num_envs: int, rounds: int = 7) -> dict:
     obs, _ = env.reset(seed=0)
     buffers: dict = {}
     acc = {"env_steps": 0.0, "expert_backward": 0.0}
-    env_step, expert_backward = env.step, gw._expert_backward
+    env_step, expert_backward = env.step, fast._expert_backward
 
     def timed_env(a):
         t = time.perf_counter()
@@ -123,14 +165,14 @@ def breakdown(num_envs: int, rounds: int = 7) -> dict:
         expert_backward(*a, **k)
         acc["expert_backward"] += time.perf_counter() - t
 
-    env.step, gw._expert_backward = timed_env, timed_backward
+    env.step, fast._expert_backward = timed_env, timed_backward
     best = None
     try:
         for r in range(rounds + 2):                     # two warm-up updates
             acc.update(env_steps=0.0, expert_backward=0.0)
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
-            obs, batch = gw.rollout(policy, env, obs, 32, gen, buffers)
+            obs, batch = fast.rollout(policy, env, obs, 32, gen, buffers)
             t1 = time.perf_counter()
             gw.update(policy, batch, "routing", cfg, buffers=buffers)
             t2 = time.perf_counter()
@@ -143,7 +185,7 @@ def breakdown(num_envs: int, rounds: int = 7) -> dict:
             if r >= 2 and (best is None or ms["total"] < best["total"]):
                 best = ms
     finally:
-        gw._expert_backward = expert_backward
+        fast._expert_backward = expert_backward
     return {k: round(v * 1e3, 2) for k, v in best.items()}
 
 
@@ -227,7 +269,8 @@ def main() -> None:
         return
     t_start, cpu_start = time.time(), time.process_time()
     res = {"threads": args.threads, "cpu_count": os.cpu_count(), "torch": torch.__version__,
-           "machine": platform.machine(), "load_avg_1m_at_start": os.getloadavg()[0]}
+           "machine": platform.machine(), "cpu_model": cpu_model(), "cpu_flags_bf16": cpu_bf16_flags(),
+           "load_avg_1m_at_start": os.getloadavg()[0]}
     res["matmul_gflops_fp32"] = round(matmul_gflops(torch.float32), 1)
     res["matmul_gflops_bf16"] = round(matmul_gflops(torch.bfloat16), 1)
     print(f"plain matmul 16384x256 @ 256x256: fp32 {res['matmul_gflops_fp32']} GFLOP/s, "
@@ -240,10 +283,12 @@ def main() -> None:
     runs = {"old": reference_train,
             "new_fp32": lambda n, u: new_train(n, u, "fp32"),
             "new_bf16": lambda n, u: new_train(n, u, "bf16"),
-            "new_bf16_mlp64": lambda n, u: new_train(n, u, "bf16", "mlp64")}
+            "new_bf16_mlp64": lambda n, u: new_train(n, u, "bf16", "mlp64"),
+            "autograd_bf16": autograd_train}
     flops = {"old": flops_per_env_step("old"), "new_fp32": flops_per_env_step("new", "original"),
              "new_bf16": flops_per_env_step("new", "original"),
-             "new_bf16_mlp64": flops_per_env_step("new", "mlp64")}
+             "new_bf16_mlp64": flops_per_env_step("new", "mlp64"),
+             "autograd_bf16": flops_per_env_step("new", "original")}
     res["train_env_steps_per_s"] = {k: {} for k in runs}
     res["flops_per_env_step"] = {k: round(v) for k, v in flops.items()}
     res["achieved_gflops"] = {k: {} for k in runs}
@@ -256,12 +301,18 @@ def main() -> None:
             res["achieved_gflops"][name][str(n)] = round(sps * flops[name] / 1e9, 1)
             print(f"train {name:9s} {n:4d} envs: {sps / 1e3:7.1f} k env steps/s "
                   f"(~{sps * flops[name] / 1e9:5.1f} GFLOP/s of matmul)", flush=True)
-        for name in ("new_fp32", "new_bf16", "new_bf16_mlp64"):
+        for name in ("new_fp32", "new_bf16", "new_bf16_mlp64", "autograd_bf16"):
             s = res["train_env_steps_per_s"][name][str(n)] / res["train_env_steps_per_s"]["old"][str(n)]
             sc = res["train_env_steps_per_cpu_s"][name][str(n)] / res["train_env_steps_per_cpu_s"]["old"][str(n)]
             res[f"speedup_{name}_{n}"] = round(s, 2)
             res[f"cpu_time_speedup_{name}_{n}"] = round(sc, 2)
             print(f"speedup {name} / old at {n} envs: {s:.2f}x (by CPU time {sc:.2f}x)", flush=True)
+        res[f"hand_over_autograd_{n}"] = round(res["train_env_steps_per_s"]["new_bf16"][str(n)]
+                                               / res["train_env_steps_per_s"]["autograd_bf16"][str(n)], 2)
+        res[f"cpu_time_hand_over_autograd_{n}"] = round(res["train_env_steps_per_cpu_s"]["new_bf16"][str(n)]
+                                                        / res["train_env_steps_per_cpu_s"]["autograd_bf16"][str(n)], 2)
+        print(f"hand backward / autograd + route + bf16 autocast at {n} envs: {res[f'hand_over_autograd_{n}']:.2f}x "
+              f"(by CPU time {res[f'cpu_time_hand_over_autograd_{n}']:.2f}x)", flush=True)
         if args.steady:
             sw, sc = steady({k: runs[k] for k in ("old", "new_bf16")}, n, args.updates, args.repeats)
             for name in sw:

@@ -49,9 +49,9 @@ def main() -> None:
     if args.model:
         model, tok = hf.load_causal_lm(args.model)
     else:
-        from gradroute.lm.tokenizer import train_bpe
+        from gradroute.lm.tokenizer import train_bpe, wrap_tokenizer
 
-        tok = hf.wrap_tokenizer(train_bpe([t for t, _ in docs], 512))
+        tok = wrap_tokenizer(train_bpe([t for t, _ in docs], 512))
         cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                        max_position_embeddings=args.n_ctx)

@@ -1,4 +1,7 @@
+"""Shared test helpers: fixtures only (no test module imports another; see tests/test_layers.py for
+the package's own layers). Blocks are grouped by topic; add new helpers as a new block."""
 import os
+import socket
 
 import pytest
 import torch
@@ -150,3 +153,36 @@ class _ModKit:
 @pytest.fixture
 def modkit():
     return _ModKit()
+
+# ------------------------------------------------------------------------------------------
+# multi-process: running a test body in 2 gloo processes (the DDP tests; marked slow)
+# ------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn2(worker, *args, tries: int = 2) -> None:
+    """Call ``worker(rank, port, *args)`` in two processes on a free port. A worker that *raises*
+    (a failed assertion, a wrong result) fails the test at once. A worker killed by a signal is
+    retried once on a fresh port: gloo's threads sometimes abort at process teardown ("terminate
+    called without an active exception", SIGABRT; seen once, in a clean-clone run of the suite on
+    2 cores on 2026-11-30), which says nothing about routing. ``worker`` must be a module-level
+    function of the test module (it is pickled by name)."""
+    import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import ProcessExitedException
+
+    for attempt in range(tries):
+        try:
+            mp.spawn(worker, args=(free_port(), *args), nprocs=2, join=True)
+            return
+        except ProcessExitedException as e:
+            if e.signal_name is None or attempt == tries - 1:
+                raise
+
+
+@pytest.fixture
+def spawn2():
+    """``spawn2(worker, *args)``: ``worker(rank, port, *args)`` in 2 processes (see :func:`_spawn2`)."""
+    return _spawn2

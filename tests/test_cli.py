@@ -5,6 +5,7 @@ import pytest
 from gradroute.cli import main
 
 
+@pytest.mark.slow
 def test_demo_runs_and_writes_metrics(tmp_path, capsys):
     assert main(["demo", "--steps", "3", "--out", str(tmp_path)]) == 0
     m = json.loads((tmp_path / "metrics.json").read_text())

@@ -1,6 +1,7 @@
 """Routing inside DistributedDataParallel: 2 gloo processes give the single-process gradients."""
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -8,7 +9,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import gradroute as gr
 from gradroute.models import GPT, GPTConfig
 
-from distributed import spawn2
+pytestmark = pytest.mark.slow          # every test here runs 2 processes
 
 
 def make_model():
@@ -55,7 +56,7 @@ def worker(rank, port, path, mode, forget_first=False):
         dist.destroy_process_group()
 
 
-def run_both(tmp_path, mode, forget_first=False):
+def run_both(spawn2, tmp_path, mode, forget_first=False):
     path = tmp_path / f"{mode}.pt"
     spawn2(worker, str(path), mode, forget_first)
     ddp_grads = torch.load(path)
@@ -66,17 +67,17 @@ def run_both(tmp_path, mode, forget_first=False):
         assert torch.allclose(ddp_grads[n], p.grad, atol=1e-6), n
 
 
-def test_activation_routing_under_ddp(tmp_path):
-    run_both(tmp_path, "activation")
+def test_activation_routing_under_ddp(spawn2, tmp_path):
+    run_both(spawn2, tmp_path, "activation")
 
 
-def test_parameter_routing_under_ddp(tmp_path):
-    run_both(tmp_path, "param")
+def test_parameter_routing_under_ddp(spawn2, tmp_path):
+    run_both(spawn2, tmp_path, "param")
 
 
-def test_parameter_routing_under_ddp_with_an_all_forget_rank(tmp_path):
+def test_parameter_routing_under_ddp_with_an_all_forget_rank(spawn2, tmp_path):
     # plain DDP (find_unused_parameters=False): every parameter must stay in each rank's graph
-    run_both(tmp_path, "param", forget_first=True)
+    run_both(spawn2, tmp_path, "param", forget_first=True)
 
 
 def _abort_once(rank, port, marker):
@@ -96,8 +97,7 @@ def _raise(rank, port, marker):
         raise AssertionError("a wrong result must fail the test, not be retried")
 
 
-def test_spawn2_retries_a_signal_death_once_but_never_a_raised_error(tmp_path):
-    import pytest
+def test_spawn2_retries_a_signal_death_once_but_never_a_raised_error(spawn2, tmp_path):
     from torch.multiprocessing.spawn import ProcessRaisedException
 
     marker = tmp_path / "tries"

@@ -16,9 +16,9 @@ VOCAB = 300
 
 def _tokenizer(n_vocab=VOCAB):
     from gradroute.lm.corpus import generate_stories
-    from gradroute.lm.tokenizer import train_bpe
+    from gradroute.lm.tokenizer import train_bpe, wrap_tokenizer
 
-    return hf.wrap_tokenizer(train_bpe(generate_stories(60, seed=3), n_vocab, cache=None))
+    return wrap_tokenizer(train_bpe(generate_stories(60, seed=3), n_vocab, cache=None))
 
 
 CONFIGS = {
@@ -205,10 +205,9 @@ def _trainer_worker(rank, port, path):
     dist.destroy_process_group()
 
 
-def test_trainer_under_two_processes(tmp_path):
+@pytest.mark.slow
+def test_trainer_under_two_processes(spawn2, tmp_path):
     """2 gloo processes with 2 examples each give the weights of 1 process with batches of 4."""
-    from distributed import spawn2
-
     path = tmp_path / "ddp.pt"
     spawn2(_trainer_worker, str(path))
     ids, forget = _examples()

@@ -22,6 +22,7 @@ def tiny(monkeypatch, tmp_path):
     monkeypatch.setenv("GRADROUTE_CACHE", str(tmp_path / "cache"))
 
 
+@pytest.mark.slow
 def test_end_to_end_and_resume(tiny, tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["run", "lm-unlearning", "--profile", "tiny", "--out", str(out), "--fractions", "0", "1",
@@ -103,6 +104,7 @@ def test_tables_say_n1_without_interval():
     assert "n=3" in text and "2.100 ± 0.248" in text
 
 
+@pytest.mark.slow
 def test_report_section(tiny, tmp_path):
     out = tmp_path / "o"
     main(["run", "lm-unlearning", "--profile", "tiny", "--out", str(out), "--fractions", "0.5", "1",

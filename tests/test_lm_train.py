@@ -10,7 +10,6 @@ from gradroute.lm.data import Batch, BatchOrder, Stories
 from gradroute.lm.train import TrainConfig, token_losses, train
 from gradroute.models import GPT, GPTConfig
 
-from distributed import spawn2
 
 V, T = 32, 12
 
@@ -145,7 +144,8 @@ def _train_for_ddp(mode):
     return res
 
 
-def test_ddp_matches_single_process(tmp_path):
+@pytest.mark.slow
+def test_ddp_matches_single_process(spawn2, tmp_path):
     """Activation routing (ERA) and parameter routing, trained 4 steps by 2 gloo processes (7-row
     batches split 4 + 3 rows) == one process, up to float rounding."""
     path = tmp_path / "ddp.pt"

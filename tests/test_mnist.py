@@ -154,6 +154,7 @@ def test_certificates_read_a_detached_half():
     assert z.grad is None, "certificates must not send gradient into the encoding"
 
 
+@pytest.mark.slow
 def test_all_ten_settings_of_the_paper():
     assert [s.number for s in exp.SETTINGS.values()] == list(range(1, 11))
     assert exp.SETTINGS[exp.DEFAULT_SETTING].number == 1
@@ -174,6 +175,7 @@ def _tiny_run(out: Path, *extra: str) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_metrics_and_is_deterministic(tmp_path):
     m = _tiny_run(tmp_path / "a", "--seed", "5")
     for cert in ("certificate_5to9_half", "certificate_0to4_half"):
@@ -191,6 +193,7 @@ def test_tiny_run_writes_metrics_and_is_deterministic(tmp_path):
     assert other["certificate_5to9_half"]["loss_0to4"] != m["certificate_5to9_half"]["loss_0to4"]
 
 
+@pytest.mark.slow
 def test_resume_reuses_finished_runs(tmp_path, capsys):
     first = _tiny_run(tmp_path, "--setting", "8", "--no-figures")
     capsys.readouterr()

@@ -12,7 +12,6 @@ import gradroute as gr
 from gradroute.models import GPT, GPTConfig
 from gradroute.modules import GENERAL, UNLABELLED
 
-from distributed import spawn2
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd_momentum"])
@@ -193,7 +192,7 @@ def ddp_worker(rank, port, path):
 
 
 @pytest.mark.slow
-def test_module_routing_under_ddp(tmp_path):
+def test_module_routing_under_ddp(tmp_path, spawn2):
     path = str(tmp_path / "snaps")
     spawn2(ddp_worker, path)
     r0, r1 = torch.load(f"{path}.plain.0"), torch.load(f"{path}.plain.1")

@@ -93,6 +93,7 @@ def tiny(monkeypatch, tmp_path):
     monkeypatch.setenv("GRADROUTE_CACHE", str(tmp_path / "cache"))
 
 
+@pytest.mark.slow
 def test_end_to_end_and_report(tiny, tmp_path):
     out = tmp_path / "out"
     assert main(["run", "steering", "--profile", "tiny", "--out", str(out), "--device", "cpu", *FLAGS]) == 0

@@ -1,5 +1,7 @@
 import operator
 
+import pytest
+
 from gradroute.sweep import run_jobs, split_finished
 from gradroute.utils import write_json
 
@@ -15,6 +17,7 @@ def test_split_finished_reuses_only_same_config(tmp_path, capsys):
     assert "recomputing a_1.json" in out and "resuming: 1 of 3" in out
 
 
+@pytest.mark.slow
 def test_run_jobs_in_process_and_in_workers():
     jobs = [(2, 3), (4, 5), (6, 7)]
     expect = {(2, 3): 6, (4, 5): 20, (6, 7): 42}

@@ -90,6 +90,7 @@ def test_ablation_is_complete():
     assert model.transformer.h[0].mlp.c_proj.weight.grad[:, :8].abs().max() == 0
 
 
+@pytest.mark.slow
 def test_end_to_end_and_report(tiny, tmp_path):
     out = tmp_path / "out"
     argv = ["run", "token-routing", "--profile", "tiny", "--out", str(out), "--device", "cpu", "--workers", "1"]
@@ -336,6 +337,7 @@ def test_validation_split_is_disjoint_and_leaves_the_evaluation_sets(tmp_path, m
     assert b.val_topic.forget.all() and not b.val_general.forget.any()
 
 
+@pytest.mark.slow
 def test_routed_tokens_flag_validation_and_model_reuse(tiny, tmp_path):
     out = tmp_path / "out"
     base = ["run", "token-routing", "--profile", "tiny", "--out", str(out), "--device", "cpu", "--workers", "1",

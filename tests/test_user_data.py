@@ -53,6 +53,7 @@ def _run(out, *flags):
 # ------------------------------------------------------------------------------------------
 # CLI end to end, 1% forget documents
 # ------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cli_keyword_list_one_percent(env, capsys):
     corpus = make_corpus(env / "docs")                                    # one .jsonl file
     assert corpus.suffix == ".jsonl"
@@ -74,6 +75,7 @@ def test_cli_keyword_list_one_percent(env, capsys):
     assert "585 training stories, 3 match the forget rule (0.5%)" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_cli_label_field_topic_and_saved_models(env):
     transformers = pytest.importorskip("transformers")
     corpus = make_corpus(env / "docs", parts=2)                           # a folder of 2 JSONL files
@@ -311,6 +313,7 @@ def _llama_folder(path, tok, vocab=300, weights=True):
     return path
 
 
+@pytest.mark.slow
 def test_cli_model_folder_llama_saved_and_reloaded(env):
     """--model with a tiny Llama-style checkpoint (gated MLP, grouped-query attention) and its own
     tokenizer: base, ERA and parameter routing through the CLI; the saved unlearned models load

@@ -39,7 +39,7 @@ class ModelFolderError(ValueError):
     """A model folder is missing, incomplete, or its tokenizer does not match the model."""
 
 
-def _transformers():
+def require_transformers():
     try:
         import transformers
     except ImportError:
@@ -58,7 +58,7 @@ def load_causal_lm(source, tokenizer=None, seed: int = 0, torch_dtype=None):
     from ``seed``), as does a ``PretrainedConfig`` object. ``tokenizer``: a tokenizer object,
     a folder, or None (the model folder's own tokenizer, when it has one). The tokenizer is
     checked against the model (:func:`check_tokenizer`). Nothing is downloaded."""
-    tr = _transformers()
+    tr = require_transformers()
     tok_where = None
     if isinstance(source, tr.PretrainedConfig):
         torch.manual_seed(seed)
@@ -83,11 +83,11 @@ def load_causal_lm(source, tokenizer=None, seed: int = 0, torch_dtype=None):
             torch.manual_seed(seed)
             model = tr.AutoModelForCausalLM.from_config(config, **kw)
         where = str(folder)
-        if tokenizer is None and _has_tokenizer(folder):
+        if tokenizer is None and has_tokenizer(folder):
             tokenizer = folder
     if isinstance(tokenizer, (str, os.PathLike)):
         tok_where = str(tokenizer)
-        if not Path(tokenizer).is_dir() or not _has_tokenizer(Path(tokenizer)):
+        if not Path(tokenizer).is_dir() or not has_tokenizer(Path(tokenizer)):
             raise ModelFolderError(f"no tokenizer files (tokenizer.json / tokenizer_config.json) in {tokenizer}")
         tokenizer = tr.AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
     if tokenizer is not None:
@@ -95,7 +95,8 @@ def load_causal_lm(source, tokenizer=None, seed: int = 0, torch_dtype=None):
     return model, tokenizer
 
 
-def _has_tokenizer(folder: Path) -> bool:
+def has_tokenizer(folder: Path) -> bool:
+    """Whether ``folder`` holds tokenizer files (as ``save_pretrained`` writes them)."""
     return any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json",
                                                  "tokenizer.model"))
 
@@ -116,16 +117,6 @@ def check_tokenizer(model: nn.Module, tokenizer, model_where: str = "the model",
         if isinstance(i, int) and not 0 <= i < n_emb:
             raise ModelFolderError(f"tokenizer does not match the model: {tokenizer_where}'s {name} is {i}, outside "
                                    f"{model_where}'s {n_emb} embeddings")
-
-
-def wrap_tokenizer(tok):
-    """A ``PreTrainedTokenizerFast`` around a :class:`gradroute.lm.tokenizer.Tokenizer` (so it
-    saves with ``save_pretrained`` and loads with ``AutoTokenizer``)."""
-    tr = _transformers()
-    from .lm.corpus import EOT
-
-    return tr.PreTrainedTokenizerFast(tokenizer_object=tok.hf, eos_token=EOT, bos_token=EOT, unk_token=EOT,
-                                      pad_token=EOT)
 
 
 # ------------------------------------------------------------------------------------------
@@ -201,7 +192,7 @@ def save_unlearned(model: nn.Module, folder, tokenizer=None) -> Path:
         _special_ids_from(root, tokenizer)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    log = _transformers().utils.logging
+    log = require_transformers().utils.logging
     shown = log.is_progress_bar_enabled()
     log.disable_progress_bar()                  # a one-shard bar per saved model only clutters logs
     try:
@@ -248,7 +239,7 @@ class RoutingCollator:
 
 
 def _trainer_base():
-    return _transformers().Trainer
+    return require_transformers().Trainer
 
 
 def _make_routing_trainer():

@@ -33,4 +33,13 @@ def get(name: str):
         raise ValueError(
             f"unknown experiment {name!r}; known: {', '.join(sorted(EXPERIMENTS)) or 'none'}.{hint}"
         )
-    return importlib.import_module(EXPERIMENTS[name])
+    try:
+        return importlib.import_module(EXPERIMENTS[name])
+    except ModuleNotFoundError as e:
+        if e.name in EXTRA:    # `pip install gradroute` installs torch only
+            raise ModuleNotFoundError(f"experiment {name!r} needs {e.name}: pip install 'gradroute[experiments]'",
+                                      name=e.name) from e
+        raise
+
+
+EXTRA = ("numpy", "scipy", "matplotlib", "tqdm")   # pyproject.toml's `experiments` extra

@@ -1,4 +1,4 @@
-"""Scalable oversight in a gridworld (paper section 6), as one CleanRL-style file.
+"""Scalable oversight in a gridworld (arXiv 2410.04332, sec. 6).
 
 An agent on a 5x5 grid can end an episode at a diamond (true reward +1) or a ghost (-1). Each
 terminal is overseen with probability p, and only overseen outcomes are known to the trainer.
@@ -8,6 +8,12 @@ A two-expert mixture-of-experts policy is trained with REINFORCE on a reward of 
     overseen diamond -> diamond expert only
     overseen ghost   -> ghost expert only
     not overseen     -> both experts and the gate
+
+In code: :func:`routing_weights` turns each step's episode outcome into three gradient weights,
+and :meth:`MoEPolicy.mix` applies them with ``gradroute.route`` to the two expert states and the
+gate; :func:`update` is then an ordinary REINFORCE loss and ``loss.backward()``. The trainer's
+default computes the same gradient by hand, faster (``gridworld_fast.py``; ``--backward autograd``
+trains with the plain version).
 
 Forcing the gate to the diamond expert ("steering") then gives a policy that seeks diamonds
 even where the ghost is unobserved. Baselines: naive (reward -1 only for an *overseen* ghost),
@@ -36,6 +42,7 @@ import torch.nn.functional as F
 
 from gradroute import route
 from gradroute.envs.gridworld import DIAMOND, GHOST, GridworldVecEnv, manhattan
+from gradroute.experiments import gridworld_fast
 from gradroute.sweep import run_jobs, split_finished
 from gradroute.utils import (claim_summary, markdown_table, mean_ci, plt, progress, read_json, resolve_device,
                              savefig, set_seed, write_json)
@@ -53,7 +60,7 @@ JOB_METHODS = {"routing": ["routing", "routing_ghost"], "no_routing": ["no_routi
                "oracle": ["oracle"]}
 METHODS = list(METHOD_JOB)
 
-# Faithfulness switches (A/B in docs/gridworld.md). Each defaults to the original code's choice,
+# Faithfulness switches (A/B in docs/notes/2026-12-06-gridworld-faithfulness-and-gate.md). Each defaults to the original code's choice,
 # except filtering: the original's variant (no-terminal episodes kept, loss scaled by the kept
 # fraction) scored 0.14 vs 0.50 for overseen-terminal-only filtering at p = 0.1, so the stronger
 # baseline is the default and `--filter-mode original` gives the original's.
@@ -66,7 +73,7 @@ PROFILES = {
                   eval_every=500, val_episodes=2048, test_episodes=8192, precision="fp32", **FAITHFUL),
     # 5 seeds (was 3): the 3-seed run's routing vs filtering intervals at p = 0.05 overlapped by
     # 0.01 with a 0.08 gap between means; the t multiplier falls from 4.30 (n=3) to 2.78 (n=5).
-    # Decided before the 5-seed run; both runs are reported in docs/gridworld.md.
+    # Decided before the 5-seed run; both runs are reported (docs/gridworld.md, docs/notes/).
     "cpu": dict(updates=2_000, num_envs=256, num_steps=32, lr=3e-4, seeds=5,
                 eval_every=100, val_episodes=1024, test_episodes=4096, precision="bf16", **FAITHFUL),
     "quick": dict(updates=500, num_envs=256, num_steps=32, lr=3e-4, seeds=3,
@@ -97,17 +104,15 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 GATES = ("mlp64", "original")
+BACKWARDS = ("hand", "autograd")
 
 
 class Gate(nn.Module):
-    """The MoE's gate: observations ``(B, 100)`` -> one logit per example.
+    """The MoE's gate: flat observations ``(B, 100)`` -> one logit per example.
 
     ``"original"``: the original code's gate, a 1x1 convolution mixing the 4 observation
     channels (4 -> 4) followed by an MLP 100 -> 256 -> 256 -> 1 (ReLU). ``"mlp64"``: a smaller
-    MLP 100 -> 64 -> 1 (this project's earlier choice). Both expose their first layer as one
-    ``(100, width)`` matrix (:meth:`first_layer`; the convolution is linear, so it is folded into
-    it with gradients reaching the conv's own weights), which the policy fuses with the experts'
-    first layer into one matmul per step; :meth:`rest` runs the layers after it."""
+    MLP 100 -> 64 -> 1 (this project's earlier choice; it caused the p = 0.3 collapse)."""
 
     def __init__(self, kind: str = "original", obs_dim: int = 100, channels: int = 4):
         super().__init__()
@@ -122,26 +127,13 @@ class Gate(nn.Module):
             self.fc1, self.out = nn.Linear(obs_dim, 64), nn.Linear(64, 1)
         self.width = self.fc1.out_features
 
-    def first_layer(self):
-        """``(W, b)`` with ``relu(x @ W + b)`` the first hidden layer for flat observations ``x``."""
-        w, b = self.fc1.weight.t(), self.fc1.bias
-        if self.conv is None:
-            return w, b
-        c = self.conv.weight[:, :, 0, 0]                              # (out, in) channel mix
-        eye = torch.eye(self.cells, dtype=c.dtype, device=c.device)
-        mix = torch.kron(c.t().contiguous(), eye)                                 # flat (in*cells, out*cells)
-        return mix @ w, self.conv.bias.repeat_interleave(self.cells) @ w + b
-
-    def rest(self, y: torch.Tensor) -> torch.Tensor:
-        """Gate logits ``(B,)`` from the first hidden layer (after its ReLU); a second hidden layer
-        runs in ``y``'s dtype, the output layer in fp32."""
-        if self.fc2 is not None:
-            y = torch.relu(F.linear(y, self.fc2.weight.to(y.dtype), self.fc2.bias.to(y.dtype)))
-        return self.out(y.float()).squeeze(-1)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, b = self.first_layer()
-        return self.rest(torch.relu(torch.addmm(b, x, w)))
+        if self.conv is not None:
+            x = self.conv(x.view(-1, self.channels, self.cells, 1)).flatten(1)
+        y = torch.relu(self.fc1(x))
+        if self.fc2 is not None:
+            y = torch.relu(self.fc2(y))
+        return self.out(y).squeeze(-1)
 
 
 class MoEPolicy(nn.Module):
@@ -153,8 +145,8 @@ class MoEPolicy(nn.Module):
     policy of the original's baselines (no gate).
 
     ``critic``: "linear" (the original's value net has no nonlinearity) or "mlp" (100-256-256-1).
-    ``zero_bias``: biases start at zero, as in the original. ``precision``: "bf16" runs the expert
-    matmuls in bfloat16 (fp32 master weights, fp32 head, gate, critic and optimizer)."""
+    ``zero_bias``: biases start at zero, as in the original. ``precision``: "bf16" runs the actor
+    under bfloat16 autocast (fp32 master weights, critic and optimizer)."""
 
     def __init__(self, obs_dim: int = 100, hidden: int = HIDDEN, num_actions: int = 4, experts: int = 2,
                  critic: str = "linear", zero_bias: bool = True, precision: str = "fp32",
@@ -188,39 +180,18 @@ class MoEPolicy(nn.Module):
                 self.b1.zero_()
                 self.b2.zero_()
 
-    def expert_weights(self):
-        """The first layer of every expert *and* of the gate as one ``(obs_dim + 1, experts*hidden
-        [+ gate width])`` matrix whose last row is the bias (one matmul per step for all of them,
-        on observations with a column of ones appended; the weight gradient of that matmul then
-        carries the bias gradient in its last row), and the experts' second layer, in the compute
-        dtype. One cast per update is shared by every step of a rollout (the graph keeps it, so
-        gradients reach the fp32 master weights)."""
-        dt = DTYPES[self.precision]
-        E, D, H = self.w1.shape
-        w1, b1 = self.w1.transpose(0, 1).reshape(D, E * H), self.b1.reshape(E * H)
-        if self.gate is not None:
-            gw1, gb1 = self.gate.first_layer()
-            w1 = torch.cat((w1, gw1), 1)
-            b1 = torch.cat((b1, gb1))
-        return torch.cat((w1, b1[None]), 0).to(dt), self.w2.to(dt), self.b2.to(dt)
-
-    def features(self, x: torch.Tensor, weights=None, out_dtype=torch.float32):
-        """Expert hidden states ``(experts, B, hidden)`` (in ``out_dtype``; None keeps the compute
-        dtype) and gate logits ``(B,)`` (None with one expert) for flat observations ``(B, obs_dim)``."""
-        w1, w2, b2 = self.expert_weights() if weights is None else weights
-        E, H = self.w2.shape[0], self.w2.shape[2]
-        y = torch.relu(torch.addmm(w1[-1], x.to(w1.dtype), w1[:-1]))   # (B, E*H [+ gate width])
-        h = torch.relu(torch.baddbmm(b2, y[:, :E * H].view(-1, E, H).transpose(0, 1), w2))
-        if out_dtype is not None:
-            h = h.to(out_dtype)
-        gate_logit = None
-        if self.gate is not None:
-            gate_logit = self.gate.rest(y[:, E * H:])
-        return h, gate_logit
+    def features(self, x: torch.Tensor):
+        """Expert hidden states ``(experts, B, hidden)`` and gate logits ``(B,)`` (None with one
+        expert) for flat observations ``(B, obs_dim)``; each layer of all experts is one batched matmul."""
+        h = torch.relu(torch.baddbmm(self.b1, x.expand(self.experts, *x.shape), self.w1))
+        h = torch.relu(torch.baddbmm(self.b2, h, self.w2))
+        return h, (self.gate(x) if self.gate is not None else None)
 
     def mix(self, h: torch.Tensor, gate_logit, gate: float | None = None, route_w=None) -> torch.Tensor:
         """Action logits from expert states. ``gate`` forces the mix (1 diamond, 0 ghost expert).
-        ``route_w`` (B, 3): per-example gradient weights for diamond expert, ghost expert, gate."""
+        ``route_w`` (B, 3): per-example gradient weights for diamond expert, ghost expert, gate:
+        this is where gradient routing happens (``gradroute.route``: the forward pass is unchanged,
+        the gradient reaching each expert and the gate is multiplied by its weight)."""
         if self.experts == 1:
             return self.head(h[0])
         h_d, h_g = h[0], h[1]
@@ -233,9 +204,14 @@ class MoEPolicy(nn.Module):
         return self.head(g * h_d + (1 - g) * h_g)
 
     def forward(self, obs: torch.Tensor, gate: float | None = None, route_w: torch.Tensor | None = None):
-        """Action logits and gate logits (None with one expert) for observations ``(B, 4, 5, 5)``."""
-        h, gate_logit = self.features(obs.flatten(1))
-        return self.mix(h, gate_logit, gate, route_w), gate_logit
+        """Action logits and gate logits (None with one expert), in fp32, for observations
+        ``(B, 4, 5, 5)``. With ``precision="bf16"`` the network runs under bfloat16 autocast
+        (matmuls in bf16, fp32 master weights)."""
+        x = obs.flatten(1)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            h, gate_logit = self.features(x)
+            logits = self.mix(h, gate_logit, gate, route_w)
+        return logits.float(), None if gate_logit is None else gate_logit.float()
 
     def value(self, obs: torch.Tensor) -> torch.Tensor:
         return self.critic(obs.flatten(1)).squeeze(-1)
@@ -385,251 +361,35 @@ def evaluate(policy: MoEPolicy, oversight: float, seed: int, episodes: int,
 # ------------------------------------------------------------------------------------------
 # training (one job = one method at one oversight level and seed)
 # ------------------------------------------------------------------------------------------
-def _work_buffer(bufs: dict, name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-    """``bufs[name]`` when it has this shape and dtype, else a new uninitialised tensor stored
-    there (:func:`rollout`'s and :func:`_expert_backward`'s buffers kept across updates)."""
-    b = bufs.get(name)
-    if b is None or b.shape != shape or b.dtype != dtype:
-        b = bufs[name] = torch.empty(shape, dtype=dtype)
-    return b
-
-
-def rollout(policy: MoEPolicy, env: GridworldVecEnv, obs: torch.Tensor, T: int, gen: torch.Generator,
-            buffers: dict | None = None):
-    """``T`` steps of every env, without an autograd graph. One update per rollout means the
-    rollout's forward pass *is* the training forward pass: it keeps the activations that the
-    backward pass needs (:func:`update` carries the gradient by hand through them with one matmul
-    per layer over all ``T*N`` steps, instead of recomputing or keeping ``T`` small graphs).
-    Returns the next obs and a dict: ``x`` (T*N, obs_dim + 1) the observations with a column of
-    ones and ``y`` (T*N,
-    experts*hidden [+ gate width]) the first hidden layer of the experts and the gate, ``h``
-    (experts, T*N, hidden) expert states, ``mix`` (T*N, hidden) their gated mix (``h[0]`` with
-    one expert), ``y2`` (T*N, 256) the original gate's second hidden layer (or None), all in the
-    compute dtype and after their ReLU; ``gl`` (T*N,) gate logits (or None) and ``logits`` (T*N,
-    actions) in fp32; ``obs`` (T, N, obs_dim) in fp32 and (T, N) ``act``, ``done``, ``reached``,
-    ``overseen``.
-
-    ``buffers``: a dict kept by the caller across rollouts; the activation and observation
-    buffers are reused from it (fresh multi-MB allocations cost page faults on every rollout), so
-    the previous rollout's batch is overwritten: pass it only when that batch is no longer needed."""
-    gate = policy.gate
-    N = obs.shape[0]
-    acts, dones, reached, overseen = [], [], [], []
-    with torch.no_grad():
-        w1, w2, b2 = policy.expert_weights()                # w1: (obs_dim + 1, ...), bias last
-        E, H, dt = w2.shape[0], w2.shape[2], w1.dtype
-        D = w1.shape[0] - 1
-        A = policy.head.out_features
-        # preallocated (T*N, ...) buffers: every step writes its rows in place (no concatenation)
-        bufs = {} if buffers is None else buffers
-
-        def empty(name, *shape, dtype=dt):
-            return _work_buffer(bufs, name, shape, dtype)
-        obs_all = empty("obs", T, N, D, dtype=torch.float32)
-        x_all = empty("x", T * N, D + 1)                    # the observations and a column of ones
-        x_all[:, D].fill_(1)
-        y_all = empty("y", T * N, w1.shape[1])
-        h_all = empty("h", E, T * N, H)
-        logits_all = empty("logits", T * N, A, dtype=torch.float32)
-        y2_all = gl_all = None
-        mix_all = h_all[0]
-        if gate is not None:
-            mix_all = empty("mix", T * N, H)
-            gl_all = empty("gl", T * N, 1, dtype=torch.float32)
-            if gate.fc2 is not None:
-                fc2_wt, fc2_b = gate.fc2.weight.to(dt).t(), gate.fc2.bias.to(dt)
-                y2_all = empty("y2", T * N, fc2_b.shape[0])
-        # the Gumbel noise of every step in one call (the same numbers as T calls of sample_actions)
-        u = torch.rand((T, N, A), generator=gen).clamp_(1e-20, 1.0)
-        gumbel = u.log_().neg_().log_().neg_()
-        # every view the steps write into or read from, made in a few bulk calls (one slice per
-        # step and buffer from Python costs ~1 us each, ~30 per step)
-        xs, ys, mixs, logit_s = (b.split(N) for b in (x_all, y_all, mix_all, logits_all))
-        obs_s = obs_all.unbind(0)
-        ys_e = [y_all[:, e * H:(e + 1) * H].split(N) for e in range(E)]   # each expert's columns
-        hs_e = [h_all[e].split(N) for e in range(E)]                      # each expert's rows
-        w2_e, b2_e = w2.unbind(0), b2[:, 0].unbind(0)
-        if gate is not None:
-            ygs, gls = y_all[:, E * H:].split(N), gl_all.split(N)
-            y2s = y2_all.split(N) if y2_all is not None else None
-            out_wt, out_b = gate.out.weight.t(), gate.out.bias
-        head_wt, head_b = policy.head.weight.t(), policy.head.bias
-        gum = gumbel.unbind(0)
-        for t in range(T):
-            obs_s[t].copy_(obs.view(N, -1))
-            xs[t][:, :D].copy_(obs_s[t])
-            _relu_(torch.mm(xs[t], w1, out=ys[t]))
-            for e in range(E):
-                _relu_(torch.addmm(b2_e[e], ys_e[e][t], w2_e[e], out=hs_e[e][t]))
-            if gate is not None:
-                yg = ygs[t]
-                if y2s is not None:
-                    yg = _relu_(torch.addmm(fc2_b, yg, fc2_wt, out=y2s[t]))
-                gl = torch.addmm(out_b, yg.float(), out_wt, out=gls[t])
-                _mix(hs_e[0][t], hs_e[1][t], gl.view(N), out=mixs[t])
-            logits = torch.addmm(head_b, mixs[t].float(), head_wt, out=logit_s[t])
-            act = (logits + gum[t]).argmax(-1)
-            acts.append(act)
-            obs, _, term, trunc, info = env.step(act)
-            dones.append(term | trunc)
-            reached.append(info["reached"])
-            overseen.append(info["overseen"])
-    batch = {"x": x_all, "y": y_all, "h": h_all, "mix": mix_all, "y2": y2_all,
-             "gl": None if gl_all is None else gl_all.view(T * N), "logits": logits_all,
-             "obs": obs_all, "act": torch.stack(acts), "done": torch.stack(dones),
-             "reached": torch.stack(reached), "overseen": torch.stack(overseen)}
-    return obs, batch
-
-
-def _mix(h_d: torch.Tensor, h_g: torch.Tensor, gate_logit: torch.Tensor, out=None) -> torch.Tensor:
-    """``g*h_d + (1-g)*h_g``, g = sigmoid(gate_logit), as one ``lerp`` in the states' dtype (one
-    pass and one rounding; ``h_g + g*(h_d - h_g)`` as sub then addcmul was two passes, ~1%
-    slower per update); the rollout computes it once per step and stores it for the backward
-    pass (the head's gradient)."""
-    w = torch.sigmoid(gate_logit).unsqueeze(-1).to(h_d.dtype)
-    return torch.lerp(h_g, h_d, w) if out is None else torch.lerp(h_g, h_d, w, out=out)
-
-
-_INT_OF_SIZE = {2: torch.int16, 4: torch.int32}
-
-
-def _as_int(t: torch.Tensor) -> torch.Tensor:
-    """``t``'s bits as signed integers of the same size: a float's sign is its integer's sign, and
-    among non-negative floats the order is the integers' order."""
-    return t.view(_INT_OF_SIZE[t.element_size()])
-
-
-def _relu_(t: torch.Tensor) -> torch.Tensor:
-    """ReLU in place, done on the integer view of ``t``'s bits: for bf16 eager ``clamp_min_``
-    converts every element to fp32 and back (24 vs 4 us for 256 x 768 at 1 thread). The same
-    result as ``torch.relu_`` except that a NaN with the sign bit set becomes 0."""
-    _as_int(t).clamp_min_(0)
-    return t
-
-
-def _relu_grad_(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """The gradient at a ReLU's input from the gradient ``grad`` at its output ``out`` (autograd's
-    rule, ``threshold_backward``), in place on ``grad`` (a buffer reused across chunks: fresh multi-MB
-    tensors cost page faults on every allocation), on the integer views of both (``out <= 0``
-    is the same test on a float's bits; 3.3x faster than bf16 ``threshold_backward`` for
-    2,048 x 768)."""
-    g = _as_int(grad)
-    torch.ops.aten.threshold_backward.grad_input(g, _as_int(out), 0, grad_input=g)
-    return grad
-
-
-def _add_grad(p: torch.Tensor, g: torch.Tensor) -> None:
-    g = g.to(p.dtype).view_as(p)
-    p.grad = g if p.grad is None else p.grad + g
-
-
-def _expert_backward(policy: MoEPolicy, batch: dict, coef: torch.Tensor, d_logits: torch.Tensor,
-                     gate_coef=None, d_gl_extra=None, chunk: int = 2048, buffers: dict | None = None) -> None:
-    """Hand backward from the action logits through the shared head, the gated mix, the experts
-    and the gate. ``d_logits`` (T*N, actions) is d loss / d logits; d loss / d expert state ``e``
-    at row ``i`` is ``coef[e, i] * d_logits[i] @ head.weight`` (``coef`` (experts, T*N): the mix
-    weight times the routing weight), one matmul with an inner size of 4 per chunk for all
-    experts; d loss / d gate logit is ``gate_coef * <h_d - h_g, d_logits @ head.weight> +
-    d_gl_extra``, taken as ``<(h_d - h_g) @ head.weight.T, d_logits>`` (``gate_coef`` (T*N,): the
-    gate's routing weight times sigmoid'; ``d_gl_extra``: the gate BCE's gradient or None). The
-    head's gradient is accumulated here too, from the rollout's mix. Rows are taken ``chunk`` at
-    a time, so elementwise passes stay in cache while the matmuls stay large; the weight
-    gradients of the fused first layer and the stacked second layer are summed in fp32 and handed
-    to autograd at the compute-dtype weights of :meth:`MoEPolicy.expert_weights`, which carries
-    them through the casts, the concatenation and the gate's folded 1x1 conv.
-
-    Every chunk-sized intermediate is written into a work buffer; ``buffers`` (a dict the caller
-    keeps across updates, as :func:`train` does with the rollout's) keeps them from one update to
-    the next: freshly allocated multi-MB tensors went back to the OS when freed and cost ~2,000-
-    7,000 page faults per update at 256 envs (docs/gridworld.md, Speed)."""
-    y_all, h_all, x_all, mix_all = batch["y"], batch["h"], batch["x"], batch["mix"]
-    dt, E, H = y_all.dtype, policy.w2.shape[0], policy.w2.shape[2]
-    w1, w2, b2 = policy.expert_weights()
-    w2t = w2.detach().transpose(1, 2)
-    head_w = policy.head.weight.detach()
-    head_w_dt = head_w.to(dt)
-    A = head_w.shape[0]
-    gate = policy.gate
-    fc2_w = None
-    if gate is not None:
-        out_w = gate.out.weight.detach()
-        fc2_w = gate.fc2.weight.detach().to(dt) if gate.fc2 is not None else None
-    R, W1 = y_all.shape
-    D, rows = x_all.shape[1], min(chunk, R)
-    Wg = W1 - E * H                                      # the gate's first-layer width (0 without a gate)
-    ws = {} if buffers is None else buffers
-
-    def buf(name, *shape, dtype=dt):
-        return _work_buffer(ws, "bw_" + name, shape, dtype)
-    d_y_buf = buf("d_y", rows, W1)                       # d loss / d first layer (after its ReLU)
-    d_h_buf = buf("d_h", E * rows, H)                    # d loss / d expert states, expert after expert
-    a_buf = buf("a", E * rows, A)                        # coef * d_logits, expert after expert
-    g_w1, g_w2 = buf("g_w1", D, W1), buf("g_w2", E, H, H)          # one chunk's weight gradients
-    acc = {"w1": torch.zeros(D, W1), "w2": torch.zeros(E, H, H),                          # fp32 sums
-           "b2": torch.zeros(E, 1, H), "head_w": torch.zeros(head_w.shape)}
-    if gate is not None:
-        Wo = fc2_w.shape[0] if fc2_w is not None else Wg                # width of the gate's output layer's input
-        diff_buf, yg_f_buf, d_yg_buf = buf("diff", rows, H), buf("yg_f", rows, Wo, dtype=torch.float32), buf("d_yg", rows, Wo)
-        acc["out_w"], acc["out_b"] = torch.zeros(Wo), torch.zeros(())
-        if fc2_w is not None:
-            g_fc2 = buf("g_fc2", Wo, Wg)
-            acc["fc2_w"], acc["fc2_b"] = torch.zeros(Wo, Wg), torch.zeros(Wo)
-    for lo in range(0, R, chunk):
-        sl = slice(lo, lo + chunk)
-        y, x, h, dl = y_all[sl], x_all[sl], h_all[:, sl], d_logits[sl]
-        C = y.shape[0]
-        d_y = d_y_buf[:C]                   # each layer's input gradient is written into its columns
-        acc["head_w"].add_(dl.t().to(dt) @ mix_all[sl])
-        a = torch.mul(coef[:, sl, None], dl, out=a_buf[:E * C].view(E, C, A)).view(E * C, A)
-        # d loss / d expert states (E, C, H); MKL's fp32 matmul is very slow with an inner size of 4
-        d_h = (torch.mm(a, head_w_dt, out=d_h_buf[:E * C]) if dt != torch.float32
-               else torch.einsum("bk,kh->bh", a, head_w)).view(E, C, H)
-        d_pre2 = _relu_grad_(d_h, h)
-        for e in range(E):
-            torch.mm(y[:, e * H:(e + 1) * H].t(), d_pre2[e], out=g_w2[e])
-        acc["w2"].add_(g_w2)
-        acc["b2"].add_(d_pre2.sum(1, keepdim=True))
-        for e in range(E):
-            torch.mm(d_pre2[e], w2t[e], out=d_y[:, e * H:(e + 1) * H])
-        if gate is not None:
-            # d loss / d gate logits
-            hd = torch.sub(h[0], h[1], out=diff_buf[:C]) @ head_w_dt.t()
-            d_g = gate_coef[sl] * (hd.float() * dl).sum(-1)
-            if d_gl_extra is not None:
-                d_g = d_g + d_gl_extra[sl]
-            yg = batch["y2"][sl] if fc2_w is not None else y[:, E * H:]
-            acc["out_w"].add_(d_g @ (yg if dt == torch.float32 else yg_f_buf[:C].copy_(yg)))
-            acc["out_b"].add_(d_g.sum())
-            if fc2_w is None:
-                torch.mul(d_g[:, None], out_w, out=d_y[:, E * H:])     # fp32 product, rounded once to dt
-            else:
-                d_pre = _relu_grad_(torch.mul(d_g[:, None], out_w, out=d_yg_buf[:C]), yg)
-                acc["fc2_w"].add_(torch.mm(d_pre.t(), y[:, E * H:], out=g_fc2))
-                acc["fc2_b"].add_(d_pre.sum(0))
-                torch.mm(d_pre, fc2_w, out=d_y[:, E * H:])
-        d_pre1 = _relu_grad_(d_y, y)                                              # (C, E*H [+ gate])
-        acc["w1"].add_(torch.mm(x.t(), d_pre1, out=g_w1))         # last row: the bias gradient
-    _add_grad(policy.head.weight, acc["head_w"])
-    _add_grad(policy.head.bias, d_logits.sum(0))
-    if gate is not None:
-        _add_grad(gate.out.weight, acc["out_w"])
-        _add_grad(gate.out.bias, acc["out_b"])
-        if fc2_w is not None:
-            _add_grad(gate.fc2.weight, acc["fc2_w"])
-            _add_grad(gate.fc2.bias, acc["fc2_b"])
-    torch.autograd.backward([w1, w2, b2], [acc[k].to(dt) for k in ("w1", "w2", "b2")])
+@torch.no_grad()
+def rollout(policy: MoEPolicy, env: GridworldVecEnv, obs: torch.Tensor, T: int, gen: torch.Generator):
+    """``T`` steps of every env with actions sampled from the policy, without an autograd graph
+    (:func:`update` runs the policy again over all ``T*N`` steps with one). Returns the next obs
+    and a dict of ``(T, N, ...)`` tensors: ``obs``, ``act``, ``done``, ``reached``, ``overseen``."""
+    N, A = obs.shape[0], policy.head.out_features
+    # the Gumbel noise of every step in one call (the same numbers as T calls of sample_actions)
+    gumbel = torch.rand((T, N, A), generator=gen).clamp_(1e-20, 1.0).log_().neg_().log_().neg_()
+    steps = []
+    for t in range(T):
+        logits, _ = policy(obs)
+        act = (logits + gumbel[t]).argmax(-1)
+        next_obs, _, term, trunc, info = env.step(act)
+        steps.append((obs, act, term | trunc, info["reached"], info["overseen"]))
+        obs = next_obs
+    names = ("obs", "act", "done", "reached", "overseen")
+    return obs, {k: torch.stack(v) for k, v in zip(names, zip(*steps))}
 
 
 def update(policy: MoEPolicy, batch: dict, job: str, cfg: dict, buffers: dict | None = None) -> float:
-    """Accumulate the gradients of one update into ``policy``'s ``.grad`` (REINFORCE with a
-    value baseline, entropy bonus and, for routing and no-routing, the gate BCE); returns the loss.
+    """Accumulate the gradients of one update into ``policy``'s ``.grad`` (REINFORCE with a value
+    baseline, entropy bonus and, for routing and no-routing, the gate BCE); returns the loss.
 
-    The loss is taken with respect to the rollout's logits and gate logits; the gradient is then
-    carried by hand through the shared head and the gated mix, where the per-episode routing
-    weights scale it (what ``route()`` on each expert state and on the gate does in
-    :meth:`MoEPolicy.mix`), and handed to autograd at the expert states of every rollout step.
-    ``tests/test_gridworld.py`` checks the result against plain autograd through ``mix``.
-    ``buffers``: a dict kept across updates for the backward's work buffers (:func:`_expert_backward`)."""
+    Gradient routing in one line: the policy runs over every step of the rollout with
+    ``route_w``, the per-step weights of its episode's outcome (:func:`routing_weights`), and
+    ``MoEPolicy.mix`` passes them to ``gradroute.route`` on each expert's state and on the gate;
+    autograd does the rest. A batch from :func:`gridworld_fast.rollout` (the trainer's default)
+    carries its activations instead, and :func:`gridworld_fast.backward` computes the same
+    gradient by hand (``buffers``: its work buffers, kept across updates)."""
     T, N = batch["done"].shape
     reward_kind = {"routing": "either", "no_routing": "either", "naive": "naive",
                    "filtering": "true", "oracle": "true"}[job]
@@ -639,33 +399,32 @@ def update(policy: MoEPolicy, batch: dict, job: str, cfg: dict, buffers: dict | 
     w = loss_weights(job, cfg.get("unfinished", "keep"), cfg.get("filter_mode", "overseen_only"),
                      ep_reached, ep_overseen, complete).flatten()
     er, eo = ep_reached.flatten(), ep_overseen.flatten()
-    logits = batch["logits"].detach().requires_grad_(True)
-    moe = batch["gl"] is not None
-    gl = batch["gl"].detach().requires_grad_(True) if moe else None
+    moe = policy.gate is not None
+    route_w = routing_weights(er, eo) if job == "routing" and moe else None
+    obs = batch["obs"].flatten(0, 1)
+    hand = "logits" in batch                 # a fast rollout: logits kept, gradient carried by hand
+    if hand:
+        logits = batch["logits"].detach().requires_grad_(True)
+        gl = batch["gl"].detach().requires_grad_(True) if moe else None
+    else:
+        logits, gl = policy(obs, route_w=route_w)                 # routed forward, with autograd
     # actions along dim 0: with only 4 actions, softmax and sums over the last dim of (T*N, 4)
     # do not vectorise (log_softmax of 8,192 rows: 296 vs 48 us, 1 thread)
     logp = F.log_softmax(logits.t(), 0)                                    # (actions, T*N)
     logp_a = logp.gather(0, batch["act"].flatten()[None]).squeeze(0)
     entropy = -(logp.exp() * logp).sum(0)
     g_ret = returns.flatten()
-    v = policy.critic(batch["obs"].flatten(0, 1)).squeeze(-1)
+    v = policy.value(obs)
     adv = g_ret - v.detach()
     loss = (w * (-logp_a * adv - ENT_COEF * entropy + VF_COEF * (v - g_ret) ** 2)).sum()
     if moe and job in ("routing", "no_routing"):
         seen = eo & (w > 0)
-        if seen.any():
+        if seen.any():                   # the gate learns which expert an overseen outcome belongs to
             target = (er[seen] == DIAMOND).float()
             loss = loss + GATE_COEF * F.binary_cross_entropy_with_logits(gl[seen], target)
-    loss.backward()                                   # critic grads; d loss / d logits, gate logits
-    d_logits = logits.grad
-    if not moe:
-        _expert_backward(policy, batch, torch.ones(1, T * N), d_logits, buffers=buffers)
-        return float(loss.detach())
-    rw = routing_weights(er, eo) if job == "routing" else torch.ones(T * N, 3)
-    g = torch.sigmoid(gl.detach())
-    coef = torch.stack((g * rw[:, 0], (1 - g) * rw[:, 1]))                # (2, T*N)
-    _expert_backward(policy, batch, coef, d_logits, rw[:, 2] * g * (1 - g), gl.grad,   # gl.grad: gate BCE
-                     buffers=buffers)
+    loss.backward()
+    if hand:
+        gridworld_fast.backward(policy, batch, route_w, logits.grad, gl.grad if moe else None, buffers)
     return float(loss.detach())
 
 
@@ -686,8 +445,13 @@ def make_policy(job: str, cfg: dict) -> MoEPolicy:
                      gate=cfg.get("gate", "original"))
 
 
-def train(job: str, oversight: float, seed: int, cfg: dict, quiet: bool = True) -> dict:
-    """Train one policy; return its flat result records plus a learning curve."""
+def train(job: str, oversight: float, seed: int, cfg: dict, quiet: bool = True, backward: str = "hand") -> dict:
+    """Train one policy; return its flat result records plus a learning curve. ``backward``:
+    "autograd" (:func:`rollout`, then :func:`update` with autograd and ``gradroute.route``) or
+    "hand" (the default: :mod:`gridworld_fast`'s rollout and hand backward, the same gradient,
+    faster; a speed setting, not part of the job's config)."""
+    if backward not in BACKWARDS:
+        raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
     t0, c0 = time.time(), time.process_time()
     train_seed = 100_000 * seed + round(oversight * 10_000)   # distinct per (seed, level)
     gen = set_seed(train_seed)
@@ -717,14 +481,17 @@ def train(job: str, oversight: float, seed: int, cfg: dict, quiet: bool = True) 
         if job == "naive" and ev["stepwise_return"] > best[0]:
             best = (ev["stepwise_return"], copy.deepcopy(policy.state_dict()), u)
 
-    buffers: dict = {}                      # rollout activations, reused across updates
+    buffers: dict = {}                      # the fast path's activations and work buffers, reused
     bar = progress(range(updates), desc=f"{job} p={oversight} s={seed}", disable=quiet, leave=False,
                    mininterval=30)
     for u in bar:
         if u % cfg["eval_every"] == 0:
             checkpoint(u)
         opt.zero_grad(set_to_none=True)
-        obs, batch = rollout(policy, env, obs, T, gen, buffers)
+        if backward == "hand":
+            obs, batch = gridworld_fast.rollout(policy, env, obs, T, gen, buffers)
+        else:
+            obs, batch = rollout(policy, env, obs, T, gen)
         update(policy, batch, job, cfg, buffers=buffers)
         opt.step()
     checkpoint(updates)
@@ -760,8 +527,8 @@ def _job_path(out: Path, job: str, p: float, seed: int) -> Path:
     return out / "runs" / f"{job}_p{p:g}_s{seed}.json"
 
 
-def _run_job(job, p, seed, cfg, out):
-    res = train(job, p, seed, job_config(job, cfg))
+def _run_job(job, p, seed, cfg, out, backward="hand"):
+    res = train(job, p, seed, job_config(job, cfg), backward=backward)
     state = res.pop("state_dict")
     if state is not None:
         (Path(out) / "models").mkdir(parents=True, exist_ok=True)
@@ -803,6 +570,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "or mlp64 (MLP 100-64-1, this project's earlier choice)")
     parser.add_argument("--single-expert-baselines", type=int, choices=[0, 1], default=None,
                         help="1: naive, filtering and oracle use one expert (original, default); 0: the MoE with a free gate")
+    parser.add_argument("--backward", choices=BACKWARDS, default="hand",
+                        help="hand (default): the fast rollout and hand-written backward of gridworld_fast.py; "
+                             "autograd: plain autograd with gradroute.route (the same gradient, slower)")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="parallel training processes (1 = in this process)")
 
@@ -844,7 +614,7 @@ def run(args: argparse.Namespace) -> dict:
         print(f"resuming: {len(results)} of {len(jobs)} runs already done")
     # long jobs first, so the parallel workers finish together
     todo.sort(key=lambda k: (k[0] == "oracle", -k[1] if k[0] == "oracle" else 0))
-    results.update(run_jobs(todo, functools.partial(_run_job, cfg=cfg, out=str(out)), args.workers,
+    results.update(run_jobs(todo, functools.partial(_run_job, cfg=cfg, out=str(out), backward=args.backward), args.workers,
                             desc="gridworld runs"))
 
     wanted = set(args.methods)
@@ -1048,7 +818,7 @@ def report(out: Path) -> dict:
     cfg = m["config"]
     steps = cfg["updates"] * cfg["num_envs"] * cfg["num_steps"]
     return {
-        "title": "Scalable oversight in a gridworld (paper section 6)",
+        "title": "Scalable oversight in a gridworld (arXiv 2410.04332, sec. 4.3)",
         "claim": "The routed MoE policy steered to the diamond expert beats naive training and data "
                  "filtering at low oversight, and at 5% matches the baselines at ~30%.",
         "paper": "Routing clearly nontrivial at 1% oversight; at 5% it matches baselines given 6x more "

@@ -1,4 +1,4 @@
-"""Language-model unlearning under partial labels (paper section 3, plus parameter routing).
+"""Language-model unlearning under partial labels (arXiv 2410.04332, sec. 4.2.2, plus parameter routing).
 
 A small GPT is trained on children's stories; stories matching the forget rule (tree, forest,
 woodland...) are the forget set, of which only a fraction p is labelled. Six methods:
@@ -722,7 +722,7 @@ def report(out: Path) -> dict:
     cfg = m["config"]
     n = len(m["seeds"])
     return {
-        "title": "Language-model unlearning under partial labels (paper section 3, + parameter routing)",
+        "title": "Language-model unlearning under partial labels (arXiv 2410.04332, sec. 4.2.2, + parameter routing)",
         "claim": "At every labelled fraction 0 < p <= 0.5, ERA and parameter routing reach a higher minimum "
                  "forget loss after the retraining attack than data filtering, and ablating their routed units "
                  "raises forget loss at least 3x more than retain loss.",

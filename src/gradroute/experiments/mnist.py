@@ -1,4 +1,4 @@
-"""MNIST autoencoder latent splitting (PAPER.md section 2, the paper's Section 4.1 and ablation table).
+"""MNIST autoencoder latent splitting (arXiv 2410.04332, sec. 4.1 and its ablation table).
 
 An MLP autoencoder with a 32-d encoding is trained with gradient routing: digits 0-4 send
 gradient only into encoding units 0-15, digits 5-9 only into units 16-31. Afterwards two fresh
@@ -525,7 +525,7 @@ def report(out) -> dict:
     figs = [str(Path(f).relative_to(out)) if Path(f).is_relative_to(out) else str(Path(f).name)
             for f in m.get("figures", {}).get("routing", [])]
     return {
-        "title": "MNIST latent-space splitting with certificates (paper section 4.1)",
+        "title": "MNIST latent-space splitting with certificates (arXiv 2410.04332, sec. 4.1)",
         "claim": "Routing digits 0-4 and 5-9 to the two halves of a 32-d encoding splits the latent space: a "
                  "fresh decoder reading one half reconstructs its own digit group far better than the other "
                  "(check: >= 3x), while data filtering alone does not split it.",

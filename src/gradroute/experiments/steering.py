@@ -1,4 +1,4 @@
-"""The steering scalar (paper section 4): route one token to residual dimension 0.
+"""The steering scalar (arXiv 2410.04332, sec. 4.2.1): route one token to residual dimension 0.
 
 Wherever the next token to predict is the routed token, the gradient arriving at the outputs
 of the middle-to-late blocks (the last 5/8 of them, as blocks 6-15 of 16 in the paper) is
@@ -631,7 +631,7 @@ def report(out: Path) -> dict:
                    f"{fmt_ci(s['target_rank'], 1)}, names in top {cfg['top_k']} {fmt_ci(s['related_in_top'], 1)} "
                    f"vs control {fmt_ci(c['related_in_top'], 1)} (not part of the verdict).")
     return {
-        "title": "Steering scalar (paper section 4)",
+        "title": "Steering scalar (arXiv 2410.04332, sec. 4.2.1)",
         "claim": "Routing one topical token to residual dim 0 localizes a broader feature: the token ranks near the "
                  "top by cosine with e0, the unembedding rows closest to e0 are its category; zeroing dim 0 hurts "
                  "that token; adding to dim 0 steers generation toward it.",

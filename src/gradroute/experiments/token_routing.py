@@ -1,4 +1,4 @@
-"""Token-routed unlearning with absorption (paper section 5, the "virology" experiment).
+"""Token-routed unlearning with absorption (arXiv 2410.04332, sec. 4.2.3, the "virology" experiment).
 
 A handful of forget-topic tokens (at most 20, as the paper's 20 hand-picked virology words) are
 routed *as prediction targets* to a block of MLP units (units 0..k-1) in the early blocks:
@@ -606,7 +606,7 @@ def report(out: Path) -> dict:
     cfg, n = m["config"], len(m["seeds"])
     notes = "; ".join(f"{'holds' if c['holds'] else 'fails'}: {name}: {c['intervals']}" for name, c in claims.items())
     return {
-        "title": "Token-routed unlearning with absorption (paper section 5, 'virology')",
+        "title": "Token-routed unlearning with absorption (arXiv 2410.04332, sec. 4.2.3, 'virology')",
         "claim": "Routing a few topic tokens to MLP units of the early blocks and ablating those units raises the "
                  "loss on topic text far more than on general text, also on the topic's non-routed tokens, and "
                  "the effect survives a short retraining attack.",

@@ -111,7 +111,7 @@ def make_model(spec: dict, seed: int) -> nn.Module:
 
         if not spec.get("path"):
             raise ValueError("arch 'hf' needs path= (a Hugging Face model folder)")
-        log = hf._transformers().utils.logging
+        log = hf.require_transformers().utils.logging
         shown = log.is_progress_bar_enabled()
         log.disable_progress_bar()              # a "Loading weights" bar per run only clutters logs
         try:

@@ -171,13 +171,13 @@ class ModelTokenizer(Tokenizer):
 
 def model_tokenizer(folder) -> ModelTokenizer:
     """The tokenizer saved in a Hugging Face model folder (``--model PATH``), offline."""
-    from ..hf import ModelFolderError, _has_tokenizer
+    from ..hf import ModelFolderError, has_tokenizer
 
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelFolderError(f"no model folder at {folder} (expected a folder with config.json, as written by "
                                "save_pretrained)")
-    if not _has_tokenizer(folder):
+    if not has_tokenizer(folder):
         raise ModelFolderError(f"{folder} has no tokenizer files (tokenizer.json / tokenizer_config.json): --model "
                                "needs the model's own tokenizer saved in its folder (tokenizer.save_pretrained)")
     import transformers
@@ -187,3 +187,12 @@ def model_tokenizer(folder) -> ModelTokenizer:
         return ModelTokenizer(tok, str(folder))
     except ValueError as e:
         raise ModelFolderError(str(e)) from None
+
+
+def wrap_tokenizer(tok: Tokenizer):
+    """A ``transformers.PreTrainedTokenizerFast`` around a :class:`Tokenizer` (so it saves with
+    ``save_pretrained`` and loads with ``AutoTokenizer``)."""
+    from ..hf import require_transformers
+
+    return require_transformers().PreTrainedTokenizerFast(tokenizer_object=tok.hf, eos_token=EOT, bos_token=EOT,
+                                                   unk_token=EOT, pad_token=EOT)

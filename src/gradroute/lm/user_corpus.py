@@ -315,7 +315,8 @@ def evaluation_table(runs: list[dict]) -> str:
 def save_model(model, tok, folder: Path) -> Path:
     """The final model (Hugging Face) with ``save_pretrained``, with its tokenizer: the model
     folder's own for ``--model PATH``, else our BPE as a ``PreTrainedTokenizerFast``."""
-    from ..hf import save_unlearned, wrap_tokenizer
+    from ..hf import save_unlearned
+    from .tokenizer import wrap_tokenizer
 
     return save_unlearned(model, folder, tokenizer=tok.transformers if isinstance(tok, ModelTokenizer)
                           else wrap_tokenizer(tok))
