@@ -43,7 +43,8 @@ def run_dir(tmp_path_factory):
     models (different seeds) under models/, held-out documents under eval_data/."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from gradroute.hf import save_unlearned, wrap_tokenizer
+    from gradroute.hf import save_unlearned
+    from gradroute.lm.tokenizer import wrap_tokenizer
     from gradroute.lm.tokenizer import train_bpe
 
     root = tmp_path_factory.mktemp("run")

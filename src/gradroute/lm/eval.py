@@ -323,7 +323,7 @@ def write_local_tasks(names: list[str], data: Path, folder: Path, data_given: bo
 # running lm-eval
 # ------------------------------------------------------------------------------------------
 def check_model_dir(folder: Path) -> None:
-    from ..hf import _has_tokenizer
+    from ..hf import has_tokenizer
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -331,7 +331,7 @@ def check_model_dir(folder: Path) -> None:
                         "from gradroute run lm-unlearning --save-models)")
     if not (folder / "config.json").is_file():
         raise EvalError(f"{folder} has no config.json: not a Hugging Face model folder")
-    if not _has_tokenizer(folder):
+    if not has_tokenizer(folder):
         raise EvalError(f"{folder} has no tokenizer (tokenizer.json / tokenizer_config.json): lm-eval needs the "
                         "model's own tokenizer saved next to it")
 
@@ -381,9 +381,9 @@ def check_mc_fits(model_dir: Path, mc_files: list[Path], mc_chars: int) -> None:
     n_ctx = _context_length(model_dir)
     if n_ctx is None or not mc_files:
         return
-    from ..hf import _transformers
+    from ..hf import require_transformers
 
-    tok = _transformers().AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    tok = require_transformers().AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     worst, where = 0, None
     for f in mc_files:
         for line in f.read_text(encoding="utf-8").splitlines():

@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 
 from ..adapters import mlp_parts, out_axis
+from .aux_mlp import CONTAINER, activation_of
+from .deltas import EMBED_CONTAINER
 
 _HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
                "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
@@ -76,8 +78,6 @@ def update_width_config(model: nn.Module, blocks: list[str]) -> None:
 def export(mods, strengths: torch.Tensor, source: nn.Module) -> nn.Module:
     """A deep copy of ``source`` (``mods.model`` or a wrapper's module) without ``mods``' modules, deltas and
     hooks; the modules with a nonzero strength in ``strengths`` ``(K,)`` merged into the MLPs."""
-    from .moduleset import CONTAINER, activation_of
-    from .deltas import EMBED_CONTAINER
 
     kept = [mods.domains[k] for k in range(mods.K) if strengths[k] != 0]
     if kept and mods.keys is not None:
