@@ -364,9 +364,10 @@ def run(args: argparse.Namespace) -> dict:
     results, todo = split_finished(jobs, lambda *k: _run_path(out, *k), cfg, verbose=rank == 0)
     workers = 1 if world > 1 or device != "cpu" else max(1, args.workers)
     job = functools.partial(run_one, cfg=cfg, out=out, device=device)
-    # base runs first: RMU starts from them
-    for phase, desc in (([k for k in todo if k[0] == "base"], "lm-unlearning base runs"),
-                        ([k for k in todo if k[0] != "base"], "lm-unlearning runs")):
+    # RMU starts from the base model, so it runs after every base run; the other methods run beside
+    # the base runs (base first in the queue), so no worker waits for the last base run
+    for phase, desc in ((sorted([k for k in todo if k[0] != "rmu"], key=lambda k: k[0] != "base"), "lm-unlearning runs"),
+                        ([k for k in todo if k[0] == "rmu"], "lm-unlearning RMU runs")):
         results.update(run_jobs(phase, job, workers, desc=desc, show=rank == 0))
     if rank != 0:
         return {}
