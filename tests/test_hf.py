@@ -227,3 +227,29 @@ def test_trainer_errors():
     assert b["labels"].tolist() == [[1, 2], [3, -100]] and b["forget"].tolist() == [True, False]
     with pytest.raises(ValueError, match="exactly one of router"):
         hf.RoutingTrainer(model=None, args=None)
+
+
+def test_our_gpt_saved_as_gpt2_computes_the_same_function(tmp_path, tiny_gpt):
+    """``gpt_to_hf``: the same logits from our GPT and its GPT-2 twin, also after ERA's expand and
+    contract, and through save_unlearned + from_pretrained; per-block widths that GPT-2 cannot hold
+    are refused."""
+    transformers = pytest.importorskip("transformers")
+    from gradroute.hf import gpt_to_hf, save_unlearned
+
+    import gradroute as gr
+
+    ids = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(0))
+    torch.nn.init.normal_(tiny_gpt.transformer.h[0].mlp.c_proj.bias, std=0.1)   # nonzero biases matter too
+    torch.testing.assert_close(gpt_to_hf(tiny_gpt)(ids).logits, tiny_gpt(ids)[0], atol=1e-5, rtol=1e-5)
+    new = gr.expand_mlp(tiny_gpt, "transformer.h.*.mlp", k=4)
+    with torch.no_grad():
+        for p in tiny_gpt.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    gr.contract(tiny_gpt, new)
+    folder = save_unlearned(tiny_gpt, tmp_path / "m")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    assert reloaded.config.n_inner == 32 and reloaded.config.activation_function == "gelu"
+    torch.testing.assert_close(reloaded(ids).logits, tiny_gpt(ids)[0], atol=1e-5, rtol=1e-5)
+    gr.expand_mlp(tiny_gpt, "transformer.h.0.mlp", k=4)
+    with pytest.raises(ValueError, match=r"one MLP width .* MLP widths \[32, 36\]"):
+        gpt_to_hf(tiny_gpt)

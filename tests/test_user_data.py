@@ -275,8 +275,8 @@ def test_bad_input_errors(env):
         E.build_config(_args(corpus, ["--label-field", "label", "--n-eval", "4"]))
     with pytest.raises(LabelError, match="no document has a true evaluation field 'subject'"):
         E.build_config(_args(corpus, ["--label-field", "label", "--topic-field", "subject"]))
-    with pytest.raises(ValueError, match="--save-models .* --arch hf-gpt2"):
-        E.build_config(_args(corpus, ["--label-field", "label", "--save-models"]))
+    with pytest.raises(ValueError, match="--model brings its own shape"):
+        E.build_config(_args(corpus, ["--label-field", "label", "--model", str(env), "--vocab-size", "512"]))
 
 
 # ------------------------------------------------------------------------------------------

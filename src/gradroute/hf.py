@@ -184,6 +184,10 @@ def save_unlearned(model: nn.Module, folder, tokenizer=None) -> Path:
     """``save_pretrained`` the (ablated or contracted) model, and the tokenizer when given, into
     ``folder``; the config's MLP width is synced first (:func:`sync_config`)."""
     root = unwrap(model)
+    from .models import GPT
+
+    if isinstance(root, GPT):
+        root = gpt_to_hf(root)
     if not hasattr(root, "save_pretrained"):
         raise TypeError(f"{type(root).__name__} is not a Hugging Face model (no save_pretrained); "
                         "use --arch hf-gpt2 or a model from gradroute.hf.load_causal_lm")
@@ -203,6 +207,43 @@ def save_unlearned(model: nn.Module, folder, tokenizer=None) -> Path:
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     return folder
+
+
+def gpt_to_hf(model: nn.Module):
+    """gradroute's :class:`~gradroute.models.GPT` as a ``transformers.GPT2LMHeadModel`` computing
+    the same function (up to float rounding): the same pre-norm blocks with exact GELU, q/k/v fused
+    into GPT-2's ``c_attn``, Linear weights transposed into ``Conv1D``. Expanded or contracted
+    MLPs are fine as long as every block has the same width (GPT-2's config has one)."""
+    tr = require_transformers()
+    c = model.config
+    blocks = list(model.transformer.h)
+    widths = {b.mlp.c_fc.out_features for b in blocks}
+    dims = {b.attn.q_proj.out_features for b in blocks}
+    if len(widths) != 1 or dims != {c.d_model}:
+        raise ValueError(f"gpt_to_hf: GPT-2 has one MLP width and d_model-wide attention; this model has MLP widths "
+                         f"{sorted(widths)} and attention widths {sorted(dims)}")
+    n_head = c.d_model // blocks[0].attn.head_dim
+    cfg = tr.GPT2Config(vocab_size=c.vocab_size, n_positions=c.n_ctx, n_embd=c.d_model, n_layer=len(blocks),
+                        n_head=n_head, n_inner=widths.pop(), activation_function="gelu", resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=blocks[0].ln_1.eps,
+                        tie_word_embeddings=model.lm_head.weight is model.transformer.wte.weight)
+    hf = tr.GPT2LMHeadModel(cfg).to(model.lm_head.weight.dtype)
+    t = hf.transformer
+    with torch.no_grad():
+        for name in ("wte", "wpe", "ln_f"):
+            getattr(t, name).load_state_dict(getattr(model.transformer, name).state_dict())
+        for b, h in zip(blocks, t.h):
+            h.ln_1.load_state_dict(b.ln_1.state_dict())
+            h.ln_2.load_state_dict(b.ln_2.state_dict())
+            a = b.attn
+            h.attn.c_attn.weight.copy_(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).T)
+            h.attn.c_attn.bias.copy_(torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]))
+            for src, dst in ((a.o_proj, h.attn.c_proj), (b.mlp.c_fc, h.mlp.c_fc), (b.mlp.c_proj, h.mlp.c_proj)):
+                dst.weight.copy_(src.weight.T)
+                dst.bias.copy_(src.bias)
+        if not cfg.tie_word_embeddings:
+            hf.lm_head.weight.copy_(model.lm_head.weight)
+    return hf.eval()
 
 
 # ------------------------------------------------------------------------------------------

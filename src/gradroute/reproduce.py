@@ -69,7 +69,7 @@ PLAN: dict[str, dict[str, tuple[str, list[str]]]] = {
         "modules": ("paper", []),
     },
     "real": {
-        "lm-unlearning": ("real", []),
+        "lm-unlearning": ("real", ["--save-models"]),   # models + held-out documents for `gradroute eval`
     },
 }
 

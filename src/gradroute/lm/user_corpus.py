@@ -51,8 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--n-topic", type=int, default=None, help="unlabelled topical documents to evaluate on")
     g.add_argument("--split-seed", type=int, default=0, help="seed of the held-out draw (default: 0)")
     g.add_argument("--save-models", action="store_true",
-                   help="save every final model with save_pretrained under OUT/models/<run>/ (needs --arch hf-gpt2 "
-                        "or --model PATH)")
+                   help="save every final model with save_pretrained under OUT/models/<run>/ (our GPT is saved as "
+                        "a transformers GPT-2 computing the same function) and the held-out documents under "
+                        "OUT/eval_data/, for `gradroute eval`")
 
 
 def is_user_corpus(source: str) -> bool:
@@ -110,8 +111,6 @@ def configure(cfg: dict, args: argparse.Namespace) -> None:
     """Add ``cfg["user_data"]``: the rule, the corpus fingerprint and the held-out sizes,
     resolved now (so they are recorded with every run); shrink the attack sizes to the pool."""
     rule = rule_from_args(args.label_field, args.forget_words, args.forget_regex, args.topic_field)
-    if args.save_models and cfg.get("arch") not in ("hf-gpt2", "hf"):
-        raise ValueError("--save-models saves Hugging Face models: add --arch hf-gpt2 or --model PATH")
     c = cfg["corpus"]
     targets = SplitTargets(forget=args.n_eval, attack_pool=args.n_attack, retain=args.n_eval, retain_val=args.n_val, forget_val=args.n_val,
                            topic=args.n_topic, target_eval=c["n_eval"], target_attack=c["n_attack"],
