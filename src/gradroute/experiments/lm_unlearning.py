@@ -291,18 +291,18 @@ def build_config(args: argparse.Namespace) -> dict:
     cfg["profile"], cfg["source"], cfg["arch"] = args.profile, args.corpus, args.arch
     if args.tokenizer:
         cfg["tokenizer"] = args.tokenizer
-    if getattr(args, "model", None):
-        if args.arch != "gpt" or args.tokenizer:
-            raise ValueError("--model brings its own architecture and tokenizer: drop --arch / --tokenizer")
-        cfg["arch"], cfg["tokenizer"] = "hf", "model"
-        cfg["model"] = M.hf_model_spec(args.model, cfg["model"]["n_ctx"])
-        cfg.pop("vocab_size", None)
     for flag, lo in (("steps", 1), ("vocab_size", 64), ("d_model", 8), ("n_layer", 1)):
         v = getattr(args, flag, None)
         if v is not None and v < lo:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= {lo}, got {v}")
     if getattr(args, "model", None) and any(getattr(args, f, None) for f in ("vocab_size", "d_model", "n_layer")):
         raise ValueError("--model brings its own shape and tokenizer: drop --vocab-size / --d-model / --n-layer")
+    if getattr(args, "model", None):
+        if args.arch != "gpt" or args.tokenizer:
+            raise ValueError("--model brings its own architecture and tokenizer: drop --arch / --tokenizer")
+        cfg["arch"], cfg["tokenizer"] = "hf", "model"
+        cfg["model"] = M.hf_model_spec(args.model, cfg["model"]["n_ctx"])
+        cfg.pop("vocab_size", None)
     if args.steps is not None:
         set_steps(cfg, args.steps)
     if getattr(args, "vocab_size", None):

@@ -207,53 +207,35 @@ def build_headword_mc(records: list[dict], seed: int = MC_SEED, n_choices: int =
 # ------------------------------------------------------------------------------------------
 # the task folder
 # ------------------------------------------------------------------------------------------
+def _json_task(name: str, data_file: Path, cache: Path, output_type: str, **fields) -> dict:
+    """An lm-eval task config reading the local JSONL ``data_file`` (its one split is "train")."""
+    return {"task": name, "dataset_path": "json",
+            "dataset_kwargs": {"data_files": str(data_file), "cache_dir": str(cache)},
+            "output_type": output_type, "test_split": "train", **fields, "metadata": {"version": 1.0}}
+
+
 def _ppl_config(name: str, data_file: Path, cache: Path) -> dict:
-    return {
-        "task": name,
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": str(data_file), "cache_dir": str(cache)},
-        "output_type": "loglikelihood_rolling",
-        "test_split": "train",
-        "doc_to_text": "",
-        "doc_to_target": "text",
-        "metric_list": [{"metric": m, "aggregation": a, "higher_is_better": False}
-                        for m, a in (("word_perplexity", "weighted_perplexity"),
-                                     ("byte_perplexity", "weighted_perplexity"),
-                                     ("bits_per_byte", "bits_per_byte"))],
-        "metadata": {"version": 1.0},
-    }
+    return _json_task(name, data_file, cache, "loglikelihood_rolling", doc_to_text="", doc_to_target="text",
+                      metric_list=[{"metric": m, "aggregation": a, "higher_is_better": False}
+                                   for m, a in (("word_perplexity", "weighted_perplexity"),
+                                                ("byte_perplexity", "weighted_perplexity"),
+                                                ("bits_per_byte", "bits_per_byte"))])
 
 
 def _mc_config(name: str, data_file: Path, cache: Path) -> dict:
     """Headword first: each choice is a context, the definition the shared continuation; doc_to_text
     naming an int column (the true choice) is lm-eval's multiple-input form."""
-    return {
-        "task": name,
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": str(data_file), "cache_dir": str(cache)},
-        "output_type": "multiple_choice",
-        "test_split": "train",
-        "doc_to_text": "label",
-        "doc_to_choice": "choices",
-        "doc_to_target": "definition",
-        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
-        "metadata": {"version": 1.0},
-    }
+    return _json_task(name, data_file, cache, "multiple_choice", doc_to_text="label", doc_to_choice="choices",
+                      doc_to_target="definition",
+                      metric_list=[{"metric": "acc", "aggregation": "mean", "higher_is_better": True}])
 
 
 def _question_config(name: str, data_file: Path, cache: Path) -> dict:
-    return {
-        "task": name,
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": str(data_file), "cache_dir": str(cache)},
-        "output_type": "multiple_choice",
-        "test_split": "train",
-        "doc_to_text": "Definition: {{definition}}\nWhich word does this define? Answer:",
-        "doc_to_choice": "choices",
-        "doc_to_target": "label",
-        "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")],
-        "metadata": {"version": 1.0},
-    }
+    return _json_task(name, data_file, cache, "multiple_choice",
+                      doc_to_text="Definition: {{definition}}\nWhich word does this define? Answer:",
+                      doc_to_choice="choices", doc_to_target="label",
+                      metric_list=[{"metric": m, "aggregation": "mean", "higher_is_better": True}
+                                   for m in ("acc", "acc_norm")])
 
 
 def _default_data(model_dirs: list[Path]) -> Path:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from ..utils import DataMissing
-from .sources import CorpusError
+from .sources import CorpusError, iter_json_lines
 
 DICTD_DIR = Path("/usr/share/dictd")
 B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
@@ -157,20 +157,11 @@ def convert(out, dictd_dir=DICTD_DIR, name: str = "gcide") -> int:
 def read_entries(path) -> list[dict]:
     """Entries from a JSONL (or .jsonl.gz) file as :func:`convert` writes it; a bad line raises
     :class:`CorpusError` naming the file and line."""
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
     rows = []
-    with opener(path, "rt", encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CorpusError(f"{path}:{n}: not JSON ({e.msg})") from None
-            if not isinstance(r, dict) or not isinstance(r.get("text"), str) or not isinstance(r.get("fields"), list):
-                raise CorpusError(f"{path}:{n}: an entry needs a 'text' string and a 'fields' list")
-            rows.append(r)
+    for where, r in iter_json_lines(path):
+        if not isinstance(r, dict) or not isinstance(r.get("text"), str) or not isinstance(r.get("fields"), list):
+            raise CorpusError(f"{where}: an entry needs a 'text' string and a 'fields' list")
+        rows.append(r)
     if not rows:
         raise CorpusError(f"{path} holds no entries")
     return rows

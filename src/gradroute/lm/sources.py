@@ -81,23 +81,32 @@ def _record(obj: dict, text_field: str, where: str) -> Doc | None:
     return Doc(text, rec, where)
 
 
-def _iter_jsonl(path: Path, text_field: str) -> Iterator[Doc]:
-    with open(path, encoding="utf-8") as f:
+def iter_json_lines(path) -> Iterator[tuple[str, object]]:
+    """``("file:line", value)`` for each non-empty line of a JSONL file (gzip-compressed when its name
+    ends in .gz); a line that is not JSON raises :class:`CorpusError` naming the file and line."""
+    import gzip
+
+    path = Path(path)
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
             try:
-                obj = json.loads(line)
+                yield where, json.loads(line)
             except json.JSONDecodeError as e:
                 raise CorpusError(f"{where}: not valid JSON ({e.msg})") from None
-            if isinstance(obj, str):
-                obj = {text_field: obj}
-            if not isinstance(obj, dict):
-                raise CorpusError(f"{where}: expected a JSON object with a {text_field!r} field or a string")
-            d = _record(obj, text_field, where)
-            if d is not None:
-                yield d
+
+
+def _iter_jsonl(path: Path, text_field: str) -> Iterator[Doc]:
+    for where, obj in iter_json_lines(path):
+        if isinstance(obj, str):
+            obj = {text_field: obj}
+        if not isinstance(obj, dict):
+            raise CorpusError(f"{where}: expected a JSON object with a {text_field!r} field or a string")
+        d = _record(obj, text_field, where)
+        if d is not None:
+            yield d
 
 
 def _iter_txt(path: Path) -> Iterator[Doc]:
