@@ -226,7 +226,8 @@ def gpt_to_hf(model: nn.Module):
     cfg = tr.GPT2Config(vocab_size=c.vocab_size, n_positions=c.n_ctx, n_embd=c.d_model, n_layer=len(blocks),
                         n_head=n_head, n_inner=widths.pop(), activation_function="gelu", resid_pdrop=0.0,
                         embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=blocks[0].ln_1.eps,
-                        tie_word_embeddings=model.lm_head.weight is model.transformer.wte.weight)
+                        tie_word_embeddings=model.lm_head.weight is model.transformer.wte.weight,
+                        bos_token_id=None, eos_token_id=None)   # set from the tokenizer when saved
     hf = tr.GPT2LMHeadModel(cfg).to(model.lm_head.weight.dtype)
     t = hf.transformer
     with torch.no_grad():
