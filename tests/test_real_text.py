@@ -211,5 +211,7 @@ def test_real_profile_runs_through_the_user_corpus_path(tmp_path, monkeypatch, c
     assert {"forget_gap", "retain_gap", "topic_gap", "learned", "message"} <= set(m["domain_check"])
     assert m["domain_check"]["message"] in capsys.readouterr().out
     era = next(r for r in m["runs"] if r["method"] == "era")
-    assert {"topic_loss", "attack_steps_to_base_n4", "attack_recovered_n4", "attack_tokens_to_base_n4"} <= set(era)
+    assert {"topic_loss", "attack_steps_to_base_n4", "attack_recovered_n4", "attack_tokens_to_base_n4",
+            "topic_loss_before_ablation", "topic_loss_after_ablation", "forget_loss_after_ablation"} <= set(era)
+    assert {"topic_loss_after_ablation", "retain_loss_before_ablation"} <= set(m["summary"]["era"]["0.5"])
     assert E.report(out)["table"]["rows"]

@@ -169,7 +169,8 @@ def run_one(method: str, p: float | None, seed: int, cfg: dict, out: Path, devic
     for stage in ("before_ablation", "after_ablation"):
         if stage in info:
             m = info[stage].to(device)
-            ev.update({f"{k}_{stage}": v for k, v in evaluate(m, sets["retain"], sets["forget"]).items()})
+            stage_ev = {**evaluate(m, sets["retain"], sets["forget"]), **user_corpus.extra_metrics(m, sets)}
+            ev.update({f"{k}_{stage}": v for k, v in stage_ev.items()})
             samples[stage] = sample(m, tok, SAMPLE_PROMPT, seed=seed)
     if "before_ablation" in info:    # what ablating the routed units alone does (before coherence)
         ev["ablation_forget_raise"] = ev["forget_loss_after_ablation"] - ev["forget_loss_before_ablation"]
@@ -402,6 +403,7 @@ def run(args: argparse.Namespace) -> dict:
 # reporting
 # ------------------------------------------------------------------------------------------
 RECORD_KEYS = ("retain_loss", "forget_loss", "forget_loss_no_keywords", "topic_loss", "forget_loss_after_attack")
+STAGE_SUFFIXES = ("_before_ablation", "_after_ablation")     # ERA / parameter routing: before the coherence fine-tune
 RECOVERY_PREFIXES = ("attack_steps_to_base_n", "attack_tokens_to_base_n", "attack_recovered_n")
 ABLATION_KEYS = ("ablation_forget_raise", "ablation_retain_raise", "ablation_margin")
 MUST_SHOW = ("era", "param_routing")        # the methods the checks are about
@@ -456,7 +458,8 @@ def summarize(runs: list[dict]) -> dict:
     out: dict = {}
     for r in runs:
         d = out.setdefault(r["method"], {}).setdefault(f"{r['labelled_fraction']:g}", {})
-        for k in [k for k in r if k in RECORD_KEYS + ABLATION_KEYS or k.startswith(RECOVERY_PREFIXES)]:
+        for k in [k for k in r if k in RECORD_KEYS + ABLATION_KEYS or k.startswith(RECOVERY_PREFIXES)
+                  or k.endswith(STAGE_SUFFIXES)]:
             d.setdefault(k, []).append(r[k])
     return {m: {p: {k: mean_ci(v) for k, v in d.items()} for p, d in sorted(ps.items(), key=lambda kv: float(kv[0]))}
             for m, ps in out.items()}
