@@ -115,8 +115,9 @@ def linear_masks(m: nn.Module, out_units: torch.Tensor | None = None, in_units: 
     """Bool masks ``(weight_mask, bias_mask)`` in the layer's own weight layout, True on the rows of
     ``out_units`` and on the columns of ``in_units`` (bool vectors). The bias belongs to out units."""
     ax = out_axis(m)
-    w = torch.zeros_like(m.weight, dtype=torch.bool)
-    b = None if m.bias is None else torch.zeros_like(m.bias, dtype=torch.bool)
+    # plain tensors of the full shapes, also for sharded (DTensor) parameters
+    w = torch.zeros(m.weight.shape, dtype=torch.bool, device=m.weight.device)
+    b = None if m.bias is None else torch.zeros(m.bias.shape, dtype=torch.bool, device=m.bias.device)
     if out_units is not None:
         w |= out_units.view(-1, 1) if ax == 0 else out_units.view(1, -1)
         if b is not None:
