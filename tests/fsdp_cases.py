@@ -7,6 +7,7 @@ block, then on the root, over a 2-process CPU mesh.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import traceback
 
@@ -69,6 +70,23 @@ def halves(rank):
     return [(rank, 1.0)] if rank is not None else [(0, 0.5), (1, 0.5)]
 
 
+@contextlib.contextmanager
+def micro_batch(model, rank):
+    """One micro-batch of several per step. FSDP2 reduce-scatters each micro-batch's gradient and adds it to the
+    gradient held so far (``prev + (g0 + g1) / 2``); one process sums the halves of this micro-batch apart from
+    what it held (``prev + (g0 / 2 + g1 / 2)``), the same float additions in the same order."""
+    if rank is not None:
+        yield
+        return
+    prev = {p: p.grad for p in model.parameters()}
+    for p in model.parameters():
+        p.grad = None
+    yield
+    for p, g in prev.items():
+        if g is not None:
+            p.grad = g if p.grad is None else g + p.grad
+
+
 def half(t, r):
     return t[2 * r: 2 * r + 2]
 
@@ -90,21 +108,165 @@ def case_plain(rank):
     return full_state(model)
 
 
+def routed_param_steps(rank, tokens=False, zero=False, accumulate=False, before=False, autocast=False,
+                       checkpoint=False, ablate=False):
+    """Parameter routing: ``STEPS`` AdamW steps (weight decay 0.1) on a sharded or a whole model. ``tokens``:
+    per-token forget masks (else per example); ``zero``: some rows run with theta_forget zeroed; ``accumulate``:
+    each step two micro-batches, routed differently (per example, then per token); ``before``: the router is
+    built before sharding; ``autocast``: forward in bf16 autocast; ``checkpoint``: HF activation checkpointing;
+    ``ablate``: ablate after training (on the shards)."""
+    model, units = model_and_units()
+    if checkpoint:
+        model.activation_checkpointing_enable({"use_reentrant": False})
+        assert model.is_gradient_checkpointing
+        model.train()
+    router = gr.ParamRouter(model, units) if before else None
+    model = shard(model) if rank is not None else model
+    router = router or gr.ParamRouter(model, units)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    g = torch.Generator().manual_seed(5)
+    for s in range(STEPS):
+        micro = [(tokens, 10 + s)] + ([(not tokens, 20 + s)] if accumulate else [])
+        for per_token, seed in micro:
+            shape = (B, T) if per_token else (B,)
+            forget = torch.rand(shape, generator=g) < 0.4
+            z = (torch.rand(shape, generator=g) < 0.4) & ~forget if zero else None
+            with micro_batch(model, rank):
+                for r, w in halves(rank):
+                    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+                    with router(forget=half(forget, r), zero=None if z is None else half(z, r)), ctx:
+                        (w * loss(model, half(ids(seed), r))).backward()
+        opt.step()
+        opt.zero_grad()
+    if ablate:
+        router.ablate()
+    out = full_state(model)
+    if ablate:
+        out["_region"] = {n: m.clone() for n, m in router.masks.items()}
+    return out
+
+
 def case_param(rank):
+    return routed_param_steps(rank)
+
+
+def case_param_tokens_zero(rank):
+    return routed_param_steps(rank, tokens=True, zero=True)
+
+
+def case_param_accumulate(rank):
+    return routed_param_steps(rank, accumulate=True, zero=True)
+
+
+def case_param_ablate(rank):
+    return routed_param_steps(rank, before=True, ablate=True)
+
+
+def case_param_bf16(rank):
+    return routed_param_steps(rank, tokens=True, zero=True, autocast=True)
+
+
+def case_param_checkpoint(rank):
+    return routed_param_steps(rank, zero=True, checkpoint=True)
+
+
+def case_activation(rank):
     model, units = model_and_units()
     model = shard(model) if rank is not None else model
-    router = gr.ParamRouter(model, units)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    forget = torch.tensor([True, False, False, True])
+    g = torch.Generator().manual_seed(5)
     for s in range(STEPS):
+        forget = torch.rand(B, T, generator=g) < 0.4
         for r, w in halves(rank):
-            with router(forget=half(forget, r)):
+            with gr.route_units(model, units, half(forget, r), outside=-0.75):
                 (w * loss(model, half(ids(10 + s), r))).backward()
         opt.step()
         opt.zero_grad()
     return full_state(model)
 
 
+# module routing: the labels of each step; step 1 is all domain "a" (p_cr = 1): the core and module "b" learn
+# nothing there, and optimizer isolation must keep them bit for bit (AdamW with weight decay would move them)
+LABELS = [[0, gr.GENERAL, 1, gr.UNLABELLED], [0, 0, 0, 0], [1, gr.GENERAL, 0, 1]]
+LABELS2 = [[gr.UNLABELLED, 1, gr.GENERAL, 0], [0, 0, 0, 0], [gr.GENERAL, gr.GENERAL, 1, 1]]
+
+
+def routed_module_steps(rank, accumulate=False, autocast=False, checkpoint=False):
+    """Module routing: ``STEPS`` AdamW steps (weight decay 0.1); the full parameters after every step, and
+    logits of this rank's first half batch (rank 0 and one process: half 0) under ``using``."""
+    model, mods = model_and_units(modules=True)
+    if checkpoint:
+        model.activation_checkpointing_enable({"use_reentrant": False})
+        assert model.is_gradient_checkpointing
+        model.train()
+    model = shard(model) if rank is not None else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    out = {"step0": full_state(model)}
+    for s in range(STEPS):
+        micro = [(LABELS[s], 10 + s)] + ([(LABELS2[s], 20 + s)] if accumulate else [])
+        for labels, seed in micro:
+            with micro_batch(model, rank):
+                for r, w in halves(rank):
+                    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+                    with mods.route(half(torch.tensor(labels), r), p_as=0.5,
+                                    generator=torch.Generator().manual_seed(seed)), ctx:
+                        (w * loss(model, half(ids(seed), r))).backward()
+        opt.step()
+        opt.zero_grad()
+        out[f"step{s + 1}"] = full_state(model)
+    model.eval()
+    r = 0 if rank is None else rank
+    with torch.no_grad():
+        for on in (["a"], ["b"], None, []):
+            with mods.using(on):
+                out[f"using {on}"] = model(input_ids=half(ids(99), r)).logits
+    return out
+
+
+def case_module(rank):
+    return routed_module_steps(rank)
+
+
+def case_module_accumulate(rank):
+    return routed_module_steps(rank, accumulate=True)
+
+
+def case_module_bf16(rank):
+    return routed_module_steps(rank, autocast=True)
+
+
+def case_module_checkpoint(rank):
+    return routed_module_steps(rank, checkpoint=True)
+
+
+def case_module_export(rank):
+    """``export``/``remove`` refuse a sharded model; a gathered full state dict loaded into an unsharded model
+    with the same modules exports what one process exports."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    model, mods = model_and_units(modules=True)
+    model = shard(model) if rank is not None else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    for r, w in halves(rank):
+        with mods.route(half(torch.tensor(LABELS[0]), r)):
+            (w * loss(model, half(ids(10), r))).backward()
+    opt.step()
+    out = {}
+    if rank is not None:
+        for what, call in (("export", lambda: mods.export(["a"])), ("remove", mods.remove)):
+            try:
+                call()
+                out[f"{what} error"] = ""
+            except ValueError as e:
+                out[f"{what} error"] = str(e)
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        plain, mods = model_and_units(modules=True)
+        plain.load_state_dict(sd)
+    for on in (["a"], []):
+        exported = mods.export(on)
+        out[f"export {on}"] = {n: t.detach().clone() for n, t in exported.state_dict().items()}
+        out[f"export {on} logits"] = exported(input_ids=ids(99)).logits.detach()
+    return out
 CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
 
 

@@ -34,7 +34,9 @@ def check_equal(case, sharded):
     assert "error" not in got, got.get("error")
     want = single(case)
     assert got.keys() == want.keys()
-    differ = {k: (got[k] - want[k]).abs().max().item() for k in want if not torch.equal(got[k], want[k])}
+    flat = lambda d: {f"{k}/{n}": t for k, v in d.items() for n, t in (v.items() if isinstance(v, dict) else [("", v)])}  # noqa: E731
+    g, w = flat(got), flat(want)
+    differ = {k: (g[k].float() - w[k].float()).abs().max().item() for k in w if not torch.equal(g[k], w[k])}
     assert not differ, f"{case}: sharded run differs from one process: {differ}"
     return got, want
 
@@ -45,3 +47,83 @@ def test_plain_fsdp_equals_one_process(sharded):
 
 def test_parameter_routing_under_fsdp_equals_one_process(sharded):
     check_equal("param", sharded)
+
+
+def test_parameter_routing_per_token_with_zero_rows_under_fsdp(sharded):
+    check_equal("param_tokens_zero", sharded)
+
+
+def test_parameter_routing_accumulating_two_differently_routed_micro_batches_under_fsdp(sharded):
+    check_equal("param_accumulate", sharded)
+
+
+def test_parameter_routing_with_bf16_autocast_under_fsdp(sharded):
+    check_equal("param_bf16", sharded)
+
+
+def test_parameter_routing_with_activation_checkpointing_under_fsdp(sharded):
+    check_equal("param_checkpoint", sharded)
+
+
+def test_ablate_after_fsdp_training_gives_the_one_process_model(sharded):
+    # the router was built before fully_shard: masks follow the parameters by name
+    got, want = check_equal("param_ablate", sharded)
+    region = want["_region"]
+    assert any(m.any() for m in region.values())
+    for n, m in region.items():
+        assert not got[n][m].any(), n                      # theta_forget is zero in the gathered model
+        assert got[n][~m].abs().sum() > 0, n               # and nothing else was zeroed
+
+
+def test_activation_routing_under_fsdp_equals_one_process(sharded):
+    check_equal("activation", sharded)
+
+
+def check_modules(case, sharded):
+    got, want = check_equal(case, sharded)
+    # step 2 (all examples domain "a"): the core and module "b" are bit-identical, module "a" moved
+    before, after = got["step1"], got["step2"]
+    moved = {n for n in after if not torch.equal(before[n], after[n])}
+    assert moved and all(".aux_modules.a." in n for n in moved), sorted(moved)
+    assert any(".aux_modules.a." in n for n in moved)
+    # every other step moves the core and both modules
+    for s in (1, 3):
+        a, b = got[f"step{s - 1}"], got[f"step{s}"]
+        assert not torch.equal(a["transformer.wte.weight"], b["transformer.wte.weight"])
+        assert not torch.equal(a["transformer.h.0.mlp.aux_modules.b.down.weight"],
+                               b["transformer.h.0.mlp.aux_modules.b.down.weight"])
+    # using(): switches act on the sharded model as in one process, and they matter
+    assert not torch.equal(got["using ['a']"], got["using ['b']"])
+    assert not torch.equal(got["using None"], got["using []"])
+
+
+def test_module_routing_under_fsdp_equals_one_process_with_isolation(sharded):
+    check_modules("module", sharded)
+
+
+def test_module_routing_accumulating_two_differently_routed_micro_batches_under_fsdp(sharded):
+    check_modules("module_accumulate", sharded)
+
+
+def test_module_routing_with_bf16_autocast_under_fsdp(sharded):
+    check_modules("module_bf16", sharded)
+
+
+def test_module_routing_with_activation_checkpointing_under_fsdp(sharded):
+    check_modules("module_checkpoint", sharded)
+
+
+def test_module_export_refuses_a_sharded_model_and_works_from_the_gathered_state(sharded):
+    got = sharded["module_export"]
+    assert "error" not in got, got.get("error")
+    for what in ("export", "remove"):
+        msg = got.pop(f"{what} error")
+        assert f"{what}() on a model sharded with FSDP2" in msg and "full_state_dict=True" in msg, msg
+    want = single("module_export")
+    assert got.keys() == want.keys()
+    for k in want:
+        if isinstance(want[k], dict):
+            assert want[k].keys() == got[k].keys()
+            assert all(torch.equal(want[k][n], got[k][n]) for n in want[k]), k
+        else:
+            assert torch.equal(want[k], got[k]), k
