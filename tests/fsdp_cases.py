@@ -118,7 +118,7 @@ def routed_param_steps(rank, tokens=False, zero=False, accumulate=False, before=
     model, units = model_and_units()
     if checkpoint:
         model.activation_checkpointing_enable({"use_reentrant": False})
-        assert model.is_gradient_checkpointing
+        assert model.is_activation_checkpointing
         model.train()
     router = gr.ParamRouter(model, units) if before else None
     model = shard(model) if rank is not None else model
@@ -170,19 +170,54 @@ def case_param_checkpoint(rank):
     return routed_param_steps(rank, zero=True, checkpoint=True)
 
 
-def case_activation(rank):
+def routed_activation_steps(rank, autocast=False, checkpoint=False):
     model, units = model_and_units()
+    if checkpoint:
+        model.activation_checkpointing_enable({"use_reentrant": False})
+        assert model.is_activation_checkpointing
+        model.train()
     model = shard(model) if rank is not None else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     g = torch.Generator().manual_seed(5)
     for s in range(STEPS):
         forget = torch.rand(B, T, generator=g) < 0.4
         for r, w in halves(rank):
-            with gr.route_units(model, units, half(forget, r), outside=-0.75):
+            ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+            with gr.route_units(model, units, half(forget, r), outside=-0.75), ctx:
                 (w * loss(model, half(ids(10 + s), r))).backward()
         opt.step()
         opt.zero_grad()
     return full_state(model)
+
+
+def case_activation(rank):
+    return routed_activation_steps(rank)
+
+
+def case_activation_bf16(rank):
+    return routed_activation_steps(rank, autocast=True)
+
+
+def case_activation_checkpoint(rank):
+    return routed_activation_steps(rank, checkpoint=True)
+
+
+def case_surgery(rank):
+    """On a sharded model: ``gr.ablate`` zeroes each rank's shard of the units; ``expand_mlp`` and
+    ``add_modules`` refuse (they change the structure FSDP2 has sharded)."""
+    model, units = model_and_units()
+    model = shard(model) if rank is not None else model
+    gr.ablate(model, units)
+    out = {"state": full_state(model)}
+    if rank is not None:
+        for what, call in (("expand_mlp", lambda: gr.expand_mlp(model, "transformer.h.*.mlp", 2)),
+                           ("add_modules", lambda: gr.add_modules(model, "transformer.h.*.mlp", 2))):
+            try:
+                call()
+                out[f"{what} error"] = ""
+            except ValueError as e:
+                out[f"{what} error"] = str(e)
+    return out
 
 
 # module routing: the labels of each step; step 1 is all domain "a" (p_cr = 1): the core and module "b" learn
@@ -197,7 +232,7 @@ def routed_module_steps(rank, accumulate=False, autocast=False, checkpoint=False
     model, mods = model_and_units(modules=True)
     if checkpoint:
         model.activation_checkpointing_enable({"use_reentrant": False})
-        assert model.is_gradient_checkpointing
+        assert model.is_activation_checkpointing
         model.train()
     model = shard(model) if rank is not None else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
@@ -237,6 +272,33 @@ def case_module_bf16(rank):
 
 def case_module_checkpoint(rank):
     return routed_module_steps(rank, checkpoint=True)
+
+
+def case_module_keyed(rank):
+    """Keyed modules with embedding deltas on our GPT (tied embeddings, in the root's shard group): routed steps
+    freeze the core on some rows, so parameter routing runs through the embedding (a non-linear owner)."""
+    from gradroute.models import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, n_ctx=16, n_layer=2, n_head=2, d_model=16, d_mlp=32))
+    keys = {"a": [3, 5, 7, 9], "b": [9, 20, 21]}
+    mods = gr.add_modules(model, "transformer.h.*.mlp", DOMAINS, width=4, keys=keys, embed_delta=keys)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in mods.module_params():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    model = shard(model) if rank is not None else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    out = {}
+    for s in range(STEPS):
+        for r, w in halves(rank):
+            with mods.route(half(torch.tensor(LABELS[s]), r), p_cr=0.5, generator=torch.Generator().manual_seed(s)):
+                x = half(ids(10 + s), r)
+                (w * model(x, x)[1]).backward()
+        opt.step()
+        opt.zero_grad()
+        out[f"step{s + 1}"] = full_state(model)
+    return out
 
 
 def case_module_export(rank):

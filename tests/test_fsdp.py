@@ -127,3 +127,28 @@ def test_module_export_refuses_a_sharded_model_and_works_from_the_gathered_state
             assert all(torch.equal(want[k][n], got[k][n]) for n in want[k]), k
         else:
             assert torch.equal(want[k], got[k]), k
+
+
+def test_activation_routing_with_bf16_autocast_under_fsdp(sharded):
+    check_equal("activation_bf16", sharded)
+
+
+def test_activation_routing_with_activation_checkpointing_under_fsdp(sharded):
+    check_equal("activation_checkpoint", sharded)
+
+
+def test_keyed_modules_with_embedding_deltas_under_fsdp(sharded):
+    got, _ = check_equal("module_keyed", sharded)
+    # the deltas (root shard group) trained
+    assert not torch.equal(got["step3"]["aux_embed.a.weight"], torch.zeros_like(got["step3"]["aux_embed.a.weight"]))
+
+
+def test_unit_ablation_and_structural_changes_on_a_sharded_model(sharded):
+    got = sharded["surgery"]
+    assert "error" not in got, got.get("error")
+    for what in ("expand_mlp", "add_modules"):
+        msg = got.pop(f"{what} error")
+        assert f"{what}() on a model sharded with FSDP2" in msg and "before fully_shard" in msg, msg
+    want = single("surgery")
+    assert all(torch.equal(got["state"][n], want["state"][n]) for n in want["state"])
+    assert not got["state"]["transformer.h.0.mlp.c_fc.weight"][:, -8:].any()     # the 8 new units' rows

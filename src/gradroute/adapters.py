@@ -36,6 +36,41 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+# ---------------------------------------------------------------------------- sharded (FSDP2) parameters
+def is_sharded(t) -> bool:
+    """Whether ``t`` is a DTensor (a parameter of a model sharded with FSDP2 or tensor parallelism)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:          # torch built without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def whole(t):
+    """``t`` as one full tensor: a DTensor is gathered (a collective: every rank must call this)."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def local_shard(p: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(tensor, mask)`` to update in place: ``p`` and ``mask`` as they are, or for a DTensor ``p`` its local
+    shard and the matching part of the full ``mask`` (cut locally by ``p``'s mesh and placements, no
+    communication; a rank's shard may be empty)."""
+    if not is_sharded(p):
+        return p, mask
+    from torch.distributed.tensor import distribute_tensor
+
+    return p.to_local(), distribute_tensor(mask, p.device_mesh, p.placements, src_data_rank=None).to_local()
+
+
+def refuse_sharded(model: nn.Module, what: str, instead: str) -> None:
+    """``ValueError`` when ``model`` holds sharded (DTensor) parameters: ``what`` changes the model's structure,
+    which FSDP2 has already split into shards."""
+    if any(is_sharded(p) for p in unwrap(model).parameters()):
+        raise ValueError(f"{what} on a model sharded with FSDP2 (its parameters are DTensors) is not supported: "
+                         f"it changes the model's structure, which fully_shard has already split into shards. "
+                         f"{instead} (see docs/scale.md)")
+
+
 def _glob_to_regex(glob: str) -> str:
     out = []
     for part in re.split(r"(\*\*|\*|\?)", glob):

@@ -36,7 +36,7 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 
-from .adapters import Pattern, find_modules, is_linear, linear_masks, out_axis, unwrap
+from .adapters import Pattern, find_modules, is_linear, is_sharded, linear_masks, local_shard, out_axis, unwrap, whole
 from .core import route
 from .masks import region_mask
 from .surgery import Units, unit_masks
@@ -366,28 +366,3 @@ def _swapped(mod: nn.Module, tensors: dict):
     finally:
         for pn, p in saved.items():
             mod._parameters[pn] = p
-
-
-def is_sharded(t) -> bool:
-    """Whether ``t`` is a DTensor (a parameter of a model sharded with FSDP2 or tensor parallelism)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:          # torch built without distributed
-        return False
-    return isinstance(t, DTensor)
-
-
-def whole(t):
-    """``t`` as one full tensor: a DTensor is gathered (a collective: every rank must call this)."""
-    return t.full_tensor() if is_sharded(t) else t
-
-
-def local_shard(p: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(tensor, mask)`` to update in place: ``p`` and ``mask`` as they are, or for a DTensor ``p`` its local
-    shard and the matching part of the full ``mask`` (cut locally by ``p``'s mesh and placements, no
-    communication; a rank's shard may be empty)."""
-    if not is_sharded(p):
-        return p, mask
-    from torch.distributed.tensor import distribute_tensor
-
-    return p.to_local(), distribute_tensor(mask, p.device_mesh, p.placements, src_data_rank=None).to_local()

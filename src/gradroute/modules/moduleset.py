@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..adapters import Pattern, find_modules, in_features, mlp_parts, out_features, unwrap
-from ..params import ParamRouter, is_sharded
+from ..adapters import Pattern, find_modules, in_features, is_sharded, mlp_parts, out_features, refuse_sharded, unwrap
+from ..params import ParamRouter
 from .deltas import EMBED_CONTAINER, EmbedDeltas, input_embedding, tied_embeddings
 from .export import export as _export
 from .isolation import Isolation
@@ -94,6 +94,8 @@ class ModuleSet:
     def __init__(self, model: nn.Module, pattern: Pattern, domains, width=0.1, keys=None, key_rule="first",
                  embed_delta=None, activation=None):
         root = unwrap(model)
+        refuse_sharded(root, "add_modules()", "Add modules before fully_shard, so that FSDP2 shards them with their "
+                       "blocks")
         domains = _domain_names(domains)
         if isinstance(width, bool) or not isinstance(width, (int, float)) or width <= 0:
             raise ValueError(f"width must be a positive fraction (float) or unit count (int), got {width!r}")
