@@ -152,3 +152,22 @@ def test_unit_ablation_and_structural_changes_on_a_sharded_model(sharded):
     want = single("surgery")
     assert all(torch.equal(got["state"][n], want["state"][n]) for n in want["state"])
     assert not got["state"]["transformer.h.0.mlp.c_fc.weight"][:, -8:].any()     # the 8 new units' rows
+
+
+def test_overhead_benchmark_fsdp_mode_prints_its_json():
+    # runs the 2-rank benchmark at toy size; the ratios are measured, never asserted
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "routing_overhead.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(script), "--fsdp", "--reps", "1", "--batch", "2", "--seq", "16"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    for k in ("fsdp_activation_ratio", "fsdp_parameter_ratio", "fsdp_module_ratio"):
+        assert res[k] > 0, res
+    assert res["ranks"] == 2 and res["cpu"]
