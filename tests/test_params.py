@@ -181,3 +181,15 @@ def test_errors(tiny_gpt):
 
     with pytest.raises(TypeError, match="leaf module"):
         gr.ParamRouter(Odd(), {"lin.weight": torch.ones(3, 3, dtype=torch.bool)})
+
+
+def test_unit_masks_cost_a_row_not_a_weight(hf_gpt2):
+    # MLP units are rows of the input linear and columns of the reader: each mask is a vector expanded to the
+    # weight's shape, so a large model's masks stay small (docs/scale.md counts on it)
+    units = gr.expand_mlp(hf_gpt2, "transformer.h.*.mlp", 4)
+    router = gr.ParamRouter(hf_gpt2, units)
+    named = dict(hf_gpt2.named_parameters())
+    for name, m in router.masks.items():
+        assert m.shape == named[name].shape
+        assert m.untyped_storage().nbytes() <= max(m.shape), (name, m.untyped_storage().nbytes())
+    assert router.num_forget_params() == sum(int(m.sum()) for m in router.masks.values())

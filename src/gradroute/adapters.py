@@ -148,17 +148,25 @@ def in_features(m: nn.Module) -> int:
 
 def linear_masks(m: nn.Module, out_units: torch.Tensor | None = None, in_units: torch.Tensor | None = None):
     """Bool masks ``(weight_mask, bias_mask)`` in the layer's own weight layout, True on the rows of
-    ``out_units`` and on the columns of ``in_units`` (bool vectors). The bias belongs to out units."""
+    ``out_units`` and on the columns of ``in_units`` (bool vectors). The bias belongs to out units.
+
+    With only one of the two, the weight mask is that vector expanded to the weight's shape (a read-only
+    view: memory of one row or column, not of the weight; what keeps the masks of a large model small).
+    The shapes are the full ones, also for a sharded (DTensor) weight; the masks are plain tensors."""
     ax = out_axis(m)
-    # plain tensors of the full shapes, also for sharded (DTensor) parameters
-    w = torch.zeros(m.weight.shape, dtype=torch.bool, device=m.weight.device)
-    b = None if m.bias is None else torch.zeros(m.bias.shape, dtype=torch.bool, device=m.bias.device)
-    if out_units is not None:
-        w |= out_units.view(-1, 1) if ax == 0 else out_units.view(1, -1)
-        if b is not None:
-            b |= out_units
-    if in_units is not None:
-        w |= in_units.view(1, -1) if ax == 0 else in_units.view(-1, 1)
+    shape, dev = m.weight.shape, m.weight.device
+    rows = None if out_units is None else (out_units.view(-1, 1) if ax == 0 else out_units.view(1, -1))
+    cols = None if in_units is None else (in_units.view(1, -1) if ax == 0 else in_units.view(-1, 1))
+    if rows is None and cols is None:
+        w = torch.zeros(shape, dtype=torch.bool, device=dev)
+    elif rows is None or cols is None:
+        w = (rows if cols is None else cols).to(dev, torch.bool).expand(shape)
+    else:
+        w = (rows | cols).to(dev, torch.bool).expand(shape).contiguous()
+    b = None
+    if m.bias is not None:
+        b = torch.zeros(m.bias.shape, dtype=torch.bool, device=dev) if out_units is None \
+            else out_units.to(dev, torch.bool).clone()
     return w, b
 
 
