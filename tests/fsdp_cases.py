@@ -36,14 +36,17 @@ def model_and_units(modules=False):
     return model, gr.expand_mlp(model, "transformer.h.*.mlp", 8)
 
 
-def shard(model):
+def shard(model, bf16=False):
+    """``fully_shard`` on each block, then the root; ``bf16``: FSDP2's mixed precision (bf16 gathered parameters
+    and compute, fp32 gradient reduction and master parameters)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh("cpu", (2,))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     for block in model.transformer.h:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
 
 
@@ -200,6 +203,38 @@ def case_activation_bf16(rank):
 
 def case_activation_checkpoint(rank):
     return routed_activation_steps(rank, checkpoint=True)
+
+
+def case_param_mixed_precision(rank):
+    """FSDP2 mixed precision (bf16 parameters in compute): one AdamW step (no weight decay) on an all-forget
+    batch moves theta_forget and leaves every other parameter bit for bit (its gradient is exactly 0)."""
+    model, units = model_and_units()
+    model = shard(model, bf16=True) if rank is not None else model
+    router = gr.ParamRouter(model, units)
+    before = full_state(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    for r, w in halves(rank):
+        with router(forget=torch.ones(2, dtype=torch.bool)):
+            (w * loss(model, half(ids(10), r))).backward()
+    opt.step()
+    return {"before": before, "after": full_state(model),
+            "region": {n: m.clone() for n, m in router.masks.items()}}
+
+
+def case_module_mixed_precision(rank):
+    """FSDP2 mixed precision with module routing: the isolation of frozen owners holds bit for bit."""
+    model, mods = model_and_units(modules=True)
+    model = shard(model, bf16=True) if rank is not None else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    out = {"step0": full_state(model)}
+    for s in range(STEPS):
+        for r, w in halves(rank):
+            with mods.route(half(torch.tensor(LABELS[s]), r), p_as=0.5, generator=torch.Generator().manual_seed(s)):
+                (w * loss(model, half(ids(10 + s), r))).backward()
+        opt.step()
+        opt.zero_grad()
+        out[f"step{s + 1}"] = full_state(model)
+    return out
 
 
 def case_surgery(rank):

@@ -171,3 +171,28 @@ def test_overhead_benchmark_fsdp_mode_prints_its_json():
     for k in ("fsdp_activation_ratio", "fsdp_parameter_ratio", "fsdp_module_ratio"):
         assert res[k] > 0, res
     assert res["ranks"] == 2 and res["cpu"]
+
+
+def test_parameter_routing_with_fsdp_mixed_precision_updates_only_the_region(sharded):
+    # bf16 compute differs from the fp32 run in value, so this checks the routing itself, exactly
+    got = sharded["param_mixed_precision"]
+    assert "error" not in got, got.get("error")
+    moved = stayed = 0
+    for n, before in got["before"].items():
+        after, m = got["after"][n], got["region"].get(n)
+        if m is None:
+            assert torch.equal(before, after), n
+            stayed += 1
+        else:
+            assert torch.equal(before[~m], after[~m]), n
+            moved += not torch.equal(before[m], after[m])   # (the new units' input rows get no gradient yet:
+    assert moved and stayed                                  # their output columns start at zero)
+
+
+def test_module_routing_with_fsdp_mixed_precision_keeps_frozen_owners(sharded):
+    got = sharded["module_mixed_precision"]
+    assert "error" not in got, got.get("error")
+    before, after = got["step1"], got["step2"]
+    moved = {n for n in after if not torch.equal(before[n], after[n])}
+    assert moved and all(".aux_modules.a." in n for n in moved), sorted(moved)
+    assert not torch.equal(got["step2"]["transformer.wte.weight"], got["step3"]["transformer.wte.weight"])
