@@ -196,3 +196,26 @@ def test_module_routing_with_fsdp_mixed_precision_keeps_frozen_owners(sharded):
     moved = {n for n in after if not torch.equal(before[n], after[n])}
     assert moved and all(".aux_modules.a." in n for n in moved), sorted(moved)
     assert not torch.equal(got["step2"]["transformer.wte.weight"], got["step3"]["transformer.wte.weight"])
+
+
+def test_torchrun_example_trains_ablates_and_saves_the_gathered_model(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from distributed import free_port
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "fsdp_routing.py"
+    out = tmp_path / "ablated.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", str(free_port()), str(script), "--routing", "parameter",
+                          "--steps", "2", "--out", str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "done: 2 ranks" in run.stdout
+    sd = torch.load(out)
+    # the 8 added units of each block, ablated (Conv1D weights are (in, out)): c_fc outputs, c_proj inputs
+    assert not sd["transformer.h.0.mlp.c_fc.weight"][:, -8:].any()
+    assert not sd["transformer.h.1.mlp.c_proj.weight"][-8:].any()
+    assert sd["transformer.h.0.mlp.c_fc.weight"][:, :-8].abs().sum() > 0
