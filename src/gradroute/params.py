@@ -168,6 +168,9 @@ class ParamRouter:
 
     Every parameter of the model must live in a leaf module (a module without parameterised
     children); linear layers get the fused path, others (embeddings, norms) run per group.
+
+    ``masks``: ``{parameter name: bool mask of the parameter's full shape}`` (every name of a tied parameter),
+    keyed by name so that they survive wrappers that replace parameter objects (FSDP2's ``fully_shard``).
     """
 
     def __init__(self, model: nn.Module, region):
