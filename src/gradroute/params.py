@@ -36,7 +36,7 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 
-from .adapters import Pattern, find_modules, is_linear, is_sharded, linear_masks, local_shard, out_axis, unwrap, whole
+from .adapters import Pattern, find_modules, is_linear, linear_masks, local_shard, out_axis, unwrap, whole
 from .core import route
 from .masks import region_mask
 from .surgery import Units, unit_masks
