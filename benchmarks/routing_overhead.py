@@ -13,6 +13,15 @@ on CUDA also the peak allocated memory.
 
 The last line is a JSON object with activation_ratio and parameter_ratio (routed / plain median
 step time, over all models; the worse model counts).
+
+    python benchmarks/routing_overhead.py --fsdp [--reps 10]
+
+FSDP2 mode: 2 gloo processes on CPU, our GPT sharded with fully_shard (each block, then the root),
+each rank a batch of its own. Rows: plain FSDP2 step, activation and parameter routing (as above) on
+the expanded model; module routing (2 domains, mixed labels, so parameter routing freezes the core on
+the domain rows) against a plain step of the same model with its modules on. One step's time is the
+slower rank's; variants are interleaved step by step. The last line is JSON with fsdp_activation_ratio,
+fsdp_parameter_ratio, fsdp_module_ratio and the CPU model.
 """
 from __future__ import annotations
 
@@ -79,13 +88,128 @@ def saved_bytes(fn):
     return loss, total[0]
 
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def fsdp_worker(rank, port, path, reps, batch, seq):
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    try:
+        mesh = init_device_mesh("cpu", (2,))
+        cfg = GPTConfig(vocab_size=1024, n_ctx=seq, n_layer=2, n_head=4, d_model=128, d_mlp=512)
+
+        def sharded(model):
+            for block in model.transformer.h:
+                fully_shard(block, mesh=mesh)
+            return fully_shard(model, mesh=mesh)
+
+        torch.manual_seed(0)
+        model = GPT(cfg)
+        units = gr.expand_mlp(model, "transformer.h.*.mlp", 32)
+        router = gr.ParamRouter(model, units)
+        model = sharded(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        torch.manual_seed(0)
+        mmodel = GPT(cfg)
+        mods = gr.add_modules(mmodel, "transformer.h.*.mlp", ["a", "b"], width=16)
+        mmodel = sharded(mmodel)
+        mopt = torch.optim.AdamW(mmodel.parameters(), lr=1e-4)
+
+        g = torch.Generator().manual_seed(rank)
+        ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
+        forget_tok = torch.rand(batch, seq, generator=g) < 0.2
+        forget_ex = torch.arange(batch) % 2 == 0
+        labels = torch.tensor([0, gr.GENERAL, 1, gr.UNLABELLED] * batch)[:batch]
+        variants = {
+            "plain": (model, opt, contextlib.nullcontext),
+            "activation": (model, opt, lambda: gr.route_units(model, units, forget_tok, outside=-0.75)),
+            "parameter": (model, opt, lambda: router(forget=forget_ex)),
+            "module_plain": (mmodel, mopt, contextlib.nullcontext),
+            "module": (mmodel, mopt, lambda: mods.route(labels)),
+        }
+        times = {k: [] for k in variants}
+        for rep in range(reps + 2):
+            for name, (m, o, ctx) in variants.items():
+                dist.barrier()
+                t0 = time.perf_counter()
+                o.zero_grad(set_to_none=True)
+                with ctx():
+                    m(ids, ids)[1].backward()
+                o.step()
+                dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+                dist.all_reduce(dt, op=dist.ReduceOp.MAX)          # the step ends when the slower rank's does
+                if rep >= 2:  # warm-up
+                    times[name].append(float(dt))
+        if rank == 0:
+            med = {k: statistics.median(v) for k, v in times.items()}
+            with open(path, "w") as f:
+                json.dump({"median_s": med, "batch_per_rank": batch, "seq": seq, "reps": reps}, f)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def fsdp_main(args):
+    import os
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "fsdp.json")
+        mp.spawn(fsdp_worker, args=(port, path, args.reps, args.batch, args.seq), nprocs=2, join=True)
+        with open(path) as f:
+            res = json.load(f)
+    med = res["median_s"]
+    print(f"FSDP2, 2 gloo ranks on CPU ({cpu_model()}), torch {torch.__version__}, 1 thread per rank, "
+          f"batch {args.batch}x{args.seq} per rank, {args.reps} interleaved reps")
+    for k, v in med.items():
+        print(f"{k:13s} {1000 * v:10.1f} ms")
+    summary = {
+        "fsdp_activation_ratio": med["activation"] / med["plain"],
+        "fsdp_parameter_ratio": med["parameter"] / med["plain"],
+        "fsdp_module_ratio": med["module"] / med["module_plain"],
+        "ranks": 2, "backend": "gloo", "device": "cpu", "cpu": cpu_model(), "torch": torch.__version__,
+        "reps": args.reps, "batch_per_rank": args.batch, "seq": args.seq,
+    }
+    print(json.dumps(summary))
+    return summary
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=None, help="interleaved reps (default 20; --fsdp: 10)")
+    ap.add_argument("--batch", type=int, default=None, help="batch (default 8; --fsdp: 4 per rank)")
+    ap.add_argument("--seq", type=int, default=None, help="sequence length (default 128; --fsdp: 64)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--fsdp", action="store_true", help="2 ranks with FSDP2 on CPU (gloo); see above")
     args = ap.parse_args(argv)
+    for k, plain, fsdp in (("reps", 20, 10), ("batch", 8, 4), ("seq", 128, 64)):
+        if getattr(args, k) is None:
+            setattr(args, k, fsdp if args.fsdp else plain)
+    if args.fsdp:
+        return fsdp_main(args)
     device = resolve_device(args.device)
     results = {}
     for mname, (base, pattern, loss_fn) in build_models(device).items():

@@ -183,6 +183,12 @@ def _spawn2(worker, *args, tries: int = 2) -> None:
 
 
 @pytest.fixture
+def tcp_port() -> int:
+    """A free TCP port on 127.0.0.1 (for a torchrun rendezvous)."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
 def spawn2():
     """``spawn2(worker, *args)``: ``worker(rank, port, *args)`` in 2 processes (see :func:`_spawn2`)."""
     return _spawn2

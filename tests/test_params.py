@@ -17,7 +17,7 @@ def per_example_loss(model, ids, params=None):
 def reference_grads(model, ids, router, forget, zero):
     """Backward each group separately, mask, sum."""
     named = dict(model.named_parameters())
-    masks = {n: router.masks.get(p, torch.zeros_like(p, dtype=torch.bool)) for n, p in named.items()}
+    masks = {n: router.masks.get(n, torch.zeros_like(p, dtype=torch.bool)) for n, p in named.items()}
     total = {n: torch.zeros_like(p) for n, p in named.items()}
     rest = ~(forget | zero)
     for group, kind in ((rest, "n"), (forget, "f"), (zero, "z")):
@@ -68,11 +68,12 @@ def naive_per_position_grads(model, ids, router, forget):
     output twice, with plain parameters and with route(p, mask) parameters, and each position takes
     the forget version where forget is set (the paper's formula applied to parameters)."""
     busy, hooks = [False], []
+    full = {id(p): n for n, p in model.named_parameters()}
 
     def hook(mod, args, out):
         if busy[0]:
             return None
-        routed = {n: gr.route(p, router.masks[p].float()) if p in router.masks else p.detach()
+        routed = {n: gr.route(p, router.masks[full[id(p)]].float()) if full[id(p)] in router.masks else p.detach()
                   for n, p in mod.named_parameters(recurse=False)}
         busy[0] = True
         try:
@@ -180,3 +181,15 @@ def test_errors(tiny_gpt):
 
     with pytest.raises(TypeError, match="leaf module"):
         gr.ParamRouter(Odd(), {"lin.weight": torch.ones(3, 3, dtype=torch.bool)})
+
+
+def test_unit_masks_cost_a_row_not_a_weight(hf_gpt2):
+    # MLP units are rows of the input linear and columns of the reader: each mask is a vector expanded to the
+    # weight's shape, so a large model's masks stay small (docs/scale.md counts on it)
+    units = gr.expand_mlp(hf_gpt2, "transformer.h.*.mlp", 4)
+    router = gr.ParamRouter(hf_gpt2, units)
+    named = dict(hf_gpt2.named_parameters())
+    for name, m in router.masks.items():
+        assert m.shape == named[name].shape
+        assert m.untyped_storage().nbytes() <= max(m.shape), (name, m.untyped_storage().nbytes())
+    assert router.num_forget_params() == sum(int(m.sum()) for m in router.masks.values())

@@ -36,6 +36,41 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+# ---------------------------------------------------------------------------- sharded (FSDP2) parameters
+def is_sharded(t) -> bool:
+    """Whether ``t`` is a DTensor (a parameter of a model sharded with FSDP2 or tensor parallelism)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:          # torch built without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def whole(t):
+    """``t`` as one full tensor: a DTensor is gathered (a collective: every rank must call this)."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def local_shard(p: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(tensor, mask)`` to update in place: ``p`` and ``mask`` as they are, or for a DTensor ``p`` its local
+    shard and the matching part of the full ``mask`` (cut locally by ``p``'s mesh and placements, no
+    communication; a rank's shard may be empty)."""
+    if not is_sharded(p):
+        return p, mask
+    from torch.distributed.tensor import distribute_tensor
+
+    return p.to_local(), distribute_tensor(mask, p.device_mesh, p.placements, src_data_rank=None).to_local()
+
+
+def refuse_sharded(model: nn.Module, what: str, instead: str) -> None:
+    """``ValueError`` when ``model`` holds sharded (DTensor) parameters: ``what`` changes the model's structure,
+    which FSDP2 has already split into shards."""
+    if any(is_sharded(p) for p in unwrap(model).parameters()):
+        raise ValueError(f"{what} on a model sharded with FSDP2 (its parameters are DTensors) is not supported: "
+                         f"it changes the model's structure, which fully_shard has already split into shards. "
+                         f"{instead} (see docs/scale.md)")
+
+
 def _glob_to_regex(glob: str) -> str:
     out = []
     for part in re.split(r"(\*\*|\*|\?)", glob):
@@ -113,16 +148,25 @@ def in_features(m: nn.Module) -> int:
 
 def linear_masks(m: nn.Module, out_units: torch.Tensor | None = None, in_units: torch.Tensor | None = None):
     """Bool masks ``(weight_mask, bias_mask)`` in the layer's own weight layout, True on the rows of
-    ``out_units`` and on the columns of ``in_units`` (bool vectors). The bias belongs to out units."""
+    ``out_units`` and on the columns of ``in_units`` (bool vectors). The bias belongs to out units.
+
+    With only one of the two, the weight mask is that vector expanded to the weight's shape (a read-only
+    view: memory of one row or column, not of the weight; what keeps the masks of a large model small).
+    The shapes are the full ones, also for a sharded (DTensor) weight; the masks are plain tensors."""
     ax = out_axis(m)
-    w = torch.zeros_like(m.weight, dtype=torch.bool)
-    b = None if m.bias is None else torch.zeros_like(m.bias, dtype=torch.bool)
-    if out_units is not None:
-        w |= out_units.view(-1, 1) if ax == 0 else out_units.view(1, -1)
-        if b is not None:
-            b |= out_units
-    if in_units is not None:
-        w |= in_units.view(1, -1) if ax == 0 else in_units.view(-1, 1)
+    shape, dev = m.weight.shape, m.weight.device
+    rows = None if out_units is None else (out_units.view(-1, 1) if ax == 0 else out_units.view(1, -1))
+    cols = None if in_units is None else (in_units.view(1, -1) if ax == 0 else in_units.view(-1, 1))
+    if rows is None and cols is None:
+        w = torch.zeros(shape, dtype=torch.bool, device=dev)
+    elif rows is None or cols is None:
+        w = (rows if cols is None else cols).to(dev, torch.bool).expand(shape)
+    else:
+        w = (rows | cols).to(dev, torch.bool).expand(shape).contiguous()
+    b = None
+    if m.bias is not None:
+        b = torch.zeros(m.bias.shape, dtype=torch.bool, device=dev) if out_units is None \
+            else out_units.to(dev, torch.bool).clone()
     return w, b
 
 

@@ -20,6 +20,12 @@ per group. The result equals "backward each group separately, mask, sum" (tested
     with router(forget=is_forget):          # bool (B,) or (B, T)
         model(x, y)[1].backward()
     router.ablate()                          # after training: theta_forget = 0
+
+Sharded models (FSDP2 ``fully_shard``, parameters are DTensors): the masks are kept whole (plain bool tensors
+of the parameters' full shapes) because routing acts inside the forward pass, where FSDP2 has gathered each
+module's parameters; gradients are masked there, before FSDP reduce-scatters them. Parameters are looked up
+on their module at call time (FSDP2 swaps a module's sharded parameters for gathered ones around its
+forward), and :meth:`ParamRouter.ablate` zeroes each rank's own shard. See docs/scale.md.
 """
 from __future__ import annotations
 
@@ -29,9 +35,8 @@ from typing import Mapping
 
 import torch
 import torch.nn as nn
-from torch.func import functional_call
 
-from .adapters import Pattern, find_modules, is_linear, linear_masks, out_axis, unwrap
+from .adapters import Pattern, find_modules, is_linear, linear_masks, local_shard, out_axis, unwrap, whole
 from .core import route
 from .masks import region_mask
 from .surgery import Units, unit_masks
@@ -163,6 +168,9 @@ class ParamRouter:
 
     Every parameter of the model must live in a leaf module (a module without parameterised
     children); linear layers get the fused path, others (embeddings, norms) run per group.
+
+    ``masks``: ``{parameter name: bool mask of the parameter's full shape}`` (every name of a tied parameter),
+    keyed by name so that they survive wrappers that replace parameter objects (FSDP2's ``fully_shard``).
     """
 
     def __init__(self, model: nn.Module, region):
@@ -172,18 +180,21 @@ class ParamRouter:
         masks = _as_param_region(model, region)
         if not masks:
             raise ValueError("parameter routing needs a non-empty theta_forget region")
-        self.masks: dict[nn.Parameter, torch.Tensor] = {}
+        by_param: dict[int, torch.Tensor] = {}    # tied parameters (two names, one tensor) share one mask
         for pname, m in masks.items():
             if pname not in named:
                 raise unknown_parameter("region", pname, named)
             p = named[pname]
+            m = whole(m)
             m = torch.as_tensor(m, dtype=torch.bool, device=p.device)
             try:
-                m = m.expand_as(p)
+                m = m.expand(p.shape)               # p.shape: the full shape, also for a sharded DTensor
             except RuntimeError:
                 raise ValueError(f"mask for {pname} has shape {tuple(m.shape)}, which does not broadcast "
                                  f"to the parameter's shape {tuple(p.shape)}") from None
-            self.masks[p] = self.masks[p] | m if p in self.masks else m
+            by_param[id(p)] = by_param[id(p)] | m if id(p) in by_param else m
+        # {parameter name: mask}, every name of a tied parameter included
+        self.masks: dict[str, torch.Tensor] = {n: by_param[id(p)] for n, p in named.items() if id(p) in by_param}
         # the modules owning parameters directly, each wrapped while routing is active
         self.owners: list[tuple[str, nn.Module]] = []
         uncovered = []
@@ -195,6 +206,11 @@ class ParamRouter:
                 uncovered += [f"{name}.{n}" for n, _ in mod.named_parameters(recurse=False)]
                 continue
             self.owners.append((name, mod))
+        # per owner module: {local parameter name: mask or None}; parameters themselves are read on the module
+        # at call time (FSDP2 replaces them: sharded outside forward, gathered inside)
+        self._owner_masks = {name: {pn: self.masks.get(f"{name}.{pn}" if name else pn)
+                                    for pn, _ in mod.named_parameters(recurse=False)}
+                             for name, mod in self.owners}
         if uncovered:
             raise TypeError("parameter routing needs every parameter inside a leaf module; these are owned "
                             f"by modules with parameterised children: {', '.join(uncovered[:8])}")
@@ -212,12 +228,22 @@ class ParamRouter:
 
     @torch.no_grad()
     def ablate(self) -> None:
-        """Set ``theta_forget`` to zero in place (after training)."""
-        for p, m in self.masks.items():
-            p.masked_fill_(m, 0)
+        """Set ``theta_forget`` to zero in place (after training). On a model sharded with FSDP2 every rank
+        zeroes its own shard (call it on every rank, outside forward)."""
+        for name, mod in self.owners:
+            for pn, m in self._owner_masks[name].items():
+                if m is not None:
+                    p = getattr(mod, pn)
+                    local, m = local_shard(p, m)
+                    local.masked_fill_(m, 0)
 
     def num_forget_params(self) -> int:
-        return int(sum(m.sum() for m in self.masks.values()))
+        seen, total = set(), 0
+        for m in self.masks.values():
+            if id(m) not in seen:
+                seen.add(id(m))
+                total += int(m.sum())
+        return total
 
     # ------------------------------------------------------------------ machinery
     @contextlib.contextmanager
@@ -281,10 +307,10 @@ class ParamRouter:
     def _make_forward(self, name: str, mod: nn.Module):
         original = type(mod).forward.__get__(mod)
         lead_ndim = self._state["forget"].ndim
+        pmasks = self._owner_masks[name]
         if is_linear(mod):
             conv = out_axis(mod) == 1
-            wm = self.masks.get(mod.weight)
-            bm = self.masks.get(mod.bias) if mod.bias is not None else None
+            wm, bm = pmasks.get("weight"), pmasks.get("bias")
 
             def forward(x, *args, **kwargs):
                 x, f, z, n = self._rows(name, x)
@@ -297,19 +323,13 @@ class ParamRouter:
                 return y.view(*x.shape[:-1], y.shape[-1])
             return forward
 
-        pmasks = {pn: self.masks.get(p) for pn, p in mod.named_parameters(recurse=False)}
-        params = dict(mod.named_parameters(recurse=False))
-
-        busy = [False]  # functional_call re-enters forward: run the original then
-
         def forward(x, *args, **kwargs):
-            if busy[0]:
-                return original(x, *args, **kwargs)
             x, f, z, n = self._rows(name, x)
             if not f.numel() and not z.numel():
                 return original(x, *args, **kwargs)
             lead = x.shape[:lead_ndim]
             xs = x.reshape(-1, *x.shape[lead_ndim:])
+            params = {pn: p for pn, p in mod._parameters.items() if p is not None}   # as of now (FSDP2: gathered)
             parts, order = [], []
             for rows, kind in ((n, "n"), (f, "f"), (z, "z")):
                 if not rows.numel():
@@ -320,16 +340,13 @@ class ParamRouter:
                 else:
                     eff = {}
                     for pn, p in params.items():
-                        m = pmasks[pn]
+                        m = pmasks.get(pn)
                         if kind == "f":
                             eff[pn] = route(p, 0.0) if m is None else route(p, m.to(p.dtype))  # stays in the graph (DDP)
                         else:
                             eff[pn] = p if m is None else p * (~m).to(p.dtype)
-                    busy[0] = True
-                    try:
-                        out = functional_call(mod, eff, (part, *args), kwargs)
-                    finally:
-                        busy[0] = False
+                    with _swapped(mod, eff):
+                        out = original(part, *args, **kwargs)
                 parts.append(out)
                 order.append(rows)
             y = torch.cat(parts)
@@ -338,3 +355,17 @@ class ParamRouter:
             inv[perm] = torch.arange(perm.numel(), device=perm.device)
             return y.index_select(0, inv).view(*lead, *y.shape[1:])
         return forward
+
+
+@contextlib.contextmanager
+def _swapped(mod: nn.Module, tensors: dict):
+    """``mod``'s parameters replaced by ``tensors`` for the duration, on this module only: its own forward is
+    then called directly, so no hook runs twice and no wrapper (FSDP2) sees a re-entered call."""
+    saved = {pn: mod._parameters[pn] for pn in tensors}
+    try:
+        for pn, t in tensors.items():
+            mod._parameters[pn] = t
+        yield
+    finally:
+        for pn, p in saved.items():
+            mod._parameters[pn] = p

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from .adapters import (Pattern, attention_parts, find_modules, linear_masks, out_axis,
+from .adapters import (Pattern, attention_parts, find_modules, linear_masks, local_shard, out_axis, refuse_sharded,
                        mlp_parts, resize_linear, unwrap)
 from .core import route_factored
 from .hooks import routing
@@ -62,6 +62,7 @@ def expand_mlp(model: nn.Module, pattern: Pattern, k: int, init_std: float | Non
     zero weights, so the expanded model computes the same function. Returns the new units."""
     if k <= 0:
         raise ValueError(f"k must be positive, got {k}")
+    refuse_sharded(model, "expand_mlp()", "Expand the model before fully_shard")
     new = Units("mlp")
     for name, mlp in find_modules(model, pattern, kind="MLP"):
         parts = mlp_parts(mlp, name)
@@ -92,6 +93,7 @@ def expand_attention(model: nn.Module, pattern: Pattern, h: int, init_std: float
     """Add ``h`` heads to every attention block matching ``pattern`` (zero output weights, so
     the function is unchanged). With grouped-query attention ``h`` must be a multiple of the
     group size; matching key/value heads are added too. Returns the new heads."""
+    refuse_sharded(model, "expand_attention()", "Expand the model before fully_shard")
     if h <= 0:
         raise ValueError(f"h must be positive, got {h}")
     new = Units("heads")
@@ -176,15 +178,17 @@ def ablate(model: nn.Module, units: Units) -> None:
     modules = dict(unwrap(model).named_modules())
     for lin_name, (wm, bm) in unit_masks(model, units).items():
         lin = modules[lin_name]
-        lin.weight.masked_fill_(wm, 0)
-        if bm is not None:
-            lin.bias.masked_fill_(bm, 0)
+        for p, m in ((lin.weight, wm), (lin.bias, bm)):
+            if m is not None:
+                local, m = local_shard(p, m)        # under FSDP2: this rank's shard
+                local.masked_fill_(m, 0)
 
 
 def contract(model: nn.Module, units: Units) -> None:
     """Remove ``units`` from the model, in place (smaller layers). The contracted model computes
     what the ablated one does when the MLP's activation maps 0 to 0 (GELU, ReLU, SiLU...).
     The ``Units`` objects of this model are stale afterwards."""
+    refuse_sharded(model, "contract()", "Gather a full state dict, load it into an unsharded model and contract that")
     modules = dict(unwrap(model).named_modules())
     for name, idx in units.index.items():
         block = modules[name]

@@ -56,8 +56,9 @@ def tied_embeddings(root: nn.Module) -> tuple[nn.Embedding, nn.Module]:
 class EmbedDeltas:
     """The deltas of ``owner`` (a :class:`~gradroute.modules.ModuleSet` with keys) and the hooks that add them.
 
-    Each hook acts on the outermost call of its module only: parameter routing re-enters the embedding
-    (``functional_call`` on core-frozen rows), which would otherwise add the delta twice."""
+    Each hook acts on the outermost call of its module only: a re-entered embedding (a wrapper calling it
+    again inside its own call) would otherwise add the delta twice. Parameter routing no longer re-enters it
+    (it calls the embedding's own forward with swapped parameters), so this is a guard."""
 
     def __init__(self, owner, rows: dict):
         root = owner.model

@@ -7,7 +7,8 @@ optimizer holding the model's parameters, after a routed forward: it sets ``.gra
 parameter whose owner (the core, or one module) had no example learning it since the previous step, and
 torch optimizers skip parameters without a gradient entirely. Under DistributedDataParallel the per-owner
 flags are all-reduced (max) first, so every rank steps the same owners. Flags accumulate over micro-batches
-until the next step; forwards under ``no_grad`` record nothing."""
+until the next step; forwards under ``no_grad`` record nothing. Under FSDP2 the parameters are shards (DTensors)
+and the flags are all-reduced the same way, so every rank drops the same owners' shards."""
 from __future__ import annotations
 
 import weakref
@@ -24,7 +25,6 @@ class Isolation:
     def __init__(self, owner):
         self.owner = weakref.ref(owner)
         self.pending: torch.Tensor | None = None     # learned flags (1 + K) since the last step
-        self._ids = {id(p) for p in owner.model.parameters()}
         ref = self.owner
 
         def pre_step(optimizer, args, kwargs):
@@ -39,7 +39,9 @@ class Isolation:
     def before_step(self, optimizer) -> None:
         if self.pending is None:
             return
-        if not any(id(p) in self._ids for g in optimizer.param_groups for p in g["params"]):
+        # the model's parameters as of now: wrapping (FSDP2's fully_shard) replaces the parameter objects
+        ids = {id(p) for p in self.owner().model.parameters()}
+        if not any(id(p) in ids for g in optimizer.param_groups for p in g["params"]):
             return
         self.release()
 

@@ -8,7 +8,7 @@ from typing import Iterable, Mapping, Sequence, Union
 import torch
 import torch.nn as nn
 
-from ..adapters import Pattern, find_modules, in_features, mlp_parts, out_features, unwrap
+from ..adapters import Pattern, find_modules, in_features, is_sharded, mlp_parts, out_features, refuse_sharded, unwrap
 from ..params import ParamRouter
 from .deltas import EMBED_CONTAINER, EmbedDeltas, input_embedding, tied_embeddings
 from .aux_mlp import CONTAINER, AuxMLP, activation_of
@@ -47,6 +47,8 @@ class ModuleSet:
     def __init__(self, model: nn.Module, pattern: Pattern, domains, width=0.1, keys=None, key_rule="first",
                  embed_delta=None, activation=None):
         root = unwrap(model)
+        refuse_sharded(root, "add_modules()", "Add modules before fully_shard, so that FSDP2 shards them with their "
+                       "blocks")
         domains = _domain_names(domains)
         if isinstance(width, bool) or not isinstance(width, (int, float)) or width <= 0:
             raise ValueError(f"width must be a positive fraction (float) or unit count (int), got {width!r}")
@@ -71,7 +73,6 @@ class ModuleSet:
         self.keyed = None if keys is None else KeyGates(root, key_ids, domains, vocab, key_rule)
         self.deltas = None if rows is None else EmbedDeltas(self, rows)
         self.embed_delta = rows is not None
-        self._aux_ids = {id(p) for p in self.module_params()}
         self.mask = torch.ones(1 + self.K)
         self._route: dict | None = None
         self._router = None
@@ -111,7 +112,9 @@ class ModuleSet:
         return out + (self.deltas.weights(names) if self.deltas is not None else [])
 
     def core_params(self) -> list[nn.Parameter]:
-        return [p for p in self.model.parameters() if id(p) not in self._aux_ids]
+        # the ids as of now: wrapping (FSDP2's fully_shard) replaces the parameter objects
+        aux = {id(p) for p in self.module_params()}
+        return [p for p in self.model.parameters() if id(p) not in aux]
 
     def num_params(self, domain: Union[str, int, None] = None) -> int:
         return sum(p.numel() for p in self.module_params(domain))
@@ -191,8 +194,10 @@ class ModuleSet:
             if frozen.any():
                 if self._router is None:
                     names = {id(p): n for n, p in self.model.named_parameters()}
-                    self._router = ParamRouter(self.model, {names[id(p)]: torch.ones_like(p, dtype=torch.bool)
-                                                            for p in self.module_params()})
+                    # all-True masks as expanded views (no memory), of the full shape also for sharded parameters
+                    self._router = ParamRouter(self.model, {
+                        names[id(p)]: torch.ones((), dtype=torch.bool, device=p.device).expand(p.shape)
+                        for p in self.module_params()})
                 with self._router(forget=frozen):
                     yield self
             else:
@@ -280,12 +285,14 @@ class ModuleSet:
         """A copy of the model without modules (stock architecture): the modules in ``on`` (a list of domains,
         or ``{domain: strength}``) merged into the MLPs by width concatenation, the rest dropped. Raises
         ``ValueError`` where merging is not exact (keyed modules, gated MLPs; see :mod:`.export`)."""
+        self._refuse_sharded("export()")
         strengths = self.strengths(on)[1:] if on else torch.zeros(self.K)
         return _export(self, strengths, unwrap(model) if model is not None else self.model)
 
     def remove(self) -> None:
         """Detach: delete the modules and hooks from the model in place (it is a stock model again, equal to
         ``export()``) and stop the optimizer hook."""
+        self._refuse_sharded("remove()")
         for (mlp, handle) in self._hooks:
             handle.remove()
             if hasattr(mlp, CONTAINER):
@@ -298,6 +305,15 @@ class ModuleSet:
         if self.deltas is not None:
             self.deltas.remove()
         self.isolation.remove()
+
+    def _refuse_sharded(self, what: str) -> None:
+        if any(is_sharded(p) for p in self.model.parameters()):
+            raise ValueError(
+                f"{what} on a model sharded with FSDP2 (its parameters are DTensors) is not supported: it copies or "
+                "changes the model's structure, which FSDP2 has already split into shards. Gather a full state "
+                "dict on every rank (torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
+                "options=StateDictOptions(full_state_dict=True))), load it into an unsharded model given the same "
+                f"add_modules() call, and call {what} on that model's ModuleSet (see docs/scale.md)")
 
     def __del__(self):
         try:
