@@ -214,7 +214,8 @@ def run_one(method: str, p: float | None, seed: int, cfg: dict, out: Path, devic
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick",
                         help="quick (default; the full sweep of 6 methods x 5 p x 3 seeds is 72 runs, an estimated 60 CPU-minutes; "
-                             "reproduce runs 5 methods x p in {0.1, 0.5}: 16 CPU-minutes measured) or paper (paper sizes)")
+                             "reproduce runs 5 methods x p in {0.1, 0.5}: 16 CPU-minutes measured), paper (paper sizes) "
+                             "or real (the GCIDE dictionary's medical entries, see --gcide and docs/real_text.md)")
     parser.add_argument("--methods", nargs="+", choices=M.METHODS, default=None,
                         help=f"default: all ({' '.join(M.METHODS)}); profile real: {' '.join(REAL_METHODS)}")
     parser.add_argument("--fractions", nargs="+", type=float, default=None,
@@ -239,7 +240,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab-size", type=int, default=None,
                         help="BPE vocabulary (override the profile; with --corpus PATH, default: sized to the corpus)")
     parser.add_argument("--d-model", type=int, default=None,
-                        help="model width; the MLP is 4x (override the profile; with --corpus PATH, default: sized to the corpus)")
+                        help="model width; the MLP is 4x, heads keep the profile's width (override the profile)")
     parser.add_argument("--n-layer", type=int, default=None, help="transformer blocks (override the profile)")
     parser.add_argument("--lr", type=float, default=None,
                         help="training learning rate (override the profile; cosine floor lr/10), e.g. lower for "
