@@ -635,6 +635,9 @@ def make_figures(out: Path, summary: dict, results: dict) -> None:
                 continue
             L = min(len(c) for c in curves)
             ax.plot([c[0] for c in curves[0][:L]], np.mean([[c[1] for c in cv[:L]] for cv in curves], 0), label=m)
+        starts = [_curve(r["attack_curves"], n)[0][1] for k, r in results.items() if k[0] == "base"]
+        if starts:          # steps to recover count the attack steps until a curve reaches this line
+            ax.axhline(float(np.mean(starts)), color="gray", ls="--", lw=0.8, label="base model (recovery target)")
         ax.set_title(f"retraining on n={n} forget stories", fontsize=9)
         ax.set_xlabel("attack step")
     axes[0][0].set_ylabel(f"forget loss (p={p0:g}, mean over seeds)")
