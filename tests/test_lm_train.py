@@ -177,3 +177,28 @@ def test_format_ci_has_no_interval_for_one_value():
 
     assert format_ci(mean_ci([1.5])) == "1.500"
     assert format_ci(mean_ci([1.0, 2.0])) == f"1.500 ± {12.706 * 0.5:.3f}"
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_output_layer_only_at_targets_gives_the_same_losses_and_gradients(reduction):
+    """``only_targets`` skips the output layer at ignored positions (padding) without changing
+    the loss or any gradient; with a hook on the output layer every position runs."""
+    data = tiny_data()
+    data.y[::2, 5:] = -100                       # ragged documents, as in a padded batch
+    grads = []
+    for only in (False, True):
+        m, _ = tiny_model()
+        logits, loss = m(data.x, data.y, reduction=reduction, only_targets=only)
+        assert (logits is None) == only
+        (loss.sum() if reduction == "none" else loss).backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+    (l0, g0), (l1, g1) = grads
+    torch.testing.assert_close(l1, l0, rtol=1e-6, atol=1e-6)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-5, msg=n)    # summation order
+    m, _ = tiny_model()
+    seen = []
+    m.lm_head.register_forward_hook(lambda mod, a, o: seen.append(o.shape))
+    logits, _ = m(data.x, data.y, reduction="none", only_targets=True)
+    assert seen == [(len(data), T, V)] and logits.shape == (len(data), T, V)
+    torch.testing.assert_close(token_losses(m, data.x, data.y), m(data.x, data.y, reduction="none")[1])

@@ -82,7 +82,7 @@ def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def token_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-token cross-entropy ``(B, T)`` (0 at ignored targets)."""
     if _is_our_gpt(model):
-        return model(x, y, reduction="none")[1]
+        return model(x, y, reduction="none", only_targets=True)[1]
     return F.cross_entropy(logits(model, x).flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE,
                            reduction="none").view(y.shape)
 
