@@ -7,7 +7,7 @@ import torch
 import gradroute as gr
 from gradroute.lm import methods as M
 from gradroute.lm.data import Stories
-from gradroute.lm.evaluate import evaluate, mean_loss, retraining_attack, sample
+from gradroute.lm.evaluate import evaluate, mean_loss, retraining_attack, sample, strongest_attack_lr
 from gradroute.lm.train import TrainConfig, token_losses
 
 V, T, D_MLP = 40, 12, 32
@@ -327,3 +327,18 @@ def test_methods_on_hf_model_folders(tmp_path, layout):
         back = tr.AutoModelForCausalLM.from_pretrained(tmp_path / name)
         with torch.no_grad():
             assert torch.equal(logits(back.eval(), x), logits(model.eval(), x)), name
+
+
+def test_strongest_attack_lr_is_chosen_on_the_validation_stories():
+    model = M.make_model(SPEC, 0)
+    d = stories(40)
+    f = d.subset(d.forget)
+    pool, val = f.subset(slice(0, 6)), f.subset(slice(6, None))
+    lr, reached = strongest_attack_lr(model, pool, val, [1e-9, 1e-2], 4, steps=4, repeats=1, eval_every=2)
+    assert set(reached) == {1e-9, 1e-2} and lr == 1e-2
+    assert reached[1e-9] == pytest.approx(mean_loss(model, val), abs=1e-4)    # a negligible step: no attack
+    assert reached[1e-2] < reached[1e-9]
+    with pytest.raises(ValueError, match="disjoint"):                          # never the attack's own stories
+        strongest_attack_lr(model, pool, pool, [1e-2], 4, steps=1, repeats=1)
+    with pytest.raises(ValueError, match="no attack learning rates"):
+        strongest_attack_lr(model, pool, val, [], 4, steps=1, repeats=1)

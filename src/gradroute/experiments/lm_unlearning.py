@@ -38,7 +38,8 @@ from gradroute.lm import methods as M
 from gradroute.lm import user_corpus
 from gradroute.lm.corpus import load_corpus, split_counts
 from gradroute.lm.data import encode_stories
-from gradroute.lm.evaluate import SAMPLE_PROMPT, domain_check, evaluate, retraining_attack, sample, steps_to_recover
+from gradroute.lm.evaluate import (SAMPLE_PROMPT, domain_check, evaluate, retraining_attack, sample, steps_to_recover,
+                                   strongest_attack_lr)
 from gradroute.lm.tokenizer import get_tokenizer, model_tokenizer
 from gradroute.lm.train import TrainConfig, init_distributed, rank_world
 from gradroute.sweep import run_jobs, split_finished
@@ -83,7 +84,7 @@ PROFILES = {
 # attack three times as long so that the steps each method needs to get back to the base model's forget
 # loss can be counted (docs/real_text.md)
 PROFILES["real"] = copy.deepcopy(PROFILES["quick"])
-PROFILES["real"]["attack"]["steps"] = 48
+PROFILES["real"]["attack"].update(steps=48, lr_grid=[3e-4, 1e-3, 3e-3])
 REAL_METHODS = ("base", "filtering", "era", "param_routing", "rmu")
 REAL_FRACTIONS = (0.1, 0.5)
 TRAIN_STREAM, EVAL_STREAM = 0, 1    # generated corpus: seeds of the training and held-out streams
@@ -176,9 +177,15 @@ def run_one(method: str, p: float | None, seed: int, cfg: dict, out: Path, devic
         ev["ablation_forget_raise"] = ev["forget_loss_after_ablation"] - ev["forget_loss_before_ablation"]
         ev["ablation_retain_raise"] = ev["retain_loss_after_ablation"] - ev["retain_loss_before_ablation"]
     a = cfg["attack"]
+    common = dict(steps=a["steps"], repeats=a["repeats"], eval_every=a["eval_every"], batch_size=a["batch_size"],
+                  seed=seed, device=device)
+    lr = a["lr"]
+    if a.get("lr_grid"):         # the strongest attack on this model, chosen on the forget validation split
+        lr, reached = strongest_attack_lr(model, sets["attack_pool"], sets["forget_val"], a["lr_grid"],
+                                          max(a["sizes"]), **common)
+        result["attack_lr"], result["attack_lr_selection"] = lr, {str(k): v for k, v in reached.items()}
     attack = retraining_attack(model, sets["attack_pool"], sets["forget"].subset(slice(0, a["n_eval"])),
-                               sizes=a["sizes"], steps=a["steps"], repeats=a["repeats"], lr=a["lr"],
-                               eval_every=a["eval_every"], batch_size=a["batch_size"], seed=seed, device=device)
+                               sizes=a["sizes"], lr=lr, **common)
     result.update(ev)
     result["forget_loss_after_attack"] = attack["min"]
     for n, v in attack["min_by_n"].items():

@@ -84,6 +84,18 @@ def retraining_attack(model: nn.Module, pool: Stories, forget_eval: Stories, siz
     return {"min": overall, "min_by_n": by_n, "curves": curves, "tokens_per_step": tokens}
 
 
+def strongest_attack_lr(model: nn.Module, pool: Stories, forget_val: Stories, lrs, n: int, **attack) -> tuple[float, dict]:
+    """The attack learning rate, among ``lrs``, whose attack on ``n`` stories brings the forget loss on
+    the *validation* stories ``forget_val`` lowest (an attacker tunes its learning rate; the
+    evaluation stories are never used for the choice). Returns ``(lr, {lr: lowest loss})``;
+    ``attack`` holds :func:`retraining_attack`'s other arguments."""
+    lrs = [float(lr) for lr in lrs]
+    if not lrs:
+        raise ValueError("no attack learning rates to choose from")
+    reached = {lr: retraining_attack(model, pool, forget_val, sizes=[n], lr=lr, **attack)["min"] for lr in lrs}
+    return min(reached, key=reached.get), reached
+
+
 def _overlap(a: Stories, b: Stories) -> bool:
     rows = {tuple(r.tolist()) for r in b.x}
     return any(tuple(r.tolist()) in rows for r in a.x)
