@@ -13,7 +13,10 @@ the experiment trains with: base (plain LM loss), ERA (activation routing on the
 L1, +k MLP units) and parameter routing (SGTM-style, +k MLP units), on real story batches with
 a fraction of labelled forget rows (put first, as the training loop does). Steps are interleaved
 (base, era, param, base, ...) so machine load hits all alike; medians. Reports training tokens/s
-(target tokens) and each routed step's time relative to base. Last line: JSON.
+(target tokens) and each routed step's time relative to base. One more row, ``base_all_positions``,
+is base training with the output layer run at every position, padding included (as before
+``only_targets``); ``only_targets_speedup`` is its time over base's, with the batches' fraction of
+target positions beside it. Last line: JSON, with the CPU model.
 
     .venv/bin/python benchmarks/lm_speed.py                 # quick-profile model size
     .venv/bin/python benchmarks/lm_speed.py --size paper --steps 5
@@ -99,6 +102,17 @@ def loop_benchmark(spec: dict, order, steps: int, rounds: int, compile_too: bool
     return out
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", choices=sorted(SIZES), default="quick")
@@ -110,13 +124,14 @@ def main() -> None:
     ap.add_argument("--loop-steps", type=int, default=40, help="steps per round of part 1")
     ap.add_argument("--loop-rounds", type=int, default=2)
     ap.add_argument("--no-compile", dest="compile", action="store_false", help="part 1 without torch.compile")
+    ap.add_argument("--vocab", type=int, default=None, help="BPE size (default: the size's)")
     args = ap.parse_args()
     if args.steps < 1 or not 0 <= args.labelled <= 1:
         ap.error("--steps must be >= 1 and --labelled in [0, 1]")
     torch.set_num_threads(args.threads)
     z = SIZES[args.size]
     texts = generate_stories(2000, seed=0)
-    tok = train_bpe(texts, z["vocab"])
+    tok = train_bpe(texts, args.vocab or z["vocab"])
     data = encode_stories(tok, texts, z["n_ctx"])
     n_lab = round(args.labelled * z["batch"])
     order = BatchOrder(data, z["batch"], seed=0)
@@ -141,6 +156,8 @@ def main() -> None:
         model = M.make_model(spec, 0).to(args.device)
         if kind == "base":
             return model, lm_loss
+        if kind == "base_all_positions":
+            return model, lambda m, b: m(b.x, b.y, reduction="none")[1].sum()
         new = gr.expand_mlp(model, M.MLP_PATTERN, z["expand"])
         if kind == "era":
             blocks = [n for n, _ in gr.find_modules(model, M.MLP_PATTERN, kind="MLP")]
@@ -150,13 +167,13 @@ def main() -> None:
             return model, M.era_loss(routed, strength)
         return model, M.param_routing_loss(gr.ParamRouter(model, new))
 
-    kinds = ["base", "era", "param_routing"]
+    kinds = ["base", "era", "param_routing", "base_all_positions"]
     runs = {}
     for k in kinds:
         model, loss_fn = setup(k)
         runs[k] = (model, loss_fn, make_optimizer(list(model.named_parameters()), cfg))
     times = {k: [] for k in kinds}
-    tokens = []
+    tokens, positions = [], []
     for step in range(args.steps + 2):
         b = order.batch_at(step)
         lab = torch.zeros(len(b.labelled), dtype=torch.bool)
@@ -179,6 +196,7 @@ def main() -> None:
                 times[k].append(time.perf_counter() - t)
         if step >= 2:
             tokens.append(b.n_tokens)
+            positions.append(b.y.numel())
     med = {k: statistics.median(v) for k, v in times.items()}
     tok_per_step = statistics.mean(tokens)
     res = {"size": args.size, "batch": z["batch"], "n_ctx": z["n_ctx"], "labelled_rows": n_lab,
@@ -186,7 +204,9 @@ def main() -> None:
            "params_base": sum(p.numel() for p in runs["base"][0].parameters()),
            "step_ms": {k: 1000 * v for k, v in med.items()},
            "train_tokens_per_s": {k: tok_per_step / v for k, v in med.items()},
-           "overhead_vs_base": {k: med[k] / med["base"] for k in kinds if k != "base"}, "loop": loop}
+           "overhead_vs_base": {k: med[k] / med["base"] for k in kinds if k != "base"}, "loop": loop,
+           "target_fraction": sum(tokens) / sum(positions),
+           "only_targets_speedup": med["base_all_positions"] / med["base"], "cpu": cpu_model()}
     print(f"{args.size}: batch {z['batch']} x {z['n_ctx']} ({tok_per_step:.0f} target tokens), "
           f"{n_lab} labelled rows, {args.threads} thread(s)")
     for k in kinds:

@@ -159,11 +159,14 @@ def test_size_for_corpus_rule():
 
     cfg = {"train": {"steps": 800}, "batch_size": 24, "vocab_size": 1024}
     chosen = size_for_corpus(cfg, np.full(20_000, 250))                  # 5M characters, 20k documents
-    assert cfg["vocab_size"] == chosen["vocab_size"] == 4096
+    assert cfg["vocab_size"] == chosen["vocab_size"] == 8192
     assert cfg["train"]["steps"] == chosen["steps"] == min(SIZING["max_steps"], int(np.ceil(SIZING["epochs"] * 20_000 / 24)))
     small = {"train": {"steps": 800}, "batch_size": 24, "vocab_size": 1024}
     size_for_corpus(small, np.full(600, 300))                            # a small corpus keeps the profile's sizes
     assert small["vocab_size"] == SIZING["vocab"][0] and small["train"]["steps"] == 800
+    mid = {"train": {"steps": 800}, "batch_size": 24, "vocab_size": 1024}
+    size_for_corpus(mid, np.full(4000, 250))                             # 1M characters: in between
+    assert mid["vocab_size"] == 2048
     given = {"train": {"steps": 50}, "batch_size": 24, "vocab_size": 300}
     chosen = size_for_corpus(given, np.full(20_000, 250), explicit={"steps", "vocab_size"})
     assert given == {"train": {"steps": 50}, "batch_size": 24, "vocab_size": 300} and "steps" not in chosen

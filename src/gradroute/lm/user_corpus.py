@@ -137,7 +137,8 @@ def configure(cfg: dict, args: argparse.Namespace) -> None:
 # The rule was chosen on the GCIDE medical corpus's validation split so that the base model learns
 # the forget domain (docs/lm_unlearning.md, "Real text: sizing"): a larger vocabulary lets a
 # domain's words be tokens of their own, and more passes over the data let the model learn them.
-SIZING = {"chars_per_merge": 1000, "vocab": (1024, 8192), "epochs": 2.0, "max_steps": 2400}
+# chosen on the dictionary corpus's validation split, rounds 1 and 2 (docs/real_text.md)
+SIZING = {"chars_per_merge": 500, "vocab": (1024, 8192), "epochs": 1.0, "max_steps": 2400}
 
 
 def size_for_corpus(cfg: dict, train_chars: np.ndarray, explicit: set = frozenset()) -> dict:
@@ -145,7 +146,7 @@ def size_for_corpus(cfg: dict, train_chars: np.ndarray, explicit: set = frozense
     (``train_chars``), except what the user gave (``explicit``); returns what was chosen and why.
 
     - vocabulary: a power of two near one BPE token per ``chars_per_merge`` characters of
-      training text, within ``vocab`` (1,024 for under ~1.5M characters, 4,096 for ~5M);
+      training text, within ``vocab`` (1,024 for under ~0.75M characters, 8,192 from ~4M);
     - steps: ``epochs`` passes over the training documents at the profile's batch size, at
       least the profile's steps and at most ``max_steps``."""
     n_docs, chars = int(train_chars.size), int(train_chars.sum())
