@@ -93,6 +93,19 @@ FOREST_TOPIC_WORDS = (
     "ferns", "moss", "mushrooms", "bark", "branch", "branches", "leaves", "twigs", "sticks", "acorn", "acorns",
     "cone", "owl", "squirrel", "deer", "fox", "rabbit", "woodpeckers", "birds", "nest", "path", "stream", "log",
     "bushes")
+# The medical vocabulary of the real-text profile (the GCIDE dictionary's "(Med.)" entries), written
+# before any run, as the paper's virology words were picked by hand: words that name diseases, what
+# they do to a patient, and their treatment. Left out: words that name the body rather than its
+# diseases (blood, skin, heart, nerve, muscle, gland, tissue, bone, pulse, secretion: anatomy and
+# physiology, the unlabelled related fields whose absorption is measured), the surgeon's words
+# (surgery, incision: Surg is a related field), and words whose dictionary senses are mostly not
+# medical (affection, plaster, tonic, operation, acute, case). Disease words overlap pathology
+# (Pathol, a related field), so the related fields are also reported without the routed tokens.
+MEDICAL_WORDS = (
+    "disease", "diseases", "diseased", "malady", "disorder", "infection", "epidemic", "fever", "inflammation",
+    "ulcer", "ulcers", "tumor", "swelling", "wound", "wounds", "pain", "painful", "symptom", "symptoms", "chronic",
+    "remedy", "remedies", "medicine", "medicines", "medicinal", "drug", "drugs", "dose", "doses", "cure", "cures",
+    "treatment", "patient", "patients", "physician", "physicians", "ointment", "purgative", "cathartic", "emetic")
 PAPER = {"topic_loss_increase": 0.182, "topic_loss_increase_excluding_routed": 0.171, "general_loss_increase": 0.032}
 KEYS = ("topic_loss_increase", "topic_loss_increase_excluding_routed", "general_loss_increase")
 
