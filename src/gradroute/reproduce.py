@@ -70,6 +70,7 @@ PLAN: dict[str, dict[str, tuple[str, list[str]]]] = {
     },
     "real": {
         "lm-unlearning": ("real", ["--save-models"]),   # models + held-out documents for `gradroute eval`
+        "token-routing": ("real", []),
     },
 }
 
