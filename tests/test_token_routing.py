@@ -2,6 +2,7 @@
 chosen MLP units, ablation is complete (inputs and outputs), a tiny end-to-end run."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -382,3 +383,148 @@ def test_diagnostic_split_of_nonrouted_targets(monkeypatch):
     # routed 5 is out; 7 never occurs in general text (topical), 6 does (shared)
     assert out["topic_excluding_routed"] == pytest.approx(2.5)
     assert out["topic_topical"] == pytest.approx(3.0) and out["topic_shared"] == pytest.approx(2.0)
+
+
+# ------------------------------------------------------------------------------------------
+# real text: --profile real (GCIDE's medical entries) and --corpus FILE, through the user-corpus path
+# ------------------------------------------------------------------------------------------
+def _gcide_entries(path, n_med=48, n_anat=32, n_other=200):
+    """A tiny GCIDE entries file (as `gradroute data gcide` writes it): Med entries use ' disease',
+    ' remedy', ' tumor' and ' medicine' often and ' fever' twice in all; Anat entries name bones and
+    nerves; the others are general words."""
+    import random
+
+    from gradroute.lm import gcide
+
+    rng = random.Random(0)
+    general = "the a of to and in is by or as with from for on at water light stone ship song law".split()
+    medical = "disease remedy tumor medicine".split()
+    body = "bone nerve muscle joint".split()
+    rows = []
+    for i in range(n_med + n_anat + n_other):
+        kind = "Med" if i < n_med else "Anat" if i < n_med + n_anat else None
+        words = [rng.choice(general + (medical if kind == "Med" else body if kind else [])) for _ in range(30)]
+        if i in (0, 1):
+            words.append("fever")
+        text = f"Word{i} \\Word{i}\\, n. " + (f"({kind}.) " if kind else "") + " ".join(words) + "."
+        rows.append({"headword": f"Word{i}", "text": text, "fields": [kind] if kind else []})
+    gcide.write_jsonl(rows, path)
+    return path
+
+
+REAL_TINY = dict(TINY, route=dict(TINY["route"], tokens="topic-words", vocabulary=list(T.MEDICAL_WORDS)), seeds=1)
+
+
+def _args(argv):
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--out")
+    p.add_argument("--device", default="cpu")
+    T.add_arguments(p)
+    return p.parse_args(argv)
+
+
+def test_real_profile_corpus_through_the_user_corpus_path(tmp_path, monkeypatch):
+    from gradroute.lm.user_corpus import size_for_corpus
+
+    monkeypatch.setitem(T.PROFILES, "real", REAL_TINY)
+    monkeypatch.setenv("GRADROUTE_CACHE", str(tmp_path / "cache"))
+    entries = _gcide_entries(tmp_path / "entries.jsonl.gz")
+    cfg = T.build_config(_args(["--profile", "real", "--gcide", str(entries)]))
+    ud = cfg["user_data"]
+    assert ud["rule"]["label_field"] == "label" and ud["rule"]["topic_field"] == "topic"
+    assert ud["sizes"] == {"forget": 8, "attack_pool": 4, "forget_val": 6, "retain": 8, "retain_val": 8, "topic": 8}
+    # the vocabulary and steps are the shared sizing rule's, from the training documents
+    sized = {"train": {"steps": TINY["train"]["steps"]}, "batch_size": TINY["batch_size"]}
+    size_for_corpus(sized, np.full(cfg["sizing"]["train_documents"], 1))
+    assert cfg["train"]["steps"] == sized["train"]["steps"] == cfg["sizing"]["steps"]
+    assert cfg["vocab_size"] == cfg["sizing"]["vocab_size"]
+    assert cfg["sizing"]["train_documents"] == 280 - 8 - 4 - 6 - 8 - 8 - 8
+    c = T.corpus_of(cfg)
+    text = lambda s: [c.tok.decode([int(t) for t in row if t != c.tok.eot_id]) for row in s.x]
+    assert all("(Med.)" in t for t in text(c.topic) + text(c.attack_pool))             # topic text: held-out Med
+    assert all("(Med.)" not in t and "(Anat.)" not in t for t in text(c.general) + text(c.general_train))
+    assert len(c.related) == 8 and all("(Anat.)" in t for t in text(c.related))         # the related field
+    assert len(c.general_train) == 8 and c.val_topic is None and c.val_general is None
+    heads = lambda s: {t.split()[0] for t in text(s)}
+    held = [heads(getattr(c, k)) for k in ("topic", "attack_pool", "general", "general_train", "related")]
+    assert sum(map(len, held)) == len(set().union(*held)) == 36                           # disjoint held-out sets
+    assert not heads(c.train) & set().union(*held)                                       # none is trained on
+    assert int(c.train.forget.sum()) == 48 - 8 - 4 - 6                                    # Med entries left to train on
+    with pytest.raises(ValueError, match="--save-models"):
+        T.build_config(_args(["--profile", "real", "--gcide", str(entries), "--save-models"]))
+
+
+def test_medical_words_are_selected_by_the_topic_words_rule(tmp_path, monkeypatch):
+    monkeypatch.setitem(T.PROFILES, "real", REAL_TINY)
+    monkeypatch.setenv("GRADROUTE_CACHE", str(tmp_path / "cache"))
+    cfg = T.build_config(_args(["--profile", "real", "--gcide", str(_gcide_entries(tmp_path / "e.jsonl"))]))
+    assert cfg["route"]["vocabulary"] == list(T.MEDICAL_WORDS)
+    c = T.corpus_of(cfg)
+    rc = dict(cfg["route"], n_tokens=20)
+    ids = T.routed_token_ids(c, rc)
+    assert {c.tok.decode([i]) for i in ids} == {" disease", " remedy", " tumor", " medicine"}
+    s = T.topic_token_scores(c.train, c.tok.vocab_size, rc["min_count"])
+    assert [float(s[i]) for i in ids] == sorted((float(s[i]) for i in ids), reverse=True)
+    report = {r["word"]: r for r in T.vocabulary_report(c, rc, ids)}
+    assert list(report) == list(T.MEDICAL_WORDS)
+    assert {w for w, r in report.items() if r["status"] == "routed"} == {"disease", "remedy", "tumor", "medicine"}
+    assert report["cathartic"]["status"].startswith("not one token") and report["cathartic"]["token_id"] is None
+    assert all(report[w]["count_forget_train"] >= rc["min_count"] for w in ("disease", "remedy"))
+    # at most n_tokens, the best first; the others are said to be outside
+    two = T.routed_token_ids(c, dict(rc, n_tokens=2))
+    assert two == ids[:2]
+    assert sum(r["status"] == "outside the best 2" for r in T.vocabulary_report(c, dict(rc, n_tokens=2), two)) == 2
+    # a word too rare in forget documents is named with its count, when it is a whole-word token
+    rare = dict(rc, min_count=10**6)
+    with pytest.raises(ValueError, match="eligible.*--topic-vocabulary"):
+        T.routed_token_ids(c, rare)
+    assert all("times in forget documents" in r["status"] for r in T.vocabulary_report(c, rare, [])
+               if r["word"] in ("disease", "remedy"))
+    # the written list names diseases and their treatment, not the body (anatomy/physiology) or surgery
+    assert not {"blood", "skin", "heart", "nerve", "muscle", "bone", "gland", "tissue", "surgery"} & set(T.MEDICAL_WORDS)
+
+
+def test_real_profile_without_the_dictionary_says_how_to_get_it(tmp_path, monkeypatch):
+    from gradroute.lm import gcide
+
+    monkeypatch.setenv("GRADROUTE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("GRADROUTE_GCIDE", raising=False)
+    monkeypatch.setattr(gcide, "DICTD_DIR", tmp_path / "no-dictd")
+    with pytest.raises(gcide.GcideMissing, match="apt-get install dict-gcide"):
+        main(["run", "token-routing", "--profile", "real", "--out", str(tmp_path / "out")])
+    with pytest.raises(gcide.GcideMissing, match="nowhere.jsonl does not exist"):
+        main(["run", "token-routing", "--profile", "real", "--gcide", str(tmp_path / "nowhere.jsonl"),
+              "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_user_corpus_end_to_end_with_related_fields(tiny, tmp_path):
+    from gradroute.lm import gcide
+
+    med = tmp_path / "med.jsonl"
+    gcide.write_jsonl(gcide.domain_corpus(gcide.read_entries(_gcide_entries(tmp_path / "e.jsonl"))), med)
+    out = tmp_path / "out"
+    argv = ["run", "token-routing", "--profile", "tiny", "--corpus", str(med), "--label-field", "label",
+            "--topic-field", "topic", "--tokens", "topic-words", "--topic-vocabulary", "disease", "tumor", "zebra",
+            "--steps", "2", "--seeds", "0", "--attack-repeats", "1", "--out", str(out), "--device", "cpu",
+            "--workers", "1"]
+    assert main(argv) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert {t["token"] for t in m["routed_tokens"]} == {" disease", " tumor"}
+    assert m["routed_tokens"][0]["score"] >= m["routed_tokens"][1]["score"]
+    assert [r["word"] for r in m["topic_vocabulary"]] == ["disease", "tumor", "zebra"]
+    assert m["corpus"]["forget_documents"] == 48 and m["corpus"]["topic_documents"] == 32
+    assert m["routed_share_of_related_targets"] == 0.0
+    for arm in ("routed", "control"):
+        for k in T.RELATED_KEYS:
+            assert m["summary"][arm][k]["n"] == 1 and k + "_before_attack" in m["summary"][arm]
+    run = m["runs"]["routed-seed0"]
+    assert run["related_loss_increase"] == pytest.approx(
+        run["ablated"]["after_attack"]["related"] - run["intact"]["after_attack"]["related"])
+    assert "Related fields" in (out / "summary.md").read_text()
+    sec = T.report(out)
+    assert "Related fields nobody labelled" in sec["detail"] and "label" in sec["detail"]
+    with pytest.raises(ValueError, match="--topic-vocabulary is the candidate list"):
+        main(argv + ["--tokens", "whole-words"])

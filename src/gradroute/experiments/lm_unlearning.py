@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 import gradroute as gr
+from gradroute.lm import gcide
 from gradroute.lm import methods as M
 from gradroute.lm import user_corpus
 from gradroute.lm.corpus import load_corpus, split_counts
@@ -228,9 +229,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fractions", nargs="+", type=float, default=None,
                         help=f"labelled fractions p of the forget stories (default: {FRACTIONS}; profile real: "
                              f"{REAL_FRACTIONS})")
-    parser.add_argument("--gcide", default=None, metavar="PATH",
-                        help="profile real: the GCIDE entries file (`gradroute data gcide --out PATH`; default: "
-                             "$GRADROUTE_GCIDE, the cache, or the installed dict-gcide converted once)")
+    gcide.add_argument(parser)
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: range(profile seeds)")
     parser.add_argument("--corpus", default="generated",
                         help="generated (default, offline), tinystories (HF hub, needs `datasets`) or a "
@@ -263,16 +262,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _real_text_defaults(args: argparse.Namespace) -> None:
-    """``--profile real``: the GCIDE medical corpus through the user-corpus path (the corpus file
-    is built once into the cache), Med-tagged entries labelled forget, the related fields as the
-    evaluation-only topic; the profile's methods and fractions unless given."""
-    from gradroute.lm import gcide
-
-    if args.corpus == "generated":
-        args.corpus = str(gcide.domain_corpus_file(args.gcide))
-        if args.label_field is None and not args.forget_words and not args.forget_regex:
-            args.label_field = "label"
-            args.topic_field = args.topic_field or "topic"
+    """``--profile real``: the GCIDE medical corpus through the user-corpus path
+    (:func:`gcide.use_real_corpus`); the profile's methods and fractions unless given."""
+    gcide.use_real_corpus(args)
     args.methods = args.methods or list(REAL_METHODS)
     args.fractions = args.fractions or list(REAL_FRACTIONS)
 
@@ -335,6 +327,9 @@ def build_config(args: argparse.Namespace) -> dict:
         raise ValueError(f"--fractions must be in [0, 1], got {bad}")
     if user_corpus.is_user_corpus(args.corpus):
         user_corpus.configure(cfg, args)
+        sizes, a = cfg["user_data"]["sizes"], cfg["attack"]        # the attack sizes, shrunk to the pool
+        a["sizes"] = sorted({min(int(n), sizes["attack_pool"]) for n in a["sizes"]})
+        a["n_eval"] = min(a["n_eval"], sizes["forget"])
     return cfg
 
 

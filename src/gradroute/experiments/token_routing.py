@@ -28,6 +28,18 @@ seeds with 95% intervals.
     gradroute run token-routing --out runs/token_routing          # quick profile, 3 seeds
     gradroute run token-routing --tokens whole-words              # the frequency-ratio selection
     gradroute run token-routing --routed-tokens forest tree owl   # your own words
+
+On real text (``--profile real``, docs/real_text.md): the GCIDE dictionary's medical entries through
+the user-corpus path of ``gradroute run lm-unlearning --corpus`` (:mod:`gradroute.lm.user_corpus`),
+routing the written medical vocabulary :data:`MEDICAL_WORDS`; or any corpus with a forget rule
+(``--corpus FILE --label-field label --topic-field topic``). There, topic text = held-out forget
+documents, general text = held-out retain (or, with only forget labels, unlabelled) documents
+without the topic field, the fine-tuning text = the retain validation set, and held-out documents
+of the topic field (related fields nobody labelled) are evaluated too (``related_`` keys).
+
+    gradroute run token-routing --profile real --gcide gcide.jsonl.gz --out runs/token_routing_real
+    gradroute run token-routing --corpus med.jsonl --label-field label --topic-field topic \\
+        --topic-vocabulary disease fever remedy
 """
 from __future__ import annotations
 
@@ -46,8 +58,10 @@ import torch
 import torch.nn as nn
 
 import gradroute as gr
-from gradroute.lm.analysis import (fmt_ci, intervals_separate, masked_mean, per_token_losses, prepare_corpus,
-                                   single_token_ids, token_counts, train_lm, whole_word_ids, word_token_ids)
+from gradroute.lm import gcide, user_corpus
+from gradroute.lm.analysis import (Corpus, fmt_ci, intervals_separate, masked_mean, per_token_losses, prepare_corpus,
+                                   single_token_ids, token_counts, train_lm, whole_word_ids, whole_word_rates,
+                                   word_token_ids)
 from gradroute.lm.data import Batch, Stories
 from gradroute.lm.methods import make_model
 from gradroute.lm.train import TrainConfig, token_losses
@@ -93,6 +107,24 @@ FOREST_TOPIC_WORDS = (
     "ferns", "moss", "mushrooms", "bark", "branch", "branches", "leaves", "twigs", "sticks", "acorn", "acorns",
     "cone", "owl", "squirrel", "deer", "fox", "rabbit", "woodpeckers", "birds", "nest", "path", "stream", "log",
     "bushes")
+# The medical vocabulary of the real-text profile (the GCIDE dictionary's "(Med.)" entries), written
+# before any run, as the paper's virology words were picked by hand: words that name diseases, what
+# they do to a patient, and their treatment. Left out: words that name the body rather than its
+# diseases (blood, skin, heart, nerve, muscle, gland, tissue, bone, pulse, secretion: anatomy and
+# physiology, the unlabelled related fields whose absorption is measured), the surgeon's words
+# (surgery, incision: Surg is a related field), and words whose dictionary senses are mostly not
+# medical (affection, plaster, tonic, operation, acute, case). Disease words overlap pathology
+# (Pathol, a related field), so the related fields are also reported without the routed tokens.
+MEDICAL_WORDS = (
+    "disease", "diseases", "diseased", "malady", "disorder", "infection", "epidemic", "fever", "inflammation",
+    "ulcer", "ulcers", "tumor", "swelling", "wound", "wounds", "pain", "painful", "symptom", "symptoms", "chronic",
+    "remedy", "remedies", "medicine", "medicines", "medicinal", "drug", "drugs", "dose", "doses", "cure", "cures",
+    "treatment", "patient", "patients", "physician", "physicians", "ointment", "purgative", "cathartic", "emetic")
+# the real-text profile: the quick profile's model, routing and schedule on the GCIDE medical corpus,
+# its vocabulary and pre-training steps sized to the corpus (user_corpus.size_for_corpus, as
+# lm-unlearning's real profile), routing the medical vocabulary
+PROFILES["real"] = copy.deepcopy(PROFILES["quick"])
+PROFILES["real"]["route"]["vocabulary"] = list(MEDICAL_WORDS)
 PAPER = {"topic_loss_increase": 0.182, "topic_loss_increase_excluding_routed": 0.171, "general_loss_increase": 0.032}
 KEYS = ("topic_loss_increase", "topic_loss_increase_excluding_routed", "general_loss_increase")
 
@@ -159,6 +191,9 @@ SPLITS = (("", "topic", "general"), ("val_", "val_topic", "val_general"))   # ev
 # never occur in general text ("topical": the forest sentences' other words) and the rest ("shared")
 DIAG_PARTS = ("topic_topical", "topic_shared")
 DIAG_KEYS = ("topical_nonrouted_loss_increase", "shared_nonrouted_loss_increase")
+# a user corpus with an evaluation-only topic field: its held-out documents (GCIDE: the related fields)
+RELATED_PARTS = ("related", "related_excluding_routed")
+RELATED_KEYS = ("related_loss_increase", "related_loss_increase_excluding_routed")
 
 
 def general_token_ids(corpus) -> torch.Tensor:
@@ -172,8 +207,13 @@ def general_token_ids(corpus) -> torch.Tensor:
 def losses(model: nn.Module, corpus, routed_ids: torch.Tensor) -> dict:
     """Mean next-token loss on the held-out topic stories (all targets, and without the routed
     tokens' targets) and general stories; the same on the validation split (``val_`` keys) when
-    the corpus has one."""
+    the corpus has one, and on the related fields' documents (``related``, also without the
+    routed tokens' targets) when it has them."""
     out = {}
+    if getattr(corpus, "related", None) is not None:
+        rel = per_token_losses(model, corpus.related)
+        out.update(related=masked_mean(rel),
+                   related_excluding_routed=masked_mean(rel, ~torch.isin(corpus.related.y, routed_ids)))
     for prefix, topic_set, general_set in SPLITS:
         topic_data = getattr(corpus, topic_set)
         if topic_data is None:
@@ -226,7 +266,7 @@ def evaluate_arm(name: str, model: nn.Module, units: gr.Units, corpus, routed_id
     for stage, suffix in (("after_attack", ""), ("after_finetune", "_before_attack")):
         ab, it = variants["ablated"][stage], variants["intact"][stage]
         for prefix in ("", "val_"):
-            for key, part in zip(KEYS + DIAG_KEYS, PARTS + DIAG_PARTS):
+            for key, part in zip(KEYS + DIAG_KEYS + RELATED_KEYS, PARTS + DIAG_PARTS + RELATED_PARTS):
                 if prefix + part in ab:
                     out[prefix + key + suffix] = ab[prefix + part] - it[prefix + part]
     # attack draws: per-draw increases, for their spread
@@ -244,11 +284,39 @@ def evaluate_arm(name: str, model: nn.Module, units: gr.Units, corpus, routed_id
 @functools.lru_cache(maxsize=2)
 def _corpus(key: str):
     c = json.loads(key)
+    if "user_data" in c:
+        return _user_corpus(c)
     return prepare_corpus(c["n_train"], c["n_eval"], c["n_attack"], c["vocab_size"], c["n_ctx"], **_corpus_args(c))
 
 
+USER_CORPUS_KEYS = ("user_data", "source", "tokenizer", "vocab_size", "model")
+
+
 def corpus_of(cfg: dict):
+    if "user_data" in cfg:
+        return _corpus(json.dumps({k: cfg[k] for k in USER_CORPUS_KEYS}, sort_keys=True))
     return _corpus(json.dumps(dict(cfg["corpus"], n_ctx=cfg["model"]["n_ctx"]), sort_keys=True))
+
+
+def _user_corpus(cfg: dict) -> Corpus:
+    """A user's corpus (``--corpus``, ``--profile real``) through :func:`user_corpus.prepare`, as
+    this experiment's sets: held-out forget documents are the topic text, retain documents the
+    general text, the retain validation set the fine-tuning text; the related fields (the topic
+    field's held-out documents) when there are any; no validation split."""
+    tok, train, sets, counts = user_corpus.prepare(cfg)
+    return Corpus(tok, train, sets["forget"], sets["retain"], sets["attack_pool"], sets["retain_val"], counts,
+                  related=sets.get("topic"))
+
+
+def _configure_user_corpus(cfg: dict, args: argparse.Namespace) -> None:
+    """Turn the profile into a user-corpus configuration (:func:`user_corpus.configure`): its
+    evaluation and attack sizes as held-out targets, its fine-tuning size as the retain validation
+    set's (``--n-val``), our BPE at a vocabulary and pre-training length sized to the corpus
+    (:func:`user_corpus.size_for_corpus`) unless ``--steps`` is given."""
+    c = cfg["corpus"]
+    cfg.update(source=args.corpus, tokenizer="bpe", vocab_size=c["vocab_size"], size_from_corpus=True,
+               corpus={"n_eval": c["n_eval"], "n_attack": c["n_attack"], "n_val": c["n_general_train"]})
+    user_corpus.configure(cfg, args)
 
 
 def _corpus_args(c: dict):
@@ -282,8 +350,42 @@ def routed_token_ids(corpus, rc: dict) -> list[int]:
         vocab = torch.zeros(tok.vocab_size, dtype=torch.bool)
         vocab[list(single_token_ids(tok, rc["vocabulary"]).values())] = True
         allowed = allowed & vocab
-    return select_topic_tokens(corpus.train, tok.vocab_size, rc["n_tokens"], rc["min_count"],
-                               exclude=(tok.eot_id,), allowed=allowed, at_most=rule == "topic-words")
+    try:
+        return select_topic_tokens(corpus.train, tok.vocab_size, rc["n_tokens"], rc["min_count"],
+                                   exclude=(tok.eot_id,), allowed=allowed, at_most=rule == "topic-words")
+    except ValueError as e:
+        if rule != "topic-words":
+            raise
+        raise ValueError(f"{e}: no word of the topic vocabulary ({', '.join(rc['vocabulary'][:6])}, ...) is a "
+                         "whole-word token seen that often in forget documents; give the topic's words with "
+                         "--topic-vocabulary, exact words with --routed-tokens, or use --tokens whole-words") from None
+
+
+def vocabulary_report(corpus, rc: dict, ids: list[int]) -> list[dict]:
+    """Per word of the topic vocabulary (rule ``topic-words``): its token, how often it is a target
+    in forget training documents, and ``status``: ``routed`` or why not (not one token, mostly a
+    fragment, too rare in forget documents, or outside the best ``n_tokens``)."""
+    tok, V = corpus.tok, corpus.tok.vocab_size
+    single = single_token_ids(tok, rc["vocabulary"])
+    _, rate = whole_word_rates(corpus.train, tok)
+    whole = whole_word_ids(corpus.train, tok, rc["min_whole_rate"])
+    cf = token_counts(corpus.train, V, corpus.train.forget)
+    rows = []
+    for w in rc["vocabulary"]:
+        i = single.get(w.strip())
+        if i is None:
+            status = "not one token (" + "|".join(tok.decode([j]) for j in tok.encode(" " + w.strip())) + ")"
+        elif i in ids:
+            status = "routed"
+        elif not whole[i]:
+            status = f"a whole word in {float(rate[i]):.0%} of its occurrences"
+        elif cf[i] < rc["min_count"]:
+            status = f"{int(cf[i])} times in forget documents (< {rc['min_count']})"
+        else:
+            status = f"outside the best {rc['n_tokens']}"
+        rows.append({"word": w, "token_id": i, "count_forget_train": None if i is None else int(cf[i]),
+                     "status": status})
+    return rows
 
 
 def _job_path(out: Path, arm: str, seed: int) -> Path:
@@ -297,6 +399,8 @@ def _pretrained_path(out: Path, arm: str, seed: int, cfg: dict, routed_ids: list
     rc = cfg["route"]
     key = {"arm": arm, "seed": seed, "model": cfg["model"], "train": cfg["train"], "batch_size": cfg["batch_size"],
            "corpus": {k: v for k, v in cfg["corpus"].items() if k in ("n_train", "vocab_size")}}
+    if "user_data" in cfg:
+        key["data"] = {k: cfg[k] for k in USER_CORPUS_KEYS if k != "model"}
     if arm == "routed":
         key.update(routed_ids=list(routed_ids), blocks=rc["blocks"], units=rc["units"])
     h = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
@@ -351,7 +455,13 @@ def run_job(arm: str, seed: int, cfg: dict, out: Path, device: str) -> dict:
 # ------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick",
-                        help="quick (default, about 5 minutes on 2 CPU cores) or paper (larger, not run here)")
+                        help="quick (default, about 5 minutes on 2 CPU cores), paper (larger, not run here) or real "
+                             "(the GCIDE dictionary's medical entries, about 15 minutes on 2 CPU cores; see --gcide "
+                             "and docs/real_text.md)")
+    gcide.add_argument(parser)
+    parser.add_argument("--corpus", default="generated",
+                        help="generated (default: the story generator) or a path to your corpus (.jsonl/.txt/"
+                             "folder, with a forget rule: --label-field / --forget-words; docs/your_data.md)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (override the profile)")
     parser.add_argument("--n-tokens", type=int, default=None, help="routed topic tokens (override the profile)")
     parser.add_argument("--tokens", choices=[r for r in TOKEN_RULES if r != "given"], default=None,
@@ -361,6 +471,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--routed-tokens", nargs="+", metavar="WORD", default=None,
                         help="route exactly these words (each must be one whole-word token of the training "
                              "stories, e.g. --routed-tokens forest tree owl); overrides --tokens and --n-tokens")
+    parser.add_argument("--topic-vocabulary", nargs="+", metavar="WORD", default=None,
+                        help="rule topic-words: the topic's candidate words (default: the forest topic's words; "
+                             "profile real: the medical words MEDICAL_WORDS)")
     parser.add_argument("--units", type=int, default=None, help="routed MLP units per block (override)")
     parser.add_argument("--route-blocks", type=int, default=None, help="route blocks 0..N-1 (override)")
     parser.add_argument("--attack-repeats", type=int, default=None, help="attack draws (override)")
@@ -369,9 +482,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="parallel training processes on CPU, one thread each (1 = in this process)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads in this process (default 1: these models gain little from more)")
+    user_corpus.add_arguments(parser)
 
 
 def build_config(args) -> dict:
+    if args.profile == "real":
+        gcide.use_real_corpus(args)
     cfg = copy.deepcopy(PROFILES[args.profile])
     cfg.update(profile=args.profile)
     for flag, (sec, key) in (("steps", ("train", "steps")), ("n_tokens", ("route", "n_tokens")),
@@ -387,7 +503,21 @@ def build_config(args) -> dict:
     if getattr(args, "routed_tokens", None):
         cfg["route"].update(tokens="given", words=[w.strip() for w in args.routed_tokens])
     if cfg["route"]["tokens"] == "topic-words":
+        if getattr(args, "topic_vocabulary", None):
+            cfg["route"]["vocabulary"] = [w.strip() for w in args.topic_vocabulary]
         cfg["route"].setdefault("vocabulary", list(FOREST_TOPIC_WORDS))
+    elif getattr(args, "topic_vocabulary", None):
+        raise ValueError("--topic-vocabulary is the candidate list of --tokens topic-words; drop it or --tokens / "
+                         "--routed-tokens")
+    else:
+        cfg["route"].pop("vocabulary", None)
+    corpus = getattr(args, "corpus", "generated")
+    if user_corpus.is_user_corpus(corpus):
+        if args.save_models:
+            raise ValueError("--save-models is an lm-unlearning option; token-routing keeps its models in --out/models")
+        _configure_user_corpus(cfg, args)
+    elif corpus != "generated":
+        raise ValueError(f"--corpus {corpus}: token-routing runs on the generated stories or a corpus file/folder")
     cfg["train"]["warmup"] = min(cfg["train"]["warmup"], cfg["train"]["steps"] // 10)
     if cfg["route"]["units"] >= cfg["model"]["d_mlp"]:
         raise ValueError(f"--units must be below d_mlp ({cfg['model']['d_mlp']})")
@@ -418,6 +548,9 @@ def run(args: argparse.Namespace) -> dict:
     topic_targets = corpus.topic.y[corpus.topic.y >= 0]
     general_targets = corpus.general.y[corpus.general.y >= 0]
     print(f"routed tokens ({rc['tokens']}): " + ", ".join(repr(tok.decode([i])) for i in ids))
+    vocab = vocabulary_report(corpus, rc, ids) if rc["tokens"] == "topic-words" else None
+    if vocab:
+        print("not routed: " + "; ".join(f"{r['word']}: {r['status']}" for r in vocab if r["status"] != "routed"))
     jobs = [(arm, s) for s in seeds for arm in ("routed", "control")]
     results, todo = split_finished(jobs, lambda a, s: _job_path(out, a, s), cfg)
     workers = 1 if device != "cpu" else args.workers
@@ -430,6 +563,7 @@ def run(args: argparse.Namespace) -> dict:
                                   "count_forget_train": int(cf[i]), "count_other_train": int(co[i])} for i in ids],
                "routed_share_of_topic_targets": float(torch.isin(topic_targets, routed_ids).float().mean()),
                "routed_share_of_general_targets": float(torch.isin(general_targets, routed_ids).float().mean()),
+               "topic_vocabulary": vocab,
                "topical_nonrouted_share_of_topic_targets": float(
                    (~torch.isin(topic_targets, routed_ids) & ~torch.isin(topic_targets, general_token_ids(corpus)))
                    .float().mean()),
@@ -438,6 +572,9 @@ def run(args: argparse.Namespace) -> dict:
                "runs": {f"{a}-seed{s}": {k: v for k, v in results[(a, s)].items() if k != "config"} for a, s in jobs},
                "claims": check_claims(summary), "wall_time_s": time.time() - t0,
                "train_wall_s_total": sum(r["train_wall_s"] for r in results.values())}
+    if corpus.related is not None:
+        related_targets = corpus.related.y[corpus.related.y >= 0]
+        metrics["routed_share_of_related_targets"] = float(torch.isin(related_targets, routed_ids).float().mean())
     write_json(out / "metrics.json", metrics)
     make_figure(out, metrics)
     (out / "summary.md").write_text(summary_md(metrics))
@@ -461,7 +598,7 @@ def summarize(results: dict, seeds: list[int]) -> dict:
         out[arm] = {}
         for suffix, _ in STAGES:
             for prefix in ("", "val_"):
-                for k in KEYS + DIAG_KEYS:
+                for k in KEYS + DIAG_KEYS + RELATED_KEYS:
                     if prefix + k + suffix not in results[(arm, seeds[0])]:
                         continue
                     v = [results[(arm, s)][prefix + k + suffix] for s in seeds]
@@ -482,6 +619,13 @@ def summarize(results: dict, seeds: list[int]) -> dict:
         "routed topic minus control topic": mean_ci(
             [a - b for a, b in zip(r["topic_loss_increase"]["per_seed"], c["topic_loss_increase"]["per_seed"])]),
     }
+    rx = RELATED_KEYS[1]
+    if rx in r:     # absorption into the related fields nobody labelled, beyond general damage and the control
+        out["differences"].update({
+            "routed related-excluding-routed minus routed general": mean_ci(
+                [a - b for a, b in zip(r[rx]["per_seed"], r["general_loss_increase"]["per_seed"])]),
+            "routed related-excluding-routed minus control related-excluding-routed": mean_ci(
+                [a - b for a, b in zip(r[rx]["per_seed"], c[rx]["per_seed"])])})
     return out
 
 
@@ -553,6 +697,20 @@ def summary_md(m: dict) -> str:
                      "loss increase after the attack:\n")
         lines.append(markdown_table(["model", "topical non-routed", "shared with general text"], [
             [arm, *[fmt_ci(m["summary"][arm][k], 3, True) for k in DIAG_KEYS]] for arm in ("routed", "control")]))
+    if RELATED_KEYS[0] in m["summary"]["routed"]:
+        d = m["summary"]["differences"]
+        lines.append(f"\nRelated fields (held-out documents of the evaluation-only field, never labelled; "
+                     f"{100 * m['routed_share_of_related_targets']:.1f}% of their targets are routed tokens), "
+                     "loss increase:\n")
+        lines.append(markdown_table(["model, stage", "related fields", "related fields, routed tokens' targets excluded"], [
+            [f"{arm}, {stage}", *[fmt_ci(m["summary"][arm][k + suffix], 3, True) for k in RELATED_KEYS]]
+            for arm in ("routed", "control") for suffix, stage in STAGES[::-1]]))
+        lines.append("\nRouted, after the attack, related fields without routed tokens minus general: "
+                     f"{fmt_ci(d['routed related-excluding-routed minus routed general'], 3, True)}; minus the "
+                     f"control's: {fmt_ci(d['routed related-excluding-routed minus control related-excluding-routed'], 3, True)}")
+    if m.get("topic_vocabulary"):
+        lines.append("\nTopic vocabulary, words not routed: " + "; ".join(
+            f"{r['word']} ({r['status']})" for r in m["topic_vocabulary"] if r["status"] != "routed"))
     val = m["summary"].get("validation")
     if val:
         rows = [[f"{arm}, {stage}", *[fmt_ci(m["summary"][arm]["val_" + k + suffix], 3, True) for k in KEYS]]
@@ -605,6 +763,15 @@ def report(out: Path) -> dict:
     verdict, checks = claim_summary(claims, "holds", "checks hold")
     cfg, n = m["config"], len(m["seeds"])
     notes = "; ".join(f"{'holds' if c['holds'] else 'fails'}: {name}: {c['intervals']}" for name, c in claims.items())
+    related = ""
+    if RELATED_KEYS[0] in m["summary"]["routed"]:
+        r, c = m["summary"]["routed"], m["summary"]["control"]
+        related = (f" Related fields nobody labelled (held-out documents of the evaluation-only field) rise "
+                   f"{fmt_ci(r[RELATED_KEYS[0]], 3, True)}, without the routed tokens' targets "
+                   f"{fmt_ci(r[RELATED_KEYS[1]], 3, True)} (control {fmt_ci(c[RELATED_KEYS[1]], 3, True)}) after "
+                   "the attack.")
+    corpus = (f"the corpus {m['corpus']['source']} ({m['corpus']['rule']})" if "rule" in m["corpus"]
+              else "generated stories")
     return {
         "title": "Token-routed unlearning with absorption (arXiv 2410.04332, sec. 4.2.3, 'virology')",
         "claim": "Routing a few topic tokens to MLP units of the early blocks and ablating those units raises the "
@@ -613,8 +780,8 @@ def report(out: Path) -> dict:
         "paper": "0.7B model, 20 virology tokens to units 0-79 of blocks 0-7: after ablation, 32 fine-tuning and "
                  "20 retraining steps on 2 documents: topic +0.182, topic without routed tokens +0.171, general +0.032.",
         "verdict": verdict,
-        "detail": (f"{checks}. Each check ({notes}). n={n} seeds {m['seeds']}; profile {m['profile']}: "
-                   f"{cfg['train']['steps']} steps of {cfg['batch_size']} stories, model {cfg['model']}, "
+        "detail": (f"{checks}. Each check ({notes}). n={n} seeds {m['seeds']}; profile {m['profile']}, {corpus}: "
+                   f"{cfg['train']['steps']} steps of {cfg['batch_size']} documents, model {cfg['model']}, "
                    f"{len(m['routed_tokens'])} routed {cfg['route']['tokens']} tokens "
                    f"({', '.join(repr(t['token']) for t in m['routed_tokens'])}) to units "
                    f"0-{cfg['route']['units'] - 1} of blocks 0-{cfg['route']['blocks'] - 1}; increases are ablated "
@@ -625,7 +792,7 @@ def report(out: Path) -> dict:
                    f"{cfg['model']['n_layer']} blocks; general text rises "
                    f"{m['summary']['routed']['general_loss_increase']['mean']:+.3f} after the attack (paper "
                    f"{PAPER['general_loss_increase']:+.3f}; the unrouted control, same units ablated, "
-                   f"{m['summary']['control']['general_loss_increase']['mean']:+.3f})."),
+                   f"{m['summary']['control']['general_loss_increase']['mean']:+.3f})." + related),
         "table": {"header": HEADER, "rows": _rows(m)},
         "figures": [f for f in ("loss_increase.png",) if (Path(out) / f).exists()],
     }

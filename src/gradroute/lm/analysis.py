@@ -33,7 +33,8 @@ class Corpus:
     ``attack_pool`` (more forget-rule stories, for retraining attacks only) and
     ``general_train`` (more general stories, for fine-tuning only); ``val_topic`` /
     ``val_general`` (more of each, a validation split for choices made before evaluation; None
-    unless asked for)."""
+    unless asked for); ``related``: unlabelled documents of fields related to the forget domain
+    (a user corpus's evaluation-only topic field; None for the generated stories)."""
     tok: Tokenizer
     train: Stories
     topic: Stories
@@ -43,6 +44,7 @@ class Corpus:
     counts: dict
     val_topic: Stories | None = None
     val_general: Stories | None = None
+    related: Stories | None = None
 
 
 def prepare_corpus(n_train: int, n_eval: int, n_attack: int, vocab_size: int, n_ctx: int,

@@ -232,6 +232,26 @@ def domain_corpus_file(entries_path=None, forget: str = FORGET_FIELD, related: I
     return out
 
 
+def add_argument(parser) -> None:
+    """``--gcide PATH``, for an experiment's ``--profile real``."""
+    parser.add_argument("--gcide", default=None, metavar="PATH",
+                        help="profile real: the GCIDE entries file (`gradroute data gcide --out PATH`; default: "
+                             "$GRADROUTE_GCIDE, the cache, or the installed dict-gcide converted once)")
+
+
+def use_real_corpus(args) -> None:
+    """``--profile real`` of an experiment on the user-corpus path (``--corpus``, the label flags of
+    :mod:`.user_corpus`): unless ``--corpus`` was given, the medical :func:`domain_corpus_file` of
+    ``--gcide`` (:class:`GcideMissing`, saying how to get it, when there is none), its ``label``
+    field as the forget rule and its ``topic`` field (the related fields) as the evaluation-only
+    field, unless a rule was given."""
+    if args.corpus == "generated":
+        args.corpus = str(domain_corpus_file(args.gcide))
+        if args.label_field is None and not args.forget_words and not args.forget_regex:
+            args.label_field = "label"
+            args.topic_field = args.topic_field or "topic"
+
+
 def main(argv: list[str] | None = None) -> int:
     """``gradroute data gcide``: convert the installed dictionary; with ``--domain`` write a
     forget-domain corpus instead."""

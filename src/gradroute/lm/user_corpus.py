@@ -109,7 +109,9 @@ def scan_labels(source: str, rule: ForgetRule, text_field: str = "text", split: 
 # ------------------------------------------------------------------------------------------
 def configure(cfg: dict, args: argparse.Namespace) -> None:
     """Add ``cfg["user_data"]``: the rule, the corpus fingerprint and the held-out sizes,
-    resolved now (so they are recorded with every run); shrink the attack sizes to the pool."""
+    resolved now (so they are recorded with every run); with ``cfg["size_from_corpus"]``, the
+    vocabulary and steps (:func:`size_for_corpus`). ``cfg`` needs ``corpus`` (``n_eval``,
+    ``n_attack``, ``n_val``: the held-out targets), ``train``, ``batch_size`` and ``tokenizer``."""
     rule = rule_from_args(args.label_field, args.forget_words, args.forget_regex, args.topic_field)
     c = cfg["corpus"]
     targets = SplitTargets(forget=args.n_eval, attack_pool=args.n_attack, retain=args.n_eval, retain_val=args.n_val, forget_val=args.n_val,
@@ -128,9 +130,6 @@ def configure(cfg: dict, args: argparse.Namespace) -> None:
                  "topic_field": rule.topic_field},
         "text_field": args.text_field, "split": args.split, "split_seed": args.split_seed,
         "sizes": sizes, "fingerprint": scan["fingerprint"], "save_models": bool(args.save_models)}
-    a = cfg["attack"]
-    a["sizes"] = sorted({min(int(n), sizes["attack_pool"]) for n in a["sizes"]})
-    a["n_eval"] = min(a["n_eval"], sizes["forget"])
 
 
 # Sizing a user's corpus (profiles quick and real, our GPT with a BPE trained on the corpus).
