@@ -11,6 +11,7 @@ from gradroute.experiments import lm_unlearning as E
 from gradroute.lm import gcide
 from gradroute.lm.evaluate import domain_check, steps_to_recover
 from gradroute.lm.sources import CorpusError
+from gradroute.lm.user_corpus import SIZING
 
 ENTRIES = [
     ("Aspirin", "Aspirin \\As\"pi*rin\\, n. (Med.) A drug that relieves pain and fever.\n   [1913 Webster]\n"),
@@ -157,7 +158,7 @@ def test_reproduce_real_profile_skips_without_the_dictionary(tmp_path, monkeypat
 
 
 def test_size_for_corpus_rule():
-    from gradroute.lm.user_corpus import SIZING, size_for_corpus
+    from gradroute.lm.user_corpus import size_for_corpus
 
     cfg = {"train": {"steps": 800}, "batch_size": 24, "vocab_size": 1024}
     chosen = size_for_corpus(cfg, np.full(20_000, 250))                  # 5M characters, 20k documents
@@ -212,7 +213,7 @@ def test_real_profile_runs_through_the_user_corpus_path(tmp_path, monkeypatch, c
     assert ud["rule"]["label_field"] == "label" and ud["rule"]["topic_field"] == "topic"
     assert m["corpus"]["forget_documents"] == 40 and m["corpus"]["topic_documents"] == 30
     assert m["config"]["sizing"]["train_documents"] == m["corpus"]["stories"]
-    assert m["config"]["train"]["steps"] == max(2, int(np.ceil(2.0 * m["corpus"]["stories"] / 8)))
+    assert m["config"]["train"]["steps"] == max(2, int(np.ceil(SIZING["epochs"] * m["corpus"]["stories"] / 8)))
     assert {"forget_gap", "retain_gap", "topic_gap", "learned", "message"} <= set(m["domain_check"])
     assert m["domain_check"]["message"] in capsys.readouterr().out
     era = next(r for r in m["runs"] if r["method"] == "era")
