@@ -11,6 +11,7 @@ minimum forget loss reached).
     gradroute run lm-unlearning --profile paper --out runs/lm_paper  # the paper's sizes
     gradroute run lm-unlearning --methods base era --fractions 0.5 --seeds 0
     torchrun --nproc_per_node=2 -m gradroute.cli run lm-unlearning --workers 1 ...   # DDP
+    torchrun --nproc_per_node=2 -m gradroute.cli run lm-unlearning --fsdp ...        # FSDP2 (docs/scale.md)
     gradroute run lm-unlearning --corpus docs/ --label-field label --model my_llama/ --save-models
                                   # a Hugging Face model folder with its own tokenizer (docs/your_data.md)
 
@@ -197,6 +198,8 @@ def run_one(method: str, p: float | None, seed: int, cfg: dict, out: Path, devic
     tl = info.get("train", {})
     result["train_loss_final"] = tl["history"][-1]["loss"] if tl.get("history") else None
     result["train_wall_s"] = tl.get("wall_s")
+    result["train_processes"] = tl.get("world", 1)     # processes and sharding of the main training
+    result["train_fsdp"] = bool(tl.get("fsdp"))
     result["learning_curve"] = tl.get("evals", [])       # retain_val / forget_val every eval_every steps
     if "selection" in info:
         result["rmu_selection"] = info["selection"]
@@ -255,6 +258,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attack-repeats", type=int, default=None, help="override the profile")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="parallel training processes on CPU (1 = in this process; forced under torchrun)")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="under torchrun (2 or more processes): train sharded with FSDP2 (fully_shard per block, "
+                             "then the root) instead of DDP; evaluation, ablation and the attack run on the "
+                             "gathered, unsharded model on every rank (docs/scale.md)")
     parser.add_argument("--no-domain-check", action="store_true",
                         help="skip the fully filtered reference runs (filtering at p = 1) that say whether the "
                              "base model learned anything specific to the forget domain")
@@ -306,6 +313,8 @@ def build_config(args: argparse.Namespace) -> dict:
         cfg.pop("vocab_size", None)
     if args.steps is not None:
         set_steps(cfg, args.steps)
+    if getattr(args, "fsdp", False):
+        cfg["train"]["fsdp"] = True
     if getattr(args, "vocab_size", None):
         cfg["vocab_size"] = args.vocab_size
     if getattr(args, "d_model", None):
@@ -356,6 +365,10 @@ def run(args: argparse.Namespace) -> dict:
     t0 = time.time()
     cfg = build_config(args)
     rank, world = init_distributed()
+    if cfg["train"].get("fsdp") and world < 2:
+        raise ValueError("--fsdp shards the model over torchrun's processes, and this is one process: launch with "
+                         "`torchrun --nproc_per_node N -m gradroute.cli run lm-unlearning --fsdp ...` (N >= 2), "
+                         "or drop --fsdp")
     device = str(resolve_device(args.device))
     out = Path(args.out)
     seeds = args.seeds if args.seeds is not None else list(range(cfg["seeds"]))

@@ -340,9 +340,15 @@ def train_era(setup: Setup):
 # parameter routing
 # ------------------------------------------------------------------------------------------
 def param_routing_loss(router: gr.ParamRouter):
-    """Parameter routing's ``loss_fn``: labelled rows update only ``theta_forget``."""
+    """Parameter routing's ``loss_fn``: labelled rows update only ``theta_forget``. Handed another
+    model than the router's (``train``'s FSDP2-sharded copy), it routes that one with a router
+    built on it from the same masks (a router acts on the modules it was built on)."""
+    current = {"model": unwrap(router.model), "router": router}
+
     def loss_fn(net, b: Batch):
-        with router(forget=b.labelled):
+        if unwrap(net) is not current["model"]:
+            current.update(model=unwrap(net), router=gr.ParamRouter(net, router.masks))
+        with current["router"](forget=b.labelled):
             return token_losses(net, b.x, b.y).sum()
     return loss_fn
 

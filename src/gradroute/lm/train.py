@@ -13,12 +13,21 @@ Under ``torchrun --nproc_per_node=N`` (``torch.distributed`` initialised, see
 wrapped in DistributedDataParallel: same results as one process up to float rounding. Only rank
 0 writes files; evaluation runs on every rank (it is deterministic and the same everywhere).
 
+With ``TrainConfig.fsdp`` the loop shards instead: it trains a copy of the model sharded with
+FSDP2 (``fully_shard`` on each block of the largest ``nn.ModuleList``, then on the root;
+parameters, gradients and AdamW moments 1/N per rank) and, at the end, loads the gathered weights
+back into ``model``, which is never sharded (so ablation, surgery, evaluation and saving after
+training work as in one process). ``loss_fn`` and ``eval_fn`` get the sharded copy: routing must
+act on the module they are given (``route_units(net, ...)``; a ``ParamRouter`` built on ``net``,
+not on ``model``: one built on ``model`` would not route the copy).
+
 The batch at step ``s`` must be a pure function of ``s`` (see ``data.BatchOrder``) and the
 checkpoint holds the model, the optimizer and the RNG state, so an interrupted run resumed with
 ``resume=True`` ends with the same weights as an uninterrupted one.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -48,6 +57,7 @@ class TrainConfig:
     eval_every: int = 0                  # 0: evaluate only before and after training
     ckpt_every: int = 0                  # 0: no checkpoints
     select_best: str | None = None       # keep the weights with the lowest eval metric of this name
+    fsdp: bool = False                   # under torchrun: shard with FSDP2 instead of DDP (module docstring)
     desc: str = "train"
 
     def __post_init__(self):
@@ -132,6 +142,43 @@ def make_optimizer(params: list[tuple[str, nn.Parameter]], cfg: TrainConfig) -> 
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, foreach=True)
 
 
+def shard_blocks(model: nn.Module) -> list[nn.Module]:
+    """The modules FSDP2 shards one by one: the children of the model's largest ``nn.ModuleList``
+    by parameter count (the transformer blocks of our GPT, Hugging Face GPT-2, Llama, ...)."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise ValueError(f"fsdp: {type(model).__name__} has no nn.ModuleList of blocks to shard one by one")
+    return list(max(lists, key=lambda l: sum(p.numel() for p in l.parameters())))
+
+
+def sharded_copy(model: nn.Module, device: torch.device) -> nn.Module:
+    """A copy of ``model`` with rank 0's weights (as DDP broadcasts them), sharded with FSDP2 over
+    every process: ``fully_shard`` per block (:func:`shard_blocks`), then on the root."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    net = copy.deepcopy(model)
+    with torch.no_grad():
+        for t in [*net.parameters(), *net.buffers()]:
+            dist.broadcast(t, 0)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for block in shard_blocks(net):
+        fully_shard(block, mesh=mesh)
+    return fully_shard(net, mesh=mesh)
+
+
+def full_state(model: nn.Module) -> dict:
+    """A copy of ``model``'s whole state dict; of a model sharded with FSDP2 gathered on every rank
+    (a collective: call it on every rank)."""
+    from ..adapters import is_sharded
+
+    if not any(is_sharded(p) for p in model.parameters()):
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+
+
 def _atomic_save(obj, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
     torch.save(obj, tmp)
@@ -152,8 +199,8 @@ def train(model: nn.Module, batch_at: Callable[[int], Batch], cfg: TrainConfig, 
     ``eval_every`` steps and at the end. ``params(name, p)`` selects the trainable parameters
     (default: all that require grad). ``out_dir``: where ``log.jsonl`` and ``ckpt.pt`` go;
     ``resume=True`` continues from ``ckpt.pt`` there. ``on_step(step, record)`` is called after
-    every step (tests use it to interrupt a run). ``distributed``: use DDP when
-    ``torch.distributed`` is initialised (default) or never (``False``).
+    every step (tests use it to interrupt a run). ``distributed``: use DDP (FSDP2 with
+    ``cfg.fsdp``) when ``torch.distributed`` is initialised (default) or never (``False``).
     """
     rank, world = rank_world() if distributed in (None, True) else (0, 1)
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -164,9 +211,14 @@ def train(model: nn.Module, batch_at: Callable[[int], Batch], cfg: TrainConfig, 
     frozen = [p for p in model.parameters() if id(p) not in keep and p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
-    opt = make_optimizer(named, cfg)
+    sharded = cfg.fsdp and world > 1
     net = model
-    if world > 1:
+    if sharded:     # the same parameter names on the copy; frozen ones were frozen before copying
+        net = sharded_copy(model, device)
+        named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+    opt = make_optimizer(named, cfg)
+    live = net if sharded else model       # what is evaluated, checkpointed and kept as the best
+    if world > 1 and not sharded:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         # a method can leave parameters out of a rank's graph (DEMix: the expert of a label absent
@@ -182,8 +234,18 @@ def train(model: nn.Module, batch_at: Callable[[int], Batch], cfg: TrainConfig, 
         state = torch.load(ckpt, map_location=device, weights_only=False)
         if state["steps"] != cfg.steps:
             raise ValueError(f"checkpoint {ckpt} was made for a {state['steps']}-step run, this one has {cfg.steps}")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        if state.get("fsdp", False) != sharded:
+            raise ValueError(f"checkpoint {ckpt} was written {'with' if state.get('fsdp') else 'without'} FSDP2 "
+                             f"sharding, this run is {'sharded' if sharded else 'not sharded'}: resume it the way "
+                             "it was started, or delete the checkpoint")
+        if sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            set_state_dict(net, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                           options=StateDictOptions(full_state_dict=True))
+        else:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         start, history, evals, best = state["step"], state["history"], state["evals"], state["best"]
         if rank == 0 and log_path is not None and log_path.is_file():  # drop lines written after the checkpoint
@@ -211,11 +273,11 @@ def train(model: nn.Module, batch_at: Callable[[int], Batch], cfg: TrainConfig, 
         nonlocal best
         if eval_fn is None:
             return
-        was = model.training
-        model.eval()
+        was = live.training
+        live.eval()
         with torch.no_grad():
-            res = {k: float(v) for k, v in eval_fn(model).items()}
-        model.train(was)
+            res = {k: float(v) for k, v in eval_fn(live).items()}
+        live.train(was)
         rec = {"step": step, **res}
         evals.append(rec)
         log({"eval": True, **rec})
@@ -223,13 +285,12 @@ def train(model: nn.Module, batch_at: Callable[[int], Batch], cfg: TrainConfig, 
             if cfg.select_best not in res:
                 raise KeyError(f"select_best={cfg.select_best!r} is not among the eval metrics {sorted(res)}")
             if best is None or res[cfg.select_best] < best["value"]:
-                best = {"step": step, "value": res[cfg.select_best],
-                        "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+                best = {"step": step, "value": res[cfg.select_best], "state": full_state(live)}
 
     t0 = time.time()
     if start == 0:
         evaluate(0)
-    model.train()
+    live.train()
     bar = progress(range(start, cfg.steps), desc=cfg.desc, leave=False, **({} if rank == 0 else {"disable": True}))
     tokens = 0
     for step in bar:
@@ -241,15 +302,19 @@ def train(model: nn.Module, batch_at: Callable[[int], Batch], cfg: TrainConfig, 
         if n_tok <= 0:
             raise ValueError(f"batch at step {step} has no target tokens")
         batch = batch.shard(rank, world).to(device)
-        loss = loss_fn(net, batch) / n_tok * world     # DDP averages over ranks
+        loss = loss_fn(net, batch) / n_tok * world     # DDP and FSDP2 average over ranks
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = None
-        if cfg.grad_clip is not None:
-            gnorm = float(torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.grad_clip))
+        if cfg.grad_clip is not None:    # over DTensor gradients (FSDP2): the global norm, on every rank
+            gnorm = torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.grad_clip)
+            gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
         opt.step()
         tokens += n_tok
-        rec = {"step": step + 1, "loss": float(loss.detach()) / world, "lr": lr}
+        shown = loss.detach() / world                  # this rank's share of the batch's mean loss
+        if world > 1:
+            dist.all_reduce(shown)
+        rec = {"step": step + 1, "loss": float(shown), "lr": lr}
         if gnorm is not None:
             rec["grad_norm"] = gnorm
         history.append(rec)
@@ -259,16 +324,25 @@ def train(model: nn.Module, batch_at: Callable[[int], Batch], cfg: TrainConfig, 
         done = step + 1
         if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
             evaluate(done)
-        if ckpt is not None and cfg.ckpt_every and done % cfg.ckpt_every == 0 and done != cfg.steps and rank == 0:
-            flush_log()          # the log on disk always reaches the checkpoint
-            _atomic_save({"step": done, "steps": cfg.steps, "model": model.state_dict(),
-                          "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
-                          "history": history, "evals": evals, "best": best, "config": asdict(cfg)}, ckpt)
+        if ckpt is not None and cfg.ckpt_every and done % cfg.ckpt_every == 0 and done != cfg.steps:
+            if sharded:      # gathered on every rank (a collective), written by rank 0
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+                msd, osd = get_state_dict(net, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            else:
+                msd, osd = (model.state_dict(), opt.state_dict()) if rank == 0 else (None, None)
+            if rank == 0:
+                flush_log()          # the log on disk always reaches the checkpoint
+                _atomic_save({"step": done, "steps": cfg.steps, "model": msd, "optimizer": osd, "fsdp": sharded,
+                              "rng": torch.get_rng_state(), "history": history, "evals": evals, "best": best,
+                              "config": asdict(cfg)}, ckpt)
         if on_step is not None:
             on_step(done, rec)
     if cfg.steps > start or not evals:
         evaluate(cfg.steps)
     flush_log()
+    if sharded:          # the trained weights, gathered on every rank, into the unsharded model
+        model.load_state_dict(full_state(net))
     if best is not None:
         model.load_state_dict(best["state"])
     for p in frozen:
@@ -276,4 +350,4 @@ def train(model: nn.Module, batch_at: Callable[[int], Batch], cfg: TrainConfig, 
     if rank == 0 and ckpt is not None and ckpt.is_file():
         ckpt.unlink()  # finished: the caller saves what it needs
     return {"history": history, "evals": evals, "best_step": None if best is None else best["step"],
-            "wall_s": time.time() - t0, "tokens": tokens, "world": world}
+            "wall_s": time.time() - t0, "tokens": tokens, "world": world, "fsdp": sharded}
