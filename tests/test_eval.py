@@ -134,7 +134,7 @@ def test_local_task_files(tmp_path, run_dir):
     bad = tmp_path / "bad"
     _write_jsonl(bad / "forget.jsonl", [{"text": "ok"}])
     (bad / "forget.jsonl").write_text('{"text": "ok"}\n{"txt": 3}\n')
-    with pytest.raises(ev.EvalError, match=r"forget\.jsonl, line 2: expected an object with a string 'text'"):
+    with pytest.raises(ev.EvalError, match=r"forget\.jsonl:2: expected an object with a string 'text'"):
         ev.write_local_tasks(["gradroute_forget_ppl"], bad, tmp_path / "v")
 
 

@@ -42,6 +42,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from .sources import CorpusError, iter_json_lines
+
 OPTIONAL_SPLITS = ("topic",)     # left out of the groups when the run wrote no topic.jsonl
 PPL_TASKS = {"gradroute_forget_ppl": "forget", "gradroute_retain_ppl": "retain", "gradroute_topic_ppl": "topic"}
 MC_TASKS = {"gradroute_headword_mc": "forget", "gradroute_headword_mc_retain": "retain",
@@ -79,19 +81,15 @@ def _lm_eval():
 # the data
 # ------------------------------------------------------------------------------------------
 def read_jsonl(path: Path) -> list[dict]:
-    """The JSON objects of a ``.jsonl`` file, each with a string ``text``."""
+    """The JSON objects of a ``.jsonl`` file (``.gz`` too), each with a string ``text``."""
     out = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EvalError(f"{path}, line {i}: not JSON ({e.msg})") from None
+    try:
+        for where, d in iter_json_lines(path):
             if not isinstance(d, dict) or not isinstance(d.get("text"), str):
-                raise EvalError(f"{path}, line {i}: expected an object with a string 'text' field")
+                raise EvalError(f"{where}: expected an object with a string 'text' field")
             out.append(d)
+    except CorpusError as e:
+        raise EvalError(str(e)) from None
     if not out:
         raise EvalError(f"{path} has no documents")
     return out
