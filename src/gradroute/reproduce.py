@@ -39,9 +39,8 @@ PROFILES = ("demo", "quick", "paper", "real")
 # demo: every experiment at toy length (about 5-10 minutes): the report's pipeline end to end,
 #   numbers not meant to reproduce anything.
 # paper: the paper's settings (hours; meant for a GPU).
-# real: the real-text experiments (a real dictionary, GCIDE): lm-unlearning (65 minutes measured on 2 shared
-#   CPU cores), then token-routing (about 11 minutes estimated on 2 idle cores); skipped, saying how to get
-#   it, where the dictionary is absent.
+# real: the real-text experiments (a real dictionary, GCIDE): lm-unlearning (47 minutes measured on 2 CPU
+#   cores), then token-routing (10 minutes); skipped, saying how to get it, where the dictionary is absent.
 PLAN: dict[str, dict[str, tuple[str, list[str]]]] = {
     "demo": {
         "mnist": ("quick", ["--setting", "1,8", "--epochs", "15", "--certificate-epochs", "5", "--threads", "1"]),
