@@ -20,10 +20,12 @@ target positions beside it. Last line: JSON, with the CPU model.
 
     .venv/bin/python benchmarks/lm_speed.py                 # quick-profile model size
     .venv/bin/python benchmarks/lm_speed.py --size paper --steps 5
+    .venv/bin/python benchmarks/lm_speed.py --no-loop --corpus ../shared/data/gcide_entries.jsonl.gz --vocab 8192
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import statistics
@@ -125,12 +127,19 @@ def main() -> None:
     ap.add_argument("--loop-rounds", type=int, default=2)
     ap.add_argument("--no-compile", dest="compile", action="store_false", help="part 1 without torch.compile")
     ap.add_argument("--vocab", type=int, default=None, help="BPE size (default: the size's)")
+    ap.add_argument("--corpus", default=None, help="a JSONL(.gz) of documents with a 'text' field to time on (first "
+                    "--docs of them; e.g. ../shared/data/gcide_entries.jsonl.gz) instead of generated stories")
+    ap.add_argument("--docs", type=int, default=6000)
     args = ap.parse_args()
     if args.steps < 1 or not 0 <= args.labelled <= 1:
         ap.error("--steps must be >= 1 and --labelled in [0, 1]")
     torch.set_num_threads(args.threads)
     z = SIZES[args.size]
-    texts = generate_stories(2000, seed=0)
+    if args.corpus:
+        from gradroute.lm.sources import iter_json_lines
+        texts = [d["text"] for _, d in itertools.islice(iter_json_lines(args.corpus), args.docs)]
+    else:
+        texts = generate_stories(2000, seed=0)
     tok = train_bpe(texts, args.vocab or z["vocab"])
     data = encode_stories(tok, texts, z["n_ctx"])
     n_lab = round(args.labelled * z["batch"])
@@ -199,7 +208,7 @@ def main() -> None:
             positions.append(b.y.numel())
     med = {k: statistics.median(v) for k, v in times.items()}
     tok_per_step = statistics.mean(tokens)
-    res = {"size": args.size, "batch": z["batch"], "n_ctx": z["n_ctx"], "labelled_rows": n_lab,
+    res = {"size": args.size, "corpus": args.corpus or "generated", "vocab": tok.vocab_size, "batch": z["batch"], "n_ctx": z["n_ctx"], "labelled_rows": n_lab,
            "threads": args.threads, "device": args.device, "steps": args.steps,
            "params_base": sum(p.numel() for p in runs["base"][0].parameters()),
            "step_ms": {k: 1000 * v for k, v in med.items()},
