@@ -199,13 +199,13 @@ def fsdp_main(args):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--reps", type=int, default=None, help="interleaved reps (default 20; --fsdp: 10)")
-    ap.add_argument("--batch", type=int, default=None, help="batch (default 8; --fsdp: 4 per rank)")
-    ap.add_argument("--seq", type=int, default=None, help="sequence length (default 128; --fsdp: 64)")
+    ap.add_argument("--reps", type=int, default=None, help="interleaved reps (default 20)")
+    ap.add_argument("--batch", type=int, default=None, help="batch (default 8; --fsdp: per rank)")
+    ap.add_argument("--seq", type=int, default=None, help="sequence length (default 128)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--fsdp", action="store_true", help="2 ranks with FSDP2 on CPU (gloo); see above")
     args = ap.parse_args(argv)
-    for k, plain, fsdp in (("reps", 20, 10), ("batch", 8, 4), ("seq", 128, 64)):
+    for k, plain, fsdp in (("reps", 20, 20), ("batch", 8, 8), ("seq", 128, 128)):
         if getattr(args, k) is None:
             setattr(args, k, fsdp if args.fsdp else plain)
     if args.fsdp:
