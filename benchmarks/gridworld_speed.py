@@ -56,6 +56,7 @@ from gridworld_reference_loop import reference_train  # noqa: E402
 from gradroute.envs.gridworld import GridworldVecEnv  # noqa: E402
 from gradroute.experiments import gridworld as gw  # noqa: E402
 from gradroute.experiments import gridworld_fast as fast  # noqa: E402
+from gradroute.utils import cpu_model  # noqa: E402
 
 HIDDEN, OBS = 256, 100
 # the old loop steps the old env (every env draws a fresh episode on every step), so the speedup
@@ -87,16 +88,6 @@ def matmul_gflops(dtype, m=16384, k=256, n=256, reps=10) -> float:
             a @ b
         best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t) / 1e9)
     return best
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def cpu_bf16_flags() -> list[str]:

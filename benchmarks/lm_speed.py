@@ -41,6 +41,7 @@ from gradroute.lm.corpus import generate_stories
 from gradroute.lm.data import BatchOrder, encode_stories
 from gradroute.lm.tokenizer import train_bpe
 from gradroute.lm.train import TrainConfig, lm_loss, make_optimizer, train
+from gradroute.utils import cpu_model
 
 SIZES = {"quick": dict(n_ctx=96, n_layer=2, n_head=4, d_model=64, d_mlp=256, expand=32, batch=24, vocab=1024),
          "medium": dict(n_ctx=128, n_layer=4, n_head=4, d_model=256, d_mlp=1024, expand=64, batch=32, vocab=2048),
@@ -102,17 +103,6 @@ def loop_benchmark(spec: dict, order, steps: int, rounds: int, compile_too: bool
         out["compile_s"] = compile_s
         out["compile_breaks_even_after_steps"] = math.ceil(compile_s / gain) if gain > 0 else None
     return out
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

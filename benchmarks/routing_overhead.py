@@ -36,7 +36,7 @@ import time
 import torch
 
 import gradroute as gr
-from gradroute.utils import resolve_device
+from gradroute.utils import cpu_model, resolve_device
 from gradroute.models import GPT, GPTConfig
 
 
@@ -86,19 +86,6 @@ def saved_bytes(fn):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = fn()
     return loss, total[0]
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def fsdp_worker(rank, port, path, reps, batch, seq):

@@ -8,6 +8,7 @@ block, then on the root, over a 2-process CPU mesh.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import traceback
 
@@ -149,30 +150,6 @@ def routed_param_steps(rank, tokens=False, zero=False, accumulate=False, before=
     return out
 
 
-def case_param(rank):
-    return routed_param_steps(rank)
-
-
-def case_param_tokens_zero(rank):
-    return routed_param_steps(rank, tokens=True, zero=True)
-
-
-def case_param_accumulate(rank):
-    return routed_param_steps(rank, accumulate=True, zero=True)
-
-
-def case_param_ablate(rank):
-    return routed_param_steps(rank, before=True, ablate=True)
-
-
-def case_param_bf16(rank):
-    return routed_param_steps(rank, tokens=True, zero=True, autocast=True)
-
-
-def case_param_checkpoint(rank):
-    return routed_param_steps(rank, zero=True, checkpoint=True)
-
-
 def routed_activation_steps(rank, autocast=False, checkpoint=False):
     model, units = model_and_units()
     if checkpoint:
@@ -191,18 +168,6 @@ def routed_activation_steps(rank, autocast=False, checkpoint=False):
         opt.step()
         opt.zero_grad()
     return full_state(model)
-
-
-def case_activation(rank):
-    return routed_activation_steps(rank)
-
-
-def case_activation_bf16(rank):
-    return routed_activation_steps(rank, autocast=True)
-
-
-def case_activation_checkpoint(rank):
-    return routed_activation_steps(rank, checkpoint=True)
 
 
 def case_param_mixed_precision(rank):
@@ -293,22 +258,6 @@ def routed_module_steps(rank, accumulate=False, autocast=False, checkpoint=False
     return out
 
 
-def case_module(rank):
-    return routed_module_steps(rank)
-
-
-def case_module_accumulate(rank):
-    return routed_module_steps(rank, accumulate=True)
-
-
-def case_module_bf16(rank):
-    return routed_module_steps(rank, autocast=True)
-
-
-def case_module_checkpoint(rank):
-    return routed_module_steps(rank, checkpoint=True)
-
-
 def case_module_keyed(rank):
     """Keyed modules with embedding deltas on our GPT (tied embeddings, in the root's shard group): routed steps
     freeze the core on some rows, so parameter routing runs through the embedding (a non-linear owner)."""
@@ -364,7 +313,24 @@ def case_module_export(rank):
         out[f"export {on}"] = {n: t.detach().clone() for n, t in exported.state_dict().items()}
         out[f"export {on} logits"] = exported(input_ids=ids(99)).logits.detach()
     return out
-CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
+# the same routed steps under different options: {case: (steps function, its options)}
+VARIANTS = {
+    "param": (routed_param_steps, {}),
+    "param_tokens_zero": (routed_param_steps, {"tokens": True, "zero": True}),
+    "param_accumulate": (routed_param_steps, {"accumulate": True, "zero": True}),
+    "param_ablate": (routed_param_steps, {"before": True, "ablate": True}),
+    "param_bf16": (routed_param_steps, {"tokens": True, "zero": True, "autocast": True}),
+    "param_checkpoint": (routed_param_steps, {"zero": True, "checkpoint": True}),
+    "activation": (routed_activation_steps, {}),
+    "activation_bf16": (routed_activation_steps, {"autocast": True}),
+    "activation_checkpoint": (routed_activation_steps, {"checkpoint": True}),
+    "module": (routed_module_steps, {}),
+    "module_accumulate": (routed_module_steps, {"accumulate": True}),
+    "module_bf16": (routed_module_steps, {"autocast": True}),
+    "module_checkpoint": (routed_module_steps, {"checkpoint": True}),
+}
+CASES = {**{name[5:]: fn for name, fn in globals().items() if name.startswith("case_")},
+         **{name: functools.partial(fn, **kw) for name, (fn, kw) in VARIANTS.items()}}
 
 
 def run(case: str, rank):

@@ -112,12 +112,17 @@ def test_module_routing_with_activation_checkpointing_under_fsdp(sharded):
     check_modules("module_checkpoint", sharded)
 
 
+def pop_refusals(got: dict, calls, advice: str) -> None:
+    """Each of ``calls`` refused the sharded model, naming itself and what to do instead (``advice``)."""
+    for what in calls:
+        msg = got.pop(f"{what} error")
+        assert f"{what}() on a model sharded with FSDP2" in msg and advice in msg, msg
+
+
 def test_module_export_refuses_a_sharded_model_and_works_from_the_gathered_state(sharded):
     got = sharded["module_export"]
     assert "error" not in got, got.get("error")
-    for what in ("export", "remove"):
-        msg = got.pop(f"{what} error")
-        assert f"{what}() on a model sharded with FSDP2" in msg and "full_state_dict=True" in msg, msg
+    pop_refusals(got, ("export", "remove"), "full_state_dict=True")
     want = single("module_export")
     assert got.keys() == want.keys()
     for k in want:
@@ -145,9 +150,7 @@ def test_keyed_modules_with_embedding_deltas_under_fsdp(sharded):
 def test_unit_ablation_and_structural_changes_on_a_sharded_model(sharded):
     got = sharded["surgery"]
     assert "error" not in got, got.get("error")
-    for what in ("expand_mlp", "add_modules"):
-        msg = got.pop(f"{what} error")
-        assert f"{what}() on a model sharded with FSDP2" in msg and "before fully_shard" in msg, msg
+    pop_refusals(got, ("expand_mlp", "add_modules"), "before fully_shard")
     want = single("surgery")
     assert all(torch.equal(got["state"][n], want["state"][n]) for n in want["state"])
     assert not got["state"]["transformer.h.0.mlp.c_fc.weight"][:, -8:].any()     # the 8 new units' rows
